@@ -84,4 +84,6 @@ class CubicSchedule:
         # The last update at or before `step`.
         k = min(self.num_updates, (step - self.start_step) // self.update_every)
         t = self.start_step + k * self.update_every
-        return cubic_sparsity(t, self.initial_sparsity, s_f, self.start_step, self.num_updates, self.update_every)
+        return cubic_sparsity(
+            t, self.initial_sparsity, s_f, self.start_step, self.num_updates, self.update_every
+        )
