@@ -1,0 +1,115 @@
+"""Loading a host ``.so`` kernel with ctypes and calling it on numpy arrays.
+
+The kernel C ABI (fixed)::
+
+    int32_t <symbol>(const float *x, float *y, int64_t n, const void *packed_w);
+
+``x`` is [K, n] row-major fp32, ``y`` is [M, n] row-major fp32 (fully overwritten),
+``packed_w`` an opaque blob (NULL allowed for mask-specialised kernels with baked weights).
+Returns 0, or an error code (see :data:`KERNEL_ERRORS`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ubpdsl.errors import RunError, UbpError
+
+__all__ = ["KERNEL_ERRORS", "HostKernel", "describe_error", "check_kernel_args"]
+
+#: Meaning of the kernel's non-zero return codes.
+KERNEL_ERRORS: dict[int, str] = {
+    1: "packed weight blob header mismatch (wrong layer, shape or format version)",
+    2: "invalid n",
+}
+
+
+def describe_error(rc: int) -> str:
+    """Human-readable meaning of a kernel return code."""
+    return KERNEL_ERRORS.get(rc, "unknown error code")
+
+
+def check_kernel_args(
+    symbol: str, M: int, K: int, x: np.ndarray, packed: np.ndarray | None, y: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Validate kernel inputs; return ``(x, packed, y)`` with ``y`` allocated when None.
+
+    x must be float32 [K, n] C-contiguous, packed a contiguous uint8 1-D array (or None),
+    y float32 [M, n] C-contiguous and writeable. Raises UbpError naming the problem.
+    """
+    if not isinstance(x, np.ndarray):
+        raise UbpError(f"kernel {symbol}: x must be a numpy array, not {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise UbpError(f"kernel {symbol}: x must be float32, got {x.dtype}")
+    if x.ndim != 2 or x.shape[0] != K:
+        raise UbpError(f"kernel {symbol}: x must have shape [K={K}, n], got {list(x.shape)}")
+    if not x.flags.c_contiguous:
+        raise UbpError(f"kernel {symbol}: x must be C-contiguous (use np.ascontiguousarray)")
+    n = x.shape[1]
+    if packed is not None:
+        if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 1:
+            raise UbpError(f"kernel {symbol}: packed weights must be a 1-D uint8 numpy array")
+        if not packed.flags.c_contiguous:
+            raise UbpError(f"kernel {symbol}: packed weights must be contiguous")
+    if y is None:
+        y = np.empty((M, n), dtype=np.float32)
+    else:
+        if not isinstance(y, np.ndarray) or y.dtype != np.float32:
+            raise UbpError(f"kernel {symbol}: y must be a float32 numpy array")
+        if y.shape != (M, n):
+            raise UbpError(f"kernel {symbol}: y must have shape [M={M}, n={n}], got {list(y.shape)}")
+        if not y.flags.c_contiguous or not y.flags.writeable:
+            raise UbpError(f"kernel {symbol}: y must be C-contiguous and writeable")
+        if np.shares_memory(x, y):
+            raise UbpError(f"kernel {symbol}: y must not overlap x")
+    return x, packed, y
+
+
+class HostKernel:
+    """A kernel in a host ``.so``, callable on numpy arrays.
+
+    >>> k = HostKernel("build/conv1.host.so", "ubp_conv1", M=96, K=16)
+    >>> y = k(x, packed)            # x: float32 [16, n], packed: uint8[...] or None
+
+    The library is loaded with ``RTLD_LOCAL`` and kept alive as long as this object.
+    """
+
+    def __init__(self, so_path: str | os.PathLike[str], symbol: str, M: int, K: int) -> None:
+        self.so_path = Path(so_path)
+        self.symbol = symbol
+        self.M = int(M)
+        self.K = int(K)
+        if not self.so_path.is_file():
+            raise RunError(f"kernel library not found: {self.so_path}")
+        try:
+            self._lib = ctypes.CDLL(str(self.so_path.resolve()), mode=os.RTLD_LOCAL | os.RTLD_NOW)
+        except OSError as exc:
+            raise RunError(f"cannot load {self.so_path}: {exc}") from exc
+        try:
+            fn = getattr(self._lib, symbol)
+        except AttributeError as exc:
+            raise RunError(f"{self.so_path} has no symbol '{symbol}'") from exc
+        fn.restype = ctypes.c_int32
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        self._fn = fn
+
+    def __repr__(self) -> str:
+        return f"HostKernel({str(self.so_path)!r}, {self.symbol!r}, M={self.M}, K={self.K})"
+
+    def call_raw(self, x: np.ndarray, y: np.ndarray, n: int, packed: np.ndarray | None) -> int:
+        """Call the kernel without validation; return its return code."""
+        return int(self._fn(x.ctypes.data, y.ctypes.data, n, None if packed is None else packed.ctypes.data))
+
+    def __call__(
+        self, x: np.ndarray, packed: np.ndarray | None = None, y: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Compute ``y = W @ x``; returns ``y`` ([M, n] float32, newly allocated when None)."""
+        x, packed, y = check_kernel_args(self.symbol, self.M, self.K, x, packed, y)
+        rc = self.call_raw(x, y, x.shape[1], packed)
+        if rc != 0:
+            raise RunError(f"kernel {self.symbol} returned error code {rc}: {describe_error(rc)}")
+        return y

@@ -1,0 +1,190 @@
+"""Compilation targets: the host (x86-64), AArch64 NEON and AArch64 SVE.
+
+A :class:`Target` carries everything ``opt``/``llc`` need (triple, ``-mcpu``, ``-mattr``)
+plus the vector width the kernel generator should plan for.
+
+Host detection: the CPU name is the one LLVM reports (``Host CPU:`` of ``llc --version``),
+and the feature string is derived from ``/proc/cpuinfo`` flags. Features the CPU name would
+imply but the (possibly virtualised) CPU does not advertise are explicitly disabled
+(``-avx512f`` ...), so code built for ``host`` always runs on this machine.
+
+AArch64 targets are fixed: NEON is ``cortex-a76`` (ARMv8.2-A + NEON, no SVE; run under
+``qemu-aarch64 -cpu cortex-a76``), SVE is ``neoverse-v1`` + ``+sve`` with vector-length
+agnostic code (``vector_bits`` = 128, the architectural minimum; ``scalable=True``).
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ubpdsl.errors import TargetError
+
+__all__ = ["Target", "TARGET_NAMES", "get_target", "host_target"]
+
+TARGET_NAMES = ("host", "aarch64-neon", "aarch64-sve")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One code-generation target.
+
+    Attributes:
+        name: ``"host"``, ``"aarch64-neon"`` or ``"aarch64-sve"``.
+        triple: LLVM target triple (``x86_64-unknown-linux-gnu``, ``aarch64-unknown-linux-gnu``).
+        cpu: ``-mcpu`` for opt/llc.
+        features: ``-mattr`` string for opt/llc (comma separated, ``+f``/``-f``; may be empty).
+        vector_bits: SIMD register width in bits (SVE: the 128-bit minimum).
+        scalable: True for SVE (vector length known only at run time).
+    """
+
+    name: str
+    triple: str
+    cpu: str
+    features: str
+    vector_bits: int
+    scalable: bool = False
+
+    @property
+    def arch(self) -> str:
+        """``x86_64`` or ``aarch64`` (first component of the triple)."""
+        return self.triple.split("-", 1)[0]
+
+    @property
+    def is_aarch64(self) -> bool:
+        return self.arch == "aarch64"
+
+    @property
+    def vector_lanes_f32(self) -> int:
+        """fp32 lanes in one vector register (the minimum for scalable targets)."""
+        return self.vector_bits // 32
+
+    def llvm_flags(self) -> list[str]:
+        """``-mtriple/-mcpu/-mattr`` flags shared by opt and llc."""
+        flags = [f"-mtriple={self.triple}", f"-mcpu={self.cpu}"]
+        if self.features:
+            flags.append(f"-mattr={self.features}")
+        return flags
+
+    def cache_key(self) -> dict[str, object]:
+        """A JSON-serialisable dict identifying the generated code's target."""
+        return asdict(self)
+
+
+# /proc/cpuinfo flag -> LLVM x86 feature name, for the features that matter to fp32 GEMM
+# code generation. Flags absent from cpuinfo are disabled explicitly.
+_X86_FEATURES: dict[str, str] = {
+    "sse2": "sse2",
+    "pni": "sse3",
+    "ssse3": "ssse3",
+    "sse4_1": "sse4.1",
+    "sse4_2": "sse4.2",
+    "popcnt": "popcnt",
+    "avx": "avx",
+    "avx2": "avx2",
+    "fma": "fma",
+    "f16c": "f16c",
+    "bmi1": "bmi",
+    "bmi2": "bmi2",
+    "abm": "lzcnt",
+    "movbe": "movbe",
+    "avx512f": "avx512f",
+    "avx512dq": "avx512dq",
+    "avx512cd": "avx512cd",
+    "avx512bw": "avx512bw",
+    "avx512vl": "avx512vl",
+    "avx512ifma": "avx512ifma",
+    "avx512vbmi": "avx512vbmi",
+    "avx512_vbmi2": "avx512vbmi2",
+    "avx512_vnni": "avx512vnni",
+    "avx512_bitalg": "avx512bitalg",
+    "avx512_vpopcntdq": "avx512vpopcntdq",
+    "avx512_bf16": "avx512bf16",
+    "avx512_fp16": "avx512fp16",
+    "gfni": "gfni",
+    "vaes": "vaes",
+    "vpclmulqdq": "vpclmulqdq",
+}
+
+
+def _cpuinfo_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:
+    try:
+        text = path.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def x86_features_from_flags(flags: set[str]) -> str:
+    """LLVM ``-mattr`` string enabling the listed features present in ``flags``, disabling the rest."""
+    return ",".join(("+" if flag in flags else "-") + feat for flag, feat in _X86_FEATURES.items())
+
+
+def _x86_vector_bits(flags: set[str]) -> int:
+    if "avx512f" in flags:
+        return 512
+    if "avx2" in flags:
+        return 256
+    return 128
+
+
+@functools.cache
+def host_target() -> Target:
+    """The target describing this machine (detected once per process)."""
+    from .toolchain import llc_host_cpu
+
+    machine = platform.machine().lower()
+    cpu = llc_host_cpu()
+    flags = _cpuinfo_flags()
+    if machine in ("x86_64", "amd64"):
+        return Target(
+            name="host",
+            triple="x86_64-unknown-linux-gnu",
+            cpu=cpu,
+            features=x86_features_from_flags(flags),
+            vector_bits=_x86_vector_bits(flags),
+        )
+    if machine in ("aarch64", "arm64"):
+        return Target(
+            name="host",
+            triple="aarch64-unknown-linux-gnu",
+            cpu=cpu,
+            features="+neon",
+            vector_bits=128,
+        )
+    raise TargetError(f"unsupported host architecture '{machine}': ubpdsl supports x86-64 and AArch64")
+
+
+_AARCH64_NEON = Target(
+    name="aarch64-neon",
+    triple="aarch64-unknown-linux-gnu",
+    cpu="cortex-a76",
+    features="+neon",
+    vector_bits=128,
+)
+
+_AARCH64_SVE = Target(
+    name="aarch64-sve",
+    triple="aarch64-unknown-linux-gnu",
+    cpu="neoverse-v1",
+    features="+neon,+sve",
+    vector_bits=128,
+    scalable=True,
+)
+
+
+def get_target(name: str) -> Target:
+    """The Target called ``name`` (``host``, ``aarch64-neon`` or ``aarch64-sve``)."""
+    if name == "host":
+        return host_target()
+    if name == "aarch64-neon":
+        return _AARCH64_NEON
+    if name == "aarch64-sve":
+        return _AARCH64_SVE
+    raise TargetError(f"unknown target '{name}'; choose one of {', '.join(TARGET_NAMES)}")
