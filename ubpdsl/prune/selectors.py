@@ -1,0 +1,587 @@
+"""Block selectors: which Nx1 blocks of a layer's GEMM view W[R, C] to keep.
+
+Every selector keeps exactly ``m`` blocks of ``N`` consecutive rows of one column, never
+overlapping, and returns them as two ``int32`` arrays ``(rows, cols)`` (start row and column of each
+block, sorted by ``(row, col)``).  The score matrix ``scores[R, C]`` holds the importance of each weight
+(see :func:`importance`); the objective is the summed score of the kept weights.
+
+* :func:`bed_select` -- BED (Block Expansion and Division, Lee & Shin 2024): fast and pseudo-optimal;
+  blocks may start at any row (unaligned, UBP).
+* :func:`optimal_select` -- the exact optimum (per-column dynamic programme + exact merge).
+* :func:`aligned_select` -- the exact optimum when blocks must start at multiples of ``N`` (ABP).
+* :func:`unstructured_select` -- keep the ``n_keep`` largest single weights (a bool mask).
+* :func:`bed_select_multi` -- BED with one budget shared by several layers.
+
+How BED is computed here
+------------------------
+The textbook BED loop takes the best window (N consecutive *active*, i.e. not yet selected, rows of a
+column) over all columns, removes its rows so that the neighbours close up, rescores the windows that
+overlapped it, and repeats ``m`` times.  Two facts make a vectorised equivalent possible:
+
+1. The columns do not interact: a pick in column ``c`` changes only column ``c``'s windows.  So the
+   global loop is a merge of per-column pick sequences, always taking the column whose current best
+   window is largest.
+2. Within a column the picked scores never increase.  If the picked window is ``b_0..b_{N-1}``, a new
+   window is ``j`` active rows ``P`` before it plus ``N-j`` active rows ``A`` after it.  Before the pick,
+   ``P + b_0..b_{N-j-1}`` and ``b_{N-j}..b_{N-1} + A`` were windows no better than ``b``; adding the two
+   inequalities gives ``P + A <= b``.
+
+Hence BED keeps, per column, a *prefix* of that column's greedy pick sequence, and the prefixes are the
+``m`` largest picks overall (ties: column order, then pick order -- exactly what a heap keyed on
+``(-score, column, row)`` does).  :class:`_ColumnGreedy` advances the greedy of all columns in lock-step
+rounds with numpy (one pick per live column per round, O(N) array operations per round plus one
+row-wise argmax), and a column stops as soon as its current pick falls below the ``m``-th largest pick
+gathered so far, which no later pick of that column can beat.
+
+Why the selected rows divide into blocks
+----------------------------------------
+A window's rows are consecutive active rows, so the rows skipped between them are exactly the maximal
+runs of already selected rows.  Selecting a window therefore merges itself, the runs inside it and the
+runs touching its ends into one run; by induction every maximal run of selected rows has a length that
+is a multiple of N, and each column holds ``N * (picks in that column)`` rows.  Cutting every run into
+consecutive N-row blocks from its top gives exactly ``m`` valid, non-overlapping blocks with the same
+summed score.
+
+Why the exact merge in :func:`optimal_select` can be greedy
+-----------------------------------------------------------
+For one column, choosing ``k`` non-overlapping length-N intervals is an integer programme whose
+constraint matrix (one row per weight row: the intervals covering it are consecutive in start order,
+plus the all-ones cardinality row) has the consecutive-ones property, hence is totally unimodular.  The
+LP relaxation is therefore integral for every integer ``k``, and an LP optimum is concave in its
+right-hand side: the per-column best-score curve ``f_c(k)`` is concave.  The exact allocation of ``m``
+blocks across columns (a max-plus knapsack over the curves) is then the ``m`` largest marginal gains.
+The code checks concavity numerically and the tests compare against brute force and a max-plus
+knapsack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ubpdsl.errors import MaskError
+
+__all__ = [
+    "BudgetError",
+    "aligned_select",
+    "bed_select",
+    "bed_select_multi",
+    "blocks_to_mask",
+    "budget",
+    "importance",
+    "kept_score",
+    "optimal_select",
+    "select_blocks",
+    "unstructured_select",
+    "window_scores",
+]
+
+METHODS = ("bed", "optimal", "aligned")
+
+
+class BudgetError(MaskError, ValueError):
+    """The requested number of blocks is impossible (negative, or more than fit in the layer)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Budget, importance, window scores
+# --------------------------------------------------------------------------------------------------
+
+
+def budget(R: int, C: int, N: int, sparsity: float) -> int:
+    """Number of N-row blocks kept at ``sparsity``: ``round((1 - sparsity) * R * C / N)``.
+
+    Rounds half up.  ``sparsity`` must lie in [0, 1).  The result may exceed what fits in the layer
+    when ``R`` is not a multiple of ``N`` (the selectors then raise :class:`BudgetError`).
+    """
+    for name, v in (("R", R), ("C", C), ("N", N)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    s = float(sparsity)
+    if not (0.0 <= s < 1.0):  # also rejects NaN
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    x = (1.0 - s) * int(R) * int(C) / int(N)
+    # guard against 37.99999999 for an exact 38 before rounding half up
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def importance(weight, kind: str = "abs", grad=None) -> np.ndarray:
+    """Importance of each weight: ``|w|`` (``abs``), ``w**2`` (``sq``) or ``|w * grad|`` (``taylor``).
+
+    Accepts numpy arrays or torch tensors of any shape; returns a float64 array of the same shape.
+    """
+    w = _to_numpy(weight)
+    if kind == "abs":
+        return np.abs(w)
+    if kind == "sq":
+        return np.square(w)
+    if kind == "taylor":
+        if grad is None:
+            raise ValueError("importance kind 'taylor' needs grad")
+        g = _to_numpy(grad)
+        if g.shape != w.shape:
+            raise ValueError(f"grad shape {g.shape} does not match weight shape {w.shape}")
+        return np.abs(w * g)
+    raise ValueError(f"unknown importance kind {kind!r} (expected 'abs', 'sq' or 'taylor')")
+
+
+def window_scores(scores, N: int) -> np.ndarray:
+    """``S[i, c] = sum(scores[i:i+N, c])`` for ``i = 0..R-N`` (shape ``[R-N+1, C]``, may be empty).
+
+    Summed left to right in row order, the same order BED uses when it rescores windows.
+    """
+    sc = _as_scores(scores)
+    N = _check_n(N)
+    R, C = sc.shape
+    if R < N:
+        return np.zeros((0, C))
+    out = sc[0 : R - N + 1].copy()
+    for n in range(1, N):
+        out += sc[n : R - N + 1 + n]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _as_scores(scores) -> np.ndarray:
+    sc = _to_numpy(scores)
+    if sc.ndim != 2:
+        raise ValueError(f"scores must be a 2-D [R, C] matrix, got shape {sc.shape}")
+    if not np.all(np.isfinite(sc)):
+        raise ValueError("scores contain NaN or infinity")
+    return sc
+
+
+def _check_n(N: int) -> int:
+    if int(N) != N or N < 1:
+        raise ValueError(f"block size N must be an integer >= 1, got {N!r}")
+    return int(N)
+
+
+def _check_m(m: int, R: int, C: int, N: int, what: str = "layer") -> int:
+    if int(m) != m or m < 0:
+        raise BudgetError(f"number of blocks m must be a non-negative integer, got {m!r}")
+    cap = C * (R // N)
+    if m > cap:
+        raise BudgetError(
+            f"cannot keep {m} blocks of {N} rows in a {R}x{C} {what}: at most {cap} "
+            f"({R // N} per column)"
+        )
+    return int(m)
+
+
+def _sorted_blocks(rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.asarray(rows, dtype=np.int32)
+    cols = np.asarray(cols, dtype=np.int32)
+    order = np.lexsort((cols, rows))
+    return rows[order], cols[order]
+
+
+def blocks_to_mask(rows, cols, R: int, C: int, N: int) -> np.ndarray:
+    """Dense ``bool[R, C]`` mask of the blocks (no validation; see ``masks.validate_blocks``)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    mask = np.zeros((R, C), dtype=bool)
+    for n in range(N):
+        mask[rows + n, cols] = True
+    return mask
+
+
+def kept_score(scores, rows, cols, N: int) -> float:
+    """Summed score of the weights covered by the blocks (each block counted once)."""
+    sc = _to_numpy(scores)
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    total = 0.0
+    for n in range(N):
+        total += float(sc[rows + n, cols].sum())
+    return total
+
+
+def _divide_runs(selected: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut every maximal vertical run of ``selected[R, C]`` into N-row blocks from its top.
+
+    Every run length must be a multiple of N (BED's invariant); raises AssertionError otherwise.
+    """
+    R, C = selected.shape
+    pad = np.zeros((R + 2, C), dtype=bool)
+    pad[1:-1] = selected
+    # run starts and ends, listed column by column (nonzero of the transpose gives (col, row) pairs
+    # sorted by column then row), so the k-th start and the k-th end delimit the same run
+    start_col, start_row = np.nonzero((pad[1:-1] & ~pad[:-2]).T)
+    _, end_row = np.nonzero((pad[1:-1] & ~pad[2:]).T)
+    lengths = end_row - start_row + 1
+    if np.any(lengths % N):
+        raise AssertionError("BED invariant violated: a run of selected rows is not a multiple of N")
+    nblk = lengths // N
+    rows = np.repeat(start_row, nblk) + N * _ragged_arange(nblk)
+    cols = np.repeat(start_col, nblk)
+    return _sorted_blocks(rows, cols)
+
+
+def _ragged_arange(counts: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(k)`` for each k in counts."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.arange(total, dtype=np.int64) - offsets
+
+
+# --------------------------------------------------------------------------------------------------
+# BED
+# --------------------------------------------------------------------------------------------------
+
+
+class _ColumnGreedy:
+    """The per-column BED greedy of one layer, advanced one pick per live column per round.
+
+    Each column keeps a doubly linked list of its active rows (arrays ``nxt``/``prv`` of shape
+    ``[C, R+2]``; index ``R`` is the end sentinel, ``R+1`` the head sentinel, both with value -inf so
+    any window touching them scores -inf) and the current score of the window starting at every row
+    (``win``; -inf when the row is selected or fewer than N active rows follow).  Arrays are compacted
+    to the live columns from time to time; ``colid`` maps a compacted row back to the column.
+    """
+
+    def __init__(self, scores: np.ndarray, N: int):
+        R, C = scores.shape
+        self.R, self.C, self.N = R, C, N
+        END, HEAD = R, R + 1
+        self.vals = np.full((C, R + 2), -np.inf)
+        self.vals[:, :R] = scores.T
+        self.win = np.full((C, R + 2), -np.inf)
+        if R >= N:
+            self.win[:, : R - N + 1] = window_scores(scores, N).T
+        idx = np.arange(R + 2, dtype=np.int64)
+        nxt = idx + 1
+        nxt[R - 1] = END
+        nxt[END] = END
+        nxt[HEAD] = 0 if R > 0 else END
+        prv = idx - 1
+        prv[0] = HEAD
+        prv[END] = R - 1 if R > 0 else HEAD
+        prv[HEAD] = HEAD
+        self.nxt = np.tile(nxt, (C, 1))
+        self.prv = np.tile(prv, (C, 1))
+        self.colid = np.arange(C, dtype=np.int64)
+        self.last = np.full(C, np.inf)  # running minimum of each column's picks
+        self.alive = np.ones(C, dtype=bool)
+        self.n_alive = C
+        self.round = 0
+
+    def step(self):
+        """One pick in every live column.
+
+        Returns ``(cols, values, blockrows)``: the columns that picked, their pick values (running
+        minimum along the column, so sequences are non-increasing even under float rounding) and the
+        N original row indices of each picked window ``[k, N]``.  Exhausted columns die.
+        """
+        N = self.N
+        if self.n_alive < 0.75 * len(self.colid):
+            self._compact()
+        win, nxt, prv, vals = self.win, self.nxt, self.prv, self.vals
+        ci = np.arange(len(self.colid))
+        p = win.argmax(axis=1)  # lowest row among equal best windows
+        v = win[ci, p]
+        ok = v > -np.inf  # dead or exhausted columns have no window left
+        if not ok.all():
+            self.kill(ci[~ok])
+            ci, p, v = ci[ok], p[ok], v[ok]
+        # the picked window b_0..b_{N-1}, the N-1 active rows after it and the N-1 before it
+        b = [p]
+        for _ in range(N - 1):
+            b.append(nxt[ci, b[-1]])
+        a = [nxt[ci, b[-1]]]
+        for _ in range(N - 2):
+            a.append(nxt[ci, a[-1]])
+        pr = [prv[ci, p]]
+        for _ in range(N - 2):
+            pr.append(prv[ci, pr[-1]])
+        for bk in b:
+            win[ci, bk] = -np.inf
+        if N > 1:
+            # splice out the window: pr[0] <-> a[0]
+            nxt[ci, pr[0]] = a[0]
+            prv[ci, a[0]] = pr[0]
+            # rescore the windows starting at the N-1 predecessors: j rows before + N-j rows after,
+            # summed in row order (matches window_scores and the textbook loop)
+            seq = pr[::-1] + a  # 2N-2 row indices, in order
+            seqv = [vals[ci, r] for r in seq]
+            for j in range(1, N):
+                start = N - 1 - j
+                s = seqv[start].copy()
+                for t in range(start + 1, start + N):
+                    s += seqv[t]
+                win[ci, pr[j - 1]] = s  # a head sentinel gets -inf; reset below
+            win[:, self.R + 1] = -np.inf
+        cols = self.colid[ci]
+        vmin = np.minimum(v, self.last[ci])
+        self.last[ci] = vmin
+        self.round += 1
+        return cols, vmin, np.stack(b, axis=1)
+
+    def kill(self, ci: np.ndarray) -> None:
+        """Stop compacted columns ``ci`` (no more picks)."""
+        ci = ci[self.alive[ci]]
+        self.alive[ci] = False
+        self.win[ci] = -np.inf
+        self.n_alive -= len(ci)
+
+    def kill_below(self, tau: float) -> None:
+        """Stop every live column whose latest pick is below ``tau``."""
+        ci = np.nonzero(self.alive & (self.last < tau))[0]
+        if len(ci):
+            self.kill(ci)
+
+    def _compact(self) -> None:
+        keep = self.alive
+        for name in ("vals", "win", "nxt", "prv", "colid", "last"):
+            setattr(self, name, getattr(self, name)[keep])
+        self.alive = np.ones(len(self.colid), dtype=bool)
+        self.n_alive = len(self.colid)
+
+
+def _bed_engine(score_list: Sequence[np.ndarray], m: int, N: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """BED with one budget ``m`` shared by the layers in ``score_list`` (scores already validated)."""
+    if N == 1:
+        return _top_single(score_list, m)
+    engines = [_ColumnGreedy(sc, N) for sc in score_list]
+    picks_layer, picks_col, picks_val, picks_round, picks_rows = [], [], [], [], []
+    gathered = np.zeros(0)
+    total = 0
+    while m > 0 and any(e.n_alive for e in engines):
+        new_vals = []
+        for li, e in enumerate(engines):
+            if not e.n_alive:
+                continue
+            t = e.round
+            cols, vals, brows = e.step()
+            if len(cols) == 0:
+                continue
+            picks_layer.append(np.full(len(cols), li, dtype=np.int64))
+            picks_col.append(cols)
+            picks_val.append(vals)
+            picks_round.append(np.full(len(cols), t, dtype=np.int64))
+            picks_rows.append(brows)
+            new_vals.append(vals)
+            total += len(cols)
+        if new_vals:
+            gathered = np.concatenate([gathered, *new_vals])
+        if total >= m:
+            # the m-th largest pick so far: no pick below it can make the final top m
+            if len(gathered) > m:
+                gathered = np.partition(gathered, len(gathered) - m)[len(gathered) - m :]
+            tau = float(gathered.min())
+            for e in engines:
+                e.kill_below(tau)
+    out_masks = [np.zeros(sc.shape, dtype=bool) for sc in score_list]
+    if m > 0:
+        lay = np.concatenate(picks_layer)
+        col = np.concatenate(picks_col)
+        val = np.concatenate(picks_val)
+        rnd = np.concatenate(picks_round)
+        brw = np.concatenate(picks_rows)
+        if len(val) < m:  # pragma: no cover - callers check feasibility first
+            raise BudgetError(f"only {len(val)} blocks fit, {m} requested")
+        order = np.lexsort((rnd, col, lay, -val))[:m]
+        for li in range(len(score_list)):
+            sel = order[lay[order] == li]
+            rr = brw[sel]  # [k, N]
+            cc = np.repeat(col[sel], N)
+            out_masks[li][rr.ravel(), cc] = True
+    return [_divide_runs(mk, N) for mk in out_masks]
+
+
+def _top_single(score_list: Sequence[np.ndarray], m: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """BED for N = 1: the m largest weights (ties: layer, column, row)."""
+    vals, lay, col, row = [], [], [], []
+    for li, sc in enumerate(score_list):
+        R, C = sc.shape
+        rr, cc = np.meshgrid(np.arange(R), np.arange(C), indexing="ij")
+        vals.append(sc.ravel())
+        lay.append(np.full(R * C, li))
+        col.append(cc.ravel())
+        row.append(rr.ravel())
+    v, la, co, ro = (np.concatenate(x) for x in (vals, lay, col, row))
+    order = np.lexsort((ro, co, la, -v))[:m]
+    out = []
+    for li in range(len(score_list)):
+        sel = order[la[order] == li]
+        out.append(_sorted_blocks(ro[sel], co[sel]))
+    return out
+
+
+def bed_select(scores, m: int, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """BED: ``m`` unaligned N-row blocks with (pseudo-)maximal summed score; returns ``(rows, cols)``.
+
+    Deterministic: ties between equal windows go to the lower column, then the lower row.
+    """
+    sc = _as_scores(scores)
+    N = _check_n(N)
+    R, C = sc.shape
+    m = _check_m(m, R, C, N)
+    return _bed_engine([sc], m, N)[0]
+
+
+def bed_select_multi(score_list: Sequence, m_total: int, N: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """BED with one budget of ``m_total`` blocks shared by several layers.
+
+    The layers' picks compete in one ranking (ties: earlier layer first), so layers whose weights
+    matter more keep more blocks.  Returns one ``(rows, cols)`` per layer, in input order.
+    """
+    scs = [_as_scores(s) for s in score_list]
+    N = _check_n(N)
+    if int(m_total) != m_total or m_total < 0:
+        raise BudgetError(f"number of blocks must be a non-negative integer, got {m_total!r}")
+    cap = sum(s.shape[1] * (s.shape[0] // N) for s in scs)
+    if m_total > cap:
+        raise BudgetError(f"cannot keep {m_total} blocks of {N} rows in these layers: at most {cap}")
+    return _bed_engine(scs, int(m_total), N)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact optimum
+# --------------------------------------------------------------------------------------------------
+
+
+def _column_curves(sc: np.ndarray, N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column DP.  Returns ``(f, took)``.
+
+    ``f[k, c]`` = best score with k blocks in column c (``-inf`` if infeasible), ``k = 0..K``;
+    ``took[i, k]`` = bit-packed (over columns) decision "a block ends at row i-1" for prefix length i.
+    """
+    R, C = sc.shape
+    win = window_scores(sc, N)  # [R-N+1, C]
+    ring = np.full((N + 1, K + 1, C), -np.inf)
+    ring[:, 0, :] = 0.0  # zero blocks score 0 for any prefix
+    took = np.zeros((R + 1, K + 1, (C + 7) // 8), dtype=np.uint8)
+    for i in range(N, R + 1):
+        cur = ring[i % (N + 1)]
+        prev = ring[(i - 1) % (N + 1)]
+        back = ring[(i - N) % (N + 1)]
+        kmax = min(K, i // N)
+        cand = back[: kmax] + win[i - N]  # k-1 blocks among the first i-N rows + block at i-N
+        cur[:] = prev
+        better = cand > prev[1 : kmax + 1]
+        np.copyto(cur[1 : kmax + 1], cand, where=better)
+        took[i, 1 : kmax + 1] = np.packbits(better, axis=1)
+    return ring[R % (N + 1)].copy(), took
+
+
+def _reconstruct(took: np.ndarray, kcol: np.ndarray, R: int, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks of the DP solution using ``kcol[c]`` blocks in column c."""
+    C = len(kcol)
+    cols = np.arange(C)
+    i = np.full(C, R, dtype=np.int64)
+    k = kcol.astype(np.int64).copy()
+    out_r, out_c = [], []
+    byte, bit = cols >> 3, 7 - (cols & 7)
+    while True:
+        act = k > 0
+        if not act.any():
+            break
+        ia, ka, ca = i[act], k[act], cols[act]
+        t = (took[ia, ka, byte[act]] >> bit[act]) & 1
+        tk = t.astype(bool)
+        out_r.append(ia[tk] - N)
+        out_c.append(ca[tk])
+        i[act] = np.where(tk, ia - N, ia - 1)
+        k[act] = np.where(tk, ka - 1, ka)
+    if not out_r:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    return _sorted_blocks(np.concatenate(out_r), np.concatenate(out_c))
+
+
+def optimal_select(scores, m: int, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact maximum-score set of ``m`` non-overlapping unaligned N-row blocks.
+
+    Per-column DP (vectorised over columns) gives each column's best score ``f_c(k)`` for every
+    ``k``; the curves are concave (see the module docstring), so the exact allocation of ``m`` blocks
+    is the ``m`` largest marginal gains ``f_c(k) - f_c(k-1)``.  Cost ``O(R * C * min(m, R/N))``.
+    """
+    sc = _as_scores(scores)
+    N = _check_n(N)
+    R, C = sc.shape
+    m = _check_m(m, R, C, N)
+    if m == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    K = min(m, R // N)
+    f, took = _column_curves(sc, N, K)
+    with np.errstate(invalid="ignore"):
+        gains = np.diff(f, axis=0)  # [K, C]; nan where infeasible
+    feas = np.arange(1, K + 1)[:, None] <= (R // N)
+    gains = np.where(feas, gains, -np.inf)
+    _check_concave(gains, f)
+    # running minimum makes the kept set a prefix per column even under float rounding
+    gains = np.minimum.accumulate(gains, axis=0)
+    kk, cc = np.meshgrid(np.arange(K), np.arange(C), indexing="ij")
+    order = np.lexsort((kk.ravel(), cc.ravel(), -gains.ravel()))[:m]
+    kcol = np.bincount(cc.ravel()[order], minlength=C)
+    return _reconstruct(took, kcol, R, N)
+
+
+def _check_concave(gains: np.ndarray, f: np.ndarray) -> None:
+    fin = np.isfinite(gains)
+    inc = np.diff(gains, axis=0)
+    bothfin = fin[1:] & fin[:-1]
+    scale = np.max(np.abs(f[np.isfinite(f)]), initial=1.0)
+    if np.any(inc[bothfin] > 1e-9 * scale):  # pragma: no cover - excluded by total unimodularity
+        raise AssertionError("per-column optimum curve is not concave; exact merge assumption broken")
+
+
+# --------------------------------------------------------------------------------------------------
+# Aligned blocks and unstructured
+# --------------------------------------------------------------------------------------------------
+
+
+def aligned_select(scores, m: int, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """ABP: the ``m`` best blocks among those starting at rows ``0, N, 2N, ...`` (exact)."""
+    sc = _as_scores(scores)
+    N = _check_n(N)
+    R, C = sc.shape
+    m = _check_m(m, R, C, N)
+    nb = R // N
+    if m == 0 or nb == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    blk = sc[: nb * N].reshape(nb, N, C)
+    s = blk[:, 0, :].copy()
+    for n in range(1, N):
+        s += blk[:, n, :]
+    rr, cc = np.meshgrid(np.arange(nb) * N, np.arange(C), indexing="ij")
+    order = np.lexsort((rr.ravel(), cc.ravel(), -s.ravel()))[:m]
+    return _sorted_blocks(rr.ravel()[order], cc.ravel()[order])
+
+
+def unstructured_select(scores, n_keep: int) -> np.ndarray:
+    """Bool mask keeping the ``n_keep`` largest scores (ties: row-major order)."""
+    sc = _to_numpy(scores)
+    if int(n_keep) != n_keep or not (0 <= n_keep <= sc.size):
+        raise BudgetError(f"n_keep must be an integer in [0, {sc.size}], got {n_keep!r}")
+    flat = sc.ravel()
+    order = np.argsort(-flat, kind="stable")[: int(n_keep)]
+    mask = np.zeros(sc.size, dtype=bool)
+    mask[order] = True
+    return mask.reshape(sc.shape)
+
+
+def select_blocks(scores, m: int, N: int, method: str = "bed") -> tuple[np.ndarray, np.ndarray]:
+    """Dispatch to :func:`bed_select`, :func:`optimal_select` or :func:`aligned_select`."""
+    if method == "bed":
+        return bed_select(scores, m, N)
+    if method == "optimal":
+        return optimal_select(scores, m, N)
+    if method == "aligned":
+        return aligned_select(scores, m, N)
+    raise ValueError(f"unknown block selection method {method!r} (expected one of {', '.join(METHODS)})")
