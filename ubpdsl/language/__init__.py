@@ -1,1 +1,75 @@
-"""placeholder"""
+"""The ubpdsl kernel language: what a kernel author imports (``import ubpdsl.language as ubl``).
+
+A kernel is a Python function decorated with :func:`kernel`. Its parameters are typed:
+``ubl.Input`` (the dense activations X[K, n]), ``ubl.Output`` (Y[M, n], fully written by the
+kernel), ``ubl.BlockSparse`` (the weight operand W[M, K] made of N x 1 blocks that may start at
+any row) and ``ubl.constexpr`` (compile-time constants: tile width, unroll, strategy flags).
+The body is not run by Python: it is parsed from its AST and compiled to the ``ubp`` MLIR
+dialect (see :mod:`ubpdsl.language.frontend`). Example::
+
+    @ubl.kernel(layout="plain")
+    def stream(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 2):
+        for j in ubl.tiles(X.n, TILE):
+            for r in range(W.rows):
+                ubl.store(Y, r, j, ubl.zeros(j))
+            for r in range(W.rows):
+                lo, hi = W.row_blocks(r)
+                for b in range(lo, hi):
+                    x = ubl.load(X, W.block_col(b), j)
+                    for i in ubl.static_range(W.block):
+                        y = ubl.load(Y, r + i, j)
+                        ubl.store(Y, r + i, j, ubl.fma(W.weight(b, i), x, y))
+
+Inside a kernel:
+
+* ``for j in ubl.tiles(n, TILE)`` walks n in tiles of TILE vector registers; the tail (n not a
+  multiple of the tile) runs the same body with masked loads and stores.
+* ``range(lo, hi[, step])`` is a loop in the generated code (``scf.for``); ``ubl.range(...,
+  unroll=U)`` unrolls it U times with a remainder loop; ``ubl.static_range`` unrolls it fully
+  at compile time (its bounds must be compile-time constants).
+* Variables assigned in a loop or a data-dependent ``if`` are carried as SSA values (registers).
+* ``ubl.zeros(j)`` is a zero tile; ``ubl.zeros(N, j)`` is N of them (a register tile, indexed
+  with compile-time integers: ``acc[p]``, ``acc[p] = 0.0``).
+* ``W.rows``, ``W.cols``, ``W.block`` are compile-time ints; ``W.row_blocks(r)`` gives the
+  range of blocks starting at row r; ``W.block_row(b)``, ``W.block_col(b)``, ``W.weight(b, i)``
+  read one block; ``ubl.block_fma(W, b, x, acc)`` adds w(b, i) * x to acc[i] for every i.
+* When the kernel is compiled mask-specialised, W's structure is known at compile time: with
+  compile-time indices these calls return constants, so ``static_range`` loops over rows and
+  blocks bake the whole block structure into straight-line code.
+"""
+
+from __future__ import annotations
+
+from ubpdsl.language.core import (
+    BlockSparse,
+    Input,
+    KernelFunction,
+    Output,
+    block_fma,
+    constexpr,
+    fma,
+    kernel,
+    load,
+    range,
+    static_range,
+    store,
+    tiles,
+    zeros,
+)
+
+__all__ = [
+    "BlockSparse",
+    "Input",
+    "KernelFunction",
+    "Output",
+    "block_fma",
+    "constexpr",
+    "fma",
+    "kernel",
+    "load",
+    "range",
+    "static_range",
+    "store",
+    "tiles",
+    "zeros",
+]

@@ -1,0 +1,340 @@
+"""Lowering of the ``ubp`` dialect to upstream MLIR, and on to LLVM IR.
+
+Two steps, both driven from Python:
+
+1. :func:`lower_ubp` (a Python pass, also registered with ``PassManager.add``) rewrites every
+   ``ubp`` op into ``memref`` / ``vector`` / ``arith`` (+ a few ``llvm`` ops that view the raw C
+   pointers of the kernel ABI as memrefs). The block-sparse operand becomes four memrefs
+   (``row_ptr``, ``block_rows``, ``block_cols``, ``values``), either views into the packed
+   blob (data-driven) or constant globals (mask-specialised).
+2. :func:`lower_to_llvm` runs the upstream pipeline (canonicalize, CSE, LICM, scf -> cf,
+   vector/memref/arith/index/func -> llvm) and :func:`translate_to_llvm_ir` gives LLVM IR text.
+
+The packed blob read by data-driven kernels is described in :mod:`ubpdsl.packing`; its header
+constants are repeated here because the generated code checks them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mlir import ir
+from mlir.dialects import arith, builtin, llvm, memref, vector
+from mlir.dialects import llvm as llvm_dialect
+from mlir.passmanager import PassManager
+
+from ubpdsl.errors import BuildError
+
+# Packed-blob header: int32 words (see ubpdsl.packing for the writer).
+PACKED_MAGIC = 0x31504255  # "UBP1" little endian
+PACKED_VERSION = 1
+HEADER_WORDS = 12
+H_MAGIC, H_VERSION, H_M, H_K, H_N, H_B, H_LAYOUT, H_OFF_ROWPTR, H_OFF_ROWS, H_OFF_COLS, H_OFF_VALS, H_BYTES = (
+    range(HEADER_WORDS)
+)
+LAYOUTS = {"plain": 0, "rotated": 1}
+# The packed blob is viewed as a byte memref of this (nominal) size: the real size is only
+# known to the caller; every access is at offsets the header itself supplies.
+_NOMINAL_BYTES = 1 << 40
+
+
+@dataclass
+class _Weights:
+    """The memrefs a ``!ubp.weights`` value lowers to."""
+
+    block: int
+    row_ptr: ir.Value
+    block_rows: ir.Value
+    block_cols: ir.Value
+    values: ir.Value
+    header: ir.Value | None  # data-driven only
+    rows: int
+    cols: int
+    layout: str
+
+
+def _i(value: int, ty: str = "index") -> ir.Value:
+    return arith.constant(ir.Type.parse(ty), value)
+
+
+def _memref_from_ptr(ptr: ir.Value, shape: list[int | ir.Value], elem: ir.Type) -> ir.Value:
+    """View a raw pointer as an identity-layout memref (sizes may be dynamic i64/index values)."""
+    rank = len(shape)
+    i64 = ir.IntegerType.get_signless(64)
+    desc_ty = ir.Type.parse(
+        f"!llvm.struct<(ptr, ptr, i64, array<{rank} x i64>, array<{rank} x i64>)>"
+    )
+
+    def as_i64(v: int | ir.Value) -> ir.Value:
+        if isinstance(v, int):
+            return llvm.mlir_constant(ir.IntegerAttr.get(i64, v))
+        if isinstance(v.type, ir.IndexType):
+            return arith.index_cast(i64, v)
+        return v
+
+    sizes = [as_i64(s) for s in shape]
+    strides: list[ir.Value] = [None] * rank  # type: ignore[list-item]
+    acc: ir.Value = llvm.mlir_constant(ir.IntegerAttr.get(i64, 1))
+    for d in reversed(range(rank)):
+        strides[d] = acc
+        if d:
+            acc = llvm.mul(acc, sizes[d], overflow_flags=0)
+    d = llvm.mlir_poison(desc_ty)
+    d = llvm.insertvalue(d, ptr, [0])
+    d = llvm.insertvalue(d, ptr, [1])
+    d = llvm.insertvalue(d, llvm.mlir_constant(ir.IntegerAttr.get(i64, 0)), [2])
+    for k in range(rank):
+        d = llvm.insertvalue(d, sizes[k], [3, k])
+        d = llvm.insertvalue(d, strides[k], [4, k])
+    dims = "x".join("?" if not isinstance(s, int) else str(s) for s in shape)
+    mr_ty = ir.Type.parse(f"memref<{dims}x{elem}>")
+    return builtin.unrealized_conversion_cast([mr_ty], [d])
+
+
+def _int_attr(op: ir.Operation, name: str) -> int:
+    return ir.IntegerAttr(op.attributes[name]).value
+
+
+def _str_attr(op: ir.Operation, name: str) -> str:
+    return ir.StringAttr(op.attributes[name]).value
+
+
+def _module_of(op: ir.Operation) -> ir.Operation:
+    cur = op
+    while cur.name != "builtin.module":
+        cur = cur.parent
+    return cur
+
+
+def _global_constant(module_op: ir.Operation, name: str, attr: ir.DenseElementsAttr,
+                     elem: ir.Type) -> ir.Value:
+    """Emit a private constant memref.global in the module and return its memref."""
+    n = len(attr)
+    mr_ty = ir.MemRefType.get([n], elem)
+    body = module_op.regions[0].blocks[0]
+    with ir.InsertionPoint.at_block_begin(body):
+        memref.global_(name, ir.TypeAttr.get(mr_ty), sym_visibility="private",
+                       initial_value=attr, constant=True, alignment=64)
+    return memref.get_global(mr_ty, name)
+
+
+class _Lowering:
+    """Rewrites the ubp ops of one module; keeps the weights records while it runs."""
+
+    def __init__(self, module_op: ir.Operation):
+        self.module_op = module_op
+        self.weights: list[tuple[ir.Value, _Weights]] = []
+        self.counter = 0
+
+    def record(self, value: ir.Value) -> _Weights:
+        for key, rec in self.weights:
+            if key == value:
+                return rec
+        raise BuildError("ubp lowering: weights operand not defined by ubp.sparse_weights/baked_weights")
+
+    # -- operands -------------------------------------------------------------------------
+    def dense_view(self, op: ir.Operation) -> list[ir.Value]:
+        rows = _int_attr(op, "rows")
+        n = op.operands[1]
+        return [_memref_from_ptr(op.operands[0], [rows, n], ir.F32Type.get())]
+
+    def sparse_weights(self, op: ir.Operation) -> list[ir.Value]:
+        i8, i32, f32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32), ir.F32Type.get()
+        idx = ir.IndexType.get()
+        rows, cols, block = (_int_attr(op, k) for k in ("rows", "cols", "block"))
+        raw = _memref_from_ptr(op.operands[0], [_NOMINAL_BYTES], i8)
+        raw = memref.cast(ir.Type.parse("memref<?xi8>"), raw)
+        c0 = _i(0)
+        header = memref.view(ir.MemRefType.get([HEADER_WORDS], i32), raw, c0, [])
+
+        def word(k: int) -> ir.Value:
+            return arith.index_cast(idx, memref.load(header, [_i(k)]))
+
+        nblocks = word(H_B)
+        dyn_i32 = ir.Type.parse("memref<?xi32>")
+        row_ptr = memref.view(ir.MemRefType.get([rows + block + 1], i32), raw, word(H_OFF_ROWPTR), [])
+        brows = memref.view(dyn_i32, raw, word(H_OFF_ROWS), [nblocks])
+        bcols = memref.view(dyn_i32, raw, word(H_OFF_COLS), [nblocks])
+        nvals = arith.muli(nblocks, _i(block))
+        vals = memref.view(ir.Type.parse("memref<?xf32>"), raw, word(H_OFF_VALS), [nvals])
+        del f32
+        self.weights.append((op.results[0], _Weights(block, row_ptr, brows, bcols, vals, header,
+                                                     rows, cols, _str_attr(op, "layout"))))
+        return []
+
+    def baked_weights(self, op: ir.Operation) -> list[ir.Value]:
+        i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+        self.counter += 1
+        tag = f"__ubp_w{self.counter}"
+        gl = {}
+        for key, elem in (("row_ptr", i32), ("block_rows", i32), ("block_cols", i32), ("values", f32)):
+            attr = ir.DenseElementsAttr(op.attributes[key])
+            if len(attr) == 0:  # a memref.global cannot be empty: keep one unused element
+                attr = ir.DenseElementsAttr.get(np.zeros(1, np.float32 if elem == f32 else np.int32))
+            gl[key] = _global_constant(self.module_op, f"{tag}_{key}", attr, elem)
+        rows, cols, block = (_int_attr(op, k) for k in ("rows", "cols", "block"))
+        self.weights.append((op.results[0], _Weights(block, gl["row_ptr"], gl["block_rows"],
+                                                     gl["block_cols"], gl["values"], None,
+                                                     rows, cols, _str_attr(op, "layout"))))
+        return []
+
+    def check_weights(self, op: ir.Operation) -> list[ir.Value]:
+        rec = self.record(op.operands[0])
+        i1, i32 = ir.IntegerType.get_signless(1), ir.IntegerType.get_signless(32)
+        if rec.header is None:
+            return [arith.constant(i1, 1)]
+        expected = {H_MAGIC: PACKED_MAGIC, H_VERSION: PACKED_VERSION, H_M: rec.rows, H_K: rec.cols,
+                    H_N: rec.block, H_LAYOUT: LAYOUTS[rec.layout]}
+        ok = arith.constant(i1, 1)
+        for k, want in expected.items():
+            got = memref.load(rec.header, [_i(k)])
+            want_v = arith.constant(i32, want - (1 << 32) if want >= (1 << 31) else want)
+            ok = arith.andi(ok, arith.cmpi(arith.CmpIPredicate.eq, got, want_v))
+        return [ok]
+
+    # -- block access -----------------------------------------------------------------------
+    def row_blocks(self, op: ir.Operation) -> list[ir.Value]:
+        rec = self.record(op.operands[0])
+        idx = ir.IndexType.get()
+        r = op.operands[1]
+        lo = arith.index_cast(idx, memref.load(rec.row_ptr, [r]))
+        hi = arith.index_cast(idx, memref.load(rec.row_ptr, [arith.addi(r, _i(1))]))
+        return [lo, hi]
+
+    def block_row(self, op: ir.Operation) -> list[ir.Value]:
+        rec = self.record(op.operands[0])
+        return [arith.index_cast(ir.IndexType.get(), memref.load(rec.block_rows, [op.operands[1]]))]
+
+    def block_col(self, op: ir.Operation) -> list[ir.Value]:
+        rec = self.record(op.operands[0])
+        return [arith.index_cast(ir.IndexType.get(), memref.load(rec.block_cols, [op.operands[1]]))]
+
+    def _weight(self, rec: _Weights, b: ir.Value, lane: int) -> ir.Value:
+        pos = arith.addi(arith.muli(b, _i(rec.block)), _i(lane))
+        return memref.load(rec.values, [pos])
+
+    def block_weight(self, op: ir.Operation) -> list[ir.Value]:
+        rec = self.record(op.operands[0])
+        return [self._weight(rec, op.operands[1], _int_attr(op, "lane"))]
+
+    def block_fma(self, op: ir.Operation) -> list[ir.Value]:
+        rec = self.record(op.operands[0])
+        b, x = op.operands[1], op.operands[2]
+        accs = list(op.operands)[3:]
+        if len(accs) != rec.block:
+            raise BuildError(f"ubp.block_fma: needs {rec.block} accumulators, got {len(accs)}")
+        out = []
+        for lane, acc in enumerate(accs):
+            w = vector.broadcast(x.type, self._weight(rec, b, lane))
+            out.append(vector.fma(w, x, acc))
+        return out
+
+    # -- tiles ------------------------------------------------------------------------------
+    def tiles(self, op: ir.Operation) -> list[ir.Value]:
+        n = op.operands[0]
+        width = _int_attr(op, "width")
+        step = _i(width)
+        if ir.BoolAttr(op.attributes["scalable"]).value:
+            step = arith.muli(vector.vscale(), step)
+        full = arith.muli(arith.divui(n, step), step)
+        return [full, step]
+
+    def _mask(self, vec_ty: ir.VectorType, col: ir.Value, limit: ir.Value) -> ir.Value:
+        mask_ty = ir.VectorType.get(vec_ty.shape, ir.IntegerType.get_signless(1),
+                                    scalable=vec_ty.scalable_dims)
+        return vector.create_mask(mask_ty, [arith.subi(limit, col)])
+
+    def load_tile(self, op: ir.Operation) -> list[ir.Value]:
+        src, row, col = op.operands[0], op.operands[1], op.operands[2]
+        vec_ty = ir.VectorType(op.results[0].type)
+        if len(op.operands) == 3:
+            return [vector.load(vec_ty, src, [row, col])]
+        zero = arith.constant(vec_ty, ir.DenseElementsAttr.get_splat(vec_ty, ir.FloatAttr.get_f32(0.0)))
+        mask = self._mask(vec_ty, col, op.operands[3])
+        return [vector.maskedload(vec_ty, src, [row, col], mask, zero)]
+
+    def store_tile(self, op: ir.Operation) -> list[ir.Value]:
+        dst, row, col, val = (op.operands[i] for i in range(4))
+        if len(op.operands) == 4:
+            vector.store(val, dst, [row, col])
+        else:
+            mask = self._mask(ir.VectorType(val.type), col, op.operands[4])
+            vector.maskedstore(dst, [row, col], mask, val)
+        return []
+
+    def run(self) -> None:
+        ops: list[ir.Operation] = []
+
+        def collect(o: ir.Operation) -> ir.WalkResult:
+            if o.name.startswith("ubp."):
+                ops.append(o)
+            return ir.WalkResult.ADVANCE
+
+        self.module_op.walk(collect, ir.WalkOrder.PRE_ORDER)
+        handle_ops = []
+        for o in ops:
+            name = o.name.split(".", 1)[1]
+            handler = getattr(self, name, None)
+            if handler is None:
+                raise BuildError(f"ubp lowering: no lowering for op ubp.{name}")
+            with ir.InsertionPoint(o), o.location:
+                new = handler(o)
+            if name in ("sparse_weights", "baked_weights"):
+                handle_ops.append(o)
+                continue
+            for old, repl in zip(o.results, new, strict=True):
+                old.replace_all_uses_with(repl)
+            o.erase()
+        for o in reversed(handle_ops):
+            o.erase()
+
+
+def lower_ubp(module: ir.Module | ir.Operation) -> None:
+    """Rewrite all ``ubp`` ops of ``module`` into upstream dialects (in place)."""
+    module_op = module.operation if isinstance(module, ir.Module) else module
+    _Lowering(module_op).run()
+
+
+def _python_pass(op: ir.Operation, pass_) -> None:  # noqa: ANN001 - ExternalPass
+    try:
+        lower_ubp(op)
+    except BuildError:
+        pass_.signal_pass_failure()
+        raise
+
+
+CLEANUP = "canonicalize,cse,loop-invariant-code-motion,canonicalize,cse"
+TO_LLVM = (
+    "convert-vector-to-scf,lower-affine,convert-scf-to-cf,"
+    "convert-vector-to-llvm,"
+    "finalize-memref-to-llvm,convert-arith-to-llvm,convert-index-to-llvm,"
+    "convert-func-to-llvm,convert-cf-to-llvm,reconcile-unrealized-casts,canonicalize,cse"
+)
+
+
+def lower_to_upstream(module: ir.Module) -> None:
+    """ubp -> scf/vector/memref/arith (the ``lowered`` stage), cleaned up."""
+    pm = PassManager("builtin.module")
+    pm.add(_python_pass, name="ubp-lower", argument="ubp-lower",
+           description="lower the ubp dialect to memref/vector/arith")
+    pm.add(CLEANUP)
+    _run(pm, module, "ubp lowering")
+
+
+def lower_to_llvm(module: ir.Module) -> None:
+    """The ``lowered`` stage -> the LLVM dialect (the ``llvm`` stage)."""
+    pm = PassManager.parse(f"builtin.module({TO_LLVM})")
+    _run(pm, module, "lowering to the LLVM dialect")
+
+
+def translate_to_llvm_ir(module: ir.Module) -> str:
+    """LLVM dialect module -> LLVM IR text."""
+    return str(llvm_dialect.translate_module_to_llvmir(module.operation))
+
+
+def _run(pm: PassManager, module: ir.Module, what: str) -> None:
+    try:
+        pm.run(module.operation)
+    except ir.MLIRError as exc:  # pragma: no cover - compiler bug, reported verbatim
+        raise BuildError(f"{what} failed: {exc}") from None

@@ -1,0 +1,198 @@
+"""The ``ubp`` MLIR dialect, defined with IRDL through the Python bindings (no C++).
+
+``ubp`` describes an unaligned-block sparse GEMM kernel Y[M, n] = W[M, K] . X[K, n] at the
+level of its structure: the operands (dense activations viewed from raw C pointers, the
+block-sparse weight operand read from a packed blob or baked into the code), iteration over
+the blocks that start at a row (a row group), per-block access (start row, column, weights),
+the block FMA that updates N accumulator rows at once, and tiles over n with a masked tail.
+Loops themselves are upstream ``scf.for`` / ``scf.if``: IRDL cannot declare terminators, so
+``ubp`` keeps to region-free ops and the loop nest stays in a dialect every pass knows.
+
+The ops (generic syntax; every op verifies its operand and result types):
+
+* ``ubp.dense_view(%ptr: !llvm.ptr, %n: index) {rows}``            -> ``memref<rows x ? x f32>``
+* ``ubp.sparse_weights(%packed: !llvm.ptr) {rows, cols, block, layout}`` -> ``!ubp.weights<N>``
+* ``ubp.baked_weights() {rows, cols, block, layout, row_ptr, block_rows, block_cols, values}``
+  -> ``!ubp.weights<N>`` (the mask-specialised operand: the block structure is constant data)
+* ``ubp.check_weights(%W)`` -> ``i1``: the packed blob's header matches the kernel
+* ``ubp.row_blocks(%W, %r)`` -> ``(index, index)``: the blocks starting at row r are [lo, hi)
+* ``ubp.block_row(%W, %b)``, ``ubp.block_col(%W, %b)`` -> ``index``
+* ``ubp.block_weight(%W, %b) {lane}`` -> ``f32``
+* ``ubp.block_fma(%W, %b, %x, %acc_0 .. %acc_{N-1})`` -> N x ``vector<T x f32>``:
+  acc_i += w(b, i) * x (the N accumulator rows stay separate SSA values: registers)
+* ``ubp.tiles(%n) {width, scalable}`` -> ``(index, index)``: end of the full tiles, tile step
+* ``ubp.load_tile(%X, %row, %col0[, %limit])`` -> ``vector<T x f32>`` (masked when limit given)
+* ``ubp.store_tile(%Y, %row, %col0, %v[, %limit])``
+"""
+
+from __future__ import annotations
+
+from mlir import ir
+from mlir.dialects import irdl
+
+DIALECT_NAME = "ubp"
+
+# The dialect definition in IRDL's own syntax: readable, and parsed by the bindings.
+IRDL_SOURCE = r"""
+irdl.dialect @ubp {
+  irdl.type @weights {
+    %n = irdl.any
+    irdl.parameters(block: %n)
+  }
+
+  irdl.operation @dense_view {
+    %ptr = irdl.is !llvm.ptr
+    %idx = irdl.is index
+    irdl.operands(ptr: %ptr, n: %idx)
+    %rows = irdl.base "#builtin.integer"
+    irdl.attributes {"rows" = %rows}
+    %mr = irdl.base "!builtin.memref"
+    irdl.results(view: %mr)
+  }
+
+  irdl.operation @sparse_weights {
+    %ptr = irdl.is !llvm.ptr
+    irdl.operands(packed: %ptr)
+    %r = irdl.base "#builtin.integer"
+    %c = irdl.base "#builtin.integer"
+    %n = irdl.base "#builtin.integer"
+    %s = irdl.base "#builtin.string"
+    irdl.attributes {"rows" = %r, "cols" = %c, "block" = %n, "layout" = %s}
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@weights<%any>
+    irdl.results(weights: %w)
+  }
+
+  irdl.operation @baked_weights {
+    irdl.operands()
+    %r = irdl.base "#builtin.integer"
+    %c = irdl.base "#builtin.integer"
+    %n = irdl.base "#builtin.integer"
+    %s = irdl.base "#builtin.string"
+    %d0 = irdl.base "#builtin.dense_int_or_fp_elements"
+    %d1 = irdl.base "#builtin.dense_int_or_fp_elements"
+    %d2 = irdl.base "#builtin.dense_int_or_fp_elements"
+    %d3 = irdl.base "#builtin.dense_int_or_fp_elements"
+    irdl.attributes {"rows" = %r, "cols" = %c, "block" = %n, "layout" = %s,
+                     "row_ptr" = %d0, "block_rows" = %d1, "block_cols" = %d2, "values" = %d3}
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@weights<%any>
+    irdl.results(weights: %w)
+  }
+
+  irdl.operation @check_weights {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@weights<%any>
+    irdl.operands(weights: %w)
+    %b = irdl.is i1
+    irdl.results(ok: %b)
+  }
+
+  irdl.operation @row_blocks {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@weights<%any>
+    %idx = irdl.is index
+    irdl.operands(weights: %w, row: %idx)
+    irdl.results(lo: %idx, hi: %idx)
+  }
+
+  irdl.operation @block_row {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@weights<%any>
+    %idx = irdl.is index
+    irdl.operands(weights: %w, block: %idx)
+    irdl.results(row: %idx)
+  }
+
+  irdl.operation @block_col {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@weights<%any>
+    %idx = irdl.is index
+    irdl.operands(weights: %w, block: %idx)
+    irdl.results(col: %idx)
+  }
+
+  irdl.operation @block_weight {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@weights<%any>
+    %idx = irdl.is index
+    irdl.operands(weights: %w, block: %idx)
+    %i = irdl.base "#builtin.integer"
+    irdl.attributes {"lane" = %i}
+    %f = irdl.is f32
+    irdl.results(value: %f)
+  }
+
+  irdl.operation @block_fma {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@weights<%any>
+    %idx = irdl.is index
+    %x = irdl.base "!builtin.vector"
+    irdl.operands(weights: %w, block: %idx, x: %x, acc: variadic %x)
+    irdl.results(result: variadic %x)
+  }
+
+  irdl.operation @tiles {
+    %idx = irdl.is index
+    irdl.operands(n: %idx)
+    %i = irdl.base "#builtin.integer"
+    %t = irdl.is true
+    %f = irdl.is false
+    %b = irdl.any_of(%t, %f)
+    irdl.attributes {"width" = %i, "scalable" = %b}
+    irdl.results(full_end: %idx, step: %idx)
+  }
+
+  irdl.operation @load_tile {
+    %mr = irdl.base "!builtin.memref"
+    %idx = irdl.is index
+    irdl.operands(source: %mr, row: %idx, col: %idx, limit: optional %idx)
+    %vec = irdl.base "!builtin.vector"
+    irdl.results(tile: %vec)
+  }
+
+  irdl.operation @store_tile {
+    %mr = irdl.base "!builtin.memref"
+    %idx = irdl.is index
+    %vec = irdl.base "!builtin.vector"
+    irdl.operands(dest: %mr, row: %idx, col: %idx, value: %vec, limit: optional %idx)
+    irdl.results()
+  }
+}
+"""
+
+
+def load_ubp_dialect(context: ir.Context | None = None) -> None:
+    """Register the ``ubp`` dialect in ``context`` (or the current one); idempotent."""
+    ctx = context or ir.Context.current
+    if getattr(ctx, "_ubp_loaded", False):
+        return
+    with ctx, ir.Location.unknown():
+        definition = ir.Module.parse(IRDL_SOURCE)
+        irdl.load_dialects(definition)
+    # Keep the definition module alive as long as the context.
+    ctx._ubp_definition = definition  # type: ignore[attr-defined]
+    ctx._ubp_loaded = True  # type: ignore[attr-defined]
+
+
+def make_context() -> ir.Context:
+    """A fresh MLIR context with the ``ubp`` dialect loaded."""
+    ctx = ir.Context()
+    load_ubp_dialect(ctx)
+    return ctx
+
+
+def weights_type(block: int) -> ir.Type:
+    """The ``!ubp.weights<N>`` type (in the current context)."""
+    return ir.Type.parse(f"!ubp.weights<{block} : i64>")
+
+
+def op(name: str, operands: list[ir.Value], results: list[ir.Type] | None = None,
+       attributes: dict[str, ir.Attribute] | None = None) -> ir.Operation:
+    """Create a ``ubp.<name>`` op at the current insertion point."""
+    return ir.Operation.create(
+        f"{DIALECT_NAME}.{name}",
+        results=results or [],
+        operands=operands,
+        attributes=attributes or {},
+    )

@@ -1,0 +1,88 @@
+"""The kernel variants shipped with ubpdsl, written in the DSL.
+
+* :data:`block_stream` - block streaming: every block FMAs its N rows straight into the Y
+  tile in memory (simple; accumulates through L1).
+* :data:`wros` - weight-rotating output-stationary (WROS): walks the rows once per tile
+  keeping N accumulator rows in registers; weights are stored rotated so the FMA code is
+  the same for every row phase and nothing is shuffled; row r is complete, stored and its
+  register reset as soon as the walk passes it.
+* :data:`wros_unrolled` - WROS with the mask baked in: rows and blocks fully unrolled, the
+  columns and weights become immediates (only for mask-specialised builds; best on small
+  layers).
+* :data:`aligned_rows` - the aligned-block (ABP) reference: blocks only at multiples of N,
+  one register tile per aligned row group.
+"""
+
+from __future__ import annotations
+
+import ubpdsl.language as ubl
+
+
+@ubl.kernel(layout="plain")
+def block_stream(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 2,
+                 UNROLL: ubl.constexpr = 1):
+    """Block streaming: each block FMAs its N rows into the Y tile held in memory."""
+    for j in ubl.tiles(X.n, TILE):
+        for r in range(W.rows):
+            ubl.store(Y, r, j, ubl.zeros(j))
+        for r in range(W.rows - W.block + 1):
+            lo, hi = W.row_blocks(r)
+            for b in ubl.range(lo, hi, unroll=UNROLL):
+                x = ubl.load(X, W.block_col(b), j)
+                for i in ubl.static_range(W.block):
+                    ubl.store(Y, r + i, j, ubl.fma(W.weight(b, i), x, ubl.load(Y, r + i, j)))
+
+
+@ubl.kernel(layout="rotated")
+def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4,
+         UNROLL: ubl.constexpr = 1):
+    """Weight-rotating output-stationary: N accumulator rows stay in registers."""
+    N = W.block
+    for j in ubl.tiles(X.n, TILE):
+        acc = ubl.zeros(N, j)
+        for r0 in range(0, W.rows, N):
+            for p in ubl.static_range(N):
+                lo, hi = W.row_blocks(r0 + p)
+                for b in ubl.range(lo, hi, unroll=UNROLL):
+                    acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
+                if r0 + p < W.rows:
+                    ubl.store(Y, r0 + p, j, acc[p])
+                acc[p] = 0.0
+
+
+@ubl.kernel(layout="rotated", specialized=True)
+def wros_unrolled(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4):
+    """WROS with the block structure baked into straight-line code."""
+    N = W.block
+    for j in ubl.tiles(X.n, TILE):
+        acc = ubl.zeros(N, j)
+        for r in ubl.static_range(W.rows):
+            lo, hi = W.row_blocks(r)
+            for b in ubl.static_range(lo, hi):
+                acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
+            ubl.store(Y, r, j, acc[r % N])
+            acc[r % N] = 0.0
+
+
+@ubl.kernel(layout="plain", aligned=True)
+def aligned_rows(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4,
+                 UNROLL: ubl.constexpr = 1):
+    """Aligned block pruning (ABP): one register tile per aligned group of N rows."""
+    N = W.block
+    for j in ubl.tiles(X.n, TILE):
+        for r0 in range(0, W.rows, N):
+            acc = ubl.zeros(N, j)
+            lo, hi = W.row_blocks(r0)
+            for b in ubl.range(lo, hi, unroll=UNROLL):
+                acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
+            for i in ubl.static_range(N):
+                if r0 + i < W.rows:
+                    ubl.store(Y, r0 + i, j, acc[i])
+
+
+VARIANTS = {
+    "block_stream": block_stream,
+    "wros": wros,
+    "wros_unrolled": wros_unrolled,
+    "aligned_rows": aligned_rows,
+}

@@ -1,0 +1,799 @@
+"""The DSL front end: a kernel's Python AST -> a ``ubp`` dialect MLIR module.
+
+Like Triton's code generator, this walks the AST of a decorated function and emits IR for
+it, instead of running it. Compile-time values (ints, floats, bools, constexprs, the shape of
+W and, for mask-specialised kernels, W's block structure) are folded in Python; everything
+else becomes SSA values. Loops and data-dependent ``if``s carry the variables they assign
+as ``scf.for`` iter_args / ``scf.if`` results, so accumulators live in registers.
+
+The generated function has the fixed C ABI of every ubp kernel::
+
+    int32_t SYMBOL(const float *x, float *y, int64_t n, const void *packed_w)
+
+returning 0, 1 (packed blob header does not match the kernel) or 2 (n < 0).
+Errors in the kernel source raise :class:`DSLError` with ``file:line: message``.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from mlir import ir
+from mlir.dialects import arith, func, scf, vector
+
+from ubpdsl.dialects import ubp as ubp_dialect
+from ubpdsl.errors import DSLError
+from ubpdsl.language.core import PY_RANGE, BlockSparse, Input, KernelFunction, Output, constexpr, is_builtin
+from ubpdsl.packing import BlockData
+
+
+@dataclass(frozen=True)
+class VectorShape:
+    """How wide one vector register is on the target (lanes of f32; scalable for SVE)."""
+
+    lanes: int
+    scalable: bool = False
+
+
+@dataclass
+class KernelSpec:
+    """Everything a kernel is specialised on at compile time."""
+
+    symbol: str
+    M: int
+    K: int
+    N: int
+    vector: VectorShape
+    constants: dict[str, Any]
+    baked: BlockData | None = None  # mask-specialised: the block structure as constants
+
+
+# ---------------------------------------------------------------------------------------------
+# Front-end values that are not plain SSA values
+
+
+@dataclass
+class Dense:
+    """A dense operand (X or Y): a memref<rows x ? x f32>."""
+
+    memref: ir.Value
+    rows: int
+    name: str
+    output: bool
+
+
+@dataclass
+class Weights:
+    """The block-sparse operand: an SSA handle, plus the constants when mask-specialised."""
+
+    handle: ir.Value
+    M: int
+    K: int
+    N: int
+    baked: BlockData | None
+
+
+@dataclass
+class Tile:
+    """A tile over n: columns [start, start + width), masked at ``limit`` in the tail."""
+
+    start: ir.Value
+    limit: ir.Value | None
+    vec_type: ir.VectorType
+    width: int | ir.Value
+
+
+@dataclass
+class RegTile:
+    """N vector values used together (N accumulator rows): a register tile."""
+
+    values: list[ir.Value]
+
+
+def _node_line(node: ast.AST) -> int:
+    return getattr(node, "lineno", 0)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class CodeGen:
+    """Emits the ubp module of one kernel for one specialisation."""
+
+    def __init__(self, kernel: KernelFunction, spec: KernelSpec):
+        self.k = kernel
+        self.spec = spec
+        self.env: dict[str, Any] = {}
+        self.index = ir.IndexType.get()
+        self.f32 = ir.F32Type.get()
+        self.i1 = ir.IntegerType.get_signless(1)
+        self._node: ast.AST | None = None
+
+    # -- errors -------------------------------------------------------------------------------
+    def error(self, msg: str, node: ast.AST | None = None) -> DSLError:
+        line = _node_line(node or self._node) if (node or self._node) else self.k.first_line
+        return DSLError(f"{self.k.filename}:{line}: {msg}")
+
+    # -- module -------------------------------------------------------------------------------
+    def build(self) -> ir.Module:
+        spec = self.spec
+        module = ir.Module.create()
+        ptr = ir.Type.parse("!llvm.ptr")
+        i32 = ir.IntegerType.get_signless(32)
+        i64 = ir.IntegerType.get_signless(64)
+        with ir.InsertionPoint(module.body):
+            fn = func.FuncOp(spec.symbol, ir.FunctionType.get([ptr, ptr, i64, ptr], [i32]))
+            fn.attributes["ubp.kernel"] = ir.StringAttr.get(self.k.name)
+            entry = fn.add_entry_block()
+        with ir.InsertionPoint(entry):
+            xp, yp, n64, wp = entry.arguments
+            n = arith.index_cast(self.index, n64)
+            dyn = ir.ShapedType.get_dynamic_size()
+            X = ubp_dialect.op("dense_view", [xp, n], [ir.MemRefType.get([spec.K, dyn], self.f32)],
+                               {"rows": _i64(spec.K)}).result
+            Y = ubp_dialect.op("dense_view", [yp, n], [ir.MemRefType.get([spec.M, dyn], self.f32)],
+                               {"rows": _i64(spec.M)}).result
+            wty = ubp_dialect.weights_type(spec.N)
+            common = {"rows": _i64(spec.M), "cols": _i64(spec.K), "block": _i64(spec.N),
+                      "layout": ir.StringAttr.get(self.k.layout)}
+            if spec.baked is None:
+                W = ubp_dialect.op("sparse_weights", [wp], [wty], common).result
+            else:
+                b = spec.baked
+                attrs = dict(common)
+                for key, arr in (("row_ptr", b.row_ptr), ("block_rows", b.block_rows),
+                                 ("block_cols", b.block_cols), ("values", b.values)):
+                    attrs[key] = ir.DenseElementsAttr.get(np.ascontiguousarray(arr))
+                W = ubp_dialect.op("baked_weights", [], [wty], attrs).result
+            ok = ubp_dialect.op("check_weights", [W], [self.i1]).result
+            n_ok = arith.cmpi(arith.CmpIPredicate.sge, n64, arith.constant(i64, 0))
+            code = arith.select(n_ok, arith.select(ok, arith.constant(i32, 0), arith.constant(i32, 1)),
+                                arith.constant(i32, 2))
+            run = arith.cmpi(arith.CmpIPredicate.eq, code, arith.constant(i32, 0))
+            if_op = scf.IfOp(run)
+            with ir.InsertionPoint(if_op.then_block):
+                self._bind_params(X, Y, W, n)
+                self.visit_body(self.k.tree.body, top=True)
+                scf.YieldOp([])
+            func.ReturnOp([code])
+        return module
+
+    def _bind_params(self, X: ir.Value, Y: ir.Value, W: ir.Value, n: ir.Value) -> None:
+        spec = self.spec
+        self.n = n
+        for name, kind in self.k.params.items():
+            if kind is Input:
+                self.env[name] = Dense(X, spec.K, name, False)
+            elif kind is Output:
+                self.env[name] = Dense(Y, spec.M, name, True)
+            elif kind is BlockSparse:
+                self.env[name] = Weights(W, spec.M, spec.K, spec.N, spec.baked)
+            elif kind is constexpr:
+                self.env[name] = spec.constants[name]
+
+    # -- statements ---------------------------------------------------------------------------
+    def visit_body(self, stmts: list[ast.stmt], top: bool = False) -> None:
+        for i, st in enumerate(stmts):
+            if isinstance(st, ast.Return):
+                if st.value is not None:
+                    raise self.error("a kernel returns nothing (its C function returns the status)", st)
+                if not (top and i == len(stmts) - 1):
+                    raise self.error("'return' is only allowed as the last statement of the kernel", st)
+                continue
+            self.visit_stmt(st)
+
+    def visit_stmt(self, st: ast.stmt) -> None:
+        self._node = st
+        if isinstance(st, ast.Expr):
+            if isinstance(st.value, ast.Constant) and isinstance(st.value.value, str):
+                return  # docstring
+            self.expr(st.value)
+        elif isinstance(st, ast.Assign):
+            value = self.expr(st.value)
+            for target in st.targets:
+                self.assign(target, value)
+        elif isinstance(st, ast.AugAssign):
+            cur = self.expr(_load(st.target))
+            self.assign(st.target, self.binop(st.op, cur, self.expr(st.value), st))
+        elif isinstance(st, ast.AnnAssign) and st.value is not None:
+            self.assign(st.target, self.expr(st.value))
+        elif isinstance(st, ast.For):
+            self.visit_for(st)
+        elif isinstance(st, ast.If):
+            self.visit_if(st)
+        elif isinstance(st, ast.Pass):
+            pass
+        else:
+            raise self.error(f"unsupported statement in a kernel: {type(st).__name__}", st)
+
+    def assign(self, target: ast.expr, value: Any) -> None:
+        if isinstance(target, ast.Name):
+            self.env[target.id] = value
+        elif isinstance(target, ast.Tuple):
+            if not isinstance(value, tuple) or len(value) != len(target.elts):
+                raise self.error(f"cannot unpack into {len(target.elts)} names", target)
+            for t, v in zip(target.elts, value, strict=True):
+                self.assign(t, v)
+        elif isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name):
+            tile = self.env.get(target.value.id)
+            if not isinstance(tile, RegTile):
+                raise self.error("only register tiles (ubl.zeros(N, j)) support item assignment", target)
+            i = self._static_int(self.expr(target.slice), target, "a register tile index")
+            if not 0 <= i < len(tile.values):
+                raise self.error(f"register tile index {i} out of range 0..{len(tile.values) - 1}", target)
+            vals = list(tile.values)
+            vals[i] = self.coerce(value, vals[i].type, target)
+            self.env[target.value.id] = RegTile(vals)
+        else:
+            raise self.error("unsupported assignment target", target)
+
+    # -- loops --------------------------------------------------------------------------------
+    def visit_for(self, st: ast.For) -> None:
+        if st.orelse:
+            raise self.error("for/else is not supported", st)
+        it = st.iter
+        if not isinstance(it, ast.Call):
+            raise self.error("a kernel loop must iterate over range(), ubl.range(), ubl.static_range() "
+                             "or ubl.tiles()", st)
+        fn = self.expr(it.func)
+        args = [self.expr(a) for a in it.args]
+        kwargs = {kw.arg: self.expr(kw.value) for kw in it.keywords}
+        if is_builtin(fn, "tiles"):
+            self.loop_tiles(st, args, kwargs)
+        elif is_builtin(fn, "static_range"):
+            bounds = self._range_args(args, kwargs, it, allow_unroll=False)
+            lo, hi, step = (self._static_int(b, it, "ubl.static_range bounds") for b in bounds[:3])
+            for v in PY_RANGE(lo, hi, step):
+                self.assign(st.target, v)
+                self.visit_body(st.body)
+        elif fn is PY_RANGE or is_builtin(fn, "range"):
+            lo, hi, step, unroll = self._range_args(args, kwargs, it, allow_unroll=is_builtin(fn, "range"))
+            unroll = self._static_int(unroll, it, "unroll")
+            if unroll < 1:
+                raise self.error("unroll must be >= 1", it)
+            self.loop_range(st, lo, hi, step, unroll)
+        else:
+            raise self.error("a kernel loop must iterate over range(), ubl.range(), ubl.static_range() "
+                             "or ubl.tiles()", st)
+
+    def _range_args(self, args: list[Any], kwargs: dict[str, Any], node: ast.AST,
+                    allow_unroll: bool) -> tuple[Any, Any, Any, Any]:
+        unroll = kwargs.pop("unroll", 1)
+        if unroll != 1 and not allow_unroll:
+            raise self.error("unroll= is only accepted by ubl.range()", node)
+        if kwargs:
+            raise self.error(f"unexpected keyword(s) {', '.join(kwargs)}", node)
+        if len(args) == 1:
+            return 0, args[0], 1, unroll
+        if len(args) == 2:
+            return args[0], args[1], 1, unroll
+        if len(args) == 3:
+            return args[0], args[1], args[2], unroll
+        raise self.error("range takes 1 to 3 arguments", node)
+
+    def _carried(self, body: list[ast.stmt]) -> list[str]:
+        names = []
+        for name in sorted(_assigned_names(body)):
+            if name in self.env:
+                v = self.env[name]
+                if isinstance(v, (ir.Value, RegTile)) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+                    names.append(name)
+                elif isinstance(v, (Dense, Weights, Tile)):
+                    raise self.error(f"cannot reassign {name!r} (a kernel operand or tile) inside a loop or if")
+        return names
+
+    def _flatten(self, names: list[str]) -> list[ir.Value]:
+        flat = []
+        for name in names:
+            v = self.env[name]
+            if isinstance(v, RegTile):
+                flat.extend(v.values)
+            else:
+                flat.append(self.materialize(v))
+        return flat
+
+    def _unflatten(self, names: list[str], values: list[ir.Value], like: dict[str, Any]) -> None:
+        pos = 0
+        for name in names:
+            proto = like[name]
+            if isinstance(proto, RegTile):
+                k = len(proto.values)
+                self.env[name] = RegTile(list(values[pos:pos + k]))
+                pos += k
+            else:
+                self.env[name] = values[pos]
+                pos += 1
+
+    def _yield_values(self, names: list[str], types: list[ir.Type], node: ast.AST) -> list[ir.Value]:
+        out = []
+        for name in names:
+            v = self.env.get(name)
+            if isinstance(v, RegTile):
+                out.extend(v.values)
+            else:
+                out.append(v)
+        if len(out) != len(types):
+            raise self.error("a variable carried by a loop/if changed its kind (register tile vs value)", node)
+        return [self.coerce(v, t, node) for v, t in zip(out, types, strict=True)]
+
+    def emit_for(self, lo: ir.Value, hi: ir.Value, step: ir.Value, names: list[str], node: ast.AST,
+                 body_fn) -> None:  # noqa: ANN001
+        """An scf.for carrying ``names``; ``body_fn(iv)`` emits the body."""
+        init = self._flatten(names)
+        like = {n: self.env[n] for n in names}
+        loop = scf.ForOp(lo, hi, step, init)
+        with ir.InsertionPoint(loop.body):
+            self._unflatten(names, list(loop.inner_iter_args), like)
+            body_fn(loop.induction_variable)
+            scf.YieldOp(self._yield_values(names, [v.type for v in init], node))
+        self._unflatten(names, list(loop.results), like)
+
+    def loop_range(self, st: ast.For, lo: Any, hi: Any, step: Any, unroll: int) -> None:
+        if not isinstance(step, int) or step <= 0:
+            raise self.error("range step must be a positive compile-time integer", st)
+        names = self._carried(st.body)
+        scope = set(self.env)
+        lo_v, hi_v = self.materialize(lo, self.index), self.materialize(hi, self.index)
+
+        def body(iv: ir.Value, copies: int) -> None:
+            for u in PY_RANGE(copies):
+                self.assign(st.target, iv if u == 0 else arith.addi(iv, self.const_index(u * step)))
+                self.visit_body(st.body)
+
+        if unroll == 1:
+            self.emit_for(lo_v, hi_v, self.const_index(step), names, st, lambda iv: body(iv, 1))
+        else:
+            span = unroll * step
+            trips = arith.floordivsi(arith.subi(hi_v, lo_v), self.const_index(span))
+            trips = arith.maxsi(trips, self.const_index(0))
+            mid = arith.addi(lo_v, arith.muli(trips, self.const_index(span)))
+            self.emit_for(lo_v, mid, self.const_index(span), names, st, lambda iv: body(iv, unroll))
+            self.emit_for(mid, hi_v, self.const_index(step), names, st, lambda iv: body(iv, 1))
+        self._drop_new(scope, names)
+
+    def _drop_new(self, scope: set[str], keep: list[str]) -> None:
+        for name in list(self.env):
+            if name not in scope and name not in keep:
+                del self.env[name]
+
+    def loop_tiles(self, st: ast.For, args: list[Any], kwargs: dict[str, Any]) -> None:
+        if kwargs or len(args) != 2:
+            raise self.error("ubl.tiles(n, TILE) takes the extent and the tile size in vector registers", st)
+        n, tile = args
+        tile = self._static_int(tile, st, "the tile size of ubl.tiles")
+        if tile < 1:
+            raise self.error(f"the tile size must be >= 1 vector register, got {tile}", st)
+        vs = self.spec.vector
+        width = tile * vs.lanes
+        vec_type = ir.VectorType.get([width], self.f32, scalable=[vs.scalable])
+        n_v = self.materialize(n, self.index)
+        res = ubp_dialect.op("tiles", [n_v], [self.index, self.index],
+                             {"width": _i64(width), "scalable": ir.BoolAttr.get(vs.scalable)})
+        full_end, step = res.results
+        saved = dict(self.env)
+        names = self._carried(st.body)
+        if names:
+            raise self.error(f"variables assigned in a ubl.tiles loop are private to the tile: {', '.join(names)}",
+                             st)
+
+        def body(start: ir.Value, limit: ir.Value | None) -> None:
+            self.env = dict(saved)
+            w = width if not vs.scalable else step
+            self.assign(st.target, Tile(start, limit, vec_type, w))
+            self.visit_body(st.body)
+
+        self.emit_for(self.const_index(0), full_end, step, [], st, lambda iv: body(iv, None))
+        tail = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, full_end, n_v))
+        with ir.InsertionPoint(tail.then_block):
+            body(full_end, n_v)
+            scf.YieldOp([])
+        self.env = saved
+
+    # -- if -----------------------------------------------------------------------------------
+    def visit_if(self, st: ast.If) -> None:
+        cond = self.expr(st.test)
+        if isinstance(cond, (bool, int)):
+            self.visit_body(st.body if cond else st.orelse)
+            return
+        if not isinstance(cond, ir.Value) or cond.type != self.i1:
+            raise self.error("an if condition must be a comparison or a compile-time constant", st.test)
+        names = self._carried(st.body + st.orelse)
+        scope = set(self.env)
+        init = self._flatten(names)
+        like = {n: self.env[n] for n in names}
+        types = [v.type for v in init]
+        if_op = scf.IfOp(cond, types, has_else=bool(st.orelse) or bool(names))
+        saved = dict(self.env)
+        with ir.InsertionPoint(if_op.then_block):
+            self.visit_body(st.body)
+            scf.YieldOp(self._yield_values(names, types, st))
+        if bool(st.orelse) or bool(names):
+            self.env = dict(saved)
+            with ir.InsertionPoint(if_op.else_block):
+                self.visit_body(st.orelse)
+                scf.YieldOp(self._yield_values(names, types, st))
+        self.env = saved
+        self._unflatten(names, list(if_op.results), like)
+        self._drop_new(scope, names)
+
+    # -- expressions --------------------------------------------------------------------------
+    def expr(self, node: ast.expr) -> Any:
+        prev, self._node = self._node, node
+        try:
+            return self._expr(node)
+        finally:
+            self._node = prev
+
+    def _expr(self, node: ast.expr) -> Any:
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, (bool, int, float, str)):
+                return node.value
+            raise self.error(f"unsupported constant {node.value!r}")
+        if isinstance(node, ast.Name):
+            if node.id in self.env:
+                return self.env[node.id]
+            if node.id in self.k.globals:
+                return self.k.globals[node.id]
+            if node.id == "range":
+                return PY_RANGE
+            if node.id in ("min", "max", "len", "print"):
+                return {"min": min, "max": max, "len": len, "print": print}[node.id]
+            raise self.error(f"name {node.id!r} is not defined")
+        if isinstance(node, ast.Attribute):
+            return self.attribute(self.expr(node.value), node.attr, node)
+        if isinstance(node, ast.Tuple):
+            return tuple(self.expr(e) for e in node.elts)
+        if isinstance(node, ast.BinOp):
+            return self.binop(node.op, self.expr(node.left), self.expr(node.right), node)
+        if isinstance(node, ast.UnaryOp):
+            v = self.expr(node.operand)
+            if isinstance(node.op, ast.USub):
+                if isinstance(v, (int, float)):
+                    return -v
+                return self.binop(ast.Sub(), 0.0 if self._is_float(v) else 0, v, node)
+            if isinstance(node.op, ast.Not) and isinstance(v, bool):
+                return not v
+            if isinstance(node.op, ast.Not) and isinstance(v, ir.Value) and v.type == self.i1:
+                return arith.xori(v, arith.constant(self.i1, 1))
+            raise self.error(f"unsupported unary operator {type(node.op).__name__}")
+        if isinstance(node, ast.Compare):
+            if len(node.ops) != 1:
+                raise self.error("chained comparisons are not supported; use 'and'")
+            return self.compare(node.ops[0], self.expr(node.left), self.expr(node.comparators[0]), node)
+        if isinstance(node, ast.BoolOp):
+            vals = [self.expr(v) for v in node.values]
+            if all(isinstance(v, bool) for v in vals):
+                return all(vals) if isinstance(node.op, ast.And) else any(vals)
+            acc = self.materialize(vals[0], self.i1)
+            for v in vals[1:]:
+                v = self.materialize(v, self.i1)
+                acc = arith.andi(acc, v) if isinstance(node.op, ast.And) else arith.ori(acc, v)
+            return acc
+        if isinstance(node, ast.Subscript):
+            base = self.expr(node.value)
+            idx = self.expr(node.slice)
+            if isinstance(base, RegTile):
+                i = self._static_int(idx, node, "a register tile index")
+                if not 0 <= i < len(base.values):
+                    raise self.error(f"register tile index {i} out of range 0..{len(base.values) - 1}")
+                return base.values[i]
+            if isinstance(base, (tuple, list)):
+                return base[self._static_int(idx, node, "an index")]
+            raise self.error("only register tiles and tuples can be indexed")
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        raise self.error(f"unsupported expression in a kernel: {type(node).__name__}")
+
+    def attribute(self, base: Any, attr: str, node: ast.AST) -> Any:
+        if isinstance(base, Dense):
+            if attr == "rows":
+                return base.rows
+            if attr == "n":
+                return self.n
+        elif isinstance(base, Weights):
+            if attr in ("rows", "cols", "block"):
+                return {"rows": base.M, "cols": base.K, "block": base.N}[attr]
+            if attr in ("row_blocks", "block_row", "block_col", "weight"):
+                return _BoundMethod(base, attr)
+            if attr == "num_blocks" and base.baked is not None:
+                return base.baked.num_blocks
+        elif isinstance(base, Tile):
+            if attr == "start":
+                return base.start
+            if attr == "width":
+                return base.width
+        elif not isinstance(base, (ir.Value, RegTile, int, float)):
+            try:
+                return getattr(base, attr)
+            except AttributeError:
+                pass
+        raise self.error(f"{_describe(base)} has no attribute {attr!r}", node)
+
+    def call(self, node: ast.Call) -> Any:
+        fn = self.expr(node.func)
+        args = [self.expr(a) for a in node.args]
+        kwargs = {kw.arg: self.expr(kw.value) for kw in node.keywords}
+        if isinstance(fn, _BoundMethod):
+            return self.weights_method(fn.weights, fn.name, args, kwargs, node)
+        if is_builtin(fn):
+            name = fn.__ubp_builtin__
+            handler = getattr(self, f"builtin_{name}", None)
+            if handler is None:
+                raise self.error(f"ubl.{name}() is only valid as a for-loop iterator")
+            return handler(node, *args, **kwargs)
+        if fn in (min, max) and all(isinstance(a, int) for a in args):
+            return fn(*args)
+        raise self.error(f"cannot call {_describe(fn)} in a kernel")
+
+    # -- W methods ----------------------------------------------------------------------------
+    def weights_method(self, W: Weights, name: str, args: list[Any], kwargs: dict[str, Any],
+                       node: ast.AST) -> Any:
+        if kwargs:
+            raise self.error(f"W.{name}() takes no keyword arguments", node)
+        want = {"row_blocks": 1, "block_row": 1, "block_col": 1, "weight": 2}[name]
+        if len(args) != want:
+            raise self.error(f"W.{name}() takes {want} argument(s)", node)
+        first = args[0]
+        if W.baked is not None and isinstance(first, int):
+            b = W.baked
+            if name == "row_blocks":
+                if not 0 <= first < W.M + W.N:
+                    raise self.error(f"row {first} is out of range", node)
+                return int(b.row_ptr[first]), int(b.row_ptr[first + 1])
+            self._check_block(first, b, node)
+            if name == "block_row":
+                return int(b.block_rows[first])
+            if name == "block_col":
+                return int(b.block_cols[first])
+            lane = self._static_int(args[1], node, "the lane of W.weight")
+            return float(b.values[first * W.N + lane])
+        idx = self.materialize(first, self.index)
+        if name == "row_blocks":
+            res = ubp_dialect.op("row_blocks", [W.handle, idx], [self.index, self.index])
+            return tuple(res.results)
+        if name in ("block_row", "block_col"):
+            return ubp_dialect.op(name, [W.handle, idx], [self.index]).result
+        lane = self._static_int(args[1], node, "the lane of W.weight")
+        if not 0 <= lane < W.N:
+            raise self.error(f"lane {lane} out of range 0..{W.N - 1}", node)
+        return ubp_dialect.op("block_weight", [W.handle, idx], [self.f32], {"lane": _i64(lane)}).result
+
+    def _check_block(self, b: int, data: BlockData, node: ast.AST) -> None:
+        if not 0 <= b < data.num_blocks:
+            raise self.error(f"block {b} is out of range (the mask has {data.num_blocks} blocks)", node)
+
+    # -- builtins -----------------------------------------------------------------------------
+    def builtin_zeros(self, node: ast.AST, *args: Any) -> Any:
+        if len(args) == 1 and isinstance(args[0], Tile):
+            return self._zero_vec(args[0].vec_type)
+        if len(args) == 2 and isinstance(args[1], Tile):
+            count = self._static_int(args[0], node, "the row count of ubl.zeros")
+            if count < 1 or count > 64:
+                raise self.error(f"ubl.zeros: row count {count} must be in 1..64", node)
+            z = self._zero_vec(args[1].vec_type)
+            return RegTile([z] * count)
+        raise self.error("ubl.zeros takes a tile (ubl.zeros(j)) or a row count and a tile (ubl.zeros(N, j))", node)
+
+    def _zero_vec(self, vt: ir.VectorType) -> ir.Value:
+        return arith.constant(vt, ir.DenseElementsAttr.get_splat(vt, ir.FloatAttr.get(self.f32, 0.0)))
+
+    def _dense_tile_args(self, node: ast.AST, what: str, operand: Any, row: Any,
+                         tile: Any) -> tuple[Dense, ir.Value, Tile]:
+        if not isinstance(operand, Dense):
+            raise self.error(f"{what}: the first argument must be a dense operand (X or Y)", node)
+        if not isinstance(tile, Tile):
+            raise self.error(f"{what}: the third argument must be a tile from ubl.tiles()", node)
+        if isinstance(row, int) and not 0 <= row < operand.rows:
+            raise self.error(f"{what}: row {row} is outside {operand.name} (rows 0..{operand.rows - 1})", node)
+        return operand, self.materialize(row, self.index), tile
+
+    def builtin_load(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None) -> ir.Value:
+        d, r, t = self._dense_tile_args(node, "ubl.load", operand, row, tile)
+        operands = [d.memref, r, t.start] + ([t.limit] if t.limit is not None else [])
+        return ubp_dialect.op("load_tile", operands, [t.vec_type]).result
+
+    def builtin_store(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None,
+                      value: Any = None) -> None:
+        d, r, t = self._dense_tile_args(node, "ubl.store", operand, row, tile)
+        if not d.output:
+            raise self.error(f"ubl.store: {d.name} is an input; only the ubl.Output operand can be written", node)
+        v = self.coerce(value, t.vec_type, node)
+        operands = [d.memref, r, t.start, v] + ([t.limit] if t.limit is not None else [])
+        ubp_dialect.op("store_tile", operands, [])
+
+    def builtin_fma(self, node: ast.AST, a: Any = None, b: Any = None, c: Any = None) -> ir.Value:
+        vt = next((v.type for v in (a, b, c) if isinstance(v, ir.Value) and isinstance(v.type, ir.VectorType)),
+                  None)
+        if vt is None:
+            raise self.error("ubl.fma needs at least one vector operand", node)
+        return vector.fma(*(self.coerce(v, vt, node) for v in (a, b, c)))
+
+    def builtin_block_fma(self, node: ast.AST, W: Any = None, b: Any = None, x: Any = None,
+                          acc: Any = None) -> RegTile:
+        if not isinstance(W, Weights):
+            raise self.error("ubl.block_fma: the first argument must be the ubl.BlockSparse operand", node)
+        if not isinstance(acc, RegTile) or len(acc.values) != W.N:
+            raise self.error(f"ubl.block_fma: the accumulator must be a register tile of N={W.N} rows "
+                             "(ubl.zeros(W.block, j))", node)
+        if not isinstance(x, ir.Value) or not isinstance(x.type, ir.VectorType):
+            raise self.error("ubl.block_fma: x must be a vector tile (ubl.load(X, col, j))", node)
+        vt = x.type
+        if W.baked is not None and isinstance(b, int):
+            self._check_block(b, W.baked, node)
+            out = []
+            for lane, a in enumerate(acc.values):
+                w = float(W.baked.values[b * W.N + lane])
+                out.append(vector.fma(self.coerce(w, vt, node), x, self.coerce(a, vt, node)))
+            return RegTile(out)
+        accs = [self.coerce(a, vt, node) for a in acc.values]
+        res = ubp_dialect.op("block_fma", [W.handle, self.materialize(b, self.index), x, *accs], [vt] * W.N)
+        return RegTile(list(res.results))
+
+    # -- arithmetic ---------------------------------------------------------------------------
+    _PY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Div: operator.truediv}
+
+    def binop(self, op: ast.operator, a: Any, b: Any, node: ast.AST) -> Any:
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            fn = self._PY_OPS.get(type(op))
+            if fn is None:
+                raise self.error(f"unsupported operator {type(op).__name__}", node)
+            try:
+                return fn(a, b)
+            except ZeroDivisionError:
+                raise self.error("division by zero in a compile-time expression", node) from None
+        if isinstance(a, RegTile) or isinstance(b, RegTile):
+            raise self.error("arithmetic on a whole register tile is not supported; index it (acc[i])", node)
+        if not isinstance(a, (int, float, ir.Value)) or not isinstance(b, (int, float, ir.Value)):
+            raise self.error(f"unsupported operands for {type(op).__name__}: {_describe(a)}, {_describe(b)}", node)
+        vt = next((v.type for v in (a, b) if isinstance(v, ir.Value) and isinstance(v.type, ir.VectorType)), None)
+        if vt is not None or self._is_float(a) or self._is_float(b):
+            ty = vt or self.f32
+            x, y = self.coerce(a, ty, node), self.coerce(b, ty, node)
+            fns = {ast.Add: arith.addf, ast.Sub: arith.subf, ast.Mult: arith.mulf, ast.Div: arith.divf}
+            if type(op) not in fns:
+                raise self.error(f"operator {type(op).__name__} is not defined on floats", node)
+            return fns[type(op)](x, y)
+        x, y = self.materialize(a, self.index), self.materialize(b, self.index)
+        fns = {ast.Add: arith.addi, ast.Sub: arith.subi, ast.Mult: arith.muli,
+               ast.FloorDiv: arith.floordivsi, ast.Mod: arith.remsi}
+        if type(op) not in fns:
+            raise self.error(f"operator {type(op).__name__} is not defined on integers", node)
+        return fns[type(op)](x, y)
+
+    def compare(self, op: ast.cmpop, a: Any, b: Any, node: ast.AST) -> Any:
+        py = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
+              ast.Eq: operator.eq, ast.NotEq: operator.ne}
+        if type(op) not in py:
+            raise self.error(f"unsupported comparison {type(op).__name__}", node)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return py[type(op)](a, b)
+        if self._is_float(a) or self._is_float(b):
+            preds = {ast.Lt: arith.CmpFPredicate.OLT, ast.LtE: arith.CmpFPredicate.OLE,
+                     ast.Gt: arith.CmpFPredicate.OGT, ast.GtE: arith.CmpFPredicate.OGE,
+                     ast.Eq: arith.CmpFPredicate.OEQ, ast.NotEq: arith.CmpFPredicate.UNE}
+            return arith.cmpf(preds[type(op)], self.coerce(a, self.f32, node), self.coerce(b, self.f32, node))
+        preds = {ast.Lt: arith.CmpIPredicate.slt, ast.LtE: arith.CmpIPredicate.sle,
+                 ast.Gt: arith.CmpIPredicate.sgt, ast.GtE: arith.CmpIPredicate.sge,
+                 ast.Eq: arith.CmpIPredicate.eq, ast.NotEq: arith.CmpIPredicate.ne}
+        return arith.cmpi(preds[type(op)], self.materialize(a, self.index), self.materialize(b, self.index))
+
+    def _is_float(self, v: Any) -> bool:
+        if isinstance(v, float):
+            return True
+        return isinstance(v, ir.Value) and (v.type == self.f32 or isinstance(v.type, ir.VectorType))
+
+    # -- conversions --------------------------------------------------------------------------
+    def const_index(self, v: int) -> ir.Value:
+        return arith.constant(self.index, v)
+
+    def materialize(self, v: Any, ty: ir.Type | None = None) -> ir.Value:
+        """A compile-time value as an SSA value (of type ``ty`` when given)."""
+        if isinstance(v, ir.Value):
+            if ty is not None and v.type != ty:
+                raise self.error(f"expected a value of type {ty}, got {v.type}")
+            return v
+        if isinstance(v, bool):
+            return arith.constant(self.i1, int(v))
+        if isinstance(v, int) and (ty is None or ty == self.index):
+            return self.const_index(v)
+        if isinstance(v, (int, float)) and (ty is None or ty == self.f32):
+            return arith.constant(self.f32, float(v))
+        if isinstance(v, (int, float)) and ty is not None and isinstance(ty, ir.VectorType):
+            return self.coerce(v, ty)
+        raise self.error(f"cannot use {_describe(v)} here" + (f" (expected {ty})" if ty else ""))
+
+    def coerce(self, v: Any, ty: ir.Type, node: ast.AST | None = None) -> ir.Value:
+        """``v`` as a value of type ``ty``: numbers become constants, scalars are broadcast."""
+        if isinstance(v, ir.Value) and v.type == ty:
+            return v
+        if isinstance(ty, ir.VectorType):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return arith.constant(ty, ir.DenseElementsAttr.get_splat(ty, ir.FloatAttr.get(self.f32, float(v))))
+            if isinstance(v, ir.Value) and v.type == self.f32:
+                return vector.broadcast(ty, v)
+        if ty == self.f32 and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return arith.constant(self.f32, float(v))
+        if ty == self.index and isinstance(v, int) and not isinstance(v, bool):
+            return self.const_index(v)
+        got = v.type if isinstance(v, ir.Value) else _describe(v)
+        raise self.error(f"type mismatch: expected {ty}, got {got}", node)
+
+    def _static_int(self, v: Any, node: ast.AST, what: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.error(f"{what} must be a compile-time integer", node)
+        return v
+
+
+@dataclass
+class _BoundMethod:
+    weights: Weights
+    name: str
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, ir.Value):
+        return f"a value of type {v.type}"
+    if isinstance(v, Dense):
+        return f"dense operand {v.name}"
+    if isinstance(v, Weights):
+        return "the block-sparse operand"
+    if isinstance(v, Tile):
+        return "a tile"
+    if isinstance(v, RegTile):
+        return f"a register tile of {len(v.values)} rows"
+    return repr(v)
+
+
+def _load(target: ast.expr) -> ast.expr:
+    """The load form of an assignment target (for ``x += ...``)."""
+    node = ast.parse(ast.unparse(target), mode="eval").body
+    return ast.copy_location(node, target)
+
+
+def _assigned_names(stmts: list[ast.stmt]) -> set[str]:
+    names: set[str] = set()
+
+    def targets(t: ast.expr) -> None:
+        if isinstance(t, ast.Name):
+            names.add(t.id)
+        elif isinstance(t, (ast.Tuple, ast.List)):
+            for e in t.elts:
+                targets(e)
+        elif isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name):
+            names.add(t.value.id)
+
+    for st in stmts:
+        for node in ast.walk(st):
+            if isinstance(node, ast.Assign):
+                for t in node.targets:
+                    targets(t)
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets(node.target)
+            elif isinstance(node, ast.For):
+                targets(node.target)
+    return names
+
+
+def _i64(v: int) -> ir.Attribute:
+    return ir.IntegerAttr.get(ir.IntegerType.get_signless(64), v)
+
+
+def build_ubp_module(kernel: KernelFunction, spec: KernelSpec) -> ir.Module:
+    """Compile ``kernel`` for ``spec`` to a ubp-dialect module (current context)."""
+    if kernel.needs_specialized and spec.baked is None:
+        raise DSLError(f"{kernel.filename}:{kernel.tree.lineno}: kernel {kernel.name!r} is mask-specialised "
+                       "(specialized=True): compile it with the mask baked in")
+    gen = CodeGen(kernel, spec)
+    try:
+        module = gen.build()
+    except RecursionError:
+        raise gen.error("kernel too deeply nested") from None
+    if not module.operation.verify():  # pragma: no cover - verify raises with diagnostics
+        raise gen.error("generated IR does not verify")
+    return module
