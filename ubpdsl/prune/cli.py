@@ -1,0 +1,288 @@
+"""``ubpdsl prune`` and ``ubpdsl inspect``: one-shot pruning to masks.npz, and a look inside one.
+
+Both are attached to the main CLI group by :mod:`ubpdsl.cli`, which turns a
+:class:`~ubpdsl.errors.UbpError` into a one-line ``error: ...`` with exit code 1; click
+usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ubpdsl.errors import UbpError
+
+__all__ = ["inspect", "prune"]
+
+_METHODS = ("bed", "optimal", "aligned", "unstructured")
+_IMPORTANCES = ("abs", "sq", "taylor")
+
+
+def _parse_layer_sparsity(items: tuple[str, ...]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UbpError(f"--layer-sparsity expects NAME=S, got {item!r}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise UbpError(f"--layer-sparsity {item!r}: {value!r} is not a number") from None
+    return out
+
+
+@click.command("prune")
+@click.option(
+    "--model", "model_spec", required=True, metavar="SPEC", help="Model spec: digits-cnn or mobilenetv2."
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="State dict (.pt) to prune instead of the spec's pretrained/initial weights (read weights-only).",
+)
+@click.option("--sparsity", type=float, required=True, help="Target fraction of zero weights, in [0, 1).")
+@click.option("--block", type=int, default=4, show_default=True, help="Block size N (rows per Nx1 block).")
+@click.option(
+    "--method", type=click.Choice(_METHODS), default="bed", show_default=True, help="Block selector."
+)
+@click.option(
+    "--importance", type=click.Choice(_IMPORTANCES), default="abs", show_default=True, help="Weight score."
+)
+@click.option("--global", "global_budget", is_flag=True, help="One block budget shared by all layers.")
+@click.option("--skip", multiple=True, metavar="NAME", help="Leave this layer dense (repeatable; fnmatch).")
+@click.option("--layer-sparsity", multiple=True, metavar="NAME=S", help="Per-layer sparsity (repeatable).")
+@click.option(
+    "--calibration-batches",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Batches of the spec's data for --importance taylor.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="masks.npz to write.",
+)
+def prune(
+    model_spec: str,
+    weights: Path | None,
+    sparsity: float,
+    block: int,
+    method: str,
+    importance: str,
+    global_budget: bool,
+    skip: tuple[str, ...],
+    layer_sparsity: tuple[str, ...],
+    calibration_batches: int,
+    seed: int,
+    output: Path,
+) -> None:
+    """Prune a model's weights once and write the kept blocks and pruned weights to masks.npz.
+
+    Every Linear and ungrouped Conv layer is pruned to Nx1 blocks that may start at any
+    row (method bed or optimal), only at multiples of N (aligned), or to single weights
+    (unstructured, stored as N = 1 blocks). Depthwise/grouped convolutions stay dense
+    and are listed as skipped. For gradual pruning during training use
+    ubpdsl.prune.sparsifier.UnalignedBlockSparsifier (see docs/pruning.md).
+
+    \b
+    Example:
+      ubpdsl prune --model mobilenetv2 --sparsity 0.75 --block 4 -o masks.npz
+      ubpdsl prune --model mobilenetv2 --sparsity 0.9 --global --skip classifier.1 -o m.npz
+      ubpdsl prune --model digits-cnn --weights cnn.pt --sparsity 0.5 --layer-sparsity fc=0.25 -o m.npz
+    """
+    import torch
+
+    from ubpdsl.models import build_model, get_spec
+    from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier
+
+    if not 0.0 <= sparsity < 1.0:
+        raise UbpError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if block < 1:
+        raise UbpError(f"--block must be >= 1, got {block}")
+    overrides = _parse_layer_sparsity(layer_sparsity)
+    spec = get_spec(model_spec)
+    if importance == "taylor" and spec.calibration is None:
+        raise UbpError(f"--importance taylor needs data, and model spec {model_spec!r} has none built in")
+
+    click.echo(f"loading {model_spec}" + (f" weights from {weights}" if weights else ""), err=True)
+    model = build_model(model_spec, weights=weights, seed=seed)
+    if weights is None and spec.pretrained is None:
+        click.echo(
+            f"note: {model_spec} has no shipped weights; pruning its seed-{seed} initialisation", err=True
+        )
+
+    sparsifier = UnalignedBlockSparsifier(
+        sparsity_level=sparsity,
+        block=block,
+        method=method,
+        importance=importance,
+        global_budget=global_budget,
+        skip=skip,
+        layer_sparsity=overrides,
+        progress=True,
+    )
+    sparsifier.prepare(model, config=None)
+    if importance == "taylor":
+        from tqdm import tqdm
+
+        for xb, yb in tqdm(
+            spec.calibration(calibration_batches),
+            total=calibration_batches,
+            desc="gradients",
+            unit="batch",
+            leave=False,
+        ):
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            sparsifier.accumulate_importance()
+    sparsifier.step()
+    sparsifier.squash_mask()
+
+    layers = sparsifier.to_layer_masks(include_weights=True)
+    if not layers:
+        raise UbpError("nothing pruned: every selected layer has sparsity 0")
+    from ubpdsl.masks import save_masks
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_masks(output, layers)
+
+    kept = sum(lm.nnz for lm in layers.values())
+    total = sum(lm.R * lm.C for lm in layers.values())
+    for lm in layers.values():
+        if lm.num_blocks == 0:
+            click.echo(f"warning: layer {lm.name} keeps no weight at all", err=True)
+    for s in sparsifier.skipped:
+        click.echo(f"skipped {s.name}: {s.reason}")
+    dense = [g["module_fqn"] for g in sparsifier.groups if g["module_fqn"] not in layers]
+    for name in dense:
+        click.echo(f"dense   {name}: sparsity 0, not written")
+    n_eff = 1 if method == "unstructured" else block
+    click.echo(
+        f"wrote {output}: {len(layers)} layers, N={n_eff}, method {method}, "
+        f"sparsity {1 - kept / max(1, total):.4f} over pruned layers"
+    )
+
+
+def _layer_rows(layers: dict) -> list[tuple[str, ...]]:
+    rows = []
+    for lm in layers.values():
+        mask = lm.dense_mask()
+        n = int(lm.block)
+        aligned = float(np.mean(np.asarray(lm.rows) % n == 0)) if lm.num_blocks else float("nan")
+        empty_rows = int(np.count_nonzero(~mask.any(axis=1)))
+        rows.append(
+            (
+                lm.name,
+                "x".join(str(s) for s in lm.shape),
+                f"{lm.R}x{lm.C}",
+                str(n),
+                str(lm.num_blocks),
+                f"{lm.sparsity:.4f}",
+                "-" if np.isnan(aligned) else f"{aligned:.3f}",
+                str(empty_rows),
+                "yes" if lm.weight is not None else "no",
+            )
+        )
+    return rows
+
+
+def _format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    left = {0, 1, 2}
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths)), *(fmt(r) for r in rows)])
+
+
+def _plot_block_map(layers: dict, path: Path) -> None:
+    """One panel per layer: kept aligned blocks, kept unaligned blocks, pruned weights."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    items = list(layers.values())
+    ncols = min(4, len(items))
+    nrows = (len(items) + ncols - 1) // ncols
+    fig = Figure(figsize=(4 * ncols, 3.2 * nrows + 0.6), layout="constrained")
+    colors = ["#ffffff", "#1f77b4", "#ff7f0e"]
+    cmap = ListedColormap(colors)
+    for i, lm in enumerate(items):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        code = np.zeros((lm.R, lm.C), dtype=np.uint8)
+        n = int(lm.block)
+        for r, c in zip(np.asarray(lm.rows), np.asarray(lm.cols), strict=True):
+            code[r : r + n, c] = 1 if r % n == 0 else 2
+        ax.imshow(code, cmap=cmap, vmin=0, vmax=2, interpolation="nearest", aspect="auto")
+        ax.set_title(f"{lm.name}\n{lm.R}x{lm.C}, N={n}, s={lm.sparsity:.2f}", fontsize=8)
+        ax.set_xlabel("column", fontsize=7)
+        ax.set_ylabel("row", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.legend(
+        handles=[
+            Patch(color=colors[1], label="aligned block"),
+            Patch(color=colors[2], label="unaligned block"),
+            Patch(facecolor=colors[0], edgecolor="black", label="pruned"),
+        ],
+        loc="outside lower center",
+        ncols=3,
+        fontsize=8,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, format="png", dpi=100)
+    except OSError as exc:
+        raise UbpError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@click.command("inspect")
+@click.argument("masks_path", metavar="MASKS.npz", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG block map here.")
+@click.option("--layer", "only", multiple=True, metavar="NAME", help="Only this layer (repeatable).")
+def inspect(masks_path: Path, plot: Path | None, only: tuple[str, ...]) -> None:
+    """Print a per-layer summary of masks.npz; optionally draw its block map.
+
+    Columns: weight shape, GEMM view RxC, block size N, number of blocks, sparsity,
+    fraction of blocks that start at a multiple of N (aligned), rows of W with no
+    kept weight, and whether pruned weights are stored.
+
+    \b
+    Example:
+      ubpdsl inspect masks.npz
+      ubpdsl inspect masks.npz --plot blocks.png --layer features.18.0
+    """
+    from ubpdsl.masks import load_masks
+
+    if not masks_path.is_file():
+        raise UbpError(f"{masks_path} does not exist")
+    layers = load_masks(masks_path)
+    if only:
+        unknown = [n for n in only if n not in layers]
+        if unknown:
+            raise UbpError(f"{masks_path} has no layer {unknown[0]!r}")
+        layers = {n: layers[n] for n in only}
+    header = ("layer", "shape", "RxC", "N", "blocks", "sparsity", "aligned", "empty_rows", "weights")
+    click.echo(_format_table(header, _layer_rows(layers)))
+    kept = sum(lm.nnz for lm in layers.values())
+    total = sum(lm.R * lm.C for lm in layers.values())
+    click.echo(
+        f"{len(layers)} layers, {kept} of {total} weights kept, sparsity {1 - kept / max(1, total):.4f}"
+    )
+    if plot is not None:
+        if not layers:
+            raise UbpError("no layer to plot")
+        _plot_block_map(layers, plot)
+        click.echo(f"wrote {plot}")
