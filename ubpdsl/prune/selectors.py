@@ -247,109 +247,131 @@ def _ragged_arange(counts: np.ndarray) -> np.ndarray:
 class _ColumnGreedy:
     """The per-column BED greedy of one layer, advanced one pick per live column per round.
 
-    Each column keeps a doubly linked list of its active rows (arrays ``nxt``/``prv`` of shape
-    ``[C, R+2]``; index ``R`` is the end sentinel, ``R+1`` the head sentinel, both with value -inf so
-    any window touching them scores -inf) and the current score of the window starting at every row
-    (``win``; -inf when the row is selected or fewer than N active rows follow).  Arrays are compacted
-    to the live columns from time to time; ``colid`` maps a compacted row back to the column.
+    Column ``c`` is row ``c`` of the ``[C, W]`` arrays ``vals`` (the scores), ``win`` (the current score
+    of the window starting at each active row; -inf when the row is selected or fewer than N active
+    rows follow) and the doubly linked list ``nxt``/``prv`` of its active rows.  Index ``R`` is the end
+    sentinel and ``R+1`` the head sentinel; both have value -inf, so a window touching them scores
+    -inf; ``W`` pads ``R+2`` to whole chunks of ``G`` entries.  Links hold *flat* indices into the
+    raveled arrays, so walking a list is one ``take`` for all columns at once.  ``cmax[c, k]`` is the
+    maximum of chunk ``k`` of ``win[c]``: finding a column's best window reads ``W/G + G`` entries
+    instead of ``W``.
     """
 
+    G = 16  # chunk length of the two-level argmax
+
     def __init__(self, scores: np.ndarray, N: int):
+        assert N >= 2, "N = 1 is plain top-m (see _top_single)"
         R, C = scores.shape
-        self.R, self.C, self.N = R, C, N
+        G = self.G
+        W = -(-(R + 2) // G) * G  # R rows + 2 sentinels, padded to whole chunks
+        self.R, self.C, self.N, self.W, self.nch = R, C, N, W, W // G
         END, HEAD = R, R + 1
-        self.vals = np.full((C, R + 2), -np.inf)
+        self.vals = np.empty((C, W))
         self.vals[:, :R] = scores.T
-        self.win = np.full((C, R + 2), -np.inf)
-        if R >= N:
-            self.win[:, : R - N + 1] = window_scores(scores, N).T
-        idx = np.arange(R + 2, dtype=np.int64)
-        nxt = idx + 1
+        self.vals[:, R:] = -np.inf
+        self.win = np.full((C, W), -np.inf)
+        L = R - N + 1
+        if L > 0:  # summed left to right, like window_scores
+            self.win[:, :L] = self.vals[:, :L]
+            for n in range(1, N):
+                self.win[:, :L] += self.vals[:, n : L + n]
+        self.cmax = self.win.reshape(C, self.nch, G).max(axis=2)
+        itype = np.int32 if C * W < 2**31 else np.int64
+        nxt = np.arange(1, W + 1, dtype=itype)
         nxt[R - 1] = END
         nxt[END] = END
-        nxt[HEAD] = 0 if R > 0 else END
-        prv = idx - 1
+        nxt[HEAD] = 0
+        prv = np.arange(-1, W - 1, dtype=itype)
         prv[0] = HEAD
-        prv[END] = R - 1 if R > 0 else HEAD
+        prv[END] = R - 1
         prv[HEAD] = HEAD
-        self.nxt = np.tile(nxt, (C, 1))
-        self.prv = np.tile(prv, (C, 1))
-        self.colid = np.arange(C, dtype=np.int64)
+        base = np.arange(C, dtype=itype)[:, None] * itype(W)
+        self.nxt = nxt[None, :] + base
+        self.prv = prv[None, :] + base
         self.last = np.full(C, np.inf)  # running minimum of each column's picks
         self.alive = np.ones(C, dtype=bool)
-        self.n_alive = C
+        self.live = np.arange(C)
         self.round = 0
+        # rescoring: window j (j = 1..N-1 rows before the pick) covers seq[N-1-j : 2N-1-j], where
+        # seq = the N-1 active rows before the pick, then the N-1 after it (row order)
+        self._seqidx = (N - 1 - np.arange(1, N))[:, None] + np.arange(N)[None, :]  # [N-1, N]
 
-    def step(self):
+    @property
+    def n_alive(self) -> int:
+        return len(self.live)
+
+    def step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One pick in every live column.
 
         Returns ``(cols, values, blockrows)``: the columns that picked, their pick values (running
         minimum along the column, so sequences are non-increasing even under float rounding) and the
-        N original row indices of each picked window ``[k, N]``.  Exhausted columns die.
+        N original row indices of each picked window (``[k, N]``).  Exhausted columns die.
         """
-        N = self.N
-        if self.n_alive < 0.75 * len(self.colid):
-            self._compact()
-        win, nxt, prv, vals = self.win, self.nxt, self.prv, self.vals
-        ci = np.arange(len(self.colid))
-        p = win.argmax(axis=1)  # lowest row among equal best windows
-        v = win[ci, p]
-        ok = v > -np.inf  # dead or exhausted columns have no window left
+        N, W, G = self.N, self.W, self.G
+        wf, nf, pf, vf = self.win.ravel(), self.nxt.ravel(), self.prv.ravel(), self.vals.ravel()
+        chunks = wf.reshape(-1, G)  # chunk k holds flat indices k*G .. k*G+G-1
+        cols = self.live
+        # two-level argmax: the first chunk holding the column maximum, then the first entry in it,
+        # i.e. the lowest row among equal best windows
+        cm = self.cmax if len(cols) == self.C else self.cmax[cols]
+        chunk = cols * self.nch + cm.argmax(axis=1)
+        sub = chunks[chunk]
+        q = sub.argmax(axis=1)
+        v = sub[np.arange(len(cols)), q]
+        ok = v > -np.inf  # exhausted columns have no window left
         if not ok.all():
-            self.kill(ci[~ok])
-            ci, p, v = ci[ok], p[ok], v[ok]
-        # the picked window b_0..b_{N-1}, the N-1 active rows after it and the N-1 before it
-        b = [p]
+            self.kill(cols[~ok])
+            cols, chunk, q, v = cols[ok], chunk[ok], q[ok], v[ok]
+        # the picked window b_0..b_{N-1}, then the N-1 active rows after it and the N-1 before it
+        b = [chunk * G + q]
         for _ in range(N - 1):
-            b.append(nxt[ci, b[-1]])
-        a = [nxt[ci, b[-1]]]
+            b.append(nf[b[-1]])
+        blk = np.stack(b, axis=1)
+        a = [nf[b[-1]]]
         for _ in range(N - 2):
-            a.append(nxt[ci, a[-1]])
-        pr = [prv[ci, p]]
+            a.append(nf[a[-1]])
+        pr = [pf[b[0]]]
         for _ in range(N - 2):
-            pr.append(prv[ci, pr[-1]])
-        for bk in b:
-            win[ci, bk] = -np.inf
-        if N > 1:
-            # splice out the window: pr[0] <-> a[0]
-            nxt[ci, pr[0]] = a[0]
-            prv[ci, a[0]] = pr[0]
-            # rescore the windows starting at the N-1 predecessors: j rows before + N-j rows after,
-            # summed in row order (matches window_scores and the textbook loop)
-            seq = pr[::-1] + a  # 2N-2 row indices, in order
-            seqv = [vals[ci, r] for r in seq]
-            for j in range(1, N):
-                start = N - 1 - j
-                s = seqv[start].copy()
-                for t in range(start + 1, start + N):
-                    s += seqv[t]
-                win[ci, pr[j - 1]] = s  # a head sentinel gets -inf; reset below
-            win[:, self.R + 1] = -np.inf
-        cols = self.colid[ci]
-        vmin = np.minimum(v, self.last[ci])
-        self.last[ci] = vmin
-        self.round += 1
-        return cols, vmin, np.stack(b, axis=1)
+            pr.append(pf[pr[-1]])
+        pred = np.stack(pr, axis=1)
+        # splice the window out: its predecessor and successor become neighbours
+        nf[pr[0]] = a[0]
+        pf[a[0]] = pr[0]
+        # rescore the windows starting at the N-1 predecessors (j rows before + N-j after), summed
+        # left to right; a head sentinel's window includes its -inf and stays -inf
+        seqv = vf[np.stack(pr[::-1] + a, axis=1)][:, self._seqidx]  # [k, N-1, N]
+        s = seqv[:, :, 0].copy()
+        for t in range(1, N):
+            s += seqv[:, :, t]
+        # update the windows and their chunk maxima: a chunk whose maximum went down is recomputed
+        # (always the picked window's chunk), otherwise the maximum can only rise to a new value
+        pos = np.concatenate([blk, pred], axis=1)
+        old = wf[pos]
+        wf[blk] = -np.inf
+        wf[pred] = s
+        new = np.concatenate([np.full(blk.shape, -np.inf), s], axis=1)
+        chg = pos // G
+        cmf = self.cmax.ravel()
+        stale = chg[(old >= cmf[chg]) & (new < old)]
+        np.maximum.at(cmf, chg[:, N:].ravel(), s.ravel())
+        cmf[stale] = chunks[stale].max(axis=1)
 
-    def kill(self, ci: np.ndarray) -> None:
-        """Stop compacted columns ``ci`` (no more picks)."""
-        ci = ci[self.alive[ci]]
-        self.alive[ci] = False
-        self.win[ci] = -np.inf
-        self.n_alive -= len(ci)
+        vmin = np.minimum(v, self.last[cols])
+        self.last[cols] = vmin
+        self.round += 1
+        return cols, vmin, blk - (cols * W)[:, None]
+
+    def kill(self, cols: np.ndarray) -> None:
+        """Stop columns ``cols`` (no more picks)."""
+        self.alive[cols] = False
+        self.cmax[cols] = -np.inf
+        self.live = np.nonzero(self.alive)[0]
 
     def kill_below(self, tau: float) -> None:
         """Stop every live column whose latest pick is below ``tau``."""
-        ci = np.nonzero(self.alive & (self.last < tau))[0]
-        if len(ci):
-            self.kill(ci)
-
-    def _compact(self) -> None:
-        keep = self.alive
-        for name in ("vals", "win", "nxt", "prv", "colid", "last"):
-            setattr(self, name, getattr(self, name)[keep])
-        self.alive = np.ones(len(self.colid), dtype=bool)
-        self.n_alive = len(self.colid)
+        below = self.live[self.last[self.live] < tau]
+        if len(below):
+            self.kill(below)
 
 
 def _bed_engine(score_list: Sequence[np.ndarray], m: int, N: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -357,50 +379,48 @@ def _bed_engine(score_list: Sequence[np.ndarray], m: int, N: int) -> list[tuple[
     if N == 1:
         return _top_single(score_list, m)
     engines = [_ColumnGreedy(sc, N) for sc in score_list]
-    picks_layer, picks_col, picks_val, picks_round, picks_rows = [], [], [], [], []
-    gathered = np.zeros(0)
+    picks: list[tuple[int, np.ndarray, np.ndarray, int, np.ndarray]] = []
+    top = np.zeros(0)  # the largest m pick values gathered so far (once there are m)
+    tau = -np.inf
+    fresh: list[np.ndarray] = []
     total = 0
     while m > 0 and any(e.n_alive for e in engines):
-        new_vals = []
         for li, e in enumerate(engines):
-            if not e.n_alive:
-                continue
-            t = e.round
-            cols, vals, brows = e.step()
-            if len(cols) == 0:
-                continue
-            picks_layer.append(np.full(len(cols), li, dtype=np.int64))
-            picks_col.append(cols)
-            picks_val.append(vals)
-            picks_round.append(np.full(len(cols), t, dtype=np.int64))
-            picks_rows.append(brows)
-            new_vals.append(vals)
-            total += len(cols)
-        if new_vals:
-            gathered = np.concatenate([gathered, *new_vals])
+            if e.n_alive:
+                t = e.round
+                cols, vals, brows = e.step()
+                if len(cols):
+                    picks.append((li, cols, vals, t, brows))
+                    fresh.append(vals)
+                    total += len(cols)
         if total >= m:
-            # the m-th largest pick so far: no pick below it can make the final top m
-            if len(gathered) > m:
-                gathered = np.partition(gathered, len(gathered) - m)[len(gathered) - m :]
-            tau = float(gathered.min())
+            # the m-th largest pick so far bounds the final m-th largest from below: a column whose
+            # latest pick is below it can never contribute again (its picks do not increase)
+            top = np.concatenate([top, *fresh])
+            fresh = []
+            if len(top) > m:
+                top = np.partition(top, len(top) - m)[len(top) - m :]
+            tau = float(top.min())
             for e in engines:
                 e.kill_below(tau)
-    out_masks = [np.zeros(sc.shape, dtype=bool) for sc in score_list]
+    masks = [np.zeros(sc.shape, dtype=bool) for sc in score_list]
     if m > 0:
-        lay = np.concatenate(picks_layer)
-        col = np.concatenate(picks_col)
-        val = np.concatenate(picks_val)
-        rnd = np.concatenate(picks_round)
-        brw = np.concatenate(picks_rows)
-        if len(val) < m:  # pragma: no cover - callers check feasibility first
-            raise BudgetError(f"only {len(val)} blocks fit, {m} requested")
-        order = np.lexsort((rnd, col, lay, -val))[:m]
-        for li in range(len(score_list)):
+        lay = np.concatenate([np.full(len(c), li) for li, c, _, _, _ in picks])
+        col = np.concatenate([c for _, c, _, _, _ in picks])
+        val = np.concatenate([v for _, _, v, _, _ in picks])
+        rnd = np.concatenate([np.full(len(c), t) for _, c, _, t, _ in picks])
+        brw = np.concatenate([b for _, _, _, _, b in picks])
+        # heap order (-score, layer, column, pick): everything above tau is in, and only the picks
+        # tied at tau need the tie-break
+        above = np.nonzero(val > tau)[0]
+        tied = np.nonzero(val == tau)[0]
+        tied = tied[np.lexsort((rnd[tied], col[tied], lay[tied]))][: m - len(above)]
+        order = np.concatenate([above, tied])
+        assert len(order) == m
+        for li, mk in enumerate(masks):
             sel = order[lay[order] == li]
-            rr = brw[sel]  # [k, N]
-            cc = np.repeat(col[sel], N)
-            out_masks[li][rr.ravel(), cc] = True
-    return [_divide_runs(mk, N) for mk in out_masks]
+            mk[brw[sel].ravel(), np.repeat(col[sel], N)] = True
+    return [_divide_runs(mk, N) for mk in masks]
 
 
 def _top_single(score_list: Sequence[np.ndarray], m: int) -> list[tuple[np.ndarray, np.ndarray]]:
