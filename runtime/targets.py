@@ -123,7 +123,12 @@ def _cpuinfo_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 def x86_features_from_flags(flags: set[str]) -> str:
     """LLVM ``-mattr`` string enabling the listed features present in ``flags``, disabling the rest."""
-    return ",".join(("+" if flag in flags else "-") + feat for flag, feat in _X86_FEATURES.items())
+    feats = [("+" if flag in flags else "-") + feat for flag, feat in _X86_FEATURES.items()]
+    if "avx512f" in flags:
+        # LLVM tunes AVX-512 CPUs to prefer 256-bit vectors: it would split the 512-bit vector
+        # types the kernel generator emits (vector_bits = 512) unless this tuning is turned off.
+        feats.append("-prefer-256-bit")
+    return ",".join(feats)
 
 
 def _x86_vector_bits(flags: set[str]) -> int:

@@ -147,7 +147,7 @@ def run_tool(
     and quoting the tool's stderr.
     """
     argv = [os.fspath(c) for c in cmd]
-    label = what or Path(argv[0]).name
+    label = what or ("zig" if argv[1:3] == ["-m", "ziglang"] else Path(argv[0]).name)
     text = not isinstance(input, bytes)
     try:
         proc = subprocess.run(
