@@ -140,6 +140,8 @@ def compile_cmd(mask_path: str, layer: str | None, target: str, variant: str, ke
     out = Path(out_dir)
     manifest: dict[str, Any] = {"format": "ubpdsl.build/1", "target": target, "layers": {}}
     for p in problems:
+        if p.weight is None:  # the packed blob (or the baked code) is made from the weights
+            p.block_data(kernel.layout, kernel.aligned)
         ck = compile_kernel(kernel, p, target, constants=constants, specialize=specialize,
                             symbol="ubp_" + _safe(p.name))
         files = ck.save(out, _safe(p.name))

@@ -310,16 +310,24 @@ class CodeGen:
                 pos += 1
 
     def _yield_values(self, names: list[str], types: list[ir.Type], node: ast.AST) -> list[ir.Value]:
-        out = []
+        out: list[tuple[str, Any]] = []
         for name in names:
             v = self.env.get(name)
             if isinstance(v, RegTile):
-                out.extend(v.values)
+                out.extend((name, x) for x in v.values)
             else:
-                out.append(v)
+                out.append((name, v))
         if len(out) != len(types):
             raise self.error("a variable carried by a loop/if changed its kind (register tile vs value)", node)
-        return [self.coerce(v, t, node) for v, t in zip(out, types, strict=True)]
+        values = []
+        for (name, v), t in zip(out, types, strict=True):
+            try:
+                values.append(self.coerce(v, t, node))
+            except DSLError:
+                got = v.type if isinstance(v, ir.Value) else _describe(v)
+                raise self.error(f"type mismatch: {name!r} is {t} before the loop/if but {got} inside it",
+                                 node) from None
+        return values
 
     def emit_for(self, lo: ir.Value, hi: ir.Value, step: ir.Value, names: list[str], node: ast.AST,
                  body_fn) -> None:  # noqa: ANN001

@@ -1,0 +1,86 @@
+"""`ubpdsl compile` end to end: masks.npz -> .so + header + packed weights, loaded and run.
+
+Also the bad-input contract: each mistake is one line ``error: ...`` with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ubpdsl.compile_cli import random_problem
+from ubpdsl.masks import LayerMask, save_masks
+from ubpdsl.runtime import build as rt_build
+from ubpdsl.runtime.loader import HostKernel
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ubpdsl.cli", *args], capture_output=True, text=True,
+                          check=False, cwd=cwd)
+
+
+def _mask_file(tmp_path: Path, with_weights: bool = True) -> tuple[Path, dict]:
+    layers = {}
+    for i, (M, K) in enumerate([(24, 10), (13, 7)]):
+        p = random_problem(M, K, 4, 0.6, seed=i)
+        layers[f"features.{i}.conv"] = (p, LayerMask(f"features.{i}.conv", (M, K, 1, 1), 4, p.rows.astype(np.int32),
+                                                     p.cols.astype(np.int32), p.weight if with_weights else None))
+    path = tmp_path / "masks.npz"
+    save_masks(path, [m for _, m in layers.values()])
+    return path, layers
+
+
+def test_compile_host_and_run_from_build_dir(tmp_path):
+    masks, layers = _mask_file(tmp_path)
+    out = tmp_path / "build"
+    proc = _cli("compile", "--mask", str(masks), "--target", "host", "--const", "TILE=2", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["layers"]) == set(layers)
+    rng = np.random.default_rng(0)
+    for name, (p, _) in layers.items():
+        safe = name.replace(".", "_")
+        so = out / f"{safe}.host.so"
+        assert rt_build.check_self_contained(so)  # no DT_NEEDED, nothing undefined
+        header = (out / f"{safe}.h").read_text()
+        assert f"ubp_{safe}(" in header
+        packed = np.fromfile(out / f"{safe}.packed.bin", dtype=np.uint8)
+        x = rng.standard_normal((p.K, 19)).astype(np.float32)
+        y = HostKernel(so, f"ubp_{safe}", p.M, p.K)(x, packed)
+        np.testing.assert_allclose(y, p.weight @ x, rtol=1e-5, atol=1e-5)
+        assert manifest["layers"][name]["constants"] == {"TILE": 2, "UNROLL": 1}
+
+
+BAD_INPUT = [
+    (["--target", "riscv"], 2, "Invalid value for '--target'"),
+    (["--layer", "nope"], 1, "has no layer 'nope'"),
+    (["--variant", "aligned_rows"], 1, "not a multiple of N=4"),
+    (["--const", "TILE"], 1, "--const expects NAME=VALUE"),
+    (["--const", "BOGUS=1"], 1, "no constexpr parameter(s) BOGUS"),
+    (["--variant", "nosuch"], 1, "unknown kernel 'nosuch'"),
+]
+
+
+@pytest.mark.parametrize("extra,code,message", BAD_INPUT)
+def test_compile_bad_input_is_one_line(tmp_path, extra, code, message):
+    masks, _ = _mask_file(tmp_path)
+    proc = _cli("compile", "--mask", str(masks), "-o", str(tmp_path / "b"), *extra)
+    assert proc.returncode == code
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr
+
+
+def test_compile_needs_weights_and_valid_file(tmp_path):
+    masks, _ = _mask_file(tmp_path, with_weights=False)
+    proc = _cli("compile", "--mask", str(masks), "-o", str(tmp_path / "b"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "has no weights" in proc.stderr and "features.0.conv" in proc.stderr
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a zip")
+    proc = _cli("compile", "--mask", str(corrupt), "-o", str(tmp_path / "b"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
