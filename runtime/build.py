@@ -27,8 +27,9 @@ from pathlib import Path
 
 from ubpdsl.errors import BuildError
 
+from .cache import CompileCache
 from .targets import Target
-from .toolchain import lld_cmd, run_tool, tool
+from .toolchain import lld_cmd, run_tool, tool, toolchain_versions
 
 __all__ = [
     "BuildArtifact",
@@ -41,6 +42,7 @@ __all__ = [
     "read_elf",
     "check_self_contained",
     "build_shared_object",
+    "build_shared_object_cached",
 ]
 
 #: libc functions LLVM may emit calls to, which :func:`link_shared` can supply itself.
@@ -364,3 +366,46 @@ def build_shared_object(
         header_path = out_dir / f"{name}.h"
         header_path.write_text(header)
     return BuildArtifact(so=so, obj=obj, header=header_path, target=target, symbols=tuple(symbols))
+
+
+def build_shared_object_cached(
+    llvm_ir: str,
+    target: Target,
+    name: str,
+    header: str | None = None,
+    *,
+    opt_level: int = 3,
+    cache: CompileCache | None = None,
+    key_parts: dict[str, object] | None = None,
+) -> BuildArtifact:
+    """:func:`build_shared_object` through the :class:`~ubpdsl.runtime.cache.CompileCache`.
+
+    The key covers the toolchain versions, ``target.cache_key()``, the IR, the name, the
+    header text, ``opt_level`` and any ``key_parts`` (e.g. the mask hash, for bookkeeping).
+    The returned paths point into the cache entry: copy them out, don't modify them.
+    """
+    cache = cache or CompileCache()
+    key = cache.key(
+        kind="shared-object",
+        toolchain=toolchain_versions(),
+        target=target.cache_key(),
+        llvm_ir=llvm_ir,
+        name=name,
+        header=header,
+        opt_level=opt_level,
+        extra=key_parts or {},
+    )
+    files = {"so": f"{name}.so", "obj": f"{name}.o", "header": f"{name}.h" if header is not None else None}
+    entry = cache.get(key)
+    if entry is None:
+        with tempfile.TemporaryDirectory(prefix="ubpdsl-build-") as tmp:
+            art = build_shared_object(llvm_ir, target, Path(tmp), name, header, opt_level=opt_level)
+            entry = cache.put(key, {p.name: p for p in (art.so, art.obj, art.header) if p is not None})
+    so = entry / files["so"]
+    return BuildArtifact(
+        so=so,
+        obj=entry / files["obj"],
+        header=entry / files["header"] if files["header"] else None,
+        target=target,
+        symbols=tuple(check_self_contained(so)),
+    )

@@ -20,6 +20,7 @@ import pytest
 from ubpdsl.errors import BuildError, RunError, TargetError, UbpError
 from ubpdsl.runtime.build import (
     build_shared_object,
+    build_shared_object_cached,
     check_self_contained,
     compile_llvm_ir,
     emit_asm,
@@ -404,6 +405,19 @@ def test_cache_hit_miss_and_key(tmp_path):
         assert CompileCache().root == tmp_path / "env"
     finally:
         os.environ["UBPDSL_CACHE_DIR"] = old
+
+
+def test_cached_build(tmp_path, weights, xs):
+    cache = CompileCache(tmp_path / "c")
+    ir = dense_kernel_ir("ubp_ref", M, K)
+    first = build_shared_object_cached(ir, get_target("host"), "ref", "/* h */\n", cache=cache)
+    assert first.so.parent.parent.parent == cache.root and first.header.read_text() == "/* h */\n"
+    again = build_shared_object_cached(ir, get_target("host"), "ref", "/* h */\n", cache=cache)
+    assert again == first and again.symbols == ("ubp_ref",)
+    other = build_shared_object_cached(ir, get_target("host"), "ref", cache=cache, key_parts={"mask": "x"})
+    assert other.so != first.so and other.header is None
+    y = HostKernel(again.so, "ubp_ref", M, K)(xs, pack_dense(weights))
+    np.testing.assert_allclose(y, weights @ xs, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_concurrent_put_keeps_one_complete_entry(tmp_path):
