@@ -207,7 +207,7 @@ class LayerMask:
             if outside.any():
                 r, c = np.argwhere(outside)[0]
                 raise MaskError(
-                    f"layer {self.name!r}: weight[{r}, {c}] = {w[r, c]!r} is nonzero but not in any kept "
+                    f"layer {self.name!r}: weight[{r}, {c}] = {float(w[r, c])!r} is nonzero but not in any kept "
                     f"block (weights and mask disagree)"
                 )
 
@@ -318,7 +318,7 @@ class _Member:
         except MaskError:
             raise
         except _ZIP_ERRORS as e:
-            raise MaskError(f"{where}: corrupt array header ({e})") from None
+            raise MaskError(f"{where}: corrupt array ({e})") from None
         self.shape, self.fortran, self.dtype = shape, fortran, dtype
         if dtype.hasobject:
             raise MaskError(f"{where}: holds Python objects (pickled data); refusing to load it")
@@ -336,7 +336,7 @@ class _Member:
                 f.seek(self.offset)
                 data = f.read()
         except _ZIP_ERRORS as e:
-            raise MaskError(f"{self.where}: corrupt data ({e})") from None
+            raise MaskError(f"{self.where}: corrupt array ({e})") from None
         if len(data) != self.nbytes:
             raise MaskError(f"{self.where}: truncated data ({len(data)} of {self.nbytes} bytes)")
         arr = np.frombuffer(data, dtype=self.dtype)
