@@ -15,10 +15,12 @@ arbitrary unpickling is refused, never executed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -73,19 +75,28 @@ def digits_data(
     Images are ``[n, 1, 8, 8]`` float32 scaled to [0, 1]; the split is stratified and
     fixed by ``split_seed``.
     """
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    idx = torch.arange(len(y)).numpy()
-    train_idx, test_idx = train_test_split(
-        idx, test_size=test_size, random_state=split_seed, stratify=y.numpy()
-    )
+    images, target = _load_digits()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(target, dtype=torch.long)
+    idx = np.arange(len(target))
+    train_idx, test_idx = train_test_split(idx, test_size=test_size, random_state=split_seed, stratify=target)
     train_idx = torch.as_tensor(train_idx)
     test_idx = torch.as_tensor(test_idx)
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+
+
+@functools.cache
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (parsing its CSV takes a second or more: done once per process)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images, target = data.images.copy(), data.target.copy()
+    images.flags.writeable = False
+    target.flags.writeable = False
+    return images, target
 
 
 def _digits_calibration(batches: int, batch_size: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -254,9 +265,7 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise UbpError(f"weights file {path} does not hold a state dict of named tensors")
     return obj
 
@@ -274,17 +283,13 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
         problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
     if wrong:
         k = wrong[0]
-        problems.append(
-            f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(state[k].shape)} != {tuple(own[k].shape)})"
-        )
+        problems.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(state[k].shape)} != {tuple(own[k].shape)})")
     if problems:
         raise UbpError(f"weights from {source} do not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
 
 
-def build_model(
-    name: str, weights: str | Path | None = None, pretrained: bool = True, seed: int = 0
-) -> nn.Module:
+def build_model(name: str, weights: str | Path | None = None, pretrained: bool = True, seed: int = 0) -> nn.Module:
     """Build the model ``name`` in eval mode.
 
     Weights: ``weights`` (a state-dict file) if given, else the spec's pretrained
