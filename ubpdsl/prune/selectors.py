@@ -292,9 +292,12 @@ class _ColumnGreedy:
         self.alive = np.ones(C, dtype=bool)
         self.live = np.arange(C)
         self.round = 0
-        # rescoring: window j (j = 1..N-1 rows before the pick) covers seq[N-1-j : 2N-1-j], where
-        # seq = the N-1 active rows before the pick, then the N-1 after it (row order)
-        self._seqidx = (N - 1 - np.arange(1, N))[:, None] + np.arange(N)[None, :]  # [N-1, N]
+        self._g = np.arange(G)
+        # rescoring: in step()'s seq (N-1 predecessors, the window, N-1 successors), the window
+        # starting at predecessor column c takes columns c..N-2 and then the first c+1 successors
+        self._rescore = np.array(
+            [list(range(c, N - 1)) + list(range(2 * N - 1, 2 * N + c)) for c in range(N - 1)]
+        ).reshape(N - 1, N)
 
     @property
     def n_alive(self) -> int:
@@ -309,60 +312,62 @@ class _ColumnGreedy:
         """
         N, W, G = self.N, self.W, self.G
         wf, nf, pf, vf = self.win.ravel(), self.nxt.ravel(), self.prv.ravel(), self.vals.ravel()
-        chunks = wf.reshape(-1, G)  # chunk k holds flat indices k*G .. k*G+G-1
         cols = self.live
         # two-level argmax: the first chunk holding the column maximum, then the first entry in it,
         # i.e. the lowest row among equal best windows
-        cm = self.cmax if len(cols) == self.C else self.cmax[cols]
-        chunk = cols * self.nch + cm.argmax(axis=1)
-        sub = chunks[chunk]
+        if 2 * len(cols) > self.C:  # dead columns have cmax -inf and are filtered out below
+            cols = np.arange(self.C)
+            chunk = cols * self.nch + self.cmax.argmax(axis=1)
+        else:
+            chunk = cols * self.nch + self.cmax[cols].argmax(axis=1)
+        sub = wf.take(chunk[:, None] * G + self._g)  # 1-D takes beat row gathers of a 2-D array
         q = sub.argmax(axis=1)
         v = sub[np.arange(len(cols)), q]
-        ok = v > -np.inf  # exhausted columns have no window left
+        ok = v > -np.inf  # exhausted (or dead) columns have no window left
         if not ok.all():
             self.kill(cols[~ok])
             cols, chunk, q, v = cols[ok], chunk[ok], q[ok], v[ok]
-        # the picked window b_0..b_{N-1}, then the N-1 active rows after it and the N-1 before it
-        b = [chunk * G + q]
-        for _ in range(N - 1):
-            b.append(nf[b[-1]])
-        blk = np.stack(b, axis=1)
-        a = [nf[b[-1]]]
-        for _ in range(N - 2):
-            a.append(nf[a[-1]])
-        pr = [pf[b[0]]]
-        for _ in range(N - 2):
-            pr.append(pf[pr[-1]])
-        pred = np.stack(pr, axis=1)
+        # seq = flat indices of the N-1 active rows before the picked window, the window b_0..b_{N-1}
+        # and the N-1 active rows after it, in row order
+        seq = np.empty((len(cols), 3 * N - 2), dtype=self.nxt.dtype)
+        seq[:, N - 1] = chunk * G + q
+        for t in range(N, 3 * N - 2):
+            seq[:, t] = nf.take(seq[:, t - 1])
+        for t in range(N - 2, -1, -1):
+            seq[:, t] = pf.take(seq[:, t + 1])
         # splice the window out: its predecessor and successor become neighbours
-        nf[pr[0]] = a[0]
-        pf[a[0]] = pr[0]
-        # rescore the windows starting at the N-1 predecessors (j rows before + N-j after), summed
-        # left to right; a head sentinel's window includes its -inf and stays -inf
-        seqv = vf[np.stack(pr[::-1] + a, axis=1)][:, self._seqidx]  # [k, N-1, N]
-        s = seqv[:, :, 0].copy()
+        nf[seq[:, N - 2]] = seq[:, 2 * N - 1]
+        pf[seq[:, 2 * N - 1]] = seq[:, N - 2]
+        # rescore the windows starting at the N-1 predecessors (j rows before + N-j after, summed left
+        # to right); a head sentinel's window includes its -inf and stays -inf.  The picked window's
+        # own rows get -inf.
+        wv = vf.take(seq)[:, self._rescore]  # [k, N-1, N]
+        new = np.full((len(cols), 2 * N - 1), -np.inf)
+        s = new[:, : N - 1]
+        s[:] = wv[:, :, 0]
         for t in range(1, N):
-            s += seqv[:, :, t]
-        # update the windows and their chunk maxima: a chunk whose maximum went down is recomputed
-        # (always the picked window's chunk), otherwise the maximum can only rise to a new value
-        pos = np.concatenate([blk, pred], axis=1)
-        old = wf[pos]
-        wf[blk] = -np.inf
-        wf[pred] = s
-        new = np.concatenate([np.full(blk.shape, -np.inf), s], axis=1)
+            s += wv[:, :, t]
+        pos = seq[:, : 2 * N - 1]  # predecessors and the window: the windows that change
+        old = wf.take(pos)
+        wf[pos] = new
+        # chunk maxima: a chunk whose maximum went down is recomputed (always the picked window's
+        # chunk); otherwise the maximum can only rise to one of the new values
         chg = pos // G
         cmf = self.cmax.ravel()
-        stale = chg[(old >= cmf[chg]) & (new < old)]
-        np.maximum.at(cmf, chg[:, N:].ravel(), s.ravel())
-        cmf[stale] = chunks[stale].max(axis=1)
+        stale = chg[(old >= cmf.take(chg)) & (new < old)]
+        np.maximum.at(cmf, chg[:, : N - 1].ravel(), s.ravel())
+        cmf[stale] = _rowmax(wf.take(stale[:, None] * G + self._g))
 
         vmin = np.minimum(v, self.last[cols])
         self.last[cols] = vmin
         self.round += 1
-        return cols, vmin, blk - (cols * W)[:, None]
+        return cols, vmin, seq[:, N - 1 : 2 * N - 1] - (cols * W)[:, None]
 
     def kill(self, cols: np.ndarray) -> None:
         """Stop columns ``cols`` (no more picks)."""
+        cols = cols[self.alive[cols]]
+        if not len(cols):
+            return
         self.alive[cols] = False
         self.cmax[cols] = -np.inf
         self.live = np.nonzero(self.alive)[0]
@@ -372,6 +377,23 @@ class _ColumnGreedy:
         below = self.live[self.last[self.live] < tau]
         if len(below):
             self.kill(below)
+
+
+def _rowmax(x: np.ndarray) -> np.ndarray:
+    """Maximum over the last axis (length a power of two) by halving: much faster than ``max(-1)``
+    for short rows, where numpy's reduction pays a per-row overhead."""
+    while x.shape[-1] > 1:
+        h = x.shape[-1] // 2
+        x = np.maximum(x[..., :h], x[..., h:])
+    return x[..., 0]
+
+
+def _top_m(top: np.ndarray, fresh: list[np.ndarray], m: int) -> np.ndarray:
+    """The m largest of ``top`` and the arrays in ``fresh`` (all of them if fewer)."""
+    top = np.concatenate([top, *fresh])
+    if len(top) > m:
+        top = np.partition(top, len(top) - m)[len(top) - m :]
+    return top
 
 
 def _bed_engine(score_list: Sequence[np.ndarray], m: int, N: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -384,7 +406,9 @@ def _bed_engine(score_list: Sequence[np.ndarray], m: int, N: int) -> list[tuple[
     tau = -np.inf
     fresh: list[np.ndarray] = []
     total = 0
+    rounds = 0
     while m > 0 and any(e.n_alive for e in engines):
+        rounds += 1
         for li, e in enumerate(engines):
             if e.n_alive:
                 t = e.round
@@ -393,16 +417,16 @@ def _bed_engine(score_list: Sequence[np.ndarray], m: int, N: int) -> list[tuple[
                     picks.append((li, cols, vals, t, brows))
                     fresh.append(vals)
                     total += len(cols)
-        if total >= m:
+        if total >= m and (rounds % 4 == 0 or len(top) < m):
             # the m-th largest pick so far bounds the final m-th largest from below: a column whose
-            # latest pick is below it can never contribute again (its picks do not increase)
-            top = np.concatenate([top, *fresh])
-            fresh = []
-            if len(top) > m:
-                top = np.partition(top, len(top) - m)[len(top) - m :]
+            # latest pick is below it can never contribute again (its picks do not increase).
+            # Refreshed every few rounds only: a stale bound is still a bound.
+            top, fresh = _top_m(top, fresh, m), []
             tau = float(top.min())
             for e in engines:
                 e.kill_below(tau)
+    if m > 0:
+        tau = float(_top_m(top, fresh, m).min())  # exact m-th largest of all picks
     masks = [np.zeros(sc.shape, dtype=bool) for sc in score_list]
     if m > 0:
         lay = np.concatenate([np.full(len(c), li) for li, c, _, _, _ in picks])
