@@ -34,6 +34,7 @@ H_MAGIC, H_VERSION, H_M, H_K, H_N, H_B, H_LAYOUT, H_OFF_ROWPTR, H_OFF_ROWS, H_OF
     range(HEADER_WORDS)
 )
 LAYOUTS = {"plain": 0, "rotated": 1}
+COL_PAD = 16  # block_cols[B .. B + COL_PAD) exist (copies of the last column) for look-ahead
 # The packed blob is viewed as a byte memref of this (nominal) size: the real size is only
 # known to the caller; every access is at offsets the header itself supplies.
 _NOMINAL_BYTES = 1 << 40
@@ -155,7 +156,8 @@ class _Lowering:
         dyn_i32 = ir.Type.parse("memref<?xi32>")
         row_ptr = memref.view(ir.MemRefType.get([rows + block + 1], i32), raw, word(H_OFF_ROWPTR), [])
         brows = memref.view(dyn_i32, raw, word(H_OFF_ROWS), [nblocks])
-        bcols = memref.view(dyn_i32, raw, word(H_OFF_COLS), [nblocks])
+        # block_cols carries COL_PAD extra entries so that a prefetch may look ahead.
+        bcols = memref.view(dyn_i32, raw, word(H_OFF_COLS), [arith.addi(nblocks, _i(COL_PAD))])
         nvals = arith.muli(nblocks, _i(block))
         vals = memref.view(ir.Type.parse("memref<?xf32>"), raw, word(H_OFF_VALS), [nvals])
         del f32
@@ -257,10 +259,20 @@ class _Lowering:
     def store_tile(self, op: ir.Operation) -> list[ir.Value]:
         dst, row, col, val = (op.operands[i] for i in range(4))
         if len(op.operands) == 4:
-            vector.store(val, dst, [row, col])
+            nontemporal = "ubp.nontemporal" in op.attributes
+            vector.store(val, dst, [row, col], nontemporal=True if nontemporal else None)
         else:
             mask = self._mask(ir.VectorType(val.type), col, op.operands[4])
             vector.maskedstore(dst, [row, col], mask, val)
+        return []
+
+    def prefetch_tile(self, op: ir.Operation) -> list[ir.Value]:
+        src, row, col = op.operands[0], op.operands[1], op.operands[2]
+        floats_per_line = 16  # 64-byte cache lines
+        lines = max(1, (_int_attr(op, "width") + floats_per_line - 1) // floats_per_line)
+        for i in range(lines):
+            c = col if i == 0 else arith.addi(col, _i(i * floats_per_line))
+            memref.prefetch(src, [row, c], is_write=False, locality_hint=3, is_data_cache=True)
         return []
 
     def run(self) -> None:

@@ -22,7 +22,9 @@ The ops (generic syntax; every op verifies its operand and result types):
   acc_i += w(b, i) * x (the N accumulator rows stay separate SSA values: registers)
 * ``ubp.tiles(%n) {width, scalable}`` -> ``(index, index)``: end of the full tiles, tile step
 * ``ubp.load_tile(%X, %row, %col0[, %limit])`` -> ``vector<T x f32>`` (masked when limit given)
-* ``ubp.store_tile(%Y, %row, %col0, %v[, %limit])``
+* ``ubp.store_tile(%Y, %row, %col0, %v[, %limit])``; a ``ubp.nontemporal`` unit attribute
+  asks for streaming (cache-bypassing) stores
+* ``ubp.prefetch_tile(%X, %row, %col0) {width}``: prefetch the cache lines of a tile
 """
 
 from __future__ import annotations
@@ -149,6 +151,15 @@ irdl.dialect @ubp {
     irdl.operands(source: %mr, row: %idx, col: %idx, limit: optional %idx)
     %vec = irdl.base "!builtin.vector"
     irdl.results(tile: %vec)
+  }
+
+  irdl.operation @prefetch_tile {
+    %mr = irdl.base "!builtin.memref"
+    %idx = irdl.is index
+    irdl.operands(source: %mr, row: %idx, col: %idx)
+    %w = irdl.base "#builtin.integer"
+    irdl.attributes {"width" = %w}
+    irdl.results()
   }
 
   irdl.operation @store_tile {

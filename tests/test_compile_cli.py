@@ -53,7 +53,7 @@ def test_compile_host_and_run_from_build_dir(tmp_path):
         x = rng.standard_normal((p.K, 19)).astype(np.float32)
         y = HostKernel(so, f"ubp_{safe}", p.M, p.K)(x, packed)
         np.testing.assert_allclose(y, p.weight @ x, rtol=1e-5, atol=1e-5)
-        assert manifest["layers"][name]["constants"] == {"TILE": 2, "UNROLL": 1}
+        assert manifest["layers"][name]["constants"] == {"TILE": 2, "UNROLL": 1, "PREFETCH": 0, "STREAM": False}
 
 
 BAD_INPUT = [

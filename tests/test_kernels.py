@@ -167,3 +167,13 @@ def test_cache_hit_and_data_driven_reuse(compile_cache):
     assert b.cache_hit and a.so == b.so
     x = rng.standard_normal((4, 9)).astype(np.float32)
     np.testing.assert_allclose(b(x), w2 @ x, rtol=RTOL, atol=1e-6)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(case=problems(), pf=st.sampled_from([1, 5, 16]), stream=st.booleans(), unroll=st.sampled_from([1, 3]))
+def test_host_wros_prefetch_streaming_unroll(case, pf, stream, unroll, compile_cache):
+    """Look-ahead prefetch reads the padded block_cols; streaming stores and unroll keep results exact."""
+    problem, x = case
+    _check("wros", problem, x, "host", compile_cache,
+           constants={"PREFETCH": pf, "STREAM": stream, "UNROLL": unroll, "TILE": 2})

@@ -2,7 +2,7 @@
 
 Blocks are sorted by (start row, column). ``row_ptr`` has M + N + 1 entries: the blocks that
 start at row r are ``[row_ptr[r], row_ptr[r + 1])`` (rows past the last possible start are
-empty, so a kernel may ask for any row r < M + N - 1 without a bounds check).
+empty, so a kernel may ask for any row r < M + N without a bounds check).
 
 Weights of block b live at ``values[b*N : b*N + N]``:
 
@@ -28,6 +28,7 @@ from ubpdsl.errors import MaskError
 MAGIC = 0x31504255
 VERSION = 1
 HEADER_WORDS = 12
+COL_PAD = 16  # block_cols has COL_PAD trailing copies of its last entry (prefetch look-ahead)
 LAYOUT_CODES = {"plain": 0, "rotated": 1}
 _ALIGN = 64
 
@@ -42,7 +43,7 @@ class BlockData:
     layout: str
     row_ptr: np.ndarray  # int32[M + N + 1]
     block_rows: np.ndarray  # int32[B]
-    block_cols: np.ndarray  # int32[B]
+    block_cols: np.ndarray  # int32[B + COL_PAD]
     values: np.ndarray  # float32[B * N]
 
     @property
@@ -95,8 +96,9 @@ def block_data(M: int, K: int, N: int, rows: np.ndarray, cols: np.ndarray, weigh
         # lane i holds the row r in [start, start + N) with r % N == i
         src_rows = rows[:, None] + (lanes[None, :] - rows[:, None]) % N
     values = weight[src_rows, cols[:, None]].astype(np.float32).reshape(-1)
+    pad = np.full(COL_PAD, cols[-1] if cols.size else 0, np.int64)
     return BlockData(M, K, N, layout, row_ptr.astype(np.int32), rows.astype(np.int32),
-                     cols.astype(np.int32), values)
+                     np.concatenate([cols, pad]).astype(np.int32), values)
 
 
 def _pad(n: int) -> int:
@@ -109,7 +111,7 @@ def pack(data: BlockData) -> np.ndarray:
     off_row_ptr = _pad(HEADER_WORDS * 4)
     off_rows = off_row_ptr + _pad(4 * (data.M + N + 1))
     off_cols = off_rows + _pad(4 * B)
-    off_vals = off_cols + _pad(4 * B)
+    off_vals = off_cols + _pad(4 * (B + COL_PAD))
     total = off_vals + _pad(4 * B * N)
     blob = np.zeros(total, np.uint8)
     header = np.array([MAGIC, VERSION, data.M, data.K, N, B, LAYOUT_CODES[data.layout], off_row_ptr,
@@ -117,7 +119,7 @@ def pack(data: BlockData) -> np.ndarray:
     blob[: HEADER_WORDS * 4] = header.view(np.uint8)
     blob[off_row_ptr: off_row_ptr + 4 * (data.M + N + 1)] = data.row_ptr.view(np.uint8)
     blob[off_rows: off_rows + 4 * B] = data.block_rows.view(np.uint8)
-    blob[off_cols: off_cols + 4 * B] = data.block_cols.view(np.uint8)
+    blob[off_cols: off_cols + 4 * (B + COL_PAD)] = data.block_cols.view(np.uint8)
     blob[off_vals: off_vals + 4 * B * N] = data.values.view(np.uint8)
     return blob
 
@@ -131,7 +133,8 @@ def layout_description(layout: str) -> str:
         "  int32 header[12] = { 0x31504255 'UBP1', 1, M, K, N, B, layout (0 plain, 1 rotated),\n"
         "                       off_row_ptr, off_block_rows, off_block_cols, off_values, total_bytes }\n"
         "  int32 row_ptr[M+N+1] blocks starting at row r: [row_ptr[r], row_ptr[r + 1])\n"
-        "  int32 block_rows[B], block_cols[B]   sorted by (row, col)\n"
+        "  int32 block_rows[B], block_cols[B + 16]   sorted by (row, col); 16 trailing copies of\n"
+        "                         the last column let kernels prefetch ahead\n"
         f"  float values[B * N]    block b at values[b*N .. b*N+N-1], {lanes}\n"
         "Write it with ubpdsl.packing.pack(); the kernel returns 1 if the header does not match."
     )

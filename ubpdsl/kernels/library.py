@@ -35,8 +35,12 @@ def block_stream(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.cons
 
 @ubl.kernel(layout="rotated")
 def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4,
-         UNROLL: ubl.constexpr = 1):
-    """Weight-rotating output-stationary: N accumulator rows stay in registers."""
+         UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 0, STREAM: ubl.constexpr = False):
+    """Weight-rotating output-stationary: N accumulator rows stay in registers.
+
+    PREFETCH > 0 prefetches the X tile of the block that many blocks ahead (at most 16);
+    STREAM writes Y with non-temporal stores (for outputs much larger than the caches).
+    """
     N = W.block
     for j in ubl.tiles(X.n, TILE):
         acc = ubl.zeros(N, j)
@@ -44,9 +48,11 @@ def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 
             for p in ubl.static_range(N):
                 lo, hi = W.row_blocks(r0 + p)
                 for b in ubl.range(lo, hi, unroll=UNROLL):
+                    if PREFETCH > 0:
+                        ubl.prefetch(X, W.block_col(b + PREFETCH), j)
                     acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
                 if r0 + p < W.rows:
-                    ubl.store(Y, r0 + p, j, acc[p])
+                    ubl.store(Y, r0 + p, j, acc[p], streaming=STREAM)
                 acc[p] = 0.0
 
 

@@ -28,6 +28,8 @@ Inside a kernel:
   unroll=U)`` unrolls it U times with a remainder loop; ``ubl.static_range`` unrolls it fully
   at compile time (its bounds must be compile-time constants).
 * Variables assigned in a loop or a data-dependent ``if`` are carried as SSA values (registers).
+* ``ubl.prefetch(X, row, j)`` prefetches a tile of X; ``ubl.store(Y, r, j, v, streaming=True)``
+  writes with non-temporal (cache-bypassing) stores where the tile is full.
 * ``ubl.zeros(j)`` is a zero tile; ``ubl.zeros(N, j)`` is N of them (a register tile, indexed
   with compile-time integers: ``acc[p]``, ``acc[p] = 0.0``).
 * ``W.rows``, ``W.cols``, ``W.block`` are compile-time ints; ``W.row_blocks(r)`` gives the
@@ -50,6 +52,7 @@ from ubpdsl.language.core import (
     fma,
     kernel,
     load,
+    prefetch,
     range,
     static_range,
     store,
@@ -67,6 +70,7 @@ __all__ = [
     "fma",
     "kernel",
     "load",
+    "prefetch",
     "range",
     "static_range",
     "store",

@@ -58,6 +58,7 @@ load = _builtin("load")
 store = _builtin("store")
 fma = _builtin("fma")
 block_fma = _builtin("block_fma")
+prefetch = _builtin("prefetch")
 
 
 @dataclass

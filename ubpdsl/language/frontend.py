@@ -606,13 +606,21 @@ class CodeGen:
         return ubp_dialect.op("load_tile", operands, [t.vec_type]).result
 
     def builtin_store(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None,
-                      value: Any = None) -> None:
+                      value: Any = None, streaming: Any = False) -> None:
         d, r, t = self._dense_tile_args(node, "ubl.store", operand, row, tile)
         if not d.output:
             raise self.error(f"ubl.store: {d.name} is an input; only the ubl.Output operand can be written", node)
+        if not isinstance(streaming, bool):
+            raise self.error("ubl.store: streaming= must be a compile-time bool", node)
         v = self.coerce(value, t.vec_type, node)
         operands = [d.memref, r, t.start, v] + ([t.limit] if t.limit is not None else [])
-        ubp_dialect.op("store_tile", operands, [])
+        attrs = {"ubp.nontemporal": ir.UnitAttr.get()} if streaming and t.limit is None else {}
+        ubp_dialect.op("store_tile", operands, [], attrs)
+
+    def builtin_prefetch(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None) -> None:
+        d, r, t = self._dense_tile_args(node, "ubl.prefetch", operand, row, tile)
+        width = t.vec_type.shape[0]
+        ubp_dialect.op("prefetch_tile", [d.memref, r, t.start], [], {"width": _i64(width)})
 
     def builtin_fma(self, node: ast.AST, a: Any = None, b: Any = None, c: Any = None) -> ir.Value:
         vt = next((v.type for v in (a, b, c) if isinstance(v, ir.Value) and isinstance(v.type, ir.VectorType)),
