@@ -78,7 +78,13 @@ def _cstr(table: bytes, offset: int) -> str:
 
 def read_elf(path: Path) -> ElfInfo:
     """Parse the section headers, symbol table and dynamic section of an ELF64 LE file."""
-    path = Path(path)
+    try:
+        return _read_elf(Path(path))
+    except (struct.error, ValueError, IndexError) as exc:
+        raise BuildError(f"{path}: malformed ELF file ({exc})") from exc
+
+
+def _read_elf(path: Path) -> ElfInfo:
     data = path.read_bytes()
     if len(data) < 64 or data[:4] != b"\x7fELF":
         raise BuildError(f"{path}: not an ELF file")

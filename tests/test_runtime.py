@@ -341,6 +341,15 @@ def test_checker_flags_dt_needed_and_undefined(tmp_path):
         link_shared([obj], tmp_path / "refused.so")
 
 
+def test_read_elf_rejects_garbage(tmp_path, builds):
+    (tmp_path / "junk").write_bytes(b"not an elf at all" * 8)
+    with pytest.raises(BuildError, match="not an ELF"):
+        read_elf(tmp_path / "junk")
+    (tmp_path / "cut.so").write_bytes(builds["host"].so.read_bytes()[:200])
+    with pytest.raises(BuildError, match="malformed ELF"):
+        check_self_contained(tmp_path / "cut.so")
+
+
 def test_memset_intrinsic_gets_freestanding_shim(tmp_path, xs):
     art = build_shared_object(memset_kernel_ir("ubp_zero", M), get_target("host"), tmp_path, "zero")
     assert art.symbols == ("ubp_zero",)  # memset is linked in, hidden, not exported
