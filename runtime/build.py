@@ -80,7 +80,7 @@ def read_elf(path: Path) -> ElfInfo:
     """Parse the section headers, symbol table and dynamic section of an ELF64 LE file."""
     try:
         return _read_elf(Path(path))
-    except (struct.error, ValueError, IndexError) as exc:
+    except (struct.error, ValueError, IndexError, ZeroDivisionError) as exc:
         raise BuildError(f"{path}: malformed ELF file ({exc})") from exc
 
 
@@ -95,6 +95,8 @@ def _read_elf(path: Path) -> ElfInfo:
     sections = [
         struct.unpack_from("<IIQQQQIIQQ", data, e_shoff + i * e_shentsize) for i in range(e_shnum)
     ]
+    if not sections:
+        raise BuildError(f"{path}: ELF file without section headers cannot be checked")
 
     def body(idx: int) -> bytes:
         _n, _t, _f, _a, off, size, *_ = sections[idx]
