@@ -1,0 +1,173 @@
+"""A static cost model for AArch64 kernels from ``llvm-mca``: an *estimate*, not a measurement.
+
+Without AArch64 hardware the tuner ranks candidates by predicted cycles. The generated
+assembly is split into loops using the loop comments ``llc`` writes (``Loop Header: Depth=d``,
+``in Loop: Header=BB0_7``, ``Parent Loop ...``); ``llvm-mca`` (``-mcpu=cortex-a76`` for NEON,
+``-mcpu=neoverse-v1`` for SVE) gives the steady-state cycles per iteration of each loop body
+(child loops excluded), and these are multiplied by the trip counts the kernel structure
+implies for the layer:
+
+* the main tile loop (the first depth-1 loop) runs ``ceil(n / (TILE * lanes))`` times
+  (SVE: lanes of a 256-bit Neoverse V1 vector);
+* its deepest loops are the block loops: ``B / UNROLL`` iterations per tile in total
+  (B = kept blocks), spread over the sibling copies (one per row phase);
+* shallower leaf loops are row loops (``M`` iterations per tile);
+* the non-loop code between (per row group) runs ``M / N`` times per tile for
+  output-stationary kernels, ``M`` times otherwise;
+* a tile loop with no inner loop (everything unrolled: mask-specialised) costs its whole body.
+
+It ignores caches and remainder tiles: use it to rank configurations, and label every number
+from it as an estimate (the CLI and summary do).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ubpdsl.errors import BuildError
+
+__all__ = ["MCA_CPU", "Loop", "parse_loops", "mca_cycles", "estimate_cycles", "estimate_label"]
+
+#: -mcpu given to llvm-mca per target.
+MCA_CPU = {"aarch64-neon": "cortex-a76", "aarch64-sve": "neoverse-v1"}
+#: fp32 lanes assumed for the trip counts (Neoverse V1 implements 256-bit SVE).
+MCA_LANES = {"aarch64-neon": 4, "aarch64-sve": 8}
+
+_LABEL = re.compile(r"^(\.LBB\d+_\d+):|^\s*//\s*%bb\.(\d+):")
+_HEADER = re.compile(r"This (?:Inner )?Loop Header: Depth=(\d+)")
+_IN_LOOP = re.compile(r"in Loop: Header=(BB\d+_\d+) Depth=(\d+)")
+_PARENT = re.compile(r"Parent Loop (BB\d+_\d+) Depth=(\d+)")
+
+
+@dataclass
+class Loop:
+    """One natural loop of the assembly: its own instructions (without child loops)."""
+
+    header: str
+    depth: int
+    parent: str | None
+    body: list[str] = field(default_factory=list)
+    children: list[str] = field(default_factory=list)
+    order: int = 0
+
+
+def estimate_label(target: str) -> str:
+    return f"estimate (llvm-mca -mcpu={MCA_CPU.get(target, '?')})"
+
+
+def parse_loops(asm: str) -> tuple[dict[str, Loop], list[str]]:
+    """The loops of the first function in ``asm`` (by header name) and its non-loop instructions."""
+    loops: dict[str, Loop] = {}
+    outside: list[str] = []
+    current: str | None = None  # loop the current block belongs to
+    label: str | None = None
+    notes: list[str] | None = None  # comment lines right after a label
+
+    def close_notes() -> str | None:
+        text = "\n".join(notes or [])
+        h = _HEADER.search(text)
+        if h and label:
+            depth = int(h.group(1))
+            parent = next((p for p, d in _PARENT.findall(text) if int(d) == depth - 1), None)
+            loop = loops.setdefault(label, Loop(label, depth, parent))
+            loop.depth, loop.parent = depth, parent
+            return label
+        m = _IN_LOOP.search(text)
+        if m:
+            loops.setdefault(m.group(1), Loop(m.group(1), int(m.group(2)), None))
+            return m.group(1)
+        return None
+
+    for raw in asm.splitlines():
+        line = raw.rstrip()
+        m = _LABEL.match(line)
+        if m:
+            if notes is not None:
+                current = close_notes()
+            label = m.group(1)[2:] if m.group(1) else None  # ".LBB0_7" -> "BB0_7", as the comments say
+            notes = [line]
+            continue
+        stripped = line.strip()
+        if stripped.startswith("//"):
+            if notes is not None:
+                notes.append(stripped)
+            continue
+        code = stripped.split("//", 1)[0].strip()
+        if not code or code.startswith(".") or code.endswith(":"):
+            continue
+        if notes is not None:
+            current = close_notes()
+            notes = None
+        if current is not None:
+            loops[current].body.append(code)
+        else:
+            outside.append(code)
+    for i, (name, loop) in enumerate(loops.items()):
+        loop.order = i
+        if loop.parent in loops:
+            loops[loop.parent].children.append(name)
+    return loops, outside
+
+
+def mca_cycles(instructions: list[str], target: str, triple: str = "aarch64") -> float:
+    """Steady-state cycles per iteration of ``instructions`` (llvm-mca, 100 iterations)."""
+    if not instructions:
+        return 0.0
+    from ubpdsl.runtime.toolchain import tool
+
+    cpu = MCA_CPU[target]
+    with tempfile.TemporaryDirectory(prefix="ubp-mca-") as tmp:
+        src = Path(tmp) / "body.s"
+        src.write_text("\n".join(instructions) + "\n")
+        iters = 100 if len(instructions) < 2000 else 3
+        proc = subprocess.run([str(tool("llvm-mca")), f"-mtriple={triple}", f"-mcpu={cpu}",
+                               f"-iterations={iters}", "-all-views=false", "-summary-view", str(src)],
+                              capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        first = (proc.stderr.strip().splitlines() or ["failed"])[0]
+        raise BuildError(f"llvm-mca failed: {first}")
+    m = re.search(r"Total Cycles:\s+(\d+)", proc.stdout)
+    it = re.search(r"Iterations:\s+(\d+)", proc.stdout)
+    if not m or not it:
+        raise BuildError("llvm-mca printed no cycle count")
+    return int(m.group(1)) / int(it.group(1))
+
+
+def estimate_cycles(asm: str, target: str, *, M: int, N: int, blocks: int, n: int, tile: int, unroll: int,
+                    output_stationary: bool) -> dict[str, float]:
+    """Predicted cycles of one kernel call on ``target`` for a layer (see the module docstring)."""
+    loops, _ = parse_loops(asm)
+    lanes = MCA_LANES[target]
+    tiles = math.ceil(n / (max(1, tile) * lanes))
+    tops = [lp for lp in loops.values() if lp.depth == 1]
+    if not tops:
+        raise BuildError("no tile loop found in the kernel assembly")
+
+    def subtree(lp: Loop) -> list[Loop]:
+        out = [lp]
+        for c in lp.children:
+            out += subtree(loops[c])
+        return out
+
+    main = min(tops, key=lambda lp: lp.order)  # llc lays the main tile loop out first; remainders follow
+    tree = subtree(main)
+    leaves = [lp for lp in tree if not lp.children and lp is not main]
+    if not leaves:
+        per_tile = mca_cycles(main.body, target)
+        return {"cycles": tiles * per_tile, "tiles": tiles, "per_tile": per_tile}
+    deepest = max(lp.depth for lp in leaves)
+    block_loops = [lp for lp in leaves if lp.depth == deepest]
+    row_loops = [lp for lp in leaves if lp.depth < deepest]
+    mids = [lp for lp in tree if lp.children and lp is not main]
+    c_blk = sum(mca_cycles(lp.body, target) for lp in block_loops) / len(block_loops)
+    c_rows = sum(mca_cycles(lp.body, target) for lp in row_loops)
+    c_mid = sum(mca_cycles(lp.body, target) for lp in mids)
+    c_tile = mca_cycles(main.body, target)
+    row_groups = math.ceil(M / N) if output_stationary else M
+    per_tile = blocks / max(1, unroll) * c_blk + M * c_rows + row_groups * c_mid + c_tile
+    return {"cycles": tiles * per_tile, "tiles": tiles, "per_tile": per_tile, "per_block": c_blk / max(1, unroll)}

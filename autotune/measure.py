@@ -1,0 +1,218 @@
+"""The timing worker: a stdlib-only script that times kernels in its own process.
+
+The tuner runs this file as a fresh subprocess for every candidate (``python3 measure.py``,
+a JSON request on stdin, a JSON result on stdout), locally or on a remote machine after
+shipping it with the ``.so`` files. A candidate that segfaults or never returns takes only
+this process down; the parent records it as failed and goes on. It imports nothing but the
+standard library (plus torch when a dense ``torch.mm`` entry is asked for), so any machine
+with a ``python3`` can time kernels.
+
+Request::
+
+    {"n": 196, "warmup": 3, "rounds": 15, "budget_s": 0.4, "sample_s": 2e-4,
+     "entries": [{"name": "ref", "so": "a.so", "symbol": "ubp_x", "M": 64, "K": 32, "packed": "a.bin"},
+                 {"name": "cand", ...},
+                 {"name": "torch.mm", "kind": "torch_mm", "M": 64, "K": 32, "weight": "w.f32"}]}
+
+Protocol: X is a deterministic pattern (:func:`make_x`, reproducible by the caller), all
+buffers are 64-byte aligned and allocated once; every entry is warmed up, then each round
+times every entry once (the order rotates between rounds) for ``inner`` back-to-back calls,
+so a candidate and the reference always see the same machine state. Results: per entry the
+median seconds per call, and per entry the median over rounds of its time divided by entry
+0's time in the same round (drift cancels in the ratio). ``check`` values are y at fixed
+positions, for the caller to compare with W @ X.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import statistics
+import struct
+import sys
+import time
+from typing import Any
+
+_PATTERN_LEN = 4093  # prime: the pattern never lines up with a row of X
+
+
+def make_x(K: int, n: int) -> bytes:
+    """The input X[K, n] (fp32, row-major) as bytes: a fixed pattern of values in [0.5, 1.5)."""
+    pattern = struct.pack(f"<{_PATTERN_LEN}f", *[0.5 + ((i * 2654435761) % 1000) / 1000.0
+                                                  for i in range(_PATTERN_LEN)])
+    total = K * n * 4
+    reps = total // len(pattern) + 1
+    return (pattern * reps)[:total]
+
+
+def check_positions(M: int, n: int, count: int = 96) -> list[int]:
+    """Flat indices of y compared against the reference: spread out, plus the last column."""
+    size = M * n
+    pos = {(i * 7919 + 13) % size for i in range(count)}
+    step = max(1, M // 16)
+    pos.update(r * n + n - 1 for r in range(0, M, step))
+    pos.add(size - 1)
+    return sorted(pos)
+
+
+class _Buffer:
+    """A 64-byte-aligned, zero-initialised byte buffer."""
+
+    def __init__(self, nbytes: int, data: bytes | None = None) -> None:
+        self._raw = ctypes.create_string_buffer(max(1, nbytes) + 64)
+        base = ctypes.addressof(self._raw)
+        self.addr = (base + 63) // 64 * 64
+        if data is not None:
+            ctypes.memmove(self.addr, data, len(data))
+
+
+def _load_kernel(entry: dict[str, Any]) -> Any:
+    lib = ctypes.CDLL(os.path.abspath(entry["so"]), mode=getattr(os, "RTLD_LOCAL", 0) | getattr(os, "RTLD_NOW", 2))
+    fn = getattr(lib, entry["symbol"])
+    fn.restype = ctypes.c_int32
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    return lib, fn
+
+
+def _make_call(entry: dict[str, Any], x: _Buffer, xbytes: bytes, n: int) -> tuple[Any, Any]:
+    """A zero-argument function running the entry once, and a reader of its output."""
+    M, K = int(entry["M"]), int(entry["K"])
+    if entry.get("kind", "so") == "torch_mm":
+        import torch
+
+        torch.set_num_threads(1)
+        torch.set_flush_denormal(True)
+        with open(entry["weight"], "rb") as f:
+            w = torch.frombuffer(bytearray(f.read()), dtype=torch.float32).reshape(M, K)
+        xt = torch.frombuffer(bytearray(xbytes), dtype=torch.float32).reshape(K, n)
+        yt = torch.empty(M, n)
+
+        def run_torch() -> int:
+            torch.mm(w, xt, out=yt)
+            return 0
+
+        return run_torch, lambda pos: [float(yt.view(-1)[p]) for p in pos]
+    lib, fn = _load_kernel(entry)
+    packed = None
+    if entry.get("packed"):
+        with open(entry["packed"], "rb") as f:
+            blob = f.read()
+        packed = _Buffer(len(blob), blob)
+    y = _Buffer(M * n * 4)
+    pw = packed.addr if packed is not None else None
+    xa, ya = x.addr, y.addr
+    keep = (lib, packed, y)
+
+    def run_so() -> int:
+        return fn(xa, ya, n, pw)
+
+    def read(pos: list[int]) -> list[float]:
+        arr = (ctypes.c_float * (M * n)).from_address(ya)
+        _ = keep
+        return [float(arr[p]) for p in pos]
+
+    return run_so, read
+
+
+def _thread_clock() -> Any:
+    """CPU time of this thread in seconds: time the kernel ran, not time it waited for a core.
+
+    Other processes share the machine; wall-clock samples of a descheduled call are 2-3x too
+    long, while thread CPU time only sees cache interference. Falls back to perf_counter.
+    """
+    try:
+        time.thread_time()
+        return time.thread_time
+    except (AttributeError, OSError):
+        return time.perf_counter
+
+
+def run(request: dict[str, Any]) -> dict[str, Any]:
+    """Time the request's entries (see the module docstring); returns the result dict."""
+    n = int(request["n"])
+    entries = request["entries"]
+    K = int(entries[0]["K"])
+    xbytes = make_x(K, n)
+    x = _Buffer(len(xbytes), xbytes)
+    calls = []
+    for e in entries:
+        calls.append(_make_call(e, x, xbytes, n))
+    # warm-up, checking return codes
+    single = []
+    for (fn, _), e in zip(calls, entries, strict=True):
+        for _ in range(int(request.get("warmup", 3))):
+            rc = fn()
+            if rc != 0:
+                return {"ok": False, "error": f"{e['name']}: kernel returned error code {rc}"}
+        t0 = time.perf_counter()
+        fn()
+        single.append(max(time.perf_counter() - t0, 1e-7))
+        if len(single) == 1 and single[0] > float(request.get("max_call_s", 5.0)):
+            return {"ok": False, "error": f"{e['name']}: one call takes {single[0]:.1f} s"}
+    sample_s = float(request.get("sample_s", 2e-4))
+    inner = [max(1, int(sample_s / t)) for t in single]
+    rounds = int(request.get("rounds", 15))
+    budget = float(request.get("budget_s", 0.5))
+    times: list[list[float]] = [[] for _ in entries]
+    ratios: list[list[float]] = [[] for _ in entries]
+    start = time.perf_counter()
+    k = 0
+    perf = time.perf_counter
+    clock = _thread_clock()
+    while k < rounds or (k < 50 * rounds and perf() - start < budget):
+        order = list(range(len(entries)))
+        order = order[k % len(order):] + order[:k % len(order)]
+        this = [0.0] * len(entries)
+        for i in order:
+            fn, reps = calls[i][0], inner[i]
+            t0 = clock()
+            for _ in range(reps):
+                fn()
+            this[i] = max(clock() - t0, 1e-9) / reps
+        for i, t in enumerate(this):
+            times[i].append(t)
+            ratios[i].append(t / this[0])
+        k += 1
+        if k >= rounds and perf() - start >= budget:
+            break
+    results = []
+    for i, e in enumerate(entries):
+        M = int(e["M"])
+        pos = check_positions(M, n) if request.get("check", True) else []
+        results.append({"name": e["name"], "median_s": statistics.median(times[i]),
+                        "min_s": min(times[i]), "ratio": statistics.median(ratios[i]),
+                        "rounds": len(times[i]), "inner": inner[i], "check": calls[i][1](pos)})
+    return {"ok": True, "results": results, "machine": machine_info()}
+
+
+def machine_info() -> dict[str, str]:
+    """CPU model and platform of the machine running the worker."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("model name", "CPU part"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "machine": platform.machine(), "python": platform.python_version()}
+
+
+def main() -> int:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    request = json.loads(sys.stdin.read())
+    try:
+        result = run(request)
+    except Exception as exc:  # reported to the parent as a failed candidate, never a traceback
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    sys.stdout.write(json.dumps(result))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

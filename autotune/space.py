@@ -1,0 +1,243 @@
+"""The per-layer search space of the autotuner, and the rules that reject infeasible points.
+
+A point of the space is a :class:`Config`: kernel variant (from the DSL library), its
+compile-time constants (``TILE``: tile width over n in vector registers, ``UNROLL``: unroll
+of the block loop, and any other knob a kernel declares that :data:`KNOB_CHOICES` knows),
+data-driven vs mask-specialised, and the vector width where the target allows a choice
+(x86 hosts with AVX-512 can also plan for 256-bit vectors).
+
+The Optuna parameters are the same for every layer (a static space, which multivariate TPE
+handles best); a point that does not make sense for one layer is *rejected before
+compiling* by :func:`infeasible` with a reason, and points that differ only in knobs a
+variant ignores collapse to one canonical config (:meth:`Config.key`), which is measured once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ubpdsl.compiler import Problem
+from ubpdsl.kernels import VARIANTS
+from ubpdsl.language.core import KernelFunction
+from ubpdsl.runtime.targets import Target
+
+__all__ = [
+    "KNOB_CHOICES",
+    "MAX_UNROLLED_BLOCKS",
+    "Config",
+    "Layer",
+    "default_config",
+    "seed_configs",
+    "infeasible",
+    "suggest",
+    "target_for",
+    "vector_bits_choices",
+]
+
+#: Values tried for constexpr knobs, by name. A kernel's constexpr not listed here stays at
+#: its default. Future kernel knobs (a prefetch distance, a row-group size) only need an entry.
+KNOB_CHOICES: dict[str, list[int]] = {
+    "TILE": [1, 2, 3, 4, 6, 8],
+    "UNROLL": [1, 2, 4],
+    "PREFETCH": [0, 1, 2, 4, 8],
+    "STREAM": [False, True],
+    "ROWS": [1, 2, 4],
+}
+
+#: Fully unrolled (mask-baked) kernels grow with the number of blocks: above this they are
+#: rejected (compile time and instruction-cache misses explode).
+MAX_UNROLLED_BLOCKS = 2000
+
+#: Vector registers by architecture and vector width (bits).
+_REGISTERS = {("x86_64", 512): 32, ("x86_64", 256): 16, ("x86_64", 128): 16, ("aarch64", 128): 32}
+
+DEFAULT_VARIANT = "wros"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer to tune: its compile problem and the number of output pixels n."""
+
+    problem: Problem
+    n: int
+
+    @property
+    def name(self) -> str:
+        return self.problem.name
+
+    @property
+    def blocks(self) -> int:
+        return int(len(self.problem.rows))
+
+    @property
+    def useful_flops(self) -> int:
+        """2 x kept weights x n: the work a sparse kernel must do."""
+        return 2 * self.blocks * self.problem.N * self.n
+
+    @property
+    def dense_flops(self) -> int:
+        return 2 * self.problem.M * self.problem.K * self.n
+
+    @property
+    def aligned(self) -> bool:
+        """True when every block starts at a multiple of N (an ABP mask)."""
+        return bool(np.all(np.asarray(self.problem.rows) % self.problem.N == 0))
+
+    def mask_hash(self) -> str:
+        """sha256 of the block structure (shape, N, rows, cols): what the tuned config depends on."""
+        p = self.problem
+        h = hashlib.sha256(f"{p.M},{p.K},{p.N}".encode())
+        h.update(np.ascontiguousarray(p.rows, np.int64).tobytes())
+        h.update(np.ascontiguousarray(p.cols, np.int64).tobytes())
+        return h.hexdigest()
+
+    def weights_hash(self) -> str | None:
+        if self.problem.weight is None:
+            return None
+        return hashlib.sha256(np.ascontiguousarray(self.problem.weight, np.float32).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Config:
+    """One kernel configuration: variant, constants, mask-specialised or not, vector width."""
+
+    variant: str
+    constants: dict[str, Any] = field(default_factory=dict)
+    specialize: bool = False
+    vector_bits: int | None = None  # None: the target's own width
+
+    def key(self) -> str:
+        """Canonical text identifying the config (equal keys compile to the same kernel)."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variant": self.variant, "constants": dict(sorted(self.constants.items())),
+                "specialize": self.specialize, "vector_bits": self.vector_bits}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Config:
+        return cls(str(d["variant"]), dict(d.get("constants") or {}), bool(d.get("specialize", False)),
+                   d.get("vector_bits"))
+
+    def label(self) -> str:
+        consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
+        vb = f",v{self.vector_bits}" if self.vector_bits else ""
+        return f"{self.variant}[{consts}{',baked' if self.specialize else ''}{vb}]"
+
+    @property
+    def kernel(self) -> KernelFunction:
+        return VARIANTS[self.variant]
+
+
+def target_for(config: Config, target: Target) -> Target:
+    """The target with the config's vector width (same name, so artifacts keep their file names)."""
+    if config.vector_bits is None or config.vector_bits == target.vector_bits:
+        return target
+    return dataclasses.replace(target, vector_bits=config.vector_bits)
+
+
+def vector_bits_choices(target: Target) -> list[int]:
+    """Legal vector widths: AVX-512 hosts may also use 256-bit vectors; others have one width."""
+    if target.arch == "x86_64" and target.vector_bits == 512:
+        return [512, 256]
+    return [target.vector_bits]
+
+
+def _canonical(variant: str, constants: dict[str, Any], specialize: bool, vector_bits: int | None,
+               target: Target) -> Config:
+    kernel = VARIANTS[variant]
+    consts = {k: v for k, v in constants.items() if k in kernel.constexprs}
+    spec = bool(specialize or kernel.needs_specialized)
+    vb = None if vector_bits in (None, target.vector_bits) else vector_bits
+    return Config(variant, consts, spec, vb)
+
+
+def default_config(target: Target) -> Config:
+    """What ``ubpdsl compile`` builds without options: wros with its default constants."""
+    return _canonical(DEFAULT_VARIANT, VARIANTS[DEFAULT_VARIANT].resolve_constants(None), False, None, target)
+
+
+def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
+    """Known-good starting points (enqueued before TPE samples): the default first."""
+    lanes = target.vector_lanes_f32
+    need = max(1, math.ceil(layer.n / lanes))  # registers to cover n in one tile
+    small_tile = min(4, need)
+    seeds = [
+        default_config(target),
+        _canonical("wros", {"TILE": 2, "UNROLL": 1}, False, None, target),
+        _canonical("wros", {"TILE": small_tile, "UNROLL": 2}, False, None, target),
+    ]
+    if weights:
+        seeds.append(_canonical("wros", {"TILE": 4, "UNROLL": 2}, True, None, target))
+        seeds.append(_canonical("wros_unrolled", {"TILE": min(2, need)}, True, None, target))
+    out: list[Config] = []
+    for c in seeds:
+        if c not in out and infeasible(c, layer, target, weights) is None:
+            out.append(c)
+    return out
+
+
+def infeasible(config: Config, layer: Layer, target: Target, weights: bool) -> str | None:
+    """Why ``config`` cannot (or should not) be built for ``layer``, or None when it is fine."""
+    if config.variant not in VARIANTS:
+        return f"unknown variant {config.variant}"
+    kernel = config.kernel
+    N = layer.problem.N
+    if kernel.aligned and not layer.aligned:
+        return f"{config.variant} needs blocks at multiples of N={N}; this mask is unaligned"
+    if config.specialize and not weights:
+        return "mask-specialised kernels bake the weights, and this masks.npz has none"
+    if kernel.needs_specialized and layer.blocks > MAX_UNROLLED_BLOCKS:
+        return f"{config.variant} unrolls every block: {layer.blocks} > {MAX_UNROLLED_BLOCKS} blocks"
+    vb = config.vector_bits or target.vector_bits
+    if vb not in vector_bits_choices(target):
+        return f"vector width {vb} is not legal on {target.name}"
+    lanes = vb // 32
+    tile = int(config.constants.get("TILE", 1))
+    # A tile wider than n (by a whole vector) only adds masked work.
+    if tile > 1 and (tile - 1) * lanes >= layer.n:
+        return f"TILE={tile} x {lanes} lanes is wider than n={layer.n}"
+    regs = _REGISTERS.get((target.arch, vb), 16)
+    if target.arch == "x86_64" and target.vector_bits == 512:
+        regs = 32  # AVX-512VL: 256-bit code can use ymm16-31 too
+    if kernel.layout == "rotated" or kernel.aligned:
+        # Output-stationary kernels keep N x TILE accumulators plus TILE loaded x vectors.
+        if N * tile + tile > regs:
+            return f"N x TILE + TILE = {N * tile + tile} vector registers > {regs}: would spill"
+    unroll = int(config.constants.get("UNROLL", 1))
+    per_row = layer.blocks / max(1, layer.problem.M)
+    if unroll > 1 and unroll > 2 * per_row:
+        return f"UNROLL={unroll} > 2 x the {per_row:.1f} blocks per row: the remainder loop would do the work"
+    return None
+
+
+def suggest(trial: Any, layer: Layer, target: Target, weights: bool) -> Config:
+    """Sample a config from an Optuna trial (the same parameter names for every layer)."""
+    variants = sorted(VARIANTS)
+    variant = trial.suggest_categorical("variant", variants)
+    constants: dict[str, Any] = {}
+    kernel = VARIANTS[variant]
+    for name in sorted(KNOB_CHOICES):
+        value = trial.suggest_categorical(name, KNOB_CHOICES[name])
+        if name in kernel.constexprs:
+            constants[name] = value
+    specialize = trial.suggest_categorical("specialize", [False, True])
+    vbs = vector_bits_choices(target)
+    vector_bits = trial.suggest_categorical("vector_bits", vbs)
+    return _canonical(variant, constants, specialize, vector_bits, target)
+
+
+def trial_params(config: Config, target: Target) -> dict[str, Any]:
+    """The Optuna parameters that :func:`suggest` maps to ``config`` (for ``enqueue_trial``)."""
+    params: dict[str, Any] = {"variant": config.variant, "specialize": config.specialize,
+                              "vector_bits": config.vector_bits or target.vector_bits}
+    for name, choices in KNOB_CHOICES.items():
+        params[name] = config.constants.get(name, choices[0])
+    return params

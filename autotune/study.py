@@ -1,0 +1,599 @@
+"""Tuning one layer, and a whole masks.npz, with a persistent Optuna study.
+
+Per layer there is one study (name ``ubp:<target>:<layer>:<key[:16]>``, the key of the
+tuned-config cache) in an Optuna storage: SQLite in the cache directory by default, or any
+SQLAlchemy URL (``postgresql://...``) shared by tuning processes on many machines.
+
+The loop (ask/tell, so several processes can work on one study):
+
+1. known-good configs are enqueued first (the default config is trial 0 on a fresh study);
+2. each process asks a batch of trials (one per compile worker), maps each to a canonical
+   :class:`~.space.Config`, rejects infeasible ones (state PRUNED, reason recorded) and
+   short-cuts configs already measured in the study (same value, attribute ``duplicate_of``);
+3. the rest compile in parallel worker processes (through the compile cache);
+4. each is timed in a fresh subprocess, interleaved with the layer's default config as the
+   fixed reference (objective: median over rounds of candidate time / reference time; lower
+   is better), or costed by the llvm-mca model for AArch64 targets without a runner;
+5. each trial is told as soon as it is measured: a finished trial is committed and survives
+   Ctrl-C, ``kill -9`` or a crash. Trials left RUNNING by a dead process on this host (or with a
+   stale heartbeat, for RDB storages) are failed as ``abandoned`` and re-enqueued on the next run.
+
+The budget counts finished trials (complete, or failed by the candidate itself): a rerun
+only tops the study up to it. Infeasible proposals do not count.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ubpdsl.autotune import space as sp
+from ubpdsl.autotune.runner import LocalRunner, Outcome, Runner
+from ubpdsl.autotune.tuned_cache import TunedCache, tuned_key
+from ubpdsl.errors import UbpError
+from ubpdsl.runtime.targets import Target, get_target
+
+__all__ = ["TuneError", "TuneSettings", "LayerResult", "Tuner", "open_storage", "study_name", "compile_job",
+           "count_finished"]
+
+_HOST = socket.gethostname()
+
+
+class TuneError(UbpError):
+    """The tuner cannot start or continue (bad storage URL, bad options)."""
+
+
+@dataclass
+class TuneSettings:
+    """Everything that decides how a run tunes (CLI options map here one to one)."""
+
+    target: str = "host"
+    trials: int = 24
+    storage: str | None = None
+    cache_dir: Path | None = None
+    jobs: int = 2
+    timeout: float = 20.0
+    seed: int = 0
+    force: bool = False
+    weights: bool = True  # False: synthetic weights, data-driven configs only
+    budget_s: float = 0.25
+    rounds: int = 11
+
+
+@dataclass
+class LayerResult:
+    """The outcome of tuning one layer."""
+
+    layer: str
+    n: int
+    best: sp.Config
+    default: sp.Config
+    best_value: float  # candidate / default (time or estimated cycles); < 1 is faster
+    trials: int
+    failed: int
+    from_cache: bool
+    estimate: bool
+    history: list[tuple[int, float | None]] = field(default_factory=list)
+    study: str = ""
+
+
+# ----------------------------------------------------------------------------------------- storage
+
+
+def _cache_root(settings: TuneSettings) -> Path:
+    from ubpdsl.runtime.cache import default_cache_dir
+
+    return Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+
+
+def storage_url(settings: TuneSettings) -> str:
+    """The storage URL: the given one (postgresql:// uses psycopg 3), or SQLite in the cache dir."""
+    url = settings.storage
+    if not url:
+        path = _cache_root(settings) / "autotune" / "studies.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def open_storage(settings: TuneSettings) -> Any:
+    """An Optuna RDB storage, connected and checked; :class:`TuneError` if unreachable.
+
+    Nothing is created or changed in an existing storage until it answered a query.
+    """
+    import optuna
+    import sqlalchemy
+
+    url = storage_url(settings)
+    if "://" not in url:
+        raise TuneError(f"--storage {settings.storage!r} is not a database URL (sqlite:///path.db or postgresql://...)")
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("postgresql"):
+        engine_kwargs = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
+    elif url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+        db = url.split(":///", 1)[-1]
+        if db and not Path(db).parent.exists():
+            raise TuneError(f"cannot open storage {settings.storage}: directory {Path(db).parent} does not exist")
+    try:
+        engine = sqlalchemy.create_engine(url, **engine_kwargs)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - any driver error is "unreachable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TuneError(f"cannot reach storage {_redact(settings.storage or url)}: {first[:300]}") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        heartbeat = {} if url.startswith("sqlite") else {"heartbeat_interval": 30, "grace_period": 120}
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TuneError(f"cannot open storage {_redact(settings.storage or url)}: {first[:300]}") from None
+
+
+def _redact(url: str) -> str:
+    """A URL without its password."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        user = cred.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in cred else url
+    return url
+
+
+def study_name(layer: sp.Layer, target: Target, key: str) -> str:
+    return f"ubp:{target.name}:{layer.name}:{key[:16]}"
+
+
+def count_finished(trials: Iterable[Any]) -> tuple[int, int]:
+    """(finished, failed) trials toward the budget: complete ones, and those the candidate failed."""
+    from optuna.trial import TrialState
+
+    done = failed = 0
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            done += 1
+        elif t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") not in (None, "abandoned"):
+            done += 1
+            failed += 1
+    return done, failed
+
+
+# ----------------------------------------------------------------------------------------- compiling
+
+
+def compile_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Compile one config (runs in a worker process); returns paths, or ``{"error": ...}``."""
+    try:
+        from ubpdsl.compiler import compile_kernel
+        from ubpdsl.runtime.cache import CompileCache
+
+        config = sp.Config.from_json(job["config"])
+        target = sp.target_for(config, get_target(job["target"]))
+        ck = compile_kernel(config.kernel, job["problem"], target, constants=config.constants,
+                            specialize=config.specialize, symbol=job["symbol"],
+                            cache=CompileCache(job["cache_root"]))
+        packed = None
+        if ck.packed is not None:
+            packed = Path(job["workdir"]) / f"{ck.manifest['cache_key']}.packed"
+            if not packed.exists():
+                tmp = packed.with_suffix(f".{os.getpid()}.tmp")
+                ck.packed.tofile(tmp)
+                os.replace(tmp, packed)
+            packed = str(packed)
+        return {"so": str(ck.so), "obj": str(ck.obj), "header": str(ck.header), "ll": str(ck.so.parent / "kernel.ll"),
+                "packed": packed, "manifest": ck.manifest, "symbol": ck.symbol, "cache_hit": ck.cache_hit}
+    except UbpError as exc:
+        return {"error": f"compile failed: {str(exc).splitlines()[0][:400]}"}
+    except Exception as exc:  # noqa: BLE001 - a compiler bug must not stop tuning
+        return {"error": f"compile failed: {type(exc).__name__}: {str(exc)[:400]}"}
+
+
+class _Compiler:
+    """Compiles jobs in parallel worker processes (``jobs`` > 0) or in this process (0)."""
+
+    def __init__(self, jobs: int, fn: Callable[[dict[str, Any]], dict[str, Any]], timeout: float = 600) -> None:
+        self.jobs = jobs
+        self.fn = fn
+        self.timeout = timeout
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def _get_pool(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def map(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.jobs <= 0 or len(jobs) <= 1 and self._pool is None:
+            return [self.fn(j) for j in jobs]
+        pool = self._get_pool()
+        futures = [pool.submit(self.fn, j) for j in jobs]
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + self.timeout
+        for f in futures:
+            try:
+                out.append(f.result(timeout=max(1.0, deadline - time.monotonic())))
+            except cf.TimeoutError:
+                out.append({"error": f"compile did not finish within {self.timeout:.0f} s"})
+                self._reset()
+            except Exception as exc:  # noqa: BLE001 - BrokenProcessPool: a compiler crash
+                out.append({"error": f"compiler process died: {type(exc).__name__}"})
+                self._reset()
+        return out
+
+    def _reset(self) -> None:
+        if self._pool is not None:
+            for p in list(getattr(self._pool, "_processes", {}).values()):
+                p.kill()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+# ----------------------------------------------------------------------------------------- tuner
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Heartbeat:
+    """Records heartbeats of in-flight trials (RDB storages with heartbeats) from a thread."""
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+        self.ids: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+        if interval:
+            self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+            self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            for tid in list(self.ids):
+                try:
+                    self.storage.record_heartbeat(tid)
+                except Exception:  # noqa: BLE001 - next beat retries
+                    pass
+
+    def add(self, tid: int) -> None:
+        self.ids.add(tid)
+        if self._thread is not None:
+            try:
+                self.storage.record_heartbeat(tid)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Tuner:
+    """Tunes layers for one target; see the module docstring for the loop.
+
+    ``compile_fn`` and ``runner`` can be replaced (tests inject crashing kernels; ``--runner``
+    gives a remote machine). ``on_trial`` is called after every finished trial (progress bar).
+    """
+
+    def __init__(self, settings: TuneSettings, *, runner: Runner | None = None,
+                 compile_fn: Callable[[dict[str, Any]], dict[str, Any]] = compile_job,
+                 on_trial: Callable[[str, int, float | None], None] | None = None) -> None:
+        self.settings = settings
+        self.target = get_target(settings.target)  # TargetError for an unknown target
+        self.runner: Runner = runner or LocalRunner()
+        self.estimate = self.target.is_aarch64 and runner is None
+        if self.target.is_aarch64 and runner is not None and getattr(runner, "estimate", False):
+            raise TuneError(f"timing {self.target.name} kernels needs a remote AArch64 runner (--runner ssh://...)")
+        if not self.target.is_aarch64 and self.target.name != "host":
+            raise TuneError(f"unsupported target {self.target.name}")
+        self.cache_root = _cache_root(settings)
+        self.workdir = self.cache_root / "autotune" / "work"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tuned = TunedCache(self.cache_root)
+        self.compiler = _Compiler(settings.jobs, compile_fn)
+        self.on_trial = on_trial
+        self._storage: Any = None
+        self._heartbeat: _Heartbeat | None = None
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    @property
+    def storage(self) -> Any:
+        if self._storage is None:
+            self._storage = open_storage(self.settings)
+            self._heartbeat = _Heartbeat(self._storage)
+        return self._storage
+
+    def close(self) -> None:
+        self.compiler.close()
+        self.runner.close()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+
+    def key(self, layer: sp.Layer) -> str:
+        """The tuned-config cache key of ``layer`` (also names its study)."""
+        from ubpdsl.compiler import _compiler_fingerprint
+        from ubpdsl.kernels import VARIANTS
+        from ubpdsl.runtime.toolchain import toolchain_versions
+
+        return tuned_key(mask=layer.mask_hash(), shape=[layer.problem.M, layer.problem.K, layer.problem.N],
+                         n=layer.n, target=self.target.cache_key(), toolchain=toolchain_versions(),
+                         compiler=_compiler_fingerprint(), kernels={k: v.source for k, v in VARIANTS.items()},
+                         runner=self.runner.name, estimate=self.estimate, weights=self.settings.weights)
+
+    def _job(self, layer: sp.Layer, config: sp.Config) -> dict[str, Any]:
+        return {"config": config.to_json(), "target": self.target.name, "problem": layer.problem,
+                "symbol": _symbol(layer.name), "cache_root": str(self.cache_root), "workdir": str(self.workdir)}
+
+    def compile(self, layer: sp.Layer, config: sp.Config) -> dict[str, Any]:
+        """Compile one config now (in this process); raises on failure."""
+        res = compile_job(self._job(layer, config))
+        if "error" in res:
+            raise UbpError(f"layer {layer.name}: {config.label()}: {res['error']}")
+        return res
+
+    # -- measuring --------------------------------------------------------------------------------
+
+    def _entry(self, name: str, layer: sp.Layer, built: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "so": built["so"], "symbol": built["symbol"], "M": layer.problem.M,
+                "K": layer.problem.K, "packed": built.get("packed")}
+
+    def _reference_y(self, layer: sp.Layer) -> np.ndarray | None:
+        if layer.problem.weight is None:
+            return None
+        from ubpdsl.autotune.measure import make_x
+
+        x = np.frombuffer(make_x(layer.problem.K, layer.n), np.float32).reshape(layer.problem.K, layer.n)
+        return layer.problem.weight.astype(np.float64) @ x.astype(np.float64)
+
+    def _check(self, layer: sp.Layer, ref_y: np.ndarray | None, result: dict[str, Any]) -> str | None:
+        if ref_y is None:
+            return None
+        from ubpdsl.autotune.measure import check_positions
+
+        pos = check_positions(layer.problem.M, layer.n)
+        want = ref_y.reshape(-1)[pos]
+        got = np.asarray(result["check"], np.float64)
+        scale = np.abs(layer.problem.weight).sum(axis=1).max() * 1.5 + 1e-6
+        bad = np.nonzero(~(np.abs(got - want) <= 1e-4 * scale))[0]
+        if len(bad):
+            i = int(bad[0])
+            r, c = divmod(pos[i], layer.n)
+            return f"wrong result: y[{r},{c}] = {got[i]:.6g}, expected {want[i]:.6g}"
+        return None
+
+    def measure(self, layer: sp.Layer, entries: list[dict[str, Any]], *, rounds: int | None = None,
+                budget_s: float | None = None) -> Outcome:
+        request = {"n": layer.n, "warmup": 2, "rounds": rounds or self.settings.rounds,
+                   "budget_s": self.settings.budget_s if budget_s is None else budget_s, "sample_s": 2e-4,
+                   "entries": entries, "check": True}
+        return self.runner.run(request, timeout=self.settings.timeout)
+
+    def estimate_cost(self, layer: sp.Layer, config: sp.Config, built: dict[str, Any]) -> float:
+        from ubpdsl.autotune.mca import estimate_cycles
+        from ubpdsl.runtime import build as rt_build
+
+        target = sp.target_for(config, self.target)
+        asm = rt_build.emit_asm(Path(built["ll"]).read_text(), target)
+        k = config.kernel
+        est = estimate_cycles(asm, self.target.name, M=layer.problem.M, N=layer.problem.N, blocks=layer.blocks,
+                              n=layer.n, tile=int(config.constants.get("TILE", 1)),
+                              unroll=int(config.constants.get("UNROLL", 1)),
+                              output_stationary=k.layout == "rotated" or k.aligned)
+        return float(est["cycles"])
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def tune_layer(self, layer: sp.Layer) -> LayerResult:
+        """Tune ``layer`` up to the trial budget (resuming its study), or answer from the cache."""
+        import optuna
+        from optuna.trial import TrialState
+
+        s = self.settings
+        default = sp.default_config(self.target)
+        key = self.key(layer)
+        if not s.force:
+            hit = self.tuned.get(key)
+            if hit is not None and hit.get("trials", 0) >= s.trials:
+                return LayerResult(layer.name, layer.n, sp.Config.from_json(hit["best"]), default,
+                                   float(hit["best_value"]), int(hit["trials"]), int(hit.get("failed", 0)), True,
+                                   bool(hit.get("estimate")), [tuple(h) for h in hit.get("history", [])],
+                                   hit.get("study", ""))
+        name = study_name(layer, self.target, key)
+        sampler = optuna.samplers.TPESampler(multivariate=True, seed=s.seed + os.getpid() % 1000,
+                                             n_startup_trials=max(4, min(10, s.trials // 3)))
+        try:
+            study = optuna.create_study(study_name=name, storage=self.storage, sampler=sampler,
+                                        direction="minimize", load_if_exists=True)
+        except optuna.exceptions.DuplicatedStudyError:  # created concurrently by another process
+            study = optuna.load_study(study_name=name, storage=self.storage, sampler=sampler)
+        study.set_user_attr("layer", layer.name)
+        self._recover(study)
+        if not study.trials:
+            for c in sp.seed_configs(layer, self.target, s.weights):
+                study.enqueue_trial(sp.trial_params(c, self.target), user_attrs={"seed": True},
+                                    skip_if_exists=True)
+
+        ref_built = self.compile(layer, default)
+        ref_entry = self._entry("default", layer, ref_built)
+        ref_y = self._reference_y(layer)
+        ref_cost = self.estimate_cost(layer, default, ref_built) if self.estimate else None
+        asked = 0
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            done, _ = count_finished(trials)
+            if done >= s.trials or asked >= 6 * s.trials + 10:
+                break
+            batch = max(1, min(max(1, s.jobs), s.trials - done))
+            pending: list[tuple[Any, sp.Config]] = []
+            measured = {t.user_attrs.get("config"): t for t in trials
+                        if t.state == TrialState.COMPLETE and "config" in t.user_attrs}
+            for _ in range(batch):
+                trial = study.ask()
+                asked += 1
+                trial.set_user_attr("host", _HOST)
+                trial.set_user_attr("pid", os.getpid())
+                if self._heartbeat is not None:
+                    self._heartbeat.add(trial._trial_id)
+                config = sp.suggest(trial, layer, self.target, s.weights)
+                trial.set_user_attr("config", config.key())
+                trial.set_user_attr("label", config.label())
+                why = sp.infeasible(config, layer, self.target, s.weights)
+                if why is not None:
+                    trial.set_user_attr("infeasible", why)
+                    study.tell(trial, state=TrialState.PRUNED)
+                    continue
+                prev = measured.get(config.key())
+                if prev is not None:
+                    trial.set_user_attr("duplicate_of", prev.number)
+                    for k in ("seconds", "ref_seconds", "gflops", "cycles", "estimate"):
+                        if k in prev.user_attrs:
+                            trial.set_user_attr(k, prev.user_attrs[k])
+                    study.tell(trial, prev.value)
+                    self._notify(layer, prev.value)
+                    continue
+                pending.append((trial, config))
+            if not pending:
+                continue
+            try:
+                builds = self.compiler.map([self._job(layer, c) for _, c in pending])
+                for (trial, config), built in zip(pending, builds, strict=True):
+                    value = self._evaluate(layer, trial, config, built, ref_entry, ref_y, ref_cost)
+                    if value is None:
+                        study.tell(trial, state=TrialState.FAIL)
+                    else:
+                        study.tell(trial, value)
+                    self._notify(layer, value)
+            except BaseException:
+                # Ctrl-C or a crash of the tuner itself: hand unfinished trials back for the next run.
+                for trial, config in pending:
+                    self._abandon(study, trial._trial_id, config)
+                raise
+        return self._finish(study, layer, key, default)
+
+    def _notify(self, layer: sp.Layer, value: float | None) -> None:
+        if self.on_trial is not None:
+            self.on_trial(layer.name, 1, value)
+
+    def _evaluate(self, layer: sp.Layer, trial: Any, config: sp.Config, built: dict[str, Any],
+                  ref_entry: dict[str, Any], ref_y: np.ndarray | None, ref_cost: float | None) -> float | None:
+        if "error" in built:
+            trial.set_user_attr("fail_reason", built["error"][:500])
+            return None
+        if self.estimate:
+            try:
+                cycles = self.estimate_cost(layer, config, built)
+            except UbpError as exc:
+                trial.set_user_attr("fail_reason", f"cost model: {str(exc)[:300]}")
+                return None
+            trial.set_user_attr("cycles", cycles)
+            trial.set_user_attr("estimate", True)
+            return cycles / ref_cost if ref_cost else None
+        out = self.measure(layer, [ref_entry, self._entry("candidate", layer, built)])
+        if not out.ok:
+            trial.set_user_attr("fail_reason", f"{out.status}: {out.message}"[:500])
+            return None
+        ref, cand = out.result["results"]
+        wrong = self._check(layer, ref_y, cand)
+        if wrong:
+            trial.set_user_attr("fail_reason", wrong)
+            return None
+        trial.set_user_attr("seconds", cand["median_s"])
+        trial.set_user_attr("ref_seconds", ref["median_s"])
+        trial.set_user_attr("gflops", layer.useful_flops / cand["median_s"] / 1e9)
+        return float(cand["ratio"])
+
+    def _abandon(self, study: Any, trial_id: int, config: sp.Config | None) -> None:
+        from optuna.trial import TrialState
+
+        storage = study._storage
+        try:
+            frozen = storage.get_trial(trial_id)
+            if frozen.state != TrialState.RUNNING:
+                return
+            storage.set_trial_user_attr(trial_id, "fail_reason", "abandoned")
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            if frozen.params:
+                study.enqueue_trial(dict(frozen.params), user_attrs={"retry_of": frozen.number}, skip_if_exists=False)
+        except Exception:  # noqa: BLE001 - best effort; the next run recovers by pid
+            pass
+
+    def _recover(self, study: Any) -> None:
+        """Fail and re-enqueue trials left RUNNING by dead tuning processes."""
+        from optuna.trial import TrialState
+
+        try:
+            import optuna
+
+            if getattr(study._storage, "get_heartbeat_interval", lambda: None)():
+                optuna.storages.fail_stale_trials(study)
+        except Exception:  # noqa: BLE001
+            pass
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
+            if host == _HOST and isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid):
+                self._abandon(study, t._trial_id, None)
+
+    def _finish(self, study: Any, layer: sp.Layer, key: str, default: sp.Config) -> LayerResult:
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        done, failed = count_finished(trials)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        history = [(t.number, t.value if t.state == TrialState.COMPLETE else None)
+                   for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)
+                   and t.user_attrs.get("fail_reason") != "abandoned"]
+        if not complete:
+            raise TuneError(f"layer {layer.name}: every candidate failed ({failed} failures); "
+                            f"see the study {study.study_name}")
+        best = min(complete, key=lambda t: t.value)
+        best_cfg = sp.Config.from_json(json.loads(best.user_attrs["config"]))
+        # The default is the reference (ratio 1): never return something measured slower.
+        best_value = float(best.value)
+        if best_value > 1.0:
+            best_cfg, best_value = default, 1.0
+        result = LayerResult(layer.name, layer.n, best_cfg, default, best_value, done, failed, False, self.estimate,
+                             history, study.study_name)
+        self.tuned.put(key, {"layer": layer.name, "best": best_cfg.to_json(), "best_value": best_value,
+                             "trials": done, "failed": failed, "estimate": self.estimate,
+                             "history": history, "study": study.study_name, "target": self.target.name,
+                             "time": time.time()})
+        return result
+
+
+def _symbol(layer: str) -> str:
+    import re
+
+    return "ubp_" + re.sub(r"\W", "_", layer)
+
+
+def geomean(values: Iterable[float]) -> float:
+    vals = [v for v in values if v and v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")

@@ -1,0 +1,63 @@
+"""The tuned-config cache: re-tuning an unchanged layer is instant.
+
+An entry maps a key over everything the best config depends on (the mask's block structure,
+the GEMM shape and n, the target with its CPU name and features, the toolchain versions, the
+compiler and kernel-library sources, where it was timed, the search-space version) to the
+best config found and its measurements. Entries are JSON files under
+``<cache dir>/autotune/tuned/<key[:2]>/<key>.json``, written atomically (temp file + rename),
+so an interrupted run never leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ubpdsl.runtime.cache import canonical_json, default_cache_dir
+
+__all__ = ["SPACE_VERSION", "TunedCache", "tuned_key"]
+
+#: Bumped whenever the search space or the objective changes meaning.
+SPACE_VERSION = "ubpdsl.tune/1"
+
+
+def tuned_key(**parts: Any) -> str:
+    """sha256 over the canonical JSON of the key parts."""
+    return hashlib.sha256(canonical_json({"space": SPACE_VERSION, **parts}).encode()).hexdigest()
+
+
+class TunedCache:
+    """Directory of best-config entries keyed by :func:`tuned_key`."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        base = Path(root) if root is not None else default_cache_dir()
+        self.root = base / "autotune" / "tuned"
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path(key).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def put(self, key: str, entry: dict[str, Any]) -> Path:
+        """Write ``entry`` atomically (readers see the old entry or the new one, never half)."""
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=final.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(entry, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return final
