@@ -18,14 +18,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# qemu-user runs the AArch64 kernels (correctness only, never timing).
+# qemu-user runs the AArch64 kernels (correctness only, never timing); libc6-arm64-cross is
+# the AArch64 glibc sysroot the dynamically linked C example runs against under qemu.
+SYSTEM_PKGS := qemu-user libc6-arm64-cross
 system:
-	@if ! command -v qemu-aarch64 >/dev/null 2>&1; then \
+	@if ! command -v qemu-aarch64 >/dev/null 2>&1 || [ ! -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null) \
-	      || { echo "error: could not install qemu-user; install Debian's qemu-user (qemu-aarch64)"; exit 1; }; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null) \
+	      || { echo "error: could not install $(SYSTEM_PKGS); install Debian's $(SYSTEM_PKGS)"; exit 1; }; \
 	  else \
-	    echo "error: qemu-aarch64 not found: install Debian's qemu-user (apt-get install qemu-user) as root"; exit 1; \
+	    echo "error: install Debian's $(SYSTEM_PKGS) (apt-get install $(SYSTEM_PKGS)) as root"; exit 1; \
 	  fi; \
 	fi
 

@@ -84,3 +84,38 @@ def test_compile_needs_weights_and_valid_file(tmp_path):
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip")
     proc = _cli("compile", "--mask", str(corrupt), "-o", str(tmp_path / "b"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+
+
+EMBED_C = Path(__file__).resolve().parents[1] / "examples" / "embed_c" / "main.c"
+
+
+@pytest.mark.parametrize("target", ["host", "aarch64-neon", "aarch64-sve"])
+def test_examples_embed_c_links_a_compiled_kernel(tmp_path, target):
+    """examples/embed_c/main.c links a .so made by `ubpdsl compile` and prints y (AArch64: under qemu)."""
+    from ubpdsl.runtime import qemu
+    from ubpdsl.runtime.toolchain import run_tool, zig_cmd
+
+    if target != "host" and (not qemu.qemu_available() or qemu.aarch64_sysroot() is None):
+        pytest.skip("needs Debian's qemu-user and libc6-arm64-cross (make test installs both)")
+    masks, layers = _mask_file(tmp_path)
+    out = tmp_path / "build"
+    proc = _cli("compile", "--mask", str(masks), "--layer", "features.0.conv", "--target", target, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    triple = [] if target == "host" else ["-target", "aarch64-linux-gnu.2.17"]
+    exe = out / "embed"
+    run_tool([*zig_cmd(), "cc", *triple, "-O2", '-DUBP_HEADER="features_0_conv.h"',
+              "-DUBP_KERNEL=ubp_features_0_conv", "-DUBP_M=UBP_FEATURES_0_CONV_M", "-DUBP_K=UBP_FEATURES_0_CONV_K",
+              f"-I{out}", str(EMBED_C), str(out / f"features_0_conv.{target}.so"), "-Wl,-rpath,$ORIGIN",
+              "-o", str(exe)], what="zig cc")
+    n = 6
+    argv = [str(exe), str(out / "features_0_conv.packed.bin"), str(n)]
+    if target != "host":
+        bits = 256 if target == "aarch64-sve" else None
+        argv = [qemu.qemu_binary(), *qemu.qemu_cpu_args(bits), "-L", str(qemu.aarch64_sysroot()), *argv]
+    res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    assert res.returncode == 0, res.stderr
+    p = layers["features.0.conv"][0]
+    k, j = np.meshgrid(np.arange(p.K), np.arange(n), indexing="ij")
+    x = (((k * 7 + j * 3) % 11 - 5) / 4.0).astype(np.float32)  # main.c's deterministic input
+    y = np.array(res.stdout.split(), dtype=np.float32).reshape(p.M, n)
+    np.testing.assert_allclose(y, p.weight @ x, rtol=1e-5, atol=1e-5)

@@ -144,7 +144,7 @@ def compile_cmd(mask_path: str, layer: str | None, target: str, variant: str, ke
             p.block_data(kernel.layout, kernel.aligned)
         ck = compile_kernel(kernel, p, target, constants=constants, specialize=specialize,
                             symbol="ubp_" + _safe(p.name))
-        files = ck.save(out, _safe(p.name))
+        files = ck.save(out)
         manifest["layers"][p.name] = {**ck.manifest, "files": {k: v.name for k, v in files.items()}}
         click.echo(f"{p.name}: {files['so']} ({'cached' if ck.cache_hit else 'built'})")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))

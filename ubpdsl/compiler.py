@@ -165,11 +165,14 @@ class CompiledKernel:
             self._host = HostKernel(self.so, self.symbol, self.M, self.K)
         return self._host(x, self.packed, y)
 
-    def save(self, out_dir: Path, layer: str) -> dict[str, Path]:
-        """Copy the artifacts to ``out_dir`` as ``<layer>.<target>.so``, ``<layer>.h``, packed weights."""
+    def save(self, out_dir: Path) -> dict[str, Path]:
+        """Copy the artifacts to ``out_dir``: ``<layer>.<target>.so`` (its DT_SONAME), ``<layer>.h``
+        and, for data-driven kernels, the packed weights ``<layer>.packed.bin``."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        files = {"so": out_dir / f"{layer}.{self.target.name}.so", "header": out_dir / f"{layer}.h"}
+        so_name = self.manifest["soname"]
+        layer = so_name[: -len(f".{self.target.name}.so")]
+        files = {"so": out_dir / so_name, "header": out_dir / f"{layer}.h"}
         shutil.copyfile(self.so, files["so"])
         shutil.copyfile(self.header, files["header"])
         if self.packed is not None:
@@ -184,7 +187,9 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
     """Compile ``kernel`` for one layer and target into a cached, self-contained ``.so``."""
     problem = problem if isinstance(problem, Problem) else Problem.from_mask(problem)
     tgt = resolve_target(target)
-    symbol = symbol or "ubp_" + re.sub(r"\W", "_", problem.name)
+    safe_name = re.sub(r"\W", "_", problem.name)
+    symbol = symbol or "ubp_" + safe_name
+    soname = f"{safe_name}.{tgt.name}.so"  # the file name programs linked against it will look for
     spec, data = _spec(kernel, problem, tgt, constants, specialize, symbol)
     cache = cache or CompileCache()
     baked = spec.baked is not None
@@ -197,6 +202,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         "layout": kernel.layout,
         "constants": spec.constants,
         "symbol": symbol,
+        "soname": soname,
         "shape": [problem.M, problem.K, problem.N],
         "mask": _data_hash(data) if baked else None,
     }
@@ -205,6 +211,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
     manifest = {
         "format": "ubpdsl.kernel/1",
         "symbol": symbol,
+        "soname": soname,
         "layer": problem.name,
         "variant": kernel.name,
         "target": tgt.name,
@@ -234,7 +241,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="ubp-build-") as tmp:
-            art = rt_build.build_shared_object(llvm_ir, tgt, Path(tmp), symbol, header)
+            art = rt_build.build_shared_object(llvm_ir, tgt, Path(tmp), soname[: -len(".so")], header)
             if symbol not in art.symbols:
                 raise BuildError(f"{art.so}: does not export {symbol}")
             hit = cache.put(key, {"kernel.so": art.so, "kernel.o": art.obj, "kernel.h": art.header,
