@@ -1,0 +1,374 @@
+"""``ubpdsl tune``: find the fastest kernel config for every layer of a masks.npz and build it.
+
+Everything the user can get wrong is checked before any study is opened or changed: the
+target name, the masks file (and its weights, when they are needed), the pixel map, the
+runner URL and the storage URL (it must answer a query). Results go to ``--out``: per layer
+the best ``.so``, header, packed weights (data-driven kernels) and ``manifest.json``, a
+summary table (default config vs tuned vs dense ``torch.mm``, also in ``summary.md``) and
+``tuning_history.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from ubpdsl.errors import MaskError, TargetError, UbpError
+
+__all__ = ["tune", "run_tune", "model_pixels", "load_layers", "LayerSummary"]
+
+TARGETS = ("host", "aarch64-neon", "aarch64-sve")
+
+
+def model_pixels(model: str) -> dict[str, int]:
+    """Output pixels n of every conv / linear layer of a model spec at its input size, batch 1."""
+    import torch
+
+    from ubpdsl.models import build_model, get_spec
+
+    spec = get_spec(model)
+    net = build_model(model, pretrained=False)
+    sizes: dict[str, int] = {}
+    hooks = []
+    for name, mod in net.named_modules():
+        if isinstance(mod, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d):
+            hooks.append(mod.register_forward_hook(
+                lambda m, i, o, name=name: sizes.__setitem__(name, int(np.prod(o.shape[2:])))))
+        elif isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_hook(
+                lambda m, i, o, name=name: sizes.__setitem__(name, int(np.prod(o.shape[:-1])))))
+    with torch.no_grad():
+        net(torch.zeros(1, *spec.input_shape))
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
+def _pixel_map(pixels_map: str | None, model: str | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if model:
+        out.update(model_pixels(model))
+    if pixels_map:
+        path = Path(pixels_map)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise UbpError(f"cannot read --pixels-map {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise UbpError(f"--pixels-map {path} is not JSON: {exc.msg} (line {exc.lineno})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, int) and v > 0 for v in data.values()):
+            raise UbpError(f"--pixels-map {path} must map layer names to positive integers")
+        out.update(data)
+    return out
+
+
+def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int, pixel_map: dict[str, int],
+                need_weights: bool) -> list[Any]:
+    """The layers to tune, with n; MaskError for missing layers or weights."""
+    from ubpdsl.autotune.space import Layer
+    from ubpdsl.compiler import Problem
+    from ubpdsl.masks import load_masks
+
+    if not Path(mask_path).is_file():
+        raise MaskError(f"masks file {mask_path} does not exist")
+    masks = load_masks(mask_path)
+    if not masks:
+        raise MaskError(f"{mask_path} holds no layers")
+    if layer_names:
+        missing = [n for n in layer_names if n not in masks]
+        if missing:
+            raise MaskError(f"{mask_path} has no layer {missing[0]!r}; layers: {', '.join(masks)}")
+        masks = {n: masks[n] for n in layer_names}
+    if pixels < 1:
+        raise UbpError(f"--pixels must be >= 1, got {pixels}")
+    layers = []
+    for name, m in masks.items():
+        if m.weight is None and need_weights:
+            raise MaskError(f"layer {name}: {mask_path} has no weights, and tune needs them to build and deliver "
+                            "the kernels (save the masks with weights, e.g. `ubpdsl prune` does, or pass "
+                            "--synthetic-weights to tune data-driven kernels on random weights)")
+        problem = Problem.from_mask(m)
+        if problem.weight is None:  # timing only depends on the block structure
+            rng = np.random.default_rng(0)
+            w = np.zeros((problem.M, problem.K), np.float32)
+            for i in range(problem.N):
+                w[problem.rows + i, problem.cols] = rng.uniform(0.5, 1.5, len(problem.rows))
+            problem = Problem(problem.name, problem.M, problem.K, problem.N, problem.rows, problem.cols, w)
+        layers.append(Layer(problem, int(pixel_map.get(name, pixels))))
+    return layers
+
+
+@dataclass
+class LayerSummary:
+    """Final numbers for one layer (seconds, or estimated cycles when ``estimate``)."""
+
+    layer: str
+    shape: str
+    n: int
+    default: float
+    tuned: float
+    dense: float | None
+    config: str
+    trials: int
+    failed: int
+    cached: bool
+    estimate: bool
+    gflops: float | None
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def run_tune(mask_path: str, *, target: str = "host", trials: int = 24, storage: str | None = None,
+             out_dir: str = "build", layer_names: tuple[str, ...] = (), pixels: int = 196,
+             pixels_map: str | None = None, model: str | None = None, jobs: int = 2, timeout: float = 20.0,
+             runner: str | None = None, ssh_options: tuple[str, ...] = (), force: bool = False,
+             synthetic_weights: bool = False, seed: int = 0, cache_dir: str | None = None, dense: bool = True,
+             progress: bool = True, echo: Any = click.echo) -> list[LayerSummary]:
+    """The ``tune`` command as a function (see :func:`tune`); returns the per-layer summary."""
+    from ubpdsl.autotune.runner import get_runner
+    from ubpdsl.autotune.study import Tuner, TuneSettings
+    from ubpdsl.runtime.targets import get_target
+
+    # 1. validate everything before touching any study
+    if target not in TARGETS:
+        raise TargetError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    get_target(target)
+    if trials < 1:
+        raise UbpError(f"--trials must be >= 1, got {trials}")
+    layers = load_layers(mask_path, layer_names, pixels, _pixel_map(pixels_map, model), not synthetic_weights)
+    the_runner = get_runner(runner, ssh_options) if runner else None
+    settings = TuneSettings(target=target, trials=trials, storage=storage,
+                            cache_dir=Path(cache_dir) if cache_dir else None, jobs=jobs, timeout=timeout, seed=seed,
+                            force=force, weights=not synthetic_weights)
+    warnings.filterwarnings("ignore", module="optuna")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(layers) * trials, desc="tuning", unit="trial", dynamic_ncols=True, leave=True)
+
+    def on_trial(layer: str, k: int, value: float | None) -> None:
+        if bar is not None:
+            bar.set_postfix_str(layer[-24:], refresh=False)
+            bar.update(k)
+
+    tuner = Tuner(settings, runner=the_runner, on_trial=on_trial)
+    out = Path(out_dir)
+    summaries: list[LayerSummary] = []
+    manifest: dict[str, Any] = {"format": "ubpdsl.tuned/1", "target": target, "layers": {}}
+    results = []
+    try:
+        _ = tuner.storage  # connect (TuneError if unreachable) before anything else
+        if tuner.estimate:
+            from ubpdsl.autotune.mca import estimate_label
+
+            echo(f"note: {target} is timed by a cost model: every number is an {estimate_label(target)}", err=True)
+        for layer in layers:
+            before = bar.n if bar is not None else 0
+            res = tuner.tune_layer(layer)
+            if bar is not None:  # cached layers and top-ups count as their whole budget
+                bar.update(max(0, before + trials - bar.n))
+            results.append(res)
+            summaries.append(_deliver(tuner, layer, res, out, manifest, dense and not tuner.estimate
+                                      and the_runner is None))
+    finally:
+        if bar is not None:
+            bar.close()
+        tuner.close()
+    manifest["machine"] = _machine()
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+    table = format_table(summaries, target)
+    _write_atomic(out / "summary.md", table + "\n")
+    echo(table)
+    try:
+        plot_history(results, out / "tuning_history.png", estimate=tuner.estimate)
+        echo(f"wrote {len(summaries)} tuned kernel(s), {out / 'manifest.json'}, {out / 'tuning_history.png'}")
+    except Exception as exc:  # noqa: BLE001 - the plot is a nicety; the kernels are written
+        echo(f"warning: could not draw the tuning history: {exc}", err=True)
+    return summaries
+
+
+def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, Any], dense: bool) -> LayerSummary:
+    """Build the best config into ``out`` and measure default vs tuned (vs torch.mm) once more."""
+    best = tuner.compile(layer, res.best)
+    default = best if res.best == res.default else tuner.compile(layer, res.default)
+    out.mkdir(parents=True, exist_ok=True)
+    safe = _safe(layer.name)
+    files = {"so": out / f"{safe}.{tuner.target.name}.so", "header": out / f"{safe}.h"}
+    _copy_atomic(Path(best["so"]), files["so"])
+    _copy_atomic(Path(best["header"]), files["header"])
+    if best.get("packed"):
+        files["packed"] = out / f"{safe}.packed.bin"
+        _copy_atomic(Path(best["packed"]), files["packed"])
+    dense_s = gflops = None
+    if res.estimate:
+        t_def = tuner.estimate_cost(layer, res.default, default)
+        t_tuned = tuner.estimate_cost(layer, res.best, best)
+    else:
+        entries = [tuner._entry("default", layer, default), tuner._entry("tuned", layer, best)]
+        if dense:
+            wfile = tuner.workdir / f"{layer.mask_hash()[:24]}.{layer.weights_hash()[:16]}.f32"
+            if not wfile.exists():
+                layer.problem.weight.astype(np.float32).tofile(wfile)
+            entries.append({"name": "torch.mm", "kind": "torch_mm", "M": layer.problem.M, "K": layer.problem.K,
+                            "weight": str(wfile)})
+        outcome = tuner.measure(layer, entries, rounds=21, budget_s=0.6)
+        if not outcome.ok:
+            raise UbpError(f"layer {layer.name}: final measurement failed: {outcome.message}")
+        r = outcome.result["results"]
+        t_def = r[0]["median_s"]
+        t_tuned = t_def * r[1]["ratio"]
+        if dense:
+            dense_s = t_def * r[2]["ratio"]
+        gflops = layer.useful_flops / t_tuned / 1e9
+    p = layer.problem
+    manifest["layers"][layer.name] = {
+        **best["manifest"], "files": {k: v.name for k, v in files.items()}, "n": layer.n,
+        "tuned_config": res.best.to_json(), "default_config": res.default.to_json(),
+        "trials": res.trials, "failed_trials": res.failed, "from_cache": res.from_cache, "study": res.study,
+        "estimate": res.estimate, "default_value": t_def, "tuned_value": t_tuned, "dense_torch_mm_s": dense_s,
+        "unit": "cycles (llvm-mca estimate)" if res.estimate else "seconds (median, thread CPU time)",
+    }
+    return LayerSummary(layer.name, f"{p.M}x{p.K} N={p.N}", layer.n, t_def, t_tuned, dense_s, res.best.label(),
+                        res.trials, res.failed, res.from_cache, res.estimate, gflops)
+
+
+def format_table(rows: list[LayerSummary], target: str) -> str:
+    """The summary table (markdown), with geometric means."""
+    from ubpdsl.autotune.study import geomean
+
+    est = any(r.estimate for r in rows)
+    if est:
+        from ubpdsl.autotune.mca import estimate_label
+
+        head = (f"target {target}: {estimate_label(target)} -- not a measurement\n\n"
+                "| layer | shape | n | default (cycles, est.) | tuned (cycles, est.) | speedup (est.) | config "
+                "| trials |")
+        sep = "|---|---|---|---|---|---|---|---|"
+        lines = [head, sep]
+        for r in rows:
+            lines.append(f"| {r.layer} | {r.shape} | {r.n} | {r.default:.0f} | {r.tuned:.0f} | "
+                         f"{r.default / r.tuned:.2f}x | {r.config} | {r.trials}{' (cached)' if r.cached else ''} |")
+        lines.append(f"\ngeometric mean speedup over the default config (estimate): "
+                     f"{geomean(r.default / r.tuned for r in rows):.2f}x")
+        return "\n".join(lines)
+    head = ("| layer | shape | n | default (us) | tuned (us) | torch.mm (us) | tuned vs default | tuned vs torch.mm "
+            "| useful GFLOP/s | config | trials (failed) |")
+    lines = [f"target {target}: measured, single thread, medians of interleaved runs\n", head,
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dense = f"{r.dense * 1e6:.1f}" if r.dense else "-"
+        vs_dense = f"{r.dense / r.tuned:.2f}x" if r.dense else "-"
+        lines.append(f"| {r.layer} | {r.shape} | {r.n} | {r.default * 1e6:.1f} | {r.tuned * 1e6:.1f} | {dense} | "
+                     f"{r.default / r.tuned:.2f}x | {vs_dense} | {r.gflops:.1f} | {r.config} | "
+                     f"{r.trials} ({r.failed}){' cached' if r.cached else ''} |")
+    lines.append(f"\ngeometric means: tuned vs default {geomean(r.default / r.tuned for r in rows):.2f}x, "
+                 f"useful GFLOP/s {geomean(r.gflops for r in rows if r.gflops):.1f}"
+                 + (f", tuned vs torch.mm {geomean(r.dense / r.tuned for r in rows if r.dense):.2f}x"
+                    if any(r.dense for r in rows) else ""))
+    return "\n".join(lines)
+
+
+def plot_history(results: list[Any], path: Path, estimate: bool = False) -> None:
+    """Best-so-far speedup over the default config, per layer, against the trial number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for res in results:
+        xs, ys, best = [], [], None
+        for i, (_, value) in enumerate(sorted(res.history)):
+            if value is not None and value > 0:
+                best = value if best is None else min(best, value)
+            if best is not None:
+                xs.append(i)
+                ys.append(1.0 / best)
+        if xs:
+            ax.step(xs, ys, where="post", label=res.layer if len(results) <= 12 else None, alpha=0.8)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("finished trial")
+    ax.set_ylabel("best speedup over default config" + (" (llvm-mca estimate)" if estimate else ""))
+    ax.set_title("ubpdsl tune: tuning history" + (" -- ESTIMATE" if estimate else ""))
+    if len(results) <= 12:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_bytes(src.read_bytes())
+    tmp.replace(dst)
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    import optuna
+
+    from ubpdsl.autotune.measure import machine_info
+    from ubpdsl.runtime.toolchain import toolchain_versions
+
+    return {**machine_info(), "platform": platform.platform(), "toolchain": toolchain_versions(),
+            "optuna": optuna.__version__, "numpy": np.__version__}
+
+
+@click.command("tune")
+@click.option("--mask", "mask_path", required=True, type=click.Path(dir_okay=False), help="masks.npz")
+@click.option("--target", default="host", show_default=True, help="host, aarch64-neon or aarch64-sve")
+@click.option("--trials", default=24, show_default=True, help="finished trials per layer (a rerun tops up)")
+@click.option("--storage", default=None, help="Optuna storage URL (default: SQLite in the cache dir); "
+              "postgresql://user:pw@host/db shares studies across machines")
+@click.option("-o", "--out", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False))
+@click.option("--layer", "layer_names", multiple=True, help="tune only this layer (repeatable)")
+@click.option("--pixels", default=196, show_default=True, help="n (output pixels) for layers without a map entry")
+@click.option("--pixels-map", default=None, type=click.Path(dir_okay=False), help="JSON {layer: n}")
+@click.option("--model", default=None, help="derive n per layer from a model spec (e.g. mobilenetv2 at 224x224)")
+@click.option("-j", "--jobs", default=2, show_default=True, help="parallel compile workers (0: in process)")
+@click.option("--timeout", default=20.0, show_default=True, help="seconds before a hanging candidate is killed")
+@click.option("--runner", default=None, help="time on another machine: ssh://user@host[:port]")
+@click.option("--ssh-option", "ssh_options", multiple=True, help="extra ssh option, e.g. -oIdentityFile=key")
+@click.option("--force", is_flag=True, help="ignore the tuned-config cache (the study still resumes)")
+@click.option("--synthetic-weights", is_flag=True, help="masks without weights: time data-driven kernels on "
+              "random weights (no packed weights are written)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--no-dense", is_flag=True, help="skip the dense torch.mm comparison")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+def tune(mask_path: str, target: str, trials: int, storage: str | None, out_dir: str, layer_names: tuple[str, ...],
+         pixels: int, pixels_map: str | None, model: str | None, jobs: int, timeout: float, runner: str | None,
+         ssh_options: tuple[str, ...], force: bool, synthetic_weights: bool, seed: int, no_dense: bool,
+         no_progress: bool) -> None:
+    """Tune the kernel of every layer of a masks.npz and write the fastest .so files.
+
+    \b
+    Example:
+      ubpdsl tune --mask masks.npz --model mobilenetv2 -o build/
+      ubpdsl tune --mask masks.npz --target aarch64-sve          # llvm-mca estimate
+      ubpdsl tune --mask masks.npz --storage postgresql://tuner@db/ubp --trials 64
+    Interrupted runs resume where they stopped; unchanged layers come from the cache.
+    """
+    run_tune(mask_path, target=target, trials=trials, storage=storage, out_dir=out_dir, layer_names=layer_names,
+             pixels=pixels, pixels_map=pixels_map, model=model, jobs=jobs, timeout=timeout, runner=runner,
+             ssh_options=ssh_options, force=force, synthetic_weights=synthetic_weights, seed=seed,
+             dense=not no_dense, progress=not no_progress)
