@@ -2,9 +2,10 @@
 
 Two steps, both driven from Python:
 
-1. :func:`lower_ubp` (a Python pass, also registered with ``PassManager.add``) rewrites every
-   ``ubp`` op into ``memref`` / ``vector`` / ``arith`` (+ a few ``llvm`` ops that view the raw C
-   pointers of the kernel ABI as memrefs). The block-sparse operand becomes four memrefs
+1. :func:`lower_ubp` (a Python pass, registered with ``PassManager.add``; Python rewrite
+   patterns applied by the greedy driver) rewrites every ``ubp`` op into ``memref`` /
+   ``vector`` / ``arith`` (+ a few ``llvm`` ops that view the raw C pointers of the kernel ABI
+   as memrefs). The block-sparse operand becomes four memrefs
    (``row_ptr``, ``block_rows``, ``block_cols``, ``values``), either views into the packed
    blob (data-driven) or constant globals (mask-specialised).
 2. :func:`lower_to_llvm` runs the upstream pipeline (canonicalize, CSE, LICM, scf -> cf,
@@ -23,6 +24,12 @@ from mlir import ir
 from mlir.dialects import arith, builtin, llvm, memref, vector
 from mlir.dialects import llvm as llvm_dialect
 from mlir.passmanager import PassManager
+from mlir.rewrite import (
+    GreedyRewriteConfig,
+    PatternRewriter,
+    RewritePatternSet,
+    apply_patterns_and_fold_greedily,
+)
 
 from ubpdsl.errors import BuildError
 
@@ -101,13 +108,6 @@ def _str_attr(op: ir.Operation, name: str) -> str:
     return ir.StringAttr(op.attributes[name]).value
 
 
-def _module_of(op: ir.Operation) -> ir.Operation:
-    cur = op
-    while cur.name != "builtin.module":
-        cur = cur.parent
-    return cur
-
-
 def _global_constant(module_op: ir.Operation, name: str, attr: ir.DenseElementsAttr,
                      elem: ir.Type) -> ir.Value:
     """Emit a private constant memref.global in the module and return its memref."""
@@ -121,18 +121,37 @@ def _global_constant(module_op: ir.Operation, name: str, attr: ir.DenseElementsA
 
 
 class _Lowering:
-    """Rewrites the ubp ops of one module; keeps the weights records while it runs."""
+    """The ubp -> upstream rewrites.
+
+    Step 1 (:meth:`materialize_weights`, a walk) turns every ``!ubp.weights`` handle into the
+    memrefs it stands for, bundled by a ``builtin.unrealized_conversion_cast`` back to the
+    handle type (the usual type-conversion idiom); constant globals for mask-specialised
+    kernels are created here, at module level. Step 2 is a ``RewritePatternSet`` of Python
+    patterns, one per op, applied greedily; each pattern reads the memrefs off the cast.
+    """
 
     def __init__(self, module_op: ir.Operation):
         self.module_op = module_op
-        self.weights: list[tuple[ir.Value, _Weights]] = []
         self.counter = 0
 
     def record(self, value: ir.Value) -> _Weights:
-        for key, rec in self.weights:
-            if key == value:
-                return rec
-        raise BuildError("ubp lowering: weights operand not defined by ubp.sparse_weights/baked_weights")
+        cast = value.owner
+        if not isinstance(cast, ir.Operation):
+            cast = getattr(cast, "operation", cast)
+        if cast.name != "builtin.unrealized_conversion_cast" or "ubp.layout" not in cast.attributes:
+            raise BuildError("ubp lowering: a weights operand does not come from ubp.sparse_weights/baked_weights")
+        ops = list(cast.operands)
+        return _Weights(block=_block_of(value.type), row_ptr=ops[0], block_rows=ops[1], block_cols=ops[2],
+                        values=ops[3], header=ops[4] if len(ops) > 4 else None,
+                        rows=_int_attr(cast, "ubp.rows"), cols=_int_attr(cast, "ubp.cols"),
+                        layout=_str_attr(cast, "ubp.layout"))
+
+    def _bundle(self, op: ir.Operation, memrefs: list[ir.Value]) -> ir.Value:
+        """The handle as a cast of its memrefs (metadata kept as attributes of the cast)."""
+        cast = builtin.UnrealizedConversionCastOp([op.results[0].type], memrefs)
+        for key in ("rows", "cols", "layout"):
+            cast.attributes[f"ubp.{key}"] = op.attributes[key]
+        return cast.results[0]
 
     # -- operands -------------------------------------------------------------------------
     def dense_view(self, op: ir.Operation) -> list[ir.Value]:
@@ -160,10 +179,8 @@ class _Lowering:
         bcols = memref.view(dyn_i32, raw, word(H_OFF_COLS), [arith.addi(nblocks, _i(COL_PAD))])
         nvals = arith.muli(nblocks, _i(block))
         vals = memref.view(ir.Type.parse("memref<?xf32>"), raw, word(H_OFF_VALS), [nvals])
-        del f32
-        self.weights.append((op.results[0], _Weights(block, row_ptr, brows, bcols, vals, header,
-                                                     rows, cols, _str_attr(op, "layout"))))
-        return []
+        del f32, cols
+        return [self._bundle(op, [row_ptr, brows, bcols, vals, header])]
 
     def baked_weights(self, op: ir.Operation) -> list[ir.Value]:
         i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
@@ -175,11 +192,7 @@ class _Lowering:
             if len(attr) == 0:  # a memref.global cannot be empty: keep one unused element
                 attr = ir.DenseElementsAttr.get(np.zeros(1, np.float32 if elem == f32 else np.int32))
             gl[key] = _global_constant(self.module_op, f"{tag}_{key}", attr, elem)
-        rows, cols, block = (_int_attr(op, k) for k in ("rows", "cols", "block"))
-        self.weights.append((op.results[0], _Weights(block, gl["row_ptr"], gl["block_rows"],
-                                                     gl["block_cols"], gl["values"], None,
-                                                     rows, cols, _str_attr(op, "layout"))))
-        return []
+        return [self._bundle(op, [gl["row_ptr"], gl["block_rows"], gl["block_cols"], gl["values"]])]
 
     def check_weights(self, op: ir.Operation) -> list[ir.Value]:
         rec = self.record(op.operands[0])
@@ -275,31 +288,64 @@ class _Lowering:
             memref.prefetch(src, [row, c], is_write=False, locality_hint=3, is_data_cache=True)
         return []
 
-    def run(self) -> None:
-        ops: list[ir.Operation] = []
+    def materialize_weights(self) -> None:
+        handles: list[ir.Operation] = []
 
         def collect(o: ir.Operation) -> ir.WalkResult:
-            if o.name.startswith("ubp."):
-                ops.append(o)
+            if o.name in ("ubp.sparse_weights", "ubp.baked_weights"):
+                handles.append(o)
             return ir.WalkResult.ADVANCE
 
         self.module_op.walk(collect, ir.WalkOrder.PRE_ORDER)
-        handle_ops = []
-        for o in ops:
-            name = o.name.split(".", 1)[1]
-            handler = getattr(self, name, None)
-            if handler is None:
-                raise BuildError(f"ubp lowering: no lowering for op ubp.{name}")
+        for o in handles:
             with ir.InsertionPoint(o), o.location:
-                new = handler(o)
-            if name in ("sparse_weights", "baked_weights"):
-                handle_ops.append(o)
-                continue
-            for old, repl in zip(o.results, new, strict=True):
-                old.replace_all_uses_with(repl)
+                (bundle,) = getattr(self, o.name.split(".", 1)[1])(o)
+            o.results[0].replace_all_uses_with(bundle)
             o.erase()
-        for o in reversed(handle_ops):
-            o.erase()
+
+    def patterns(self) -> RewritePatternSet:
+        """One Python rewrite pattern per remaining ubp op."""
+        patterns = RewritePatternSet()
+        for name in ("dense_view", "check_weights", "row_blocks", "block_row", "block_col", "block_weight",
+                     "block_fma", "tiles", "load_tile", "store_tile", "prefetch_tile"):
+            patterns.add(f"ubp.{name}", self._pattern(getattr(self, name)))
+        return patterns
+
+    @staticmethod
+    def _pattern(build):  # noqa: ANN001, ANN205 - (op) -> list[Value]
+        def rewrite(op: ir.Operation, rewriter: PatternRewriter) -> None:
+            with rewriter.ip, op.location:
+                values = build(op)
+            if values:
+                rewriter.replace_op(op, values)
+            else:
+                rewriter.erase_op(op.operation)
+
+        return rewrite
+
+    def run(self) -> None:
+        self.materialize_weights()
+        config = GreedyRewriteConfig()
+        apply_patterns_and_fold_greedily(self.module_op, self.patterns().freeze(), config)
+        leftover: list[str] = []
+
+        def check(o: ir.Operation) -> ir.WalkResult:
+            if o.name.startswith("ubp."):
+                leftover.append(o.name)
+            return ir.WalkResult.ADVANCE
+
+        self.module_op.walk(check, ir.WalkOrder.PRE_ORDER)
+        if leftover:
+            raise BuildError(f"ubp lowering left ops behind: {', '.join(sorted(set(leftover)))}")
+
+
+def _block_of(weights_type: ir.Type) -> int:
+    """N of a ``!ubp.weights<N : i64>`` type."""
+    text = str(weights_type)
+    try:
+        return int(text[text.index("<") + 1:].split(":")[0])
+    except ValueError:
+        raise BuildError(f"ubp lowering: malformed weights type {text}") from None
 
 
 def lower_ubp(module: ir.Module | ir.Operation) -> None:
