@@ -1,0 +1,703 @@
+"""Kernel bundles: every pruned layer of a model compiled for one or more targets, in one directory.
+
+``ubpdsl export`` turns a masks.npz (with the pruned weights) plus per-layer kernel configurations
+(tuned by ``ubpdsl tune``, else the default ``wros``) into a *bundle*::
+
+    bundle/
+      manifest.json                 format "ubpdsl.bundle/1": toolchain versions, targets, variants,
+                                    per layer its mask hash and, per target, config, files, sha256s
+      masks.npz                     the blocks and pruned weights the kernels were built from
+      <target>/<layer>.<target>.so  self-contained kernel (DT_SONAME = this file name)
+      <target>/<layer>.h            C prototype, shape macros, packed-weight layout
+      <target>/<layer>.packed.bin   packed weights (data-driven kernels; absent when baked)
+      <target>/kernels.tsv          the same per-layer facts as plain text, for C programs
+
+(``<layer>`` is the layer name with every character outside ``[A-Za-z0-9_]`` replaced by ``_``;
+the kernel symbol is ``ubp_<layer>``.) One directory per target keeps headers and packed weights of
+different targets apart, since a tuned configuration may differ per target.
+
+:func:`load_bundle` reads a bundle back and checks it completely before anything runs: the
+manifest's format and fields, every file's presence and sha256, that each ``.so`` is an ELF for its
+target's architecture and exports its symbol, that each packed blob's header matches its layer, and
+that masks.npz agrees with the manifest. A host kernel built for CPU features this machine lacks is
+refused too. Every problem is a :class:`BundleError` with a one-line message.
+
+:func:`configs_for` is the single place where kernel configurations are chosen: tuned ones from a
+``ubpdsl tune`` output (its ``manifest.json``, format ``ubpdsl.tuned/1``) where available, the default
+configuration for every other layer.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+import ubpdsl
+from ubpdsl.errors import MaskError, UbpError
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "DEFAULT_VARIANT",
+    "Bundle",
+    "BundleError",
+    "KernelConfig",
+    "configs_for",
+    "export",
+    "export_bundle",
+    "load_bundle",
+    "load_tuned_configs",
+    "safe_name",
+]
+
+BUNDLE_FORMAT = "ubpdsl.bundle/1"
+TUNED_FORMAT = "ubpdsl.tuned/1"
+DEFAULT_VARIANT = "wros"
+MANIFEST = "manifest.json"
+MASKS = "masks.npz"
+INDEX = "kernels.tsv"
+TARGETS = ("host", "aarch64-neon", "aarch64-sve")
+_ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
+_PACKED_MAGIC = 0x31504255
+
+
+class BundleError(UbpError):
+    """A bundle is missing, inconsistent with its manifest, or does not fit the model or machine."""
+
+
+def safe_name(layer: str) -> str:
+    """The file-name / C-symbol form of a layer name (``features.1.conv`` -> ``features_1_conv``)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", layer)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def block_structure_hash(M: int, K: int, N: int, rows: np.ndarray, cols: np.ndarray) -> str:
+    """sha256 of a layer's block structure (shape, N, rows, cols); the autotuner keys its cache by it."""
+    h = hashlib.sha256(f"{M},{K},{N}".encode())
+    h.update(np.ascontiguousarray(rows, np.int64).tobytes())
+    h.update(np.ascontiguousarray(cols, np.int64).tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ configurations
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How to build one layer's kernel: the JSON form matches ``ubpdsl.autotune.space.Config``.
+
+    ``vector_bits`` None means the target's own width; ``source`` says where the config came from
+    (``"default"`` or the tuned manifest it was read from) and ``tuned_for`` the layer's (M, K, N)
+    when it was tuned, so a stale tune output is caught.
+    """
+
+    variant: str = DEFAULT_VARIANT
+    constants: Mapping[str, Any] = field(default_factory=dict)
+    specialize: bool = False
+    vector_bits: int | None = None
+    source: str = "default"
+    tuned_for: tuple[int, int, int] | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "default") -> KernelConfig:
+        if not isinstance(data, Mapping) or not isinstance(data.get("variant"), str):
+            raise UbpError(f"{source}: a kernel config needs a 'variant' string, got {data!r}")
+        consts = data.get("constants") or {}
+        if not isinstance(consts, Mapping):
+            raise UbpError(f"{source}: config constants must be an object, got {consts!r}")
+        vb = data.get("vector_bits")
+        if vb is not None and (not isinstance(vb, int) or vb <= 0 or vb % 128):
+            raise UbpError(f"{source}: vector_bits must be a positive multiple of 128, got {vb!r}")
+        return cls(data["variant"], dict(consts), bool(data.get("specialize", False)), vb, source)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variant": self.variant, "constants": dict(sorted(self.constants.items())),
+                "specialize": self.specialize, "vector_bits": self.vector_bits}
+
+    def label(self) -> str:
+        consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
+        extra = (",baked" if self.specialize else "") + (f",v{self.vector_bits}" if self.vector_bits else "")
+        return f"{self.variant}[{consts}{extra}]"
+
+
+def load_tuned_configs(path: str | os.PathLike[str]) -> tuple[str, dict[str, KernelConfig]]:
+    """``(target, {layer: config})`` from a ``ubpdsl tune`` output directory or its manifest.json."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST
+    if not p.is_file():
+        raise UbpError(f"tuned configurations {path}: no such file (give a `ubpdsl tune -o DIR` directory)")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UbpError(f"tuned configurations {p}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != TUNED_FORMAT:
+        fmt = data.get("format") if isinstance(data, dict) else None
+        raise UbpError(f"tuned configurations {p}: format {fmt!r} is not {TUNED_FORMAT!r} "
+                       "(expected the manifest.json written by `ubpdsl tune`)")
+    target = data.get("target")
+    layers = data.get("layers")
+    if target not in TARGETS or not isinstance(layers, dict):
+        raise UbpError(f"tuned configurations {p}: needs a known 'target' and a 'layers' object")
+    out: dict[str, KernelConfig] = {}
+    for name, entry in layers.items():
+        if not isinstance(entry, dict) or "tuned_config" not in entry:
+            raise UbpError(f"tuned configurations {p}: layer {name!r} has no tuned_config")
+        cfg = KernelConfig.from_json(entry["tuned_config"], source=str(p))
+        shape = (entry.get("M"), entry.get("K"), entry.get("N"))
+        if all(isinstance(v, int) for v in shape):
+            cfg = replace(cfg, tuned_for=shape)
+        out[name] = cfg
+    return str(target), out
+
+
+def configs_for(layers: Mapping[str, Any], target: str,
+                tuned: Mapping[str, KernelConfig] | None = None) -> dict[str, KernelConfig]:
+    """The kernel config of every layer for ``target``: tuned where given, else the default.
+
+    ``layers`` maps names to :class:`~ubpdsl.masks.LayerMask`; a tuned entry recorded for another
+    GEMM shape than the layer's (a stale tune output) is an error rather than a silent mismatch.
+    """
+    tuned = tuned or {}
+    out: dict[str, KernelConfig] = {}
+    for name, mask in layers.items():
+        cfg = tuned.get(name)
+        if cfg is None:
+            out[name] = KernelConfig()
+            continue
+        if cfg.tuned_for is not None and cfg.tuned_for != (mask.R, mask.C, mask.block):
+            M, K, N = cfg.tuned_for
+            raise UbpError(f"layer {name}: tuned for M,K,N = {M},{K},{N} but the mask is "
+                           f"{mask.R},{mask.C},{mask.block}: re-run `ubpdsl tune` on this masks.npz")
+        out[name] = cfg
+    return out
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def _target_for(name: str, cfg: KernelConfig) -> Any:
+    from ubpdsl.runtime.targets import get_target
+
+    tgt = get_target(name)
+    if cfg.vector_bits is None or cfg.vector_bits == tgt.vector_bits:
+        return tgt
+    return replace(tgt, vector_bits=cfg.vector_bits)  # same name: artifacts keep their file names
+
+
+def _module_info(model: Any, name: str, mask: Any) -> dict[str, Any]:
+    """Geometry of the model's layer ``name`` (recorded in the manifest), checked against the mask."""
+    from torch import nn
+
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise BundleError(f"the model has no layer {name!r} (masks.npz names it)") from None
+    weight = getattr(module, "weight", None)
+    if weight is None or tuple(weight.shape) != tuple(mask.shape):
+        got = None if weight is None else tuple(weight.shape)
+        raise BundleError(f"layer {name}: the model's weight has shape {got}, masks.npz says {tuple(mask.shape)}")
+    if mask.weight is not None:
+        w = weight.detach().float().reshape(mask.R, mask.C).cpu().numpy()
+        if not np.array_equal(w, mask.weight):
+            diff = float(np.abs(w - mask.weight).max())
+            raise BundleError(f"layer {name}: the model's weights differ from masks.npz (max |diff| {diff:.3g}): "
+                              "save the masks from this model (sparsifier.save_masks) after training")
+    if isinstance(module, nn.Conv2d):
+        return {"type": "Conv2d", "kernel_size": list(module.kernel_size), "stride": list(module.stride),
+                "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
+                "dilation": list(module.dilation), "groups": module.groups, "bias": module.bias is not None}
+    if isinstance(module, nn.Linear):
+        return {"type": "Linear", "bias": module.bias is not None}
+    return {"type": type(module).__name__, "bias": getattr(module, "bias", None) is not None}
+
+
+def _write_index(target_dir: Path, rows: list[dict[str, Any]]) -> None:
+    lines = ["# ubpdsl bundle kernel index: layer symbol M K N so packed ('-': weights baked into the .so)"]
+    for r in rows:
+        lines.append("\t".join(str(v) for v in (r["layer"], r["symbol"], r["M"], r["K"], r["N"], r["so"],
+                                                r["packed"] or "-")))
+    (target_dir / INDEX).write_text("\n".join(lines) + "\n")
+
+
+def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: str | os.PathLike[str], *,
+                  targets: Iterable[str] = ("host",),
+                  tuned: Mapping[str, Mapping[str, KernelConfig]] | None = None,
+                  model: Any = None, layers: Iterable[str] | None = None, force: bool = False,
+                  echo: Callable[[str], None] | None = None) -> Path:
+    """Compile every layer of ``masks`` for every target into the bundle ``out_dir``; returns its path.
+
+    ``masks``: a masks.npz path or ``{name: LayerMask}`` (weights required). ``tuned``:
+    ``{target: {layer: KernelConfig}}`` (see :func:`load_tuned_configs`); layers without one get the
+    default config. ``model``: optional, the pruned torch model: its layers must exist with the masks'
+    shapes and weights, and their geometry goes into the manifest. The bundle is assembled in a
+    temporary directory and renamed into place; an existing bundle is replaced, any other non-empty
+    directory only with ``force``.
+    """
+    from ubpdsl.compiler import Problem, compile_kernel
+    from ubpdsl.kernels import VARIANTS
+    from ubpdsl.masks import load_masks, save_masks
+    from ubpdsl.runtime.targets import get_target
+    from ubpdsl.runtime.toolchain import toolchain_versions
+
+    say = echo or (lambda _msg: None)
+    if isinstance(masks, (str, os.PathLike)):
+        if not Path(masks).is_file():
+            raise MaskError(f"masks file {masks} does not exist")
+        masks = load_masks(masks)
+    layer_masks = dict(masks)
+    if layers is not None:
+        wanted = list(layers)
+        missing = [n for n in wanted if n not in layer_masks]
+        if missing:
+            raise MaskError(f"masks.npz has no layer {missing[0]!r}; layers: {', '.join(layer_masks)}")
+        layer_masks = {n: layer_masks[n] for n in wanted}
+    if not layer_masks:
+        raise MaskError("no layers to export")
+    targets = list(dict.fromkeys(targets))
+    if not targets:
+        raise UbpError("give at least one target")
+    tgts = {t: get_target(t) for t in targets}  # TargetError for unknown names
+    tuned = dict(tuned or {})
+    for t in tuned:
+        if t not in tgts:
+            raise UbpError(f"tuned configurations for target {t!r}, which is not exported (targets: "
+                           f"{', '.join(targets)})")
+    # Everything checkable is checked before the first compile.
+    safe_seen: dict[str, str] = {}
+    modules: dict[str, Any] = {}
+    for name, mask in layer_masks.items():
+        if mask.weight is None:
+            raise MaskError(f"layer {name}: masks.npz has no weights; the kernels need them "
+                            "(save the masks with weights, e.g. sparsifier.save_masks or `ubpdsl prune`)")
+        mask.validate()
+        safe = safe_name(name)
+        if safe in safe_seen:
+            raise MaskError(f"layers {safe_seen[safe]!r} and {name!r} map to the same file name {safe!r}")
+        safe_seen[safe] = name
+        if model is not None:
+            modules[name] = _module_info(model, name, mask)
+    configs = {t: configs_for(layer_masks, t, tuned.get(t)) for t in targets}
+    for t, per_layer in configs.items():
+        for name, cfg in per_layer.items():
+            if cfg.variant not in VARIANTS:
+                raise UbpError(f"layer {name}: unknown kernel variant {cfg.variant!r} for {t} "
+                               f"(known: {', '.join(VARIANTS)})")
+
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise BundleError(f"{out} exists and is not a directory")
+        is_bundle = (out / MANIFEST).is_file() and _looks_like_bundle(out / MANIFEST)
+        if any(out.iterdir()) and not is_bundle and not force:
+            raise BundleError(f"{out} is a non-empty directory that is not a bundle; choose another -o (or --force)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_masks(tmp / MASKS, layer_masks)
+        manifest: dict[str, Any] = {
+            "format": BUNDLE_FORMAT,
+            "ubpdsl": ubpdsl.__version__,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "exported_on": {"machine": platform.machine(), "python": platform.python_version()},
+            "toolchain": toolchain_versions(),
+            "targets": {t: {"triple": g.triple, "cpu": g.cpu, "features": g.features, "vector_bits": g.vector_bits,
+                            "scalable": g.scalable} for t, g in tgts.items()},
+            "variants": sorted({c.variant for per in configs.values() for c in per.values()}),
+            "masks": {"file": MASKS, "sha256": _sha256(tmp / MASKS)},
+            "layers": {},
+        }
+        for name, mask in layer_masks.items():
+            manifest["layers"][name] = {
+                "shape": list(mask.shape), "M": mask.R, "K": mask.C, "N": mask.block, "blocks": mask.num_blocks,
+                "sparsity": round(mask.sparsity, 6), "mask_sha256": mask.content_hash(),
+                "blocks_sha256": block_structure_hash(mask.R, mask.C, mask.block, mask.rows, mask.cols),
+                "module": modules.get(name), "targets": {},
+            }
+        for t in targets:
+            tdir = tmp / t
+            index = []
+            for name, mask in layer_masks.items():
+                cfg = configs[t][name]
+                safe = safe_name(name)
+                ck = compile_kernel(VARIANTS[cfg.variant], Problem.from_mask(mask), _target_for(t, cfg),
+                                    constants=dict(cfg.constants), specialize=cfg.specialize, symbol="ubp_" + safe)
+                files = ck.save(tdir)
+                rel = {k: f"{t}/{p.name}" for k, p in files.items()}
+                manifest["layers"][name]["targets"][t] = {
+                    "symbol": ck.symbol, "config": cfg.to_json(), "config_source": cfg.source,
+                    "constants": ck.constants, "specialized": ck.specialized,
+                    "files": rel, "sha256": {k: _sha256(p) for k, p in files.items()},
+                    "kernel": {k: ck.manifest[k] for k in ("triple", "cpu", "features", "cache_key", "mask_hash",
+                                                           "variant", "soname")},
+                }
+                index.append({"layer": name, "symbol": ck.symbol, "M": mask.R, "K": mask.C, "N": mask.block,
+                              "so": files["so"].name, "packed": files["packed"].name if "packed" in files else None})
+                label = replace(cfg, constants=ck.constants).label()
+                say(f"{t:>12}  {name}: {label} ({'tuned' if cfg.source != 'default' else 'default'} config, "
+                    f"{'cached' if ck.cache_hit else 'built'})")
+            _write_index(tdir, index)
+            manifest.setdefault("indexes", {})[t] = {"file": f"{t}/{INDEX}", "sha256": _sha256(tdir / INDEX)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        load_bundle(tmp, check_host=False)  # never hand out a bundle that would not load
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _looks_like_bundle(manifest: Path) -> bool:
+    try:
+        return json.loads(manifest.read_text()).get("format") == BUNDLE_FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    """One layer's kernel for one target, as found (and verified) in a bundle."""
+
+    layer: str
+    target: str
+    symbol: str
+    M: int
+    K: int
+    N: int
+    so: Path
+    header: Path
+    packed: Path | None
+    features: str
+    triple: str
+
+    def packed_weights(self) -> np.ndarray | None:
+        """The packed weight blob (uint8, 64-byte aligned copy) or None for baked kernels."""
+        if self.packed is None:
+            return None
+        raw = np.fromfile(self.packed, dtype=np.uint8)
+        buf = np.empty(raw.size + 64, np.uint8)  # keep the blob 64-byte aligned like the packer does
+        start = (-buf.ctypes.data) % 64
+        blob = buf[start:start + raw.size]
+        blob[:] = raw
+        return blob
+
+
+class Bundle:
+    """A verified bundle directory (see :func:`load_bundle`)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.manifest = manifest
+        self._masks: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.root)!r}, layers={len(self.layers)}, targets={self.targets})"
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.manifest["layers"])
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.manifest["targets"])
+
+    def masks(self) -> dict[str, Any]:
+        """The bundle's masks.npz (blocks and pruned weights)."""
+        if self._masks is None:
+            from ubpdsl.masks import load_masks
+
+            self._masks = load_masks(self.root / MASKS)
+        return self._masks
+
+    def kernel(self, layer: str, target: str = "host") -> KernelFiles:
+        """The kernel of ``layer`` for ``target``; BundleError naming what exists otherwise."""
+        entry = self.manifest["layers"].get(layer)
+        if entry is None:
+            known = ", ".join(self.layers[:8]) + (", ..." if len(self.layers) > 8 else "")
+            raise BundleError(f"bundle {self.root} has no layer {layer!r} (layers: {known})")
+        t = entry["targets"].get(target)
+        if t is None:
+            raise BundleError(f"bundle {self.root}: layer {layer!r} was not exported for {target} "
+                              f"(targets: {', '.join(entry['targets'])})")
+        files = t["files"]
+        return KernelFiles(layer, target, t["symbol"], entry["M"], entry["K"], entry["N"], self.root / files["so"],
+                           self.root / files["header"], self.root / files["packed"] if "packed" in files else None,
+                           t["kernel"]["features"], t["kernel"]["triple"])
+
+    def check_runs_here(self, target: str = "host") -> None:
+        """BundleError unless this machine can run the bundle's ``target`` kernels natively."""
+        if target not in self.manifest["targets"]:
+            raise BundleError(f"bundle {self.root} has no {target} kernels (targets: {', '.join(self.targets)})")
+        info = self.manifest["targets"][target]
+        arch = info["triple"].split("-", 1)[0]
+        here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+        if arch != here:
+            raise BundleError(f"bundle {self.root}: the {target} kernels are {arch} code; this machine is {here} "
+                              + ("(run them under qemu, or re-export for host)" if arch == "aarch64" else ""))
+        if target == "host":
+            from ubpdsl.runtime.targets import host_target
+
+            have = {f[1:] for f in host_target().features.split(",") if f.startswith("+")}
+            need = {f[1:] for f in info["features"].split(",") if f.startswith("+")}
+            lacking = sorted(need - have)
+            if lacking:
+                raise BundleError(f"bundle {self.root}: its host kernels were built for CPU {info['cpu']} and need "
+                                  f"{', '.join(lacking)}, which this CPU lacks: re-export the bundle on this machine")
+
+
+def _fail(root: Path, msg: str) -> BundleError:
+    return BundleError(f"bundle {root}: {msg}")
+
+
+def _inside(root: Path, rel: Any) -> Path:
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in Path(rel).parts:
+        raise _fail(root, f"manifest names the file {rel!r}, which is not a relative path inside the bundle")
+    return root / rel
+
+
+def _check_file(root: Path, rel: str, sha: Any) -> Path:
+    path = _inside(root, rel)
+    if not path.is_file():
+        raise _fail(root, f"{rel} is listed in the manifest but missing")
+    if _sha256(path) != sha:
+        raise _fail(root, f"{rel} does not match the manifest (sha256 differs): the file changed after export")
+    return path
+
+
+def _check_so(root: Path, rel: str, target: str, triple: str, symbol: str) -> None:
+    from ubpdsl.runtime.build import read_elf
+
+    path = root / rel
+    head = path.read_bytes()[:20]
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        raise _fail(root, f"{rel} is not an ELF shared object")
+    e_machine = struct.unpack_from("<H", head, 18)[0]
+    machine = _ELF_MACHINES.get(e_machine, f"e_machine={e_machine}")
+    want = triple.split("-", 1)[0]
+    if machine != want:
+        raise _fail(root, f"{rel} is {machine} code, but the manifest lists it as the {target} ({want}) kernel: "
+                          "a .so built for another target")
+    try:
+        info = read_elf(path)
+    except UbpError as exc:
+        raise _fail(root, f"{rel}: {exc}") from None
+    if info.elf_type != "dyn" or symbol not in info.exported_functions:
+        raise _fail(root, f"{rel} does not export the kernel {symbol}")
+
+
+def _check_packed(root: Path, rel: str, M: int, K: int, N: int) -> None:
+    head = (root / rel).read_bytes()[:48]
+    if len(head) < 48:
+        raise _fail(root, f"{rel} is too short for a packed weight blob")
+    magic, version, m, k, n = struct.unpack_from("<5I", head)
+    total = struct.unpack_from("<I", head, 44)[0]
+    if magic != _PACKED_MAGIC or version != 1:
+        raise _fail(root, f"{rel} is not a packed weight blob (bad magic or version)")
+    if (m, k, n) != (M, K, N):
+        raise _fail(root, f"{rel} holds weights for M,K,N = {m},{k},{n}, the layer is {M},{K},{N}")
+    if total != (root / rel).stat().st_size:
+        raise _fail(root, f"{rel} is {(root / rel).stat().st_size} bytes, its header says {total}")
+
+
+def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = False) -> Bundle:
+    """Open and fully verify a bundle; with ``check_host``, also that its host kernels run here."""
+    if isinstance(path, Bundle):
+        if check_host:
+            path.check_runs_here("host")
+        return path
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"bundle {root} does not exist (create one with `ubpdsl export`)")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise _fail(root, f"no {MANIFEST}: not a bundle")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(root, f"{MANIFEST} is not readable JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise _fail(root, f"{MANIFEST} has format {fmt!r}, expected {BUNDLE_FORMAT!r}")
+    targets, layers, masks = manifest.get("targets"), manifest.get("layers"), manifest.get("masks")
+    if not isinstance(targets, dict) or not isinstance(layers, dict) or not isinstance(masks, dict) or not layers:
+        raise _fail(root, f"{MANIFEST} needs non-empty 'targets', 'layers' and 'masks' objects")
+    for t, info in targets.items():
+        if t not in TARGETS or not isinstance(info, dict) or not isinstance(info.get("triple"), str):
+            raise _fail(root, f"{MANIFEST}: unknown or malformed target {t!r}")
+    _check_file(root, masks.get("file"), masks.get("sha256"))
+    try:
+        for idx in (manifest.get("indexes") or {}).values():
+            _check_file(root, idx.get("file"), idx.get("sha256"))
+        for name, entry in layers.items():
+            M, K, N = int(entry["M"]), int(entry["K"]), int(entry["N"])
+            if set(entry["targets"]) != set(targets):
+                missing = sorted(set(targets) - set(entry["targets"]))
+                raise _fail(root, f"layer {name!r} has no kernel for {', '.join(missing) or '?'}")
+            for t, te in entry["targets"].items():
+                files, shas = te["files"], te["sha256"]
+                if "so" not in files or "header" not in files:
+                    raise _fail(root, f"layer {name!r} ({t}): the manifest lists no .so or header")
+                for kind, rel in files.items():
+                    _check_file(root, rel, shas.get(kind))
+                _check_so(root, files["so"], t, targets[t]["triple"], te["symbol"])
+                if "packed" in files:
+                    _check_packed(root, files["packed"], M, K, N)
+                elif not te.get("specialized"):
+                    raise _fail(root, f"layer {name!r} ({t}): a data-driven kernel without packed weights")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _fail(root, f"{MANIFEST} is malformed ({type(exc).__name__}: {exc})") from None
+    bundle = Bundle(root, manifest)
+    try:
+        stored = bundle.masks()
+    except MaskError as exc:
+        raise _fail(root, f"{MASKS}: {exc}") from None
+    if set(stored) != set(layers):
+        extra = sorted(set(stored) ^ set(layers))
+        raise _fail(root, f"{MASKS} and {MANIFEST} list different layers (e.g. {extra[0]!r})")
+    for name, mask in stored.items():
+        if mask.content_hash() != layers[name].get("mask_sha256"):
+            raise _fail(root, f"layer {name!r}: {MASKS} does not match the manifest's mask hash")
+    if check_host:
+        bundle.check_runs_here("host")
+    return bundle
+
+
+# ------------------------------------------------------------------------------------ the C example
+
+#: The C program that runs one layer of a bundle (in the source tree, not in the wheel).
+BUNDLE_MAIN_C = Path(__file__).resolve().parents[1] / "examples" / "embed_c" / "bundle_main.c"
+
+
+def build_bundle_main(target: str, out: Path, source: Path = BUNDLE_MAIN_C) -> Path:
+    """Compile ``bundle_main.c`` with zig for ``target`` (AArch64: a dynamic glibc program); returns it."""
+    from ubpdsl.runtime.targets import get_target
+    from ubpdsl.runtime.toolchain import run_tool, zig_cmd
+
+    if not source.is_file():
+        raise UbpError(f"{source} not found: the C example lives in the source tree (examples/embed_c)")
+    triple = ["-target", "aarch64-linux-gnu.2.17"] if get_target(target).is_aarch64 else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_tool([*zig_cmd(), "cc", *triple, "-O2", str(source), "-ldl", "-o", str(out)], what="zig cc (bundle_main)")
+    return out
+
+
+def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer: str, x: np.ndarray, *,
+                    exe: Path | None = None, sve_bits: int = 256, timeout: float = 120) -> np.ndarray:
+    """Run ``layer``'s ``target`` kernel from the bundle through the C program; returns y [M, n].
+
+    AArch64 targets run under qemu-user with Debian's AArch64 glibc (``libc6-arm64-cross``); SVE
+    kernels with a ``sve_bits`` vector length. ``exe``: an already built ``bundle_main``.
+    """
+    import subprocess
+
+    from ubpdsl.errors import RunError
+    from ubpdsl.runtime import qemu
+    from ubpdsl.runtime.targets import get_target
+
+    b = load_bundle(bundle)
+    files = b.kernel(layer, target)
+    x = np.ascontiguousarray(x, dtype="<f4")
+    if x.ndim != 2 or x.shape[0] != files.K:
+        raise UbpError(f"layer {layer}: x must be [K={files.K}, n], got {list(x.shape)}")
+    with tempfile.TemporaryDirectory(prefix="ubp-bundle-main-") as tmp:
+        prog = exe or build_bundle_main(target, Path(tmp) / "bundle_main")
+        xfile = Path(tmp) / "x.f32"
+        x.tofile(xfile)
+        argv = [str(prog), str(b.root), target, layer, str(xfile), str(x.shape[1])]
+        if get_target(target).is_aarch64:
+            sysroot = qemu.aarch64_sysroot()
+            if sysroot is None:
+                raise RunError("no AArch64 glibc for qemu: install Debian's libc6-arm64-cross")
+            bits = sve_bits if target == "aarch64-sve" else None
+            argv = [qemu.qemu_binary(), *qemu.qemu_cpu_args(bits), "-L", str(sysroot), *argv]
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise RunError(f"bundle_main ({target}, {layer}) timed out after {timeout:g} s") from None
+    if res.returncode != 0:
+        raise RunError(f"bundle_main ({target}, {layer}) failed with exit code {res.returncode}: "
+                       f"{res.stderr.strip()[-500:]}")
+    return np.array(res.stdout.split(), dtype=np.float32).reshape(files.M, x.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+@click.command("export")
+@click.option("--mask", "mask_path", required=True, type=click.Path(dir_okay=False),
+              help="masks.npz with the pruned weights")
+@click.option("--tuned", "tuned_paths", multiple=True, type=click.Path(),
+              help="output of `ubpdsl tune -o DIR` (the dir or its manifest.json); repeat per target")
+@click.option("--target", "targets", multiple=True, type=click.Choice(TARGETS),
+              help="target to build for (repeatable; default: host)")
+@click.option("--layer", "layers", multiple=True, help="export only this layer (repeatable)")
+@click.option("--model", "model_spec", default=None, help="model spec (e.g. digits-cnn) to check the masks "
+              "against and record layer geometry")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False),
+              help="state dict of the pruned model (with --model)")
+@click.option("-o", "--out", "out_dir", default="bundle", show_default=True, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="overwrite a non-empty directory that is not a bundle")
+def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...], layers: tuple[str, ...],
+           model_spec: str | None, weights: str | None, out_dir: str, force: bool) -> None:
+    """Build a bundle: every pruned layer's kernel per target, packed weights, headers, one manifest.
+
+    \b
+    Example:
+      ubpdsl tune --mask masks.npz -o tuned/
+      ubpdsl export --mask masks.npz --tuned tuned/ --target host --target aarch64-neon -o bundle/
+    Layers without a tuned configuration use the default wros kernel. Load the bundle with
+    ubpdsl.export.load_bundle, run a model on it with ubpdsl.torch_ops.swap_to_kernels, or from C
+    with examples/embed_c/bundle_main.c.
+    """
+    tuned: dict[str, dict[str, KernelConfig]] = {}
+    for p in tuned_paths:
+        t, cfgs = load_tuned_configs(p)
+        if t in tuned:
+            raise UbpError(f"two --tuned outputs for target {t}")
+        tuned[t] = cfgs
+    chosen = list(targets) or sorted(tuned) or ["host"]
+    for t in tuned:
+        if t not in chosen:
+            chosen.append(t)
+    model = None
+    if weights is not None and model_spec is None:
+        raise UbpError("--weights needs --model")
+    if model_spec is not None:
+        from ubpdsl.models import build_model
+
+        model = build_model(model_spec, weights=weights, pretrained=weights is None)
+    out = export_bundle(mask_path, out_dir, targets=chosen, tuned=tuned, model=model,
+                        layers=layers or None, force=force, echo=click.echo)
+    bundle = load_bundle(out)
+    n_files = sum(len(t["files"]) for e in bundle.manifest["layers"].values() for t in e["targets"].values())
+    click.echo(f"wrote bundle {out}: {len(bundle.layers)} layer(s) x {len(bundle.targets)} target(s) "
+               f"({', '.join(bundle.targets)}), {n_files} kernel files, {out / MANIFEST}")

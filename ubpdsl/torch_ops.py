@@ -1,0 +1,296 @@
+"""Running pruned PyTorch layers on ubpdsl kernels through a ``torch.library`` custom op.
+
+``torch.ops.ubpdsl.ubp_gemm(x, kernel_id, M, K)`` computes ``Y = W @ X`` with a loaded kernel:
+``x`` is ``[K, n]`` or a batch ``[B, K, n]`` (float32, CPU; made contiguous if it is not), the result
+``[M, n]`` / ``[B, M, n]``. A batch is one kernel call per item, each reading and writing its slice
+in place, so nothing is copied. The op has a fake (meta) implementation, so ``torch.compile`` and
+``torch.export`` can trace models that use it; it is inference-only (no backward).
+
+Modules (built by :func:`swap_to_kernels` from a bundle made by ``ubpdsl export``):
+
+* :class:`SparseConv2d`: a 1x1 convolution is the GEMM itself on the channel-major image
+  (``[C, H*W]`` per image, a view); any other ``kxk`` convolution goes through im2col
+  (``F.unfold``: columns ordered (channel, ky, kx), the order of the weight's GEMM view);
+  stride, padding and dilation as in the original layer; bias added afterwards.
+* :class:`SparseLinear`: ``x[..., K]`` is transposed to ``[K, n]`` with n the flattened batch.
+
+Depthwise/grouped convolutions and every layer not in the bundle stay dense torch modules.
+Loaded libraries live as long as a module (or a traced graph's registry entry) uses them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ubpdsl.errors import RunError, UbpError
+from ubpdsl.export import Bundle, BundleError, KernelFiles, load_bundle
+
+__all__ = ["NativeKernel", "SparseConv2d", "SparseLinear", "kernel_layers", "swap_to_kernels", "ubp_gemm"]
+
+_KERNEL_ERRORS = {1: "packed weight blob header mismatch", 2: "invalid n"}
+
+
+class NativeKernel:
+    """One kernel ``.so`` loaded with ctypes, with its packed weights; callable on raw pointers.
+
+    Shared, never copied: ``copy.deepcopy`` of a module returns the same object.
+    """
+
+    def __init__(self, files: KernelFiles) -> None:
+        self.files = files
+        self.name = files.layer
+        self.M, self.K = int(files.M), int(files.K)
+        try:
+            self._lib = ctypes.CDLL(str(Path(files.so).resolve()), mode=os.RTLD_LOCAL | os.RTLD_NOW)
+        except OSError as exc:
+            raise RunError(f"cannot load {files.so}: {exc}") from None
+        try:
+            fn = getattr(self._lib, files.symbol)
+        except AttributeError:
+            raise RunError(f"{files.so} has no symbol {files.symbol}") from None
+        fn.restype = ctypes.c_int32
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        self._fn = fn
+        self.packed = files.packed_weights()
+        self._packed_ptr = None if self.packed is None else self.packed.ctypes.data
+
+    def __repr__(self) -> str:
+        return f"NativeKernel({self.name!r}, M={self.M}, K={self.K}, so={self.files.so.name!r})"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> NativeKernel:
+        return self
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``y[b] = W @ x[b]`` for contiguous float32 ``x [B, K, n]`` and ``y [B, M, n]``."""
+        batch, _, n = x.shape
+        if n == 0 or batch == 0:
+            return
+        xp, yp = x.data_ptr(), y.data_ptr()
+        sx, sy = self.K * n * 4, self.M * n * 4
+        for b in range(batch):
+            rc = self._fn(xp + b * sx, yp + b * sy, n, self._packed_ptr)
+            if rc != 0:
+                raise RunError(f"kernel of layer {self.name} returned {rc}: {_KERNEL_ERRORS.get(rc, 'unknown error')}")
+
+
+_REGISTRY: dict[int, NativeKernel] = {}
+_IDS = itertools.count(1)
+
+
+def register_kernel(kernel: NativeKernel) -> int:
+    """Make ``kernel`` callable through the custom op; returns its ``kernel_id``."""
+    kid = next(_IDS)
+    _REGISTRY[kid] = kernel
+    return kid
+
+
+def _check_input(x: torch.Tensor, kernel_id: int, K: int) -> None:
+    if x.dtype != torch.float32:
+        raise UbpError(f"ubp_gemm (kernel {kernel_id}): input must be float32, got {x.dtype}")
+    if x.device.type not in ("cpu", "meta"):
+        raise UbpError(f"ubp_gemm (kernel {kernel_id}): input must be on the CPU, got {x.device}")
+    if x.dim() not in (2, 3) or x.shape[-2] != K:
+        raise UbpError(f"ubp_gemm (kernel {kernel_id}): input must be [K={K}, n] or [B, K={K}, n], "
+                       f"got {list(x.shape)}")
+
+
+@torch.library.custom_op("ubpdsl::ubp_gemm", mutates_args=())
+def ubp_gemm(x: torch.Tensor, kernel_id: int, M: int, K: int) -> torch.Tensor:
+    """``W @ x`` with the registered kernel ``kernel_id`` (``x``: [K, n] or [B, K, n])."""
+    _check_input(x, kernel_id, K)
+    kernel = _REGISTRY.get(kernel_id)
+    if kernel is None:
+        raise UbpError(f"ubp_gemm: no kernel {kernel_id} is loaded (its module was deleted?)")
+    if (kernel.M, kernel.K) != (M, K):
+        raise UbpError(f"ubp_gemm: kernel {kernel_id} is {kernel.M}x{kernel.K}, called as {M}x{K}")
+    xb = x.detach().contiguous()
+    squeeze = xb.dim() == 2
+    if squeeze:
+        xb = xb.unsqueeze(0)
+    y = torch.empty((xb.shape[0], M, xb.shape[2]), dtype=torch.float32)
+    kernel.run(xb, y)
+    return y[0] if squeeze else y
+
+
+@ubp_gemm.register_fake
+def _ubp_gemm_fake(x: torch.Tensor, kernel_id: int, M: int, K: int) -> torch.Tensor:
+    _check_input(x, kernel_id, K)
+    return x.new_empty((*x.shape[:-2], M, x.shape[-1]))
+
+
+class _KernelModule(nn.Module):
+    """Shared part of the kernel-backed modules: the registered kernel and an optional bias."""
+
+    def __init__(self, layer: str, kernel: NativeKernel, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.kernel = kernel
+        self.kernel_id = register_kernel(kernel)
+        self.M, self.K = kernel.M, kernel.K
+        if bias is not None:
+            self.register_buffer("bias", bias.detach().to(torch.float32).clone())
+        else:
+            self.bias = None
+        weakref.finalize(self, _REGISTRY.pop, self.kernel_id, None)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ubpdsl.ubp_gemm(x, self.kernel_id, self.M, self.K)
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class SparseConv2d(_KernelModule):
+    """An ungrouped ``nn.Conv2d`` whose GEMM runs on a ubpdsl kernel (1x1 direct, kxk via im2col)."""
+
+    def __init__(self, conv: nn.Conv2d, kernel: NativeKernel, layer: str = "") -> None:
+        if conv.groups != 1:
+            raise BundleError(f"layer {layer}: grouped/depthwise convolutions stay dense (groups={conv.groups})")
+        if conv.padding_mode != "zeros":
+            raise BundleError(f"layer {layer}: padding_mode {conv.padding_mode!r} is not supported (only 'zeros')")
+        super().__init__(layer, kernel, conv.bias)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = _pair(conv.kernel_size)
+        self.stride = _pair(conv.stride)
+        self.dilation = _pair(conv.dilation)
+        self.padding = self._resolve_padding(conv.padding, layer)
+        if (self.out_channels, self.in_channels * self.kernel_size[0] * self.kernel_size[1]) != (self.M, self.K):
+            raise BundleError(f"layer {layer}: the kernel is {self.M}x{self.K}, the convolution's GEMM view is "
+                              f"{self.out_channels}x{self.in_channels * self.kernel_size[0] * self.kernel_size[1]}")
+        self.pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
+
+    def _resolve_padding(self, padding: Any, layer: str) -> tuple[int, int]:
+        if padding == "valid":
+            return (0, 0)
+        if padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size, strict=True)]
+            if any(t % 2 for t in total) or self.stride != (1, 1):
+                raise BundleError(f"layer {layer}: padding='same' with an asymmetric pad is not supported")
+            return (total[0] // 2, total[1] // 2)
+        return _pair(padding)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bias={self.bias is not None}, layer={self.layer!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise UbpError(f"layer {self.layer}: expected input [B, {self.in_channels}, H, W], got {list(x.shape)}")
+        if self.pointwise:
+            if self.stride != (1, 1):
+                x = x[:, :, :: self.stride[0], :: self.stride[1]]
+            ho, wo = x.shape[2], x.shape[3]
+            cols = x.reshape(x.shape[0], self.in_channels, ho * wo)
+        else:
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+            ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        y = self.gemm(cols)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1)
+        y = y.view(y.shape[0], self.out_channels, ho, wo)
+        return y[0] if unbatched else y
+
+
+class SparseLinear(_KernelModule):
+    """An ``nn.Linear`` whose GEMM runs on a ubpdsl kernel (n = the flattened batch)."""
+
+    def __init__(self, linear: nn.Linear, kernel: NativeKernel, layer: str = "") -> None:
+        super().__init__(layer, kernel, linear.bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if (self.out_features, self.in_features) != (self.M, self.K):
+            raise BundleError(f"layer {layer}: the kernel is {self.M}x{self.K}, the Linear is "
+                              f"{self.out_features}x{self.in_features}")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, layer={self.layer!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise UbpError(f"layer {self.layer}: expected input [..., {self.in_features}], got {list(x.shape)}")
+        lead = x.shape[:-1]
+        y = self.gemm(x.reshape(-1, self.in_features).t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    name: str
+    parent: nn.Module
+    attr: str
+    module: nn.Module
+    files: KernelFiles
+
+
+def _plan(model: nn.Module, bundle: Bundle, name: str, target: str, check_weights: bool) -> _Plan:
+    files = bundle.kernel(name, target)  # BundleError for a missing layer or target
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise BundleError(f"the model has no layer {name!r} (the bundle has kernels for it)") from None
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise BundleError(f"layer {name}: a grouped convolution (groups={module.groups}) cannot run on a kernel")
+    elif not isinstance(module, nn.Linear):
+        raise BundleError(f"layer {name} is a {type(module).__name__}: only Conv2d and Linear run on kernels")
+    weight = module.weight.detach()
+    if weight.shape[0] != files.M or weight[0].numel() != files.K:
+        raise BundleError(f"layer {name}: the model's weight {tuple(weight.shape)} does not fit the bundle's "
+                          f"{files.M}x{files.K} kernel")
+    if check_weights:
+        want = bundle.masks()[name].weight
+        got = weight.float().reshape(files.M, files.K).cpu().numpy()
+        if want is not None and not np.array_equal(got, want):
+            diff = float(np.abs(got - want).max())
+            raise BundleError(f"layer {name}: the model's weights differ from the bundle's (max |diff| {diff:.3g}); "
+                              "export the bundle from this model, or pass check_weights=False")
+    return _Plan(name, parent, attr, module, files)
+
+
+def swap_to_kernels(model: nn.Module, bundle: str | os.PathLike[str] | Bundle, *, target: str = "host",
+                    layers: list[str] | None = None, check_weights: bool = True) -> nn.Module:
+    """Replace the model's pruned layers by kernel-backed modules (in place); returns ``model``.
+
+    Every layer of the bundle (or of ``layers``) is swapped. Everything is checked before the first
+    module changes: the bundle itself (:func:`~ubpdsl.export.load_bundle`), that its kernels run on
+    this machine, that each layer exists in the model with the bundle's shape and (``check_weights``)
+    exactly the bundle's weights, and that every library loads.
+    """
+    bundle = load_bundle(bundle)
+    bundle.check_runs_here(target)
+    names = list(layers) if layers is not None else bundle.layers
+    plans = [_plan(model, bundle, name, target, check_weights) for name in names]
+    kernels = [NativeKernel(p.files) for p in plans]
+    for plan, kernel in zip(plans, kernels, strict=True):
+        if isinstance(plan.module, nn.Conv2d):
+            new: nn.Module = SparseConv2d(plan.module, kernel, plan.name)
+        else:
+            new = SparseLinear(plan.module, kernel, plan.name)
+        new.train(plan.module.training)
+        setattr(plan.parent, plan.attr, new)
+    return model
+
+
+def kernel_layers(model: nn.Module) -> list[str]:
+    """Names of the model's layers that run on ubpdsl kernels."""
+    return [name for name, m in model.named_modules() if isinstance(m, _KernelModule)]
