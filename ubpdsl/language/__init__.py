@@ -23,7 +23,9 @@ dialect (see :mod:`ubpdsl.language.frontend`). Example::
 Inside a kernel:
 
 * ``for j in ubl.tiles(n, TILE)`` walks n in tiles of TILE vector registers; the tail (n not a
-  multiple of the tile) runs the same body with masked loads and stores.
+  multiple of the tile) reruns the body on the last whole tile ending at n (overlapping the
+  previous one, so a kernel must write its whole Y tile, not accumulate into Y across tiles),
+  or, when n is smaller than one tile, with masked loads and stores.
 * ``range(lo, hi[, step])`` is a loop in the generated code (``scf.for``); ``ubl.range(...,
   unroll=U)`` unrolls it U times with a remainder loop; ``ubl.static_range`` unrolls it fully
   at compile time (its bounds must be compile-time constants).

@@ -396,9 +396,18 @@ class CodeGen:
             self.visit_body(st.body)
 
         self.emit_for(self.const_index(0), full_end, step, [], st, lambda iv: body(iv, None))
+        # The tail: when n holds at least one whole tile, recompute the last full tile ending at
+        # n (it overlaps the previous one; every kernel writes its Y tile in full, so overlapping
+        # is harmless) at full vector speed; only n < tile width needs masked loads and stores.
         tail = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, full_end, n_v))
         with ir.InsertionPoint(tail.then_block):
-            body(full_end, n_v)
+            whole = scf.IfOp(arith.cmpi(arith.CmpIPredicate.uge, n_v, step), has_else=True)
+            with ir.InsertionPoint(whole.then_block):
+                body(arith.subi(n_v, step), None)
+                scf.YieldOp([])
+            with ir.InsertionPoint(whole.else_block):
+                body(full_end, n_v)
+                scf.YieldOp([])
             scf.YieldOp([])
         self.env = saved
 
