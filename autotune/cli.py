@@ -207,7 +207,7 @@ def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, An
     files = {"so": out / f"{safe}.{tuner.target.name}.so", "header": out / f"{safe}.h"}
     _copy_atomic(Path(best["so"]), files["so"])
     _copy_atomic(Path(best["header"]), files["header"])
-    if best.get("packed"):
+    if best.get("packed") and tuner.settings.weights:  # never ship packed random (synthetic) weights
         files["packed"] = out / f"{safe}.packed.bin"
         _copy_atomic(Path(best["packed"]), files["packed"])
     dense_s = gflops = None
