@@ -1,0 +1,153 @@
+"""``ubpdsl bench``: our kernels beside every peer runtime, measured the same way, in one run.
+
+Writes ``results.csv``, ``report.md`` and a PNG plot (speedup over dense vs sparsity, per shape)
+into ``--out``; the logic lives in :mod:`ubpdsl.benchsuite`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ubpdsl.errors import UbpError
+
+__all__ = ["bench"]
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UbpError(f"--{what} must be comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise UbpError(f"--{what} is empty")
+    return vals
+
+
+def _ints(text: str, what: str, allowed: set[int] | None = None) -> list[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UbpError(f"--{what} must be comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise UbpError(f"--{what} is empty")
+    if allowed is not None:
+        bad = [v for v in vals if v not in allowed]
+        if bad:
+            raise UbpError(f"--{what} {bad[0]} is not one of {sorted(allowed)}")
+    return vals
+
+
+@click.command("bench")
+@click.option("--suite", type=click.Choice(["shapes", "mobilenetv2"]), default="shapes", show_default=True,
+              help="shapes: the 13-shape suite (random weights; mbv2_* also with the pretrained layer); "
+                   "mobilenetv2: MobileNetV2's own 1x1 convolutions with BED masks on the pretrained weights.")
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
+              help="Benchmark the layers of this masks.npz instead of a suite.")
+@click.option("--shapes", default=None, help="Comma-separated subset of the shape suite (e.g. r18_2,fc_1).")
+@click.option("--sparsity", default=None, help="Comma-separated sparsities [default: 0.5,0.75,0.9; quick: 0.75].")
+@click.option("--block", default=None, help="Comma-separated block sizes N [default: 2,4,8; quick: 4].")
+@click.option("--quick", is_flag=True, help="One sparsity, N=4, default kernel constants, 1 thread, short timing.")
+@click.option("--threads", default=None, help="Thread counts to time [default: 1,2; quick: 1].")
+@click.option("--tuner", type=click.Choice(["sweep", "autotune", "default"]), default=None,
+              help="How our kernels are tuned [default: sweep; quick: default constants].")
+@click.option("--trials", type=int, default=8, show_default=True, help="Trials per layer for --tuner autotune.")
+@click.option("--min-time", type=float, default=None, help="Seconds of interleaved timing per case [0.3; quick 0.1].")
+@click.option("--pixels", type=int, default=None, help="Output pixels n for --mask layers not in MobileNetV2.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-out", show_default=True,
+              help="Directory for results.csv, report.md and the plot.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG plot path [default: OUT/speedup.png].")
+def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str | None, block: str | None,
+          quick: bool, threads: str | None, tuner: str | None, trials: int, min_time: float | None,
+          pixels: int | None, out_dir: str, plot_path: str | None) -> None:
+    """Time ubpdsl's kernels beside dense torch.mm, numpy, scipy, torch and MLIR sparse.
+
+    Every runner's output is checked against dense torch first (a wrong one is reported, not
+    timed); timings are interleaved medians, speedups are over dense torch.mm in the same run.
+
+    \b
+    Example:
+      ubpdsl bench --suite mobilenetv2 --quick --out bench-out
+      ubpdsl bench --shapes r18_2,fc_1 --sparsity 0.9 --block 4 --threads 1
+      ubpdsl bench --mask masks.npz --plot masks.png
+    """
+    from ubpdsl import benchsuite as bs
+
+    sps = _floats(sparsity, "sparsity") if sparsity else ([0.75] if quick else list(bs.SPARSITIES))
+    bad = [s for s in sps if not 0 <= s < 1]
+    if bad:
+        raise UbpError(f"--sparsity {bad[0]} is outside [0, 1)")
+    blocks = _ints(block, "block", {2, 4, 8}) if block else ([4] if quick else list(bs.BLOCKS))
+    nts = _ints(threads, "threads", {1, 2}) if threads else ([1] if quick else [1, 2])
+    if 1 not in nts:
+        raise UbpError("--threads must include 1 (dense torch.mm at 1 thread is the main baseline)")
+    how = tuner or ("default" if quick else "sweep")
+    tune = {"sweep": bs.sweep_tuner, "default": bs.default_tuner}.get(how)
+    if how == "autotune":
+        tuner_fn = bs.autotune_tuner(trials)
+    else:
+        assert tune is not None
+        tuner_fn = tune()
+    mt = min_time if min_time is not None else (0.1 if quick else 0.3)
+
+    if mask_path:
+        if not Path(mask_path).is_file():
+            raise UbpError(f"--mask {mask_path}: no such file")
+        specs = bs.mask_cases(mask_path, pixels)
+        title = f"ubpdsl bench: {Path(mask_path).name}"
+    elif suite == "mobilenetv2":
+        specs = bs.mobilenetv2_cases(sps, blocks)
+        title = "ubpdsl bench: MobileNetV2 1x1 convolutions (pretrained weights, BED masks)"
+    else:
+        names = [s.strip() for s in shapes.split(",") if s.strip()] if shapes else list(bs.SUITE)
+        specs = bs.shape_cases(names, sps, blocks)
+        title = "ubpdsl bench: shape suite"
+    if not specs:
+        raise UbpError("nothing to benchmark (no layers or cases selected)")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot = Path(plot_path) if plot_path else out / "speedup.png"
+    info = bs.machine_info()
+    bw = bs.copy_bandwidth()
+    click.echo(f"{info['cpu']} ({info['isa']}); copy bandwidth {bw:.1f} GB/s; {len(specs)} cases, "
+               f"threads {nts}, tuner {how}", err=True)
+    t0 = time.perf_counter()
+
+    def progress(i: int, case: bs.Case, res: list[bs.Result]) -> None:
+        one = {r.runner: r for r in res if r.threads == 1}
+        ours = one.get("ubp")
+        peers = [r for r in one.values() if r.family == "peer" and r.status == "ok"]
+        best = max(peers, key=lambda r: r.speedup) if peers else None
+        bad = [r.runner for r in res if r.status == "wrong"]
+        msg = (f"[{i + 1}/{len(specs)}] {case.label}: ours "
+               f"{ours.speedup:.2f}x dense" if ours and ours.status == "ok" else
+               f"[{i + 1}/{len(specs)}] {case.label}: ours {ours.status if ours else 'missing'}")
+        if best:
+            msg += f", best peer {best.runner} {best.speedup:.2f}x"
+        if "ubp_abp" in one and one["ubp_abp"].status == "ok":
+            msg += f", our aligned {one['ubp_abp'].speedup:.2f}x"
+        if bad:
+            msg += f", WRONG: {', '.join(bad)}"
+        click.echo(msg + f"  ({time.perf_counter() - t0:.0f}s)", err=True)
+
+    results = bs.run_suite(specs, tuner=tuner_fn, threads=nts, min_time=mt, progress=progress, bandwidth=bw)
+    csv_path = out / "results.csv"
+    bs.write_csv(results, csv_path)
+    bs.plot_speedups(results, plot)
+    try:
+        rel = str(plot.resolve().relative_to(out.resolve()))
+    except ValueError:
+        rel = str(plot)
+    md = bs.render_markdown(results, info, nts, bw, title, rel)
+    (out / "report.md").write_text(md + f"\nRun: `ubpdsl bench` ... in {time.perf_counter() - t0:.0f} s, "
+                                   f"tuner {how}, min-time {mt}.\n")
+    click.echo(f"wrote {csv_path}, {out / 'report.md'}, {plot} in {time.perf_counter() - t0:.0f}s", err=True)
+    for s in bs.summarize(results, 1).sparsities:
+        sm = bs.summarize(results, 1)
+        ours = sm.vs_dense.get("ubp", {}).get(s, float("nan"))
+        click.echo(f"sparsity {s:.0%}: ours {ours:.2f}x dense, {sm.ours_vs_best_peer.get(s, float('nan')):.2f}x "
+                   f"best peer, aligned kernel / ours {sm.ours_vs_abp.get(s, float('nan')):.2f}")
