@@ -15,6 +15,7 @@ reference is ``torch.mm`` on it in float64).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,7 +166,9 @@ def _torch_sparse(fmt: str) -> Callable[[Case, int], Prepared]:
         torch.set_flush_denormal(True)  # BSR on CPU is 7-13x slower on denormals otherwise
         if fmt == "csr":
             w = case.unaligned.weight
-            a = torch.from_numpy(w).to_sparse_csr()
+            with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+                warnings.simplefilter("ignore", UserWarning)
+                a = torch.from_numpy(w).to_sparse_csr()
             mask = "unaligned"
         else:
             if case.square is None:
