@@ -309,10 +309,11 @@ class Tuner:
         self.target = get_target(settings.target)  # TargetError for an unknown target
         self.runner: Runner = runner or LocalRunner()
         self.estimate = self.target.is_aarch64 and runner is None
-        if self.target.is_aarch64 and runner is not None and getattr(runner, "estimate", False):
-            raise TuneError(f"timing {self.target.name} kernels needs a remote AArch64 runner (--runner ssh://...)")
-        if not self.target.is_aarch64 and self.target.name != "host":
-            raise TuneError(f"unsupported target {self.target.name}")
+        if runner is not None and hasattr(runner, "connect"):
+            runner.connect()  # RunnerError when unreachable, before any study is opened
+            arch = getattr(runner, "arch", None)
+            if arch and arch.replace("arm64", "aarch64") != self.target.arch:
+                raise TuneError(f"runner {runner.name} is a {arch} machine; it cannot run {self.target.name} kernels")
         self.cache_root = _cache_root(settings)
         self.workdir = self.cache_root / "autotune" / "work"
         self.workdir.mkdir(parents=True, exist_ok=True)
