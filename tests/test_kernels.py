@@ -177,3 +177,21 @@ def test_host_wros_prefetch_streaming_unroll(case, pf, stream, unroll, compile_c
     problem, x = case
     _check("wros", problem, x, "host", compile_cache,
            constants={"PREFETCH": pf, "STREAM": stream, "UNROLL": unroll, "TILE": 2})
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(case=problems(), bits=st.sampled_from([128, 256]))
+def test_host_narrower_vectors(case, bits, compile_cache):
+    """vector_bits=128/256 on an AVX-512 host: SSE/AVX2-width code, same results."""
+    problem, x = case
+    _check("wros", problem, x, "host", compile_cache, vector_bits=bits)
+
+
+def test_vector_bits_rejected_where_illegal(compile_cache):
+    from ubpdsl.errors import TargetError
+
+    p = Problem("v", 8, 4, 4, np.array([0]), np.array([1]), np.eye(8, 4, dtype=np.float32) * 0)
+    for target, bits in (("aarch64-sve", 256), ("aarch64-neon", 256), ("host", 96), ("host", 4096)):
+        with pytest.raises(TargetError, match="vector"):
+            compile_kernel(VARIANTS["wros"], p, target, vector_bits=bits, cache=compile_cache)

@@ -17,6 +17,7 @@ build serves every mask of that shape.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -31,7 +32,7 @@ from mlir import ir
 import ubpdsl
 from ubpdsl.dialects import lowering
 from ubpdsl.dialects.ubp import make_context
-from ubpdsl.errors import BuildError, DSLError, MaskError, UbpError
+from ubpdsl.errors import BuildError, DSLError, MaskError, TargetError, UbpError
 from ubpdsl.language.core import KernelFunction
 from ubpdsl.language.frontend import KernelSpec, VectorShape, build_ubp_module
 from ubpdsl.packing import BlockData, block_data, layout_description, pack
@@ -72,8 +73,25 @@ class Problem:
                           layer=self.name)
 
 
-def resolve_target(target: str | Target) -> Target:
-    return target if isinstance(target, Target) else get_target(target)
+def resolve_target(target: str | Target, vector_bits: int | None = None) -> Target:
+    """The target, narrowed to ``vector_bits`` wide registers when asked (fixed-width targets).
+
+    On x86-64 a 256-bit build drops the AVX-512 features (AVX2 + FMA code), a 128-bit build
+    also drops AVX (SSE code); on NEON only 128 bits exist; SVE's width is the hardware's.
+    """
+    tgt = target if isinstance(target, Target) else get_target(target)
+    if vector_bits is None or vector_bits == tgt.vector_bits:
+        return tgt
+    if tgt.scalable:
+        raise TargetError(f"target {tgt.name}: the vector length is the hardware's (scalable); "
+                          "vector_bits cannot be set")
+    if vector_bits not in (128, 256) or vector_bits > tgt.vector_bits or tgt.arch != "x86_64":
+        raise TargetError(f"target {tgt.name}: vector_bits must be 128 or 256 and at most {tgt.vector_bits} "
+                          f"(x86-64 only), got {vector_bits}")
+    drop = ("avx512",) if vector_bits == 256 else ("avx512", "avx", "fma", "f16c", "vaes", "vpclmulqdq")
+    feats = [f for f in tgt.features.split(",") if f and not any(f[1:].startswith(d) for d in drop)]
+    feats += [f"-{d}" for d in ("avx512f",) + (("avx", "fma") if vector_bits == 128 else ())]
+    return dataclasses.replace(tgt, name=tgt.name, features=",".join(feats), vector_bits=vector_bits)
 
 
 def _spec(kernel: KernelFunction, problem: Problem, target: Target, constants: dict[str, Any] | None,
@@ -114,9 +132,10 @@ def _stage_text(kernel: KernelFunction, spec: KernelSpec, target: Target, stage:
 
 
 def emit(kernel: KernelFunction, problem: Problem, target: str | Target = "host", stage: str = "ubp", *,
-         constants: dict[str, Any] | None = None, specialize: bool = False, symbol: str = "ubp_kernel") -> str:
+         constants: dict[str, Any] | None = None, specialize: bool = False, symbol: str = "ubp_kernel",
+         vector_bits: int | None = None) -> str:
     """The kernel at one compilation stage, as text."""
-    tgt = resolve_target(target)
+    tgt = resolve_target(target, vector_bits)
     spec, _ = _spec(kernel, problem, tgt, constants, specialize, symbol)
     return _stage_text(kernel, spec, tgt, stage)
 
@@ -183,10 +202,11 @@ class CompiledKernel:
 
 def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str | Target = "host", *,
                    constants: dict[str, Any] | None = None, specialize: bool = False,
-                   symbol: str | None = None, cache: CompileCache | None = None) -> CompiledKernel:
+                   symbol: str | None = None, cache: CompileCache | None = None,
+                   vector_bits: int | None = None) -> CompiledKernel:
     """Compile ``kernel`` for one layer and target into a cached, self-contained ``.so``."""
     problem = problem if isinstance(problem, Problem) else Problem.from_mask(problem)
-    tgt = resolve_target(target)
+    tgt = resolve_target(target, vector_bits)
     safe_name = re.sub(r"\W", "_", problem.name)
     symbol = symbol or "ubp_" + safe_name
     soname = f"{safe_name}.{tgt.name}.so"  # the file name programs linked against it will look for
@@ -219,6 +239,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         "cpu": tgt.cpu,
         "features": tgt.features,
         "constants": spec.constants,
+        "vector_bits": spec.vector.lanes * 32,
         "specialized": baked,
         "M": problem.M, "K": problem.K, "N": problem.N,
         "mask_hash": _data_hash(data) if data is not None else None,
