@@ -34,6 +34,11 @@ applied with O(N) array operations on per-column linked lists.  A column stops a
 pick falls below the ``m``-th largest pick gathered so far, which no later pick of that column can
 beat.  Cost: O(R*C) set-up plus O(N + G + R/G) work per pick (chunk length G = 16), in (max picks per column) rounds.
 
+The same algorithm also exists in C (``native/bed.c``, built with zig on first use by
+:mod:`ubpdsl.prune.bed_native`): linked lists plus winner trees, O(N^2 + N log R + log C) per pick.
+:func:`bed_select` uses it when available; this numpy engine stays as the fallback and the reference
+(the engines return identical blocks; ``UBPDSL_BED_ENGINE=numpy|native`` forces one).
+
 Why the selected rows divide into blocks
 ----------------------------------------
 A window's rows are consecutive active rows, so the rows skipped between them are exactly the maximal
@@ -398,7 +403,22 @@ def _top_m(top: np.ndarray, fresh: list[np.ndarray], m: int) -> np.ndarray:
 
 
 def _bed_engine(score_list: Sequence[np.ndarray], m: int, N: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """BED with one budget ``m`` shared by the layers in ``score_list`` (scores already validated)."""
+    """BED with one budget ``m`` shared by the layers in ``score_list`` (scores already validated).
+
+    Runs the native engine (:mod:`ubpdsl.prune.bed_native`) when it is available and accepts the
+    input, else :func:`_bed_engine_numpy`; both return the same blocks.
+    """
+    from ubpdsl.prune import bed_native
+
+    if bed_native.engine() == "native":
+        out = bed_native.bed_native(score_list, m, N)
+        if out is not None:
+            return out
+    return _bed_engine_numpy(score_list, m, N)
+
+
+def _bed_engine_numpy(score_list: Sequence[np.ndarray], m: int, N: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The numpy BED engine (the reference; see the module docstring)."""
     if N == 1:
         return _top_single(score_list, m)
     engines = [_ColumnGreedy(sc, N) for sc in score_list]
