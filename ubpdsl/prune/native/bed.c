@@ -5,32 +5,37 @@
  * engine in selectors.py is the reference it agrees with bit for bit.  Python validates every input
  * (shapes, finiteness, budget) before calling; this file trusts its arguments.
  *
- * Algorithm
- * ---------
- * Every column is a doubly linked list of its active (not yet selected) rows.  win[r] is the score of
- * the window of N consecutive active rows starting at row r, summed left to right in row order (the
- * order numpy uses, so the sums are bit-identical), or -inf when fewer than N active rows start at r.
- * A column's window slots are cut into chunks of G (about sqrt(R)); each chunk keeps its maximum and
- * the first row holding it, so the column's best window (ties: the lower row) is one scan of the
- * chunk maxima.  A winner tree over all columns of all layers gives the column whose next pick is
- * largest (ties: the lower column, layers in input order, i.e. the lower global column index).
+ * What is computed
+ * ----------------
+ * The textbook loop takes, m times, the best window (N consecutive active rows of a column) over all
+ * columns and removes its rows.  As selectors.py explains, columns do not interact and a column's
+ * pick values never increase, so the loop keeps a prefix of each column's own greedy pick sequence,
+ * and the prefixes are the m largest picks overall, ties going to the lower column (layers in input
+ * order) and then to the earlier pick.  Like the numpy engine, a pick's value is the running minimum
+ * of the column's window scores, which keeps the sequences non-increasing under float rounding too.
  *
- * Each of the m steps takes the best column, removes its best window's N rows from the column's list
- * (the neighbours close up), rescores the up to N-1 windows that started before the window and
- * overlapped it (each now spans the gap), drops the windows of the removed rows, refreshes the chunks
- * it touched and the column's path in the winner tree: O(N^2 + G + R/G + log C) per pick.  The cost is
- * dominated by cache misses (a pick usually lands in a column untouched for a while), so the lines a
- * pick needs are prefetched together and a row's score and links share one 16-byte record.
+ * How
+ * ---
+ * Columns are processed one at a time, so a column's data stays in cache while its greedy runs:
  *
- * A column's key is the *running minimum* of its pick values, exactly like the numpy engine: picks
- * never increase in exact arithmetic, and the running minimum keeps that true under float rounding.
- * Merging per-column non-increasing sequences with ties broken by column index yields the picks in the
- * order (-value, column, pick index), which is how the numpy engine ranks them, so both engines select
- * the same rows.
+ *   1. set-up + round 1: per tile of 16 columns, transpose the scores, link the rows, score the
+ *      windows, then run each column's greedy for k0 = ceil(m / columns) picks;
+ *   2. tau = the m-th largest pick so far, a lower bound of the final m-th largest (those picks are
+ *      a subset of all picks); round 2 continues every column while its next pick is >= tau, which
+ *      computes every pick that can be among the m largest;
+ *   3. T = the exact m-th largest pick (radix select over the picks' order-preserving integer keys);
+ *      each column keeps its picks > T, then picks == T are kept in (column, pick) order until m;
+ *   4. division: a row is selected iff it was taken by one of its column's kept picks; every maximal
+ *      run of selected rows (a multiple of N long) is cut into N-row blocks from its top.
  *
- * Division: every maximal run of selected rows in a column has a length that is a multiple of N (see
- * selectors.py); each run is cut into consecutive N-row blocks from its top.  Blocks are returned per
- * layer sorted by (row, column).
+ * A column is a doubly linked list of its active rows (score and links share one 16-byte record).
+ * win[r] is the score of the window of N active rows starting at row r, summed left to right in row
+ * order (numpy's order, so the sums are bit-identical), or -inf when fewer than N active rows start
+ * at r.  The window slots are cut into chunks of G (about sqrt(R)); each chunk keeps its maximum and
+ * the first row holding it, so the column's best window (ties: the lower row) is a scan of the chunk
+ * maxima.  A pick removes the window's rows from the list (the neighbours close up), rescores the up
+ * to N-1 windows that started before it and overlapped it (each now spans the gap), drops the
+ * windows of the removed rows and refreshes the chunks it touched: O(N^2 + G + R/G) per pick.
  */
 
 #include <math.h>
@@ -41,7 +46,7 @@
 enum {
     BED_OK = 0,
     BED_NO_MEMORY = 1,
-    BED_EXHAUSTED = 2, /* fewer windows than m (only possible if a window sum overflows) */
+    BED_EXHAUSTED = 2, /* fewer picks than m (cannot happen for a feasible m) */
     BED_BAD_RUN = 3,   /* a selected run is not a multiple of N (an internal error) */
     BED_OVERFLOW = 4,  /* |score| too large: a window sum could overflow; use the numpy engine */
     BED_BAD_ARGS = 5,
@@ -49,27 +54,32 @@ enum {
 
 /* Window sums stay finite (and so compare exactly like numpy's) while N * max|score| does. */
 #define BED_MAX_ABS_SUM 1e300
-/* `pv` of a selected (removed) row */
-#define REMOVED (-2)
+/* `pv` of a row taken by pick k of its column: PICKED - k */
+#define PICKED (-2)
+/* columns set up together (whole cache lines of each row of the row-major scores) */
+#define TILE 16
 
 typedef struct {
     double v;   /* score */
     int32_t nx; /* next active row, R at the end */
-    int32_t pv; /* previous active row, -1 at the head, REMOVED once selected */
+    int32_t pv; /* previous active row, -1 at the head; PICKED - k once taken by pick k */
 } Row;
 
 typedef struct {
     int64_t R, C;
-    int64_t L;     /* window starts 0..L-1 can ever hold a window: L = R - N + 1 (may be <= 0) */
-    int64_t G;     /* chunk length (a power of two >= 8, about sqrt(L)) */
-    int64_t K;     /* chunks per column */
-    int64_t W;     /* window slots per column: K * G >= L */
-    Row *row;      /* [C][R] column-major */
-    double *win;   /* [C][W] window score by start row; -inf = no window */
-    double *cmax;  /* [C][K] maximum of each chunk */
-    int32_t *carg; /* [C][K] first row of the chunk holding its maximum */
-    int32_t *best; /* [C] start row of the column's best window (lowest row among equal ones) */
-    double *last;  /* [C] running minimum of the column's pick values (+inf before the first) */
+    int64_t L;      /* window starts 0..L-1 can ever hold a window: L = R - N + 1 (may be <= 0) */
+    int64_t G;      /* chunk length (a power of two >= 8, about sqrt(L)) */
+    int64_t K;      /* chunks per column */
+    int64_t W;      /* window slots per column: K * G >= L */
+    int64_t P;      /* most picks a column can make: R / N */
+    Row *row;       /* [C][R] column-major */
+    double *win;    /* [C][W] window score by start row; -inf = no window */
+    double *cmax;   /* [C][K] maximum of each chunk */
+    int32_t *carg;  /* [C][K] first row of the chunk holding its maximum */
+    uint64_t *pick; /* [C][P] key (see key_of) of each pick's value, in pick order */
+    int32_t *npick; /* [C] picks made */
+    uint8_t *done;  /* [C] 1 once the column has no window left */
+    int32_t *keep;  /* [C] picks kept in the selection */
 } Layer;
 
 /*
@@ -122,34 +132,38 @@ static void *take(Arena *a, int64_t n, size_t size) {
     return p;
 }
 
-static int64_t pow2_at_least(int64_t x) {
-    int64_t p = 1;
-    while (p < x) p <<= 1;
-    return p;
+/* Order-preserving integer key of a double (no NaN): x < y iff key(x) < key(y); -0.0 == +0.0. */
+static inline uint64_t key_of(double x) {
+    const double y = x + 0.0; /* -0.0 -> +0.0 */
+    uint64_t u;
+    memcpy(&u, &y, sizeof u);
+    return (u >> 63) ? ~u : u | ((uint64_t)1 << 63);
 }
 
-/* Winner of two winner-tree entries; `a` is the lower index, so it wins ties. */
-static inline int32_t better(const double *key, int32_t a, int32_t b) {
-    return key[b] > key[a] ? b : a;
+/* Index of the first maximum of x[0..n-1] (n >= 1), branch-free but for the final search. */
+static inline int64_t first_max(const double *x, int64_t n) {
+    double m0 = x[0], m1 = x[0], m2 = x[0], m3 = x[0]; /* 4 independent chains */
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        m0 = x[j] > m0 ? x[j] : m0;
+        m1 = x[j + 1] > m1 ? x[j + 1] : m1;
+        m2 = x[j + 2] > m2 ? x[j + 2] : m2;
+        m3 = x[j + 3] > m3 ? x[j + 3] : m3;
+    }
+    for (; j < n; j++) m0 = x[j] > m0 ? x[j] : m0;
+    m0 = m1 > m0 ? m1 : m0;
+    m2 = m3 > m2 ? m3 : m2;
+    const double m = m2 > m0 ? m2 : m0;
+    int64_t a = 0;
+    while (x[a] != m) a++;
+    return a;
 }
 
 /* Maximum of chunk k (and its first row) into cm[k], ca[k]. */
 static inline void chunk_update(const double *w, double *cm, int32_t *ca, int64_t k, int64_t G) {
-    const double *x = w + k * G;
-    double m = x[0];
-    for (int64_t j = 1; j < G; j++) m = x[j] > m ? x[j] : m; /* branch-free */
-    int64_t a = 0;
-    while (x[a] != m) a++;
-    cm[k] = m;
-    ca[k] = (int32_t)(k * G + a);
-}
-
-/* Start row of a column's best window: the first chunk holding the maximum, then its first row. */
-static inline int32_t column_best(const double *cm, const int32_t *ca, int64_t K) {
-    int64_t k = 0;
-    for (int64_t i = 1; i < K; i++)
-        if (cm[i] > cm[k]) k = i;
-    return ca[k];
+    const int64_t a = k * G + first_max(w + k * G, G);
+    cm[k] = w[a];
+    ca[k] = (int32_t)a;
 }
 
 /* Shape a layer and carve its arrays from the arena. */
@@ -157,43 +171,41 @@ static void layer_layout(Layer *ly, Arena *a, int64_t R, int64_t C, int64_t N) {
     const int64_t L = R - N + 1;
     int64_t G = 8;
     while (G < 4096 && G * G < L) G <<= 1;
-    const int64_t K = L > 0 ? (L + G - 1) / G : 1, W = K * G;
+    const int64_t K = L > 0 ? (L + G - 1) / G : 1;
     ly->R = R;
     ly->C = C;
     ly->L = L;
     ly->G = G;
     ly->K = K;
-    ly->W = W;
+    ly->W = K * G;
+    ly->P = R / N;
     ly->row = take(a, R * C, sizeof(Row));
-    ly->win = take(a, W * C, sizeof(double));
+    ly->win = take(a, ly->W * C, sizeof(double));
     ly->cmax = take(a, K * C, sizeof(double));
     ly->carg = take(a, K * C, sizeof(int32_t));
-    ly->best = take(a, C, sizeof(int32_t));
-    ly->last = take(a, C, sizeof(double));
+    ly->pick = take(a, ly->P * C, sizeof(uint64_t));
+    ly->npick = take(a, C, sizeof(int32_t));
+    ly->done = take(a, C, sizeof(uint8_t));
+    ly->keep = take(a, C, sizeof(int32_t));
 }
 
-/* Transpose a layer's scores and build its lists, windows and chunk maxima. */
-static int layer_init(Layer *ly, const double *scores, int64_t N) {
+/* Set up columns c0..c1-1: transpose, link, score the windows, chunk maxima.  Returns BED_OVERFLOW
+ * when a window sum could overflow. */
+static int columns_init(Layer *ly, const double *scores, int64_t N, int64_t c0, int64_t c1) {
     const int64_t R = ly->R, C = ly->C, L = ly->L, G = ly->G, K = ly->K, W = ly->W;
-    /* transpose in tiles of 32x32, link the rows, check the magnitude of the scores */
     double maxabs = 0.0;
-    for (int64_t r0 = 0; r0 < R; r0 += 32) {
-        for (int64_t c0 = 0; c0 < C; c0 += 32) {
-            const int64_t r1 = r0 + 32 < R ? r0 + 32 : R, c1 = c0 + 32 < C ? c0 + 32 : C;
-            for (int64_t c = c0; c < c1; c++) {
-                Row *col = ly->row + c * R;
-                for (int64_t r = r0; r < r1; r++) {
-                    const double x = scores[r * C + c];
-                    col[r] = (Row){x, (int32_t)(r + 1), (int32_t)(r - 1)};
-                    const double a = fabs(x);
-                    maxabs = a > maxabs ? a : maxabs;
-                }
-            }
+    for (int64_t r = 0; r < R; r++) {
+        const double *src = scores + r * C;
+        __builtin_prefetch(src + 8 * C + c0); /* rows are C * 8 bytes apart: beyond the prefetchers */
+        for (int64_t c = c0; c < c1; c++) {
+            const double x = src[c];
+            ly->row[c * R + r] = (Row){x, (int32_t)(r + 1), (int32_t)(r - 1)};
+            const double a = fabs(x);
+            maxabs = a > maxabs ? a : maxabs;
         }
     }
     if (!(maxabs * (double)N < BED_MAX_ABS_SUM)) return BED_OVERFLOW;
-
-    for (int64_t c = 0; c < C; c++) {
+    for (int64_t c = c0; c < c1; c++) {
         const Row *col = ly->row + c * R;
         double *w = ly->win + c * W;
         for (int64_t r = 0; r < W; r++) {
@@ -206,36 +218,19 @@ static int layer_init(Layer *ly, const double *scores, int64_t N) {
             }
         }
         for (int64_t k = 0; k < K; k++) chunk_update(w, ly->cmax + c * K, ly->carg + c * K, k, G);
-        ly->best[c] = column_best(ly->cmax + c * K, ly->carg + c * K, K);
-        ly->last[c] = INFINITY;
+        ly->npick[c] = 0;
+        ly->done[c] = L <= 0;
+        ly->keep[c] = 0;
     }
     return BED_OK;
 }
 
-/* Value of the column's next pick: its best window's score, capped by its previous pick. */
-static inline double column_key(const Layer *ly, int64_t c) {
-    const double next = ly->win[c * ly->W + ly->best[c]];
-    return next < ly->last[c] ? next : ly->last[c];
-}
-
-/* Select the best window of column c and update the column.  Returns the column's next key. */
-static double column_pick(Layer *ly, int64_t c, int64_t N, int32_t *seq) {
+/* Remove window b0 (pick number k) from column c: unlink its rows, rescore and drop windows. */
+static void take_window(Layer *ly, int64_t c, int64_t N, int32_t b0, int32_t k, int32_t *seq) {
     const int64_t R = ly->R, L = ly->L, G = ly->G, K = ly->K;
     Row *col = ly->row + c * R;
     double *w = ly->win + c * ly->W, *cm = ly->cmax + c * K;
     int32_t *ca = ly->carg + c * K;
-
-    /* the column is cold: fetch the lines the pick will touch together, not one miss at a time */
-    const int32_t b0 = ly->best[c];
-    __builtin_prefetch(col + b0);
-    __builtin_prefetch(col + b0 + 4);
-    if (b0 >= 4) __builtin_prefetch(col + b0 - 4);
-    __builtin_prefetch(w + b0);
-    if (b0 >= 8) __builtin_prefetch(w + b0 - 8);
-    for (int64_t k = 0; k < K; k += 8) {
-        __builtin_prefetch(cm + k);
-        __builtin_prefetch(ca + k);
-    }
 
     /* the window's rows b_0..b_{N-1} and its neighbours */
     int32_t bl = b0;
@@ -269,7 +264,7 @@ static double column_pick(Layer *ly, int64_t c, int64_t N, int32_t *seq) {
     int32_t r = b0;
     for (int64_t n = 0; n < N; n++) {
         const int32_t nxt = col[r].nx;
-        col[r].pv = REMOVED;
+        col[r].pv = PICKED - k;
         if (r < L) {
             w[r] = -INFINITY;
             if (r / G != chunk) {
@@ -280,9 +275,49 @@ static double column_pick(Layer *ly, int64_t c, int64_t N, int32_t *seq) {
         r = nxt;
     }
     chunk_update(w, cm, ca, chunk, G); /* chunk >= 0 since b0 < L */
+}
 
-    ly->best[c] = column_best(cm, ca, K);
-    return column_key(ly, c);
+/* Run column c's greedy while it has fewer than kmax picks and its next pick's key is >= tau. */
+static void column_run(Layer *ly, int64_t c, int64_t N, int64_t kmax, uint64_t tau, int32_t *seq) {
+    const int64_t K = ly->K;
+    const double *w = ly->win + c * ly->W, *cm = ly->cmax + c * K;
+    const int32_t *ca = ly->carg + c * K;
+    uint64_t *pick = ly->pick + c * ly->P;
+    int32_t k = ly->npick[c];
+    while (k < kmax && !ly->done[c]) {
+        const int32_t b0 = ca[first_max(cm, K)]; /* first chunk holding the maximum, its first row */
+        if (w[b0] == -INFINITY) {
+            ly->done[c] = 1;
+            break;
+        }
+        uint64_t key = key_of(w[b0]);
+        if (k > 0 && pick[k - 1] < key) key = pick[k - 1]; /* running minimum */
+        if (key < tau) break;
+        pick[k] = key;
+        take_window(ly, c, N, b0, k, seq);
+        k++;
+    }
+    ly->npick[c] = k;
+}
+
+/* Key of the k-th largest (k >= 1) of all picks made: 8 rounds of byte histograms (radix select). */
+static uint64_t kth_largest(const Layer *ly, int64_t nlayers, int64_t k) {
+    uint64_t prefix = 0, mask = 0;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        int64_t hist[256] = {0};
+        for (int64_t l = 0; l < nlayers; l++) {
+            for (int64_t c = 0; c < ly[l].C; c++) {
+                const uint64_t *pick = ly[l].pick + c * ly[l].P;
+                for (int32_t i = 0; i < ly[l].npick[c]; i++)
+                    if ((pick[i] & mask) == prefix) hist[(pick[i] >> shift) & 255]++;
+            }
+        }
+        int b = 255;
+        while (b > 0 && hist[b] < k) k -= hist[b--];
+        prefix |= (uint64_t)b << shift;
+        mask |= (uint64_t)255 << shift;
+    }
+    return prefix;
 }
 
 /* Cut every run of selected rows of layer `ly` into N-row blocks; write them sorted by (row, column)
@@ -295,13 +330,17 @@ static int64_t divide_runs(const Layer *ly, int64_t N, int32_t *out_rows, int32_
     memset(first, 0, sizeof(int64_t) * (size_t)(R + 1)); /* first[r + 1]: blocks at row r */
     for (int64_t c = 0; c < C; c++) {
         const Row *col = ly->row + c * R;
+        /* selected iff taken by pick k = PICKED - pv with 0 <= k < keep (active rows: k < 0) */
+        const uint32_t keep = (uint32_t)ly->keep[c];
+#define SELECTED(r) ((uint32_t)(PICKED - col[r].pv) < keep)
         for (int64_t r = 0; r < R;) {
-            if (col[r].pv != REMOVED) {
+            if (!SELECTED(r)) {
                 r++;
                 continue;
             }
             int64_t e = r;
-            while (e < R && col[e].pv == REMOVED) e++;
+            while (e < R && SELECTED(e)) e++;
+#undef SELECTED
             if ((e - r) % N || nb + (e - r) / N > room) return -1;
             for (; r < e; r += N) {
                 trow[nb] = (int32_t)r;
@@ -333,29 +372,25 @@ int bed_select(int64_t nlayers, const int64_t *R, const int64_t *C, const double
     if (nlayers < 1 || N < 1 || m < 0) return BED_BAD_ARGS;
     int64_t ncols = 0, maxR = 0;
     for (int64_t l = 0; l < nlayers; l++) {
-        if (R[l] < 0 || C[l] < 0 || R[l] >= INT32_MAX || C[l] >= INT32_MAX) return BED_BAD_ARGS;
+        if (R[l] < 0 || C[l] < 0 || R[l] >= INT32_MAX - 2 || C[l] >= INT32_MAX) return BED_BAD_ARGS;
         ncols += C[l];
         maxR = R[l] > maxR ? R[l] : maxR;
+        out_counts[l] = 0;
     }
-    const int64_t Q = pow2_at_least(ncols > 1 ? ncols : 1); /* leaves of the winner tree */
-    if (ncols >= INT32_MAX / 2) return BED_BAD_ARGS;
+    if (m == 0) return BED_OK;
+    if (ncols == 0) return BED_EXHAUSTED;
 
     /* lay out the workspace: measure it first, then carve it from one block */
     size_t need = 0;
     Block *block = NULL;
     Layer *ly = NULL;
-    int64_t *first = NULL, *rowfirst = NULL;
-    int32_t *seq = NULL, *gtree = NULL, *owner = NULL, *trow = NULL, *tcol = NULL;
-    double *gkey = NULL;
+    int64_t *rowfirst = NULL;
+    int32_t *seq = NULL, *trow = NULL, *tcol = NULL;
     for (int pass = 0; pass < 2; pass++) {
         if (pass == 1 && !(block = block_get(need))) return BED_NO_MEMORY;
         Arena a = {pass ? (char *)(block + 1) : NULL, 0};
         ly = take(&a, nlayers, sizeof(Layer));
-        first = take(&a, nlayers + 1, sizeof(int64_t)); /* global index of each layer's column 0 */
         seq = take(&a, 2 * N, sizeof(int32_t));
-        gkey = take(&a, Q, sizeof(double));
-        gtree = take(&a, 2 * Q, sizeof(int32_t));
-        owner = take(&a, ncols, sizeof(int32_t)); /* layer of each global column */
         trow = take(&a, m, sizeof(int32_t));
         tcol = take(&a, m, sizeof(int32_t));
         rowfirst = take(&a, maxR + 1, sizeof(int64_t));
@@ -366,41 +401,56 @@ int bed_select(int64_t nlayers, const int64_t *R, const int64_t *C, const double
         need = a.used;
     }
 
+    /* 1. set-up and round 1, a tile of columns at a time */
     int rc = BED_OK;
-    first[0] = 0;
+    const int64_t k0 = (m + ncols - 1) / ncols;
+    int64_t made = 0;
     for (int64_t l = 0; l < nlayers; l++) {
-        rc = layer_init(&ly[l], scores[l], N);
-        if (rc != BED_OK) goto done;
-        first[l + 1] = first[l] + C[l];
+        for (int64_t c0 = 0; c0 < C[l]; c0 += TILE) {
+            const int64_t c1 = c0 + TILE < C[l] ? c0 + TILE : C[l];
+            rc = columns_init(&ly[l], scores[l], N, c0, c1);
+            if (rc != BED_OK) goto done;
+            for (int64_t c = c0; c < c1; c++) {
+                column_run(&ly[l], c, N, k0, 0, seq);
+                made += ly[l].npick[c];
+            }
+        }
     }
 
-    /* winner tree over all columns, keyed by each column's next pick value; leaves past the last
-     * column have key -inf */
-    for (int64_t g = 0; g < Q; g++) gkey[g] = -INFINITY;
+    /* 2. round 2: every pick >= tau (a lower bound of the final m-th largest) */
+    const uint64_t tau = made >= m ? kth_largest(ly, nlayers, m) : 0;
+    made = 0;
     for (int64_t l = 0; l < nlayers; l++) {
         for (int64_t c = 0; c < C[l]; c++) {
-            owner[first[l] + c] = (int32_t)l;
-            gkey[first[l] + c] = column_key(&ly[l], c);
+            column_run(&ly[l], c, N, ly[l].P, tau, seq);
+            made += ly[l].npick[c];
         }
     }
-    for (int64_t g = 0; g < Q; g++) gtree[Q + g] = (int32_t)g;
-    for (int64_t k = Q - 1; k >= 1; k--) gtree[k] = better(gkey, gtree[2 * k], gtree[2 * k + 1]);
-
-    /* the m picks */
-    for (int64_t i = 0; i < m; i++) {
-        const int32_t g = gtree[1];
-        if (!(gkey[g] > -INFINITY)) {
-            rc = BED_EXHAUSTED;
-            goto done;
-        }
-        Layer *y = &ly[owner[g]];
-        const int64_t c = g - first[owner[g]];
-        y->last[c] = gkey[g];
-        gkey[g] = column_pick(y, c, N, seq);
-        for (int64_t k = (Q + g) >> 1; k >= 1; k >>= 1) gtree[k] = better(gkey, gtree[2 * k], gtree[2 * k + 1]);
+    if (made < m) {
+        rc = BED_EXHAUSTED;
+        goto done;
     }
 
-    /* division */
+    /* 3. the m largest picks: all above the m-th largest T, ties at T in (column, pick) order */
+    const uint64_t T = kth_largest(ly, nlayers, m);
+    int64_t ties = m;
+    for (int64_t l = 0; l < nlayers; l++)
+        for (int64_t c = 0; c < C[l]; c++)
+            for (int32_t i = 0; i < ly[l].npick[c] && ly[l].pick[c * ly[l].P + i] > T; i++) ties--;
+    for (int64_t l = 0; l < nlayers; l++) {
+        for (int64_t c = 0; c < C[l]; c++) {
+            const uint64_t *pick = ly[l].pick + c * ly[l].P;
+            int32_t i = 0;
+            while (i < ly[l].npick[c] && pick[i] > T) i++;
+            while (ties > 0 && i < ly[l].npick[c] && pick[i] == T) {
+                i++;
+                ties--;
+            }
+            ly[l].keep[c] = i;
+        }
+    }
+
+    /* 4. division */
     int64_t out = 0;
     for (int64_t l = 0; l < nlayers; l++) {
         const int64_t nb = divide_runs(&ly[l], N, out_rows + out, out_cols + out, m - out, trow, tcol, rowfirst);
