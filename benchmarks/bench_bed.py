@@ -1,11 +1,14 @@
 """BED speed and quality: prints numbers (not a test).
 
-1. BED on every 1x1 convolution of the pretrained MobileNetV2 (|w| importance, 75 %, N = 4): total time.
-2. BED vs the exact optimum on a 1024x1024 Gaussian matrix (75 %, N = 4): times, speed-up, score ratio.
+1. BED on every 1x1 convolution of the pretrained MobileNetV2 (|w| importance, 75 %, N = 4): total time,
+   native engine and numpy engine.
+2. BED (native and numpy engines) vs the exact optimum on a 1024x1024 Gaussian matrix (75 %, N = 4):
+   times, speed-ups, score ratio.
 3. BED / optimum kept-score ratio on the full-size MobileNetV2 1x1 layers at 50/75/90 % and N = 2/4/8
    (aligned blocks for comparison).
 
-Single-threaded, candidates interleaved in one process, medians of repetitions.
+Single-threaded, candidates interleaved in one process, medians of repetitions; speed-ups are ratios of
+medians from the same run.  The engine is switched with ``UBPDSL_BED_ENGINE`` (read at every call).
 Run: ``.venv/bin/python benchmarks/bench_bed.py [--quick]``.
 """
 
@@ -17,12 +20,14 @@ for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from ubpdsl.prune import bed_native  # noqa: E402
 from ubpdsl.prune.selectors import (  # noqa: E402
     aligned_select,
     bed_select,
@@ -61,6 +66,20 @@ def timed(fn, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+@contextlib.contextmanager
+def bed_engine(name: str):
+    """Run BED on engine ``name`` (``native`` or ``numpy``) inside the block."""
+    old = os.environ.get("UBPDSL_BED_ENGINE")
+    os.environ["UBPDSL_BED_ENGINE"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["UBPDSL_BED_ENGINE"]
+        else:
+            os.environ["UBPDSL_BED_ENGINE"] = old
+
+
 def mobilenet_layers() -> list[tuple[str, np.ndarray]]:
     import torch
 
@@ -81,6 +100,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     print(machine_info())
+    if bed_native.engine() != "native":
+        raise SystemExit(f"native BED engine unavailable: {bed_native.LOAD_ERROR}")
     layers = mobilenet_layers()
     n_w = sum(a.size for _, a in layers)
 
@@ -88,30 +109,43 @@ def main() -> None:
     def all_layers():
         return [bed_select(a, budget(*a.shape, 4, 0.75), 4) for _, a in layers]
 
-    all_layers()  # warm-up
-    t_bed, _ = timed(all_layers, args.reps)
+    t_all = {}
+    for name in ("native", "numpy"):
+        with bed_engine(name):
+            all_layers()  # warm-up (and the native build)
+            t_all[name], _ = timed(all_layers, args.reps)
     blocks = sum(budget(*a.shape, 4, 0.75) for _, a in layers)
     print(
-        f"\n[1] MobileNetV2: BED on all {len(layers)} 1x1 conv layers ({n_w} weights, {blocks} blocks), "
-        f"75 %, N=4: {t_bed * 1e3:.0f} ms total (median of {args.reps}; target < 1000 ms)"
+        f"\n[1] MobileNetV2: BED on all {len(layers)} 1x1 conv layers ({n_w} weights, {blocks} blocks), 75 %, N=4 "
+        f"(median of {args.reps}; target < 1000 ms):\n"
+        f"    native {t_all['native'] * 1e3:.1f} ms, numpy {t_all['numpy'] * 1e3:.0f} ms"
     )
 
-    # 2. 1024x1024 Gaussian, BED vs optimal, interleaved
+    # 2. 1024x1024 Gaussian, BED (both engines) vs optimal, interleaved
     sc = importance(np.random.default_rng(0).standard_normal((1024, 1024)))
     m = budget(1024, 1024, 4, 0.75)
-    bed_select(sc, m, 4)
-    tb, tob = [], []
-    for _ in range(max(2, args.reps // 2)):
-        t, b = timed(lambda: bed_select(sc, m, 4), 1)
-        tb.append(t)
+    for name in ("native", "numpy"):
+        with bed_engine(name):
+            bed_select(sc, m, 4)  # warm-up
+    tn, tp, tob = [], [], []
+    for _ in range(max(3, args.reps)):
+        with bed_engine("native"):
+            t, b = timed(lambda: bed_select(sc, m, 4), 1)
+        tn.append(t)
+        with bed_engine("numpy"):
+            t, bp = timed(lambda: bed_select(sc, m, 4), 1)
+        tp.append(t)
         t, o = timed(lambda: optimal_select(sc, m, 4), 1)
         tob.append(t)
-    t_b, t_o = statistics.median(tb), statistics.median(tob)
+    same = all(np.array_equal(x, y) for x, y in zip(b, bp, strict=True))
+    t_n, t_p, t_o = (statistics.median(x) for x in (tn, tp, tob))
     s_b, s_o = kept_score(sc, *b, 4), kept_score(sc, *o, 4)
     s_a = kept_score(sc, *aligned_select(sc, m, 4), 4)
     print(
-        f"\n[2] 1024x1024 Gaussian |w|, 75 %, N=4 (m={m}): BED {t_b * 1e3:.0f} ms, optimal {t_o * 1e3:.0f} ms "
-        f"-> BED {t_o / t_b:.1f}x faster (target >= 20x)\n"
+        f"\n[2] 1024x1024 Gaussian |w|, 75 %, N=4 (m={m}), median of {len(tn)}:\n"
+        f"    BED native {t_n * 1e3:.1f} ms, BED numpy {t_p * 1e3:.0f} ms, optimal {t_o * 1e3:.0f} ms\n"
+        f"    -> native BED {t_o / t_n:.1f}x faster than optimal (target >= 20x), "
+        f"{t_p / t_n:.1f}x faster than numpy BED; engines agree: {same}\n"
         f"    kept score: BED/optimal {s_b / s_o:.5f}, aligned/optimal {s_a / s_o:.5f}"
     )
 
