@@ -141,6 +141,9 @@ def test_public_functions_dispatch_to_native(native):
         bed_select(np.ones((3, 4)), 1, 4)
     assert bed_select(np.ones((3, 4)), 0, 4)[0].size == 0
     assert bed_select(np.ones((0, 4)), 0, 2)[0].size == 0
+    # the cached workspace can be dropped at any time; the next call allocates again
+    bed_native.release_workspace()
+    _assert_same([bed_select(a, m, 4)], _bed_engine_numpy([a], m, 4))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")

@@ -13,6 +13,8 @@ the same blocks (the C file's header explains why); the numpy engine is the refe
 * ``UBPDSL_BED_ENGINE=numpy`` forces the numpy engine; ``UBPDSL_BED_ENGINE=native`` forces the native
   one and raises :class:`~ubpdsl.errors.BuildError` when it cannot be built.  The variable is read at
   every call.
+* Memory: a call needs about 25 bytes per weight.  The C side keeps the workspace of its last call (up
+  to 256 MiB) to skip the page faults of fresh memory next time; :func:`release_workspace` frees it.
 * Inputs are validated by the callers; :func:`bed_native` expects float64 score matrices and a
   feasible budget.  It returns ``None`` for inputs the C engine declines (scores so large that a
   window sum could overflow), which the caller then hands to the numpy engine.
@@ -35,7 +37,7 @@ import numpy as np
 
 from ubpdsl.errors import BuildError
 
-__all__ = ["ENGINE", "LOAD_ERROR", "SOURCE", "bed_native", "engine", "forced_engine", "load"]
+__all__ = ["ENGINE", "LOAD_ERROR", "SOURCE", "bed_native", "engine", "forced_engine", "load", "release_workspace"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,8 @@ def load() -> ctypes.CDLL:
             p = ctypes.c_void_p
             fn.argtypes = [ctypes.c_int64, p, p, p, ctypes.c_int64, ctypes.c_int64, p, p, p]
             fn.restype = ctypes.c_int
+            lib.bed_release.argtypes = []
+            lib.bed_release.restype = None
             _lib = lib
     return _lib
 
@@ -161,3 +165,9 @@ def bed_native(score_list: Sequence[np.ndarray], m: int, N: int) -> list[tuple[n
         out.append((rows[start : start + k].copy(), cols[start : start + k].copy()))
         start += k
     return out
+
+
+def release_workspace() -> None:
+    """Free the workspace the native engine keeps between calls (no-op if it was never loaded)."""
+    if _lib is not None:
+        _lib.bed_release()
