@@ -519,6 +519,7 @@ def autotune_tuner(trials: int = 8) -> Tuner:
         return Tuned(got, c.variant, dict(c.constants), f"autotuned ({res.trials} trials)", c.specialize,
                      c.vector_bits)
 
+    tune.close = tuner.close  # type: ignore[attr-defined]
     return tune
 
 
@@ -669,6 +670,9 @@ def run_suite(cases: Iterable[Case | CaseSpec], *, tuner: Tuner | None = None, t
                 progress(i, case, res)
     finally:
         shutdown_pool()
+        close = getattr(tuner, "close", None)
+        if close is not None:
+            close()
     return out
 
 
