@@ -73,14 +73,15 @@ class NativeKernel:
         return self
 
     def run(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``y[b] = W @ x[b]`` for contiguous float32 ``x [B, K, n]`` and ``y [B, M, n]``."""
-        batch, _, n = x.shape
+        """``y[b] = W @ x[b]`` for contiguous float32 ``x [B, K, n]`` and ``y [B, M, n]`` (or 2-D, B = 1)."""
+        n = x.shape[-1]
+        batch = x.shape[0] if x.dim() == 3 else 1
         if n == 0 or batch == 0:
             return
-        xp, yp = x.data_ptr(), y.data_ptr()
+        xp, yp, fn, packed = x.data_ptr(), y.data_ptr(), self._fn, self._packed_ptr
         sx, sy = self.K * n * 4, self.M * n * 4
         for b in range(batch):
-            rc = self._fn(xp + b * sx, yp + b * sy, n, self._packed_ptr)
+            rc = fn(xp + b * sx, yp + b * sy, n, packed)
             if rc != 0:
                 raise RunError(f"kernel of layer {self.name} returned {rc}: {_KERNEL_ERRORS.get(rc, 'unknown error')}")
 
@@ -124,13 +125,9 @@ def ubp_gemm(x: torch.Tensor, kernel_id: int, M: int, K: int) -> torch.Tensor:
         raise UbpError(f"ubp_gemm: no kernel {kernel_id} is loaded (its module was deleted?)")
     if kernel.M != M or kernel.K != K:
         raise UbpError(f"ubp_gemm: kernel {kernel_id} is {kernel.M}x{kernel.K}, called as {M}x{K}")
-    xb = x.detach().contiguous()
-    if xb.dim() == 2:
-        y = torch.empty((M, xb.shape[1]), dtype=torch.float32)
-        kernel.run(xb.unsqueeze(0), y.unsqueeze(0))
-        return y
-    y = torch.empty((xb.shape[0], M, xb.shape[2]), dtype=torch.float32)
-    kernel.run(xb, y)
+    x = x.contiguous()
+    y = torch.empty((*x.shape[:-2], M, x.shape[-1]), dtype=torch.float32)
+    kernel.run(x, y)
     return y
 
 
@@ -247,11 +244,11 @@ class SparseLinear(_KernelModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise UbpError(f"layer {self.layer}: expected input [..., {self.in_features}], got {list(x.shape)}")
-        lead = x.shape[:-1]
-        y = self.gemm(x.reshape(-1, self.in_features).t()).t()
-        if self.bias is not None:
-            y = y.add_(self.bias)
-        return y.reshape(*lead, self.out_features)
+        if x.dim() == 2:
+            y = self.gemm(x.t()).t()
+        else:
+            y = self.gemm(x.reshape(-1, self.in_features).t()).t().reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y.add_(self.bias)
 
 
 @dataclass(frozen=True)
