@@ -104,7 +104,8 @@ needs_qemu = pytest.mark.skipif(not qemu.qemu_available(), reason="qemu-aarch64 
 def test_aarch64_under_qemu(variant, data, compile_cache):
     problem, x = data.draw(problems(aligned=VARIANTS[variant].aligned, max_m=24, max_k=12))
     for target, bits in AARCH64:
-        _check(variant, problem, x, target, compile_cache, sve_bits=bits)
+        knobs = {"PANEL": 4, "PREFETCH": 2} if variant == "wros" and bits in (256, 512) else None
+        _check(variant, problem, x, target, compile_cache, sve_bits=bits, constants=knobs)
 
 
 def test_edge_cases_host(compile_cache):
@@ -169,14 +170,16 @@ def test_cache_hit_and_data_driven_reuse(compile_cache):
     np.testing.assert_allclose(b(x), w2 @ x, rtol=RTOL, atol=1e-6)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                HealthCheck.function_scoped_fixture])
-@given(case=problems(), pf=st.sampled_from([1, 5, 16]), stream=st.booleans(), unroll=st.sampled_from([1, 3]))
-def test_host_wros_prefetch_streaming_unroll(case, pf, stream, unroll, compile_cache):
-    """Look-ahead prefetch reads the padded block_cols; streaming stores and unroll keep results exact."""
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(case=problems(), pf=st.sampled_from([0, 1, 5, 16]), stream=st.booleans(), unroll=st.sampled_from([1, 3]),
+       panel=st.sampled_from([0, 1, 4, 8, 13]))
+def test_host_wros_knobs(case, pf, stream, unroll, panel, compile_cache):
+    """Every wros knob keeps results exact: look-ahead prefetch (padded block_cols), streaming
+    stores, unroll, and row panels (the walk restarts N rows early at every panel)."""
     problem, x = case
     _check("wros", problem, x, "host", compile_cache,
-           constants={"PREFETCH": pf, "STREAM": stream, "UNROLL": unroll, "TILE": 2})
+           constants={"PREFETCH": pf, "STREAM": stream, "UNROLL": unroll, "TILE": 2, "PANEL": panel})
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,

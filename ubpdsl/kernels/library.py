@@ -35,25 +35,32 @@ def block_stream(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.cons
 
 @ubl.kernel(layout="rotated")
 def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4,
-         UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 0, STREAM: ubl.constexpr = False):
+         UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 0, STREAM: ubl.constexpr = False,
+         PANEL: ubl.constexpr = 0):
     """Weight-rotating output-stationary: N accumulator rows stay in registers.
 
     PREFETCH > 0 prefetches the X tile of the block that many blocks ahead (at most 16);
-    STREAM writes Y with non-temporal stores (for outputs much larger than the caches).
+    STREAM writes Y with non-temporal stores. PANEL > 0 changes the loop order: rows are
+    processed in panels of PANEL rows (rounded down to a multiple of N), tiles inside a panel,
+    so Y is written as a few long row streams instead of one short piece per row per tile
+    (small-K layers with large n); a panel restarts the row walk N rows early to pick up the
+    blocks that reach into it from above.
     """
     N = W.block
-    for j in ubl.tiles(X.n, TILE):
-        acc = ubl.zeros(N, j)
-        for r0 in range(0, W.rows, N):
-            for p in ubl.static_range(N):
-                lo, hi = W.row_blocks(r0 + p)
-                for b in ubl.range(lo, hi, unroll=UNROLL):
-                    if PREFETCH > 0:
-                        ubl.prefetch(X, W.block_col(b + PREFETCH), j)
-                    acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
-                if r0 + p < W.rows:
-                    ubl.store(Y, r0 + p, j, acc[p], streaming=STREAM)
-                acc[p] = 0.0
+    P = max(PANEL // N * N, N) if PANEL > 0 else W.rows + N
+    for p0 in range(0, W.rows, P):
+        for j in ubl.tiles(X.n, TILE):
+            acc = ubl.zeros(N, j)
+            for r0 in range(max(p0 - N, 0), min(p0 + P, W.rows), N):
+                for p in ubl.static_range(N):
+                    lo, hi = W.row_blocks(r0 + p)
+                    for b in ubl.range(lo, hi, unroll=UNROLL):
+                        if PREFETCH > 0:
+                            ubl.prefetch(X, W.block_col(b + PREFETCH), j)
+                        acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
+                    if r0 + p >= p0 and r0 + p < W.rows:
+                        ubl.store(Y, r0 + p, j, acc[p], streaming=STREAM)
+                    acc[p] = 0.0
 
 
 @ubl.kernel(layout="rotated", specialized=True)

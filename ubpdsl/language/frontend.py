@@ -504,6 +504,15 @@ class CodeGen:
             raise self.error("only register tiles and tuples can be indexed")
         if isinstance(node, ast.Call):
             return self.call(node)
+        if isinstance(node, ast.IfExp):
+            cond = self.expr(node.test)
+            if isinstance(cond, (bool, int)):
+                return self.expr(node.body if cond else node.orelse)
+            a, b = self.expr(node.body), self.expr(node.orelse)
+            ty = next((v.type for v in (a, b) if isinstance(v, ir.Value)), None)
+            if ty is None:
+                ty = self.f32 if isinstance(a, float) or isinstance(b, float) else self.index
+            return arith.select(self.materialize(cond, self.i1), self.coerce(a, ty, node), self.coerce(b, ty, node))
         raise self.error(f"unsupported expression in a kernel: {type(node).__name__}")
 
     def attribute(self, base: Any, attr: str, node: ast.AST) -> Any:
@@ -543,9 +552,21 @@ class CodeGen:
             if handler is None:
                 raise self.error(f"ubl.{name}() is only valid as a for-loop iterator")
             return handler(node, *args, **kwargs)
-        if fn in (min, max) and all(isinstance(a, int) for a in args):
-            return fn(*args)
+        if fn in (min, max):
+            return self.min_max(fn, args, kwargs, node)
         raise self.error(f"cannot call {_describe(fn)} in a kernel")
+
+    def min_max(self, fn: Any, args: list[Any], kwargs: dict[str, Any], node: ast.AST) -> Any:
+        """``min``/``max`` of integers: folded when all are compile-time, else arith.minsi/maxsi."""
+        if kwargs or len(args) < 2:
+            raise self.error(f"{fn.__name__}() takes two or more integer arguments", node)
+        if all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+            return fn(*args)
+        op = arith.minsi if fn is min else arith.maxsi
+        acc = self.materialize(args[0], self.index)
+        for a in args[1:]:
+            acc = op(acc, self.materialize(a, self.index))
+        return acc
 
     # -- W methods ----------------------------------------------------------------------------
     def weights_method(self, W: Weights, name: str, args: list[Any], kwargs: dict[str, Any],
