@@ -175,6 +175,8 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = 24, storage:
         for layer in layers:
             before = bar.n if bar is not None else 0
             res = tuner.tune_layer(layer)
+            if res.from_cache and res.best not in tuner.recent:
+                tuner.recent.append(res.best)
             if bar is not None:  # cached layers and top-ups count as their whole budget
                 bar.update(max(0, before + trials - bar.n))
             results.append(res)
@@ -200,8 +202,8 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = 24, storage:
 
 def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, Any], dense: bool) -> LayerSummary:
     """Build the best config into ``out`` and measure default vs tuned (vs torch.mm) once more."""
-    best = tuner.compile(layer, res.best)
-    default = best if res.best == res.default else tuner.compile(layer, res.default)
+    best = tuner.compile(layer, res.best, final=True)
+    default = tuner.compile(layer, res.default)
     out.mkdir(parents=True, exist_ok=True)
     safe = _safe(layer.name)
     files = {"so": out / f"{safe}.{tuner.target.name}.so", "header": out / f"{safe}.h"}

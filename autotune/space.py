@@ -51,9 +51,10 @@ KNOB_CHOICES: dict[str, list[int]] = {
     "ROWS": [1, 2, 4],
 }
 
-#: Fully unrolled (mask-baked) kernels grow with the number of blocks: above this they are
-#: rejected (compile time and instruction-cache misses explode).
-MAX_UNROLLED_BLOCKS = 2000
+#: Fully unrolled (mask-baked) kernels grow with the number of blocks: compile time is about
+#: 20-60 ms per block and TILE (LLVM 22, this machine), and the code leaves the i-cache. Above
+#: this many blocks x TILE they are rejected before compiling.
+MAX_UNROLLED_BLOCKS = 512
 
 #: Vector registers by architecture and vector width (bits).
 _REGISTERS = {("x86_64", 512): 32, ("x86_64", 256): 16, ("x86_64", 128): 16, ("aarch64", 128): 32}
@@ -194,8 +195,11 @@ def infeasible(config: Config, layer: Layer, target: Target, weights: bool) -> s
         return f"{config.variant} needs blocks at multiples of N={N}; this mask is unaligned"
     if config.specialize and not weights:
         return "mask-specialised kernels bake the weights, and this masks.npz has none"
-    if kernel.needs_specialized and layer.blocks > MAX_UNROLLED_BLOCKS:
-        return f"{config.variant} unrolls every block: {layer.blocks} > {MAX_UNROLLED_BLOCKS} blocks"
+    if kernel.needs_specialized:
+        size = layer.blocks * max(1, int(config.constants.get("TILE", 1)))
+        if size > MAX_UNROLLED_BLOCKS:
+            return (f"{config.variant} unrolls every block: {layer.blocks} blocks x TILE > {MAX_UNROLLED_BLOCKS} "
+                    "(compile time and code size)")
     vb = config.vector_bits or target.vector_bits
     if vb not in vector_bits_choices(target):
         return f"vector width {vb} is not legal on {target.name}"

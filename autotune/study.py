@@ -10,7 +10,9 @@ The loop (ask/tell, so several processes can work on one study):
 2. each process asks a batch of trials (one per compile worker), maps each to a canonical
    :class:`~.space.Config`, rejects infeasible ones (state PRUNED, reason recorded) and
    short-cuts configs already measured in the study (same value, attribute ``duplicate_of``);
-3. the rest compile in parallel worker processes (through the compile cache);
+3. the rest compile in parallel worker processes (through the compile cache, under a shape-only
+   symbol so that layers of the same shape share data-driven builds) while the previous batch
+   is being timed (a two-stage pipeline);
 4. each is timed in a fresh subprocess, interleaved with the layer's default config as the
    fixed reference (objective: median over rounds of candidate time / reference time; lower
    is better), or costed by the llvm-mca model for AArch64 targets without a runner;
@@ -49,6 +51,13 @@ __all__ = ["TuneError", "TuneSettings", "LayerResult", "Tuner", "open_storage", 
            "count_finished"]
 
 _HOST = socket.gethostname()
+
+#: Symbol of kernels built while tuning: shape-only (data-driven) builds are then shared through the
+#: compile cache by every layer of the same shape. The delivered kernel gets the layer's own symbol.
+TUNE_SYMBOL = "ubp_tune_kernel"
+
+#: Seconds a RUNNING trial may lack its owner (host, pid) before it counts as abandoned.
+_OWNER_GRACE_S = 5.0
 
 
 class TuneError(UbpError):
@@ -218,23 +227,32 @@ class _Compiler:
             self._pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
 
-    def map(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self.jobs <= 0 or len(jobs) <= 1 and self._pool is None:
-            return [self.fn(j) for j in jobs]
+    def submit(self, jobs: list[dict[str, Any]]) -> list[cf.Future[dict[str, Any]]]:
+        """Start compiling ``jobs``; in-process mode compiles right away."""
+        if self.jobs <= 0:
+            done = []
+            for j in jobs:
+                f: cf.Future[dict[str, Any]] = cf.Future()
+                f.set_result(self.fn(j))
+                done.append(f)
+            return done
         pool = self._get_pool()
         futures = [pool.submit(self.fn, j) for j in jobs]
-        out: list[dict[str, Any]] = []
-        deadline = time.monotonic() + self.timeout
         for f in futures:
-            try:
-                out.append(f.result(timeout=max(1.0, deadline - time.monotonic())))
-            except cf.TimeoutError:
-                out.append({"error": f"compile did not finish within {self.timeout:.0f} s"})
-                self._reset()
-            except Exception as exc:  # noqa: BLE001 - BrokenProcessPool: a compiler crash
-                out.append({"error": f"compiler process died: {type(exc).__name__}"})
-                self._reset()
-        return out
+            f.started_at = time.monotonic()  # type: ignore[attr-defined]
+        return futures
+
+    def result(self, future: cf.Future[dict[str, Any]]) -> dict[str, Any]:
+        """The compile result, or ``{"error": ...}`` (timeout, crashed compiler process)."""
+        started = getattr(future, "started_at", time.monotonic())
+        try:
+            return future.result(timeout=max(1.0, started + self.timeout - time.monotonic()))
+        except cf.TimeoutError:
+            self._reset()
+            return {"error": f"compile did not finish within {self.timeout:.0f} s"}
+        except Exception as exc:  # noqa: BLE001 - BrokenProcessPool: a compiler crash
+            self._reset()
+            return {"error": f"compiler process died: {type(exc).__name__}"}
 
     def _reset(self) -> None:
         if self._pool is not None:
@@ -322,6 +340,7 @@ class Tuner:
         self.on_trial = on_trial
         self._storage: Any = None
         self._heartbeat: _Heartbeat | None = None
+        self.recent: list[sp.Config] = []
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -349,13 +368,14 @@ class Tuner:
                          compiler=_compiler_fingerprint(), kernels={k: v.source for k, v in VARIANTS.items()},
                          runner=self.runner.name, estimate=self.estimate, weights=self.settings.weights)
 
-    def _job(self, layer: sp.Layer, config: sp.Config) -> dict[str, Any]:
+    def _job(self, layer: sp.Layer, config: sp.Config, final: bool = False) -> dict[str, Any]:
         return {"config": config.to_json(), "target": self.target.name, "problem": layer.problem,
-                "symbol": _symbol(layer.name), "cache_root": str(self.cache_root), "workdir": str(self.workdir)}
+                "symbol": _symbol(layer.name) if final else TUNE_SYMBOL, "cache_root": str(self.cache_root),
+                "workdir": str(self.workdir)}
 
-    def compile(self, layer: sp.Layer, config: sp.Config) -> dict[str, Any]:
-        """Compile one config now (in this process); raises on failure."""
-        res = compile_job(self._job(layer, config))
+    def compile(self, layer: sp.Layer, config: sp.Config, final: bool = False) -> dict[str, Any]:
+        """Compile one config now (in this process); raises on failure. ``final``: with the layer's symbol."""
+        res = compile_job(self._job(layer, config, final))
         if "error" in res:
             raise UbpError(f"layer {layer.name}: {config.label()}: {res['error']}")
         return res
@@ -438,7 +458,11 @@ class Tuner:
         study.set_user_attr("layer", layer.name)
         self._recover(study)
         if not study.trials:
-            for c in sp.seed_configs(layer, self.target, s.weights):
+            seeds = sp.seed_configs(layer, self.target, s.weights)
+            # warm start: the best configs of the layers tuned before in this run
+            seeds += [c for c in self.recent[-3:] if c not in seeds
+                      and sp.infeasible(c, layer, self.target, s.weights) is None]
+            for c in seeds:
                 study.enqueue_trial(sp.trial_params(c, self.target), user_attrs={"seed": True},
                                     skip_if_exists=True)
 
@@ -446,58 +470,74 @@ class Tuner:
         ref_entry = self._entry("default", layer, ref_built)
         ref_y = self._reference_y(layer)
         ref_cost = self.estimate_cost(layer, default, ref_built) if self.estimate else None
-        asked = 0
-        while True:
-            trials = study.get_trials(deepcopy=False)
-            done, _ = count_finished(trials)
-            if done >= s.trials or asked >= 6 * s.trials + 10:
-                break
-            batch = max(1, min(max(1, s.jobs), s.trials - done))
-            pending: list[tuple[Any, sp.Config]] = []
-            measured = {t.user_attrs.get("config"): t for t in trials
-                        if t.state == TrialState.COMPLETE and "config" in t.user_attrs}
-            for _ in range(batch):
-                trial = study.ask()
-                asked += 1
-                trial.set_user_attr("host", _HOST)
-                trial.set_user_attr("pid", os.getpid())
-                if self._heartbeat is not None:
-                    self._heartbeat.add(trial._trial_id)
-                config = sp.suggest(trial, layer, self.target, s.weights)
-                trial.set_user_attr("config", config.key())
-                trial.set_user_attr("label", config.label())
-                why = sp.infeasible(config, layer, self.target, s.weights)
-                if why is not None:
-                    trial.set_user_attr("infeasible", why)
-                    study.tell(trial, state=TrialState.PRUNED)
+        asked, limit = 0, 6 * s.trials + 10
+        inflight: list[tuple[Any, sp.Config, cf.Future[dict[str, Any]]]] = []
+        asked_trials: list[Any] = []
+        try:
+            while True:
+                trials = study.get_trials(deepcopy=False)
+                done, _ = count_finished(trials)
+                room = s.trials - done - len(inflight)
+                new: list[tuple[Any, sp.Config]] = []
+                if room > 0 and asked < limit:
+                    measured = {t.user_attrs.get("config"): t for t in trials
+                                if t.state == TrialState.COMPLETE and "config" in t.user_attrs}
+                    for _ in range(max(1, min(max(1, s.jobs), room))):
+                        trial = study.ask()
+                        asked += 1
+                        asked_trials.append(trial)
+                        config = self._propose(study, trial, layer, measured)
+                        if config is not None:
+                            new.append((trial, config))
+                if not inflight and not new:
+                    if room <= 0 or asked >= limit:
+                        break
                     continue
-                prev = measured.get(config.key())
-                if prev is not None:
-                    trial.set_user_attr("duplicate_of", prev.number)
-                    for k in ("seconds", "ref_seconds", "gflops", "cycles", "estimate"):
-                        if k in prev.user_attrs:
-                            trial.set_user_attr(k, prev.user_attrs[k])
-                    study.tell(trial, prev.value)
-                    self._notify(layer, prev.value)
-                    continue
-                pending.append((trial, config))
-            if not pending:
-                continue
-            try:
-                builds = self.compiler.map([self._job(layer, c) for _, c in pending])
-                for (trial, config), built in zip(pending, builds, strict=True):
-                    value = self._evaluate(layer, trial, config, built, ref_entry, ref_y, ref_cost)
+                # compile the new batch in the workers while the previous batch is timed here
+                futures = self.compiler.submit([self._job(layer, c) for _, c in new])
+                for trial, config, fut in inflight:
+                    value = self._evaluate(layer, trial, config, self.compiler.result(fut), ref_entry, ref_y,
+                                           ref_cost)
                     if value is None:
                         study.tell(trial, state=TrialState.FAIL)
                     else:
                         study.tell(trial, value)
                     self._notify(layer, value)
-            except BaseException:
-                # Ctrl-C or a crash of the tuner itself: hand unfinished trials back for the next run.
-                for trial, config in pending:
-                    self._abandon(study, trial._trial_id, config)
-                raise
+                inflight = [(t, c, f) for (t, c), f in zip(new, futures, strict=True)]
+        except BaseException:
+            # Ctrl-C or a crash of the tuner itself: hand unfinished trials back for the next run.
+            for trial in asked_trials:
+                self._abandon(study, trial._trial_id, None)
+            raise
         return self._finish(study, layer, key, default)
+
+    def _propose(self, study: Any, trial: Any, layer: sp.Layer, measured: dict[str, Any]) -> sp.Config | None:
+        """The trial's config, or None when it was already told (infeasible, or measured before)."""
+        from optuna.trial import TrialState
+
+        s = self.settings
+        trial.set_user_attr("host", _HOST)
+        trial.set_user_attr("pid", os.getpid())
+        if self._heartbeat is not None:
+            self._heartbeat.add(trial._trial_id)
+        config = sp.suggest(trial, layer, self.target, s.weights)
+        trial.set_user_attr("config", config.key())
+        trial.set_user_attr("label", config.label())
+        why = sp.infeasible(config, layer, self.target, s.weights)
+        if why is not None:
+            trial.set_user_attr("infeasible", why)
+            study.tell(trial, state=TrialState.PRUNED)
+            return None
+        prev = measured.get(config.key())
+        if prev is not None:
+            trial.set_user_attr("duplicate_of", prev.number)
+            for k in ("seconds", "ref_seconds", "gflops", "cycles", "estimate"):
+                if k in prev.user_attrs:
+                    trial.set_user_attr(k, prev.user_attrs[k])
+            study.tell(trial, prev.value)
+            self._notify(layer, prev.value)
+            return None
+        return config
 
     def _notify(self, layer: sp.Layer, value: float | None) -> None:
         if self.on_trial is not None:
@@ -557,9 +597,15 @@ class Tuner:
                 optuna.storages.fail_stale_trials(study)
         except Exception:  # noqa: BLE001
             pass
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if any("pid" not in t.user_attrs for t in running):
+            # A process killed inside study.ask() (the sampler runs after the trial is created) leaves
+            # a RUNNING trial with no owner; a live owner records itself within a moment.
+            time.sleep(_OWNER_GRACE_S)
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in running:
             host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
-            if host == _HOST and isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid):
+            if pid is None or host == _HOST and isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid):
                 self._abandon(study, t._trial_id, None)
 
     def _finish(self, study: Any, layer: sp.Layer, key: str, default: sp.Config) -> LayerResult:
@@ -582,6 +628,8 @@ class Tuner:
             best_cfg, best_value = default, 1.0
         result = LayerResult(layer.name, layer.n, best_cfg, default, best_value, done, failed, False, self.estimate,
                              history, study.study_name)
+        if best_cfg not in self.recent:
+            self.recent.append(best_cfg)
         self.tuned.put(key, {"layer": layer.name, "best": best_cfg.to_json(), "best_value": best_value,
                              "trials": done, "failed": failed, "estimate": self.estimate,
                              "history": history, "study": study.study_name, "target": self.target.name,

@@ -12,7 +12,7 @@ import pytest
 from test_autotune_util import ROOT, make_masks, sqlite_trials, tune_cmd
 
 from ubpdsl.autotune import space as sp
-from ubpdsl.autotune.study import Tuner, TuneSettings, compile_job
+from ubpdsl.autotune.study import TUNE_SYMBOL, Tuner, TuneSettings, compile_job
 from ubpdsl.compile_cli import random_problem
 from ubpdsl.runtime.toolchain import zig_cmd
 
@@ -33,7 +33,7 @@ def _bad_so(tmp: Path, kind: str, symbol: str) -> Path:
 
 def test_crashing_and_hanging_candidates_do_not_stop_tuning(tmp_path):
     layer = sp.Layer(random_problem(48, 32, 4, 0.75), 32)
-    symbol = "ubp_" + layer.name
+    symbol = TUNE_SYMBOL
     bad = [_bad_so(tmp_path, "segfault", symbol), _bad_so(tmp_path, "hang", symbol)]
     calls = []
 
@@ -95,6 +95,6 @@ def test_killed_tune_resumes_without_losing_trials(tmp_path):
     for number, value in done_before.items():  # nothing finished was lost or changed
         assert done_after.get(number) == value
     assert len(done_after) >= 10 - sum(s == "FAIL" for _, s, _ in after)
-    assert not [n for n, s, _ in after if s == "RUNNING"]
+    assert not [n for n, s, _ in after if s == "RUNNING"], (after, r.stderr[-2000:])
     numbers = [n for n, _, _ in after]
     assert sorted(numbers) == list(range(len(numbers)))
