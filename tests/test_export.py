@@ -303,3 +303,17 @@ def test_cli_prints_one_line_error(tmp_path, capsys):
     rc = cli.main(["export", "--mask", str(tmp_path / "missing.npz"), "-o", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_demo_quick_run(tmp_path, capsys):
+    """`make demo`'s pipeline end to end on a short schedule, without tuning."""
+    from ubpdsl.demo import run_demo
+
+    res = run_demo(tmp_path / "demo", dense_epochs=2, updates=1, epochs_per_update=1, finetune_epochs=1, tune=False)
+    out = capsys.readouterr().out
+    assert res["parity"] and res["agree"] == 450
+    assert res["accuracy"]["pruned, ubpdsl kernels"] == res["accuracy"]["pruned, dense torch (masked)"]
+    assert "Summary" in out and "parity, kernels vs masked dense model: PASS" in out
+    assert set(load_bundle(tmp_path / "demo" / "bundle").targets) == {"host", "aarch64-neon", "aarch64-sve"}
+    if _qemu_ready():
+        assert all("(ok)" in v for v in res["aarch64"].values()), res["aarch64"]
