@@ -25,7 +25,13 @@ from ubpdsl.kernels import VARIANTS  # noqa: E402
 from ubpdsl.prune.selectors import aligned_select, bed_select, blocks_to_mask, budget  # noqa: E402
 
 UNROLL_LIMIT = 3000  # wros_unrolled bakes every block into code: only for small layers
-SWEEP = [{"TILE": t, "UNROLL": u} for t in (1, 2, 4) for u in (1, 2)]
+SWEEP = {  # a small per-variant sweep (the autotuner searches much more)
+    "wros": [{"TILE": t, "UNROLL": u, "PREFETCH": pf, "PANEL": pn}
+             for t in (2, 4) for u in (1, 2) for pf in (0, 16) for pn in (0, 32)],
+    "aligned_rows": [{"TILE": t, "UNROLL": u} for t in (2, 4) for u in (1, 2)],
+    "block_stream": [{"TILE": t, "UNROLL": u} for t in (1, 2, 4) for u in (1, 2)],
+    "wros_unrolled": [{"TILE": t} for t in (1, 2, 4)],
+}
 
 
 def make_problem(name: str, M: int, K: int, N: int, sparsity: float, aligned: bool, seed: int = 0) -> Problem:
@@ -41,17 +47,11 @@ def make_problem(name: str, M: int, K: int, N: int, sparsity: float, aligned: bo
 
 
 def configs(variant: str, quick: bool) -> list[dict]:
-    consts = VARIANTS[variant].constexprs
-    if quick:
-        return [{}]
+    """The default constants first, then the variant's sweep (unless quick)."""
     out = [{}]
-    for c in SWEEP:
-        out.append({k: v for k, v in c.items() if k in consts})
-    uniq = []
-    for c in out:
-        if c not in uniq:
-            uniq.append(c)
-    return uniq
+    if not quick:
+        out += [c for c in SWEEP.get(variant, []) if c]
+    return out
 
 
 def main() -> None:
