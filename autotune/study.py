@@ -69,7 +69,7 @@ class TuneSettings:
     """Everything that decides how a run tunes (CLI options map here one to one)."""
 
     target: str = "host"
-    trials: int = 24
+    trials: int = 12
     storage: str | None = None
     cache_dir: Path | None = None
     jobs: int = 2
@@ -77,7 +77,7 @@ class TuneSettings:
     seed: int = 0
     force: bool = False
     weights: bool = True  # False: synthetic weights, data-driven configs only
-    budget_s: float = 0.25
+    budget_s: float = 0.15
     rounds: int = 11
 
 
@@ -341,6 +341,7 @@ class Tuner:
         self._storage: Any = None
         self._heartbeat: _Heartbeat | None = None
         self.recent: list[sp.Config] = []
+        self.dense_times: dict[tuple[int, int, int], float] = {}  # (M, K, n) -> torch.mm s, once per run
 
     # -- setup ------------------------------------------------------------------------------------
 
