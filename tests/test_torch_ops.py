@@ -194,3 +194,17 @@ def test_swap_errors_before_changing_anything(tiny):
         swap_to_kernels(Renamed(), bundle)
     with pytest.raises(BundleError, match="not exported for aarch64-neon|has no aarch64-neon kernels"):
         swap_to_kernels(copy.deepcopy(model), bundle, target="aarch64-neon")
+
+
+def test_deep_copy_survives_the_original(tiny):
+    import gc
+
+    model, _, bundle = tiny
+    fast = swap_to_kernels(copy.deepcopy(model), bundle)
+    twin = copy.deepcopy(fast)
+    assert twin.pw.kernel_id != fast.pw.kernel_id and twin.pw.kernel is fast.pw.kernel
+    del fast
+    gc.collect()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=RTOL, atol=ATOL)

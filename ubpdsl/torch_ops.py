@@ -16,7 +16,10 @@ Modules (built by :func:`swap_to_kernels` from a bundle made by ``ubpdsl export`
 * :class:`SparseLinear`: ``x[..., K]`` is transposed to ``[K, n]`` with n the flattened batch.
 
 Depthwise/grouped convolutions and every layer not in the bundle stay dense torch modules.
-Loaded libraries live as long as a module (or a traced graph's registry entry) uses them.
+Each module registers its kernel in a process-local table under a ``kernel_id`` (the op's
+argument) and unregisters it when the module is garbage-collected: a traced or exported graph
+refers to kernels by id, so keep the swapped model alive while using it. A deep copy of a module
+shares the loaded library and registers its own id.
 """
 
 from __future__ import annotations
@@ -153,6 +156,13 @@ class _KernelModule(nn.Module):
             self.register_buffer("bias", bias.detach().to(torch.float32).clone())
         else:
             self.bias = None
+        weakref.finalize(self, _REGISTRY.pop, self.kernel_id, None)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # copy.deepcopy: the copy shares the NativeKernel but needs an id of its own, since the
+        # original's id is unregistered when the original is collected.
+        super().__setstate__(state)
+        self.kernel_id = register_kernel(self.kernel)
         weakref.finalize(self, _REGISTRY.pop, self.kernel_id, None)
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
