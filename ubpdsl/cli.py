@@ -34,6 +34,7 @@ def _attach() -> None:
         ("ubpdsl.compile_cli", ["compile", "emit"]),
         ("ubpdsl.autotune.cli", ["tune"]),
         ("ubpdsl.bench_cli", ["bench"]),
+        ("ubpdsl.export", ["export"]),
     ]:
         try:
             mod = importlib.import_module(module)
