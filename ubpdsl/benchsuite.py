@@ -439,8 +439,9 @@ def _reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def sweep_tuner(quick: bool = False, min_time: float = 0.12, workers: int = 2) -> Tuner:
-    """A staged sweep: TILE {1,2,4,8} x UNROLL {1,2}, then PREFETCH {4,8} and STREAM at the best
-    (wros only). ``quick``: the variant's default constants only (labelled "default")."""
+    """A staged sweep: TILE {1,2,4,8} x UNROLL {1,2}, then PREFETCH {4,8,16} and STREAM at the best,
+    then PANEL {16,32,64} at the best (wros only). ``quick``: the variant's default constants only
+    (labelled "default")."""
 
     def tune(problem: Problem, x: np.ndarray, variant: str) -> Tuned:
         from ubpdsl.kernels import VARIANTS
@@ -482,8 +483,13 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.12, workers: int = 2) -
             return Tuned(ck, variant, dict(ck.constants), "default")
         if "PREFETCH" in kern.constexprs:
             cfg0 = best[0]
-            stage2 = [cfg0, {**cfg0, "PREFETCH": 4}, {**cfg0, "PREFETCH": 8}, {**cfg0, "STREAM": True}]
+            stage2 = [cfg0, {**cfg0, "PREFETCH": 4}, {**cfg0, "PREFETCH": 8}, {**cfg0, "PREFETCH": 16},
+                      {**cfg0, "STREAM": True}]
             best = best_of(stage2) or best
+        if "PANEL" in kern.constexprs:
+            cfg0 = best[0]
+            stage3 = [cfg0] + [{**cfg0, "PANEL": p} for p in (16, 32, 64) if p < problem.M]
+            best = best_of(stage3) or best
         cfg, ck = best
         return Tuned(ck, variant, dict(ck.constants), "swept")
 
