@@ -216,7 +216,11 @@ def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, An
         files["packed"] = out / f"{safe}.packed.bin"
         _copy_atomic(Path(best["packed"]), files["packed"])
     dense_s = gflops = None
-    if res.estimate:
+    if res.from_cache and res.final:  # unchanged layer: the numbers of the run that tuned it
+        t_def, t_tuned, dense_s = res.final["default"], res.final["tuned"], res.final.get("dense")
+        if not dense:
+            dense_s = None
+    elif res.estimate:
         t_def = tuner.estimate_cost(layer, res.default, default)
         t_tuned = tuner.estimate_cost(layer, res.best, best)
     else:
@@ -240,7 +244,10 @@ def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, An
             tuner.dense_times[shape] = dense_s
         elif dense:
             dense_s = known
+    if not res.estimate:
         gflops = layer.useful_flops / t_tuned / 1e9
+    if not (res.from_cache and res.final):
+        tuner.remember_final(res, {"default": t_def, "tuned": t_tuned, "dense": dense_s})
     p = layer.problem
     manifest["layers"][layer.name] = {
         **best["manifest"], "files": {k: v.name for k, v in files.items()}, "n": layer.n,

@@ -96,6 +96,8 @@ class LayerResult:
     estimate: bool
     history: list[tuple[int, float | None]] = field(default_factory=list)
     study: str = ""
+    key: str = ""
+    final: dict[str, Any] | None = None  # the last summary numbers stored with the cached entry
 
 
 # ----------------------------------------------------------------------------------------- storage
@@ -447,7 +449,7 @@ class Tuner:
                 return LayerResult(layer.name, layer.n, sp.Config.from_json(hit["best"]), default,
                                    float(hit["best_value"]), int(hit["trials"]), int(hit.get("failed", 0)), True,
                                    bool(hit.get("estimate")), [tuple(h) for h in hit.get("history", [])],
-                                   hit.get("study", ""))
+                                   hit.get("study", ""), key, hit.get("final"))
         name = study_name(layer, self.target, key)
         sampler = optuna.samplers.TPESampler(multivariate=True, seed=s.seed + os.getpid() % 1000,
                                              n_startup_trials=max(4, min(10, s.trials // 3)))
@@ -511,6 +513,12 @@ class Tuner:
                 self._abandon(study, trial._trial_id, None)
             raise
         return self._finish(study, layer, key, default)
+
+    def remember_final(self, res: LayerResult, final: dict[str, Any]) -> None:
+        """Store the summary numbers with the tuned-config cache entry (an unchanged rerun reuses them)."""
+        entry = self.tuned.get(res.key) if res.key else None
+        if entry is not None:
+            self.tuned.put(res.key, {**entry, "final": final})
 
     def _propose(self, study: Any, trial: Any, layer: sp.Layer, measured: dict[str, Any]) -> sp.Config | None:
         """The trial's config, or None when it was already told (infeasible, or measured before)."""
@@ -628,7 +636,7 @@ class Tuner:
         if best_value > 1.0:
             best_cfg, best_value = default, 1.0
         result = LayerResult(layer.name, layer.n, best_cfg, default, best_value, done, failed, False, self.estimate,
-                             history, study.study_name)
+                             history, study.study_name, key)
         if best_cfg not in self.recent:
             self.recent.append(best_cfg)
         self.tuned.put(key, {"layer": layer.name, "best": best_cfg.to_json(), "best_value": best_value,
