@@ -28,7 +28,8 @@ UNROLL_LIMIT = 3000  # wros_unrolled bakes every block into code: only for small
 SWEEP = {  # a small per-variant sweep (the autotuner searches much more)
     "wros": [{"TILE": t, "UNROLL": u, "PREFETCH": pf, "PANEL": pn}
              for t in (2, 4) for u in (1, 2) for pf in (0, 16) for pn in (0, 32)],
-    "aligned_rows": [{"TILE": t, "UNROLL": u} for t in (2, 4) for u in (1, 2)],
+    "aligned_rows": [{"TILE": t, "UNROLL": u, "PREFETCH": pf, "PANEL": pn}
+                     for t in (2, 4) for u in (1, 2) for pf in (0, 16) for pn in (0, 32)],
     "block_stream": [{"TILE": t, "UNROLL": u} for t in (1, 2, 4) for u in (1, 2)],
     "wros_unrolled": [{"TILE": t} for t in (1, 2, 4)],
 }

@@ -77,10 +77,10 @@ def test_host_unaligned(variant, case, compile_cache):
 
 
 @SETTINGS
-@given(case=problems(aligned=True))
-def test_host_aligned_kernel(case, compile_cache):
+@given(case=problems(aligned=True), knobs=st.sampled_from([{}, {"PANEL": 8, "PREFETCH": 3}, {"PANEL": 5}]))
+def test_host_aligned_kernel(case, knobs, compile_cache):
     problem, x = case
-    _check("aligned_rows", problem, x, "host", compile_cache)
+    _check("aligned_rows", problem, x, "host", compile_cache, constants=knobs)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,

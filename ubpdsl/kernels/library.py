@@ -79,18 +79,26 @@ def wros_unrolled(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.con
 
 @ubl.kernel(layout="plain", aligned=True)
 def aligned_rows(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4,
-                 UNROLL: ubl.constexpr = 1):
-    """Aligned block pruning (ABP): one register tile per aligned group of N rows."""
+                 UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 0, PANEL: ubl.constexpr = 0):
+    """Aligned block pruning (ABP): one register tile per aligned group of N rows.
+
+    PREFETCH and PANEL as in wros (look-ahead prefetch of X; row panels outside the tiles), so
+    that aligned and unaligned masks are compared with equally tuned kernels.
+    """
     N = W.block
-    for j in ubl.tiles(X.n, TILE):
-        for r0 in range(0, W.rows, N):
-            acc = ubl.zeros(N, j)
-            lo, hi = W.row_blocks(r0)
-            for b in ubl.range(lo, hi, unroll=UNROLL):
-                acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
-            for i in ubl.static_range(N):
-                if r0 + i < W.rows:
-                    ubl.store(Y, r0 + i, j, acc[i])
+    P = max(PANEL // N * N, N) if PANEL > 0 else W.rows + N
+    for p0 in range(0, W.rows, P):
+        for j in ubl.tiles(X.n, TILE):
+            for r0 in range(p0, min(p0 + P, W.rows), N):
+                acc = ubl.zeros(N, j)
+                lo, hi = W.row_blocks(r0)
+                for b in ubl.range(lo, hi, unroll=UNROLL):
+                    if PREFETCH > 0:
+                        ubl.prefetch(X, W.block_col(b + PREFETCH), j)
+                    acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
+                for i in ubl.static_range(N):
+                    if r0 + i < W.rows:
+                        ubl.store(Y, r0 + i, j, acc[i])
 
 
 VARIANTS = {
