@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ubpdsl.compile_cli import random_problem
+from ubpdsl.kernels import VARIANTS
 from ubpdsl.masks import LayerMask, save_masks
 from ubpdsl.runtime import build as rt_build
 from ubpdsl.runtime.loader import HostKernel
@@ -53,7 +54,7 @@ def test_compile_host_and_run_from_build_dir(tmp_path):
         x = rng.standard_normal((p.K, 19)).astype(np.float32)
         y = HostKernel(so, f"ubp_{safe}", p.M, p.K)(x, packed)
         np.testing.assert_allclose(y, p.weight @ x, rtol=1e-5, atol=1e-5)
-        assert manifest["layers"][name]["constants"] == {"TILE": 2, "UNROLL": 1, "PREFETCH": 0, "STREAM": False}
+        assert manifest["layers"][name]["constants"] == VARIANTS["wros"].resolve_constants({"TILE": 2})
 
 
 BAD_INPUT = [
