@@ -165,19 +165,33 @@ def default_config(target: Target) -> Config:
     return _canonical(DEFAULT_VARIANT, VARIANTS[DEFAULT_VARIANT].resolve_constants(None), False, None, target)
 
 
+#: Output size (bytes) above which non-temporal stores of Y are worth seeding.
+STREAM_BYTES = 1 << 20
+
+
 def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
-    """Known-good starting points (enqueued before TPE samples): the default first."""
+    """Known-good starting points (enqueued before TPE samples): the default first.
+
+    From the benchmark suite on an AVX-512 host: wros with TILE=4, UNROLL=4 and a prefetch
+    distance of 4 blocks wins on the large-K (ResNet-18, FC) shapes, mask-baked variants of it
+    on mid-sized layers, non-temporal Y stores when Y is larger than the L2 share, small tiles
+    and the fully unrolled kernel on small layers.
+    """
     lanes = target.vector_lanes_f32
     need = max(1, math.ceil(layer.n / lanes))  # registers to cover n in one tile
     small_tile = min(4, need)
+    wide = {"TILE": small_tile, "UNROLL": 4, "PREFETCH": 4}
     seeds = [
         default_config(target),
+        _canonical("wros", wide, False, None, target),
         _canonical("wros", {"TILE": 2, "UNROLL": 1}, False, None, target),
-        _canonical("wros", {"TILE": small_tile, "UNROLL": 2}, False, None, target),
     ]
+    if layer.problem.M * layer.n * 4 > STREAM_BYTES:
+        seeds.append(_canonical("wros", {**wide, "UNROLL": 1, "STREAM": True}, False, None, target))
     if weights:
-        seeds.append(_canonical("wros", {"TILE": 4, "UNROLL": 2}, True, None, target))
+        seeds.append(_canonical("wros", wide, True, None, target))
         seeds.append(_canonical("wros_unrolled", {"TILE": min(2, need)}, True, None, target))
+    seeds.append(_canonical("wros", {"TILE": small_tile, "UNROLL": 2}, False, None, target))
     out: list[Config] = []
     for c in seeds:
         if c not in out and infeasible(c, layer, target, weights) is None:
