@@ -31,6 +31,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import socket
 import threading
 import time
@@ -149,12 +150,19 @@ def open_storage(settings: TuneSettings) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TuneError(f"cannot reach storage {_redact(settings.storage or url)}: {first[:300]}") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        heartbeat = {} if url.startswith("sqlite") else {"heartbeat_interval": 30, "grace_period": 120}
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-    except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TuneError(f"cannot open storage {_redact(settings.storage or url)}: {first[:300]}") from None
+    heartbeat = {} if url.startswith("sqlite") else {"heartbeat_interval": 30, "grace_period": 120}
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        except Exception as exc:  # noqa: BLE001
+            # Workers starting together on a fresh database race to create Optuna's tables: the
+            # loser sees a unique violation, and a retry finds the tables in place.
+            if attempt < 5:
+                time.sleep(0.3 + random.random() * (attempt + 1))
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TuneError(f"cannot open storage {_redact(settings.storage or url)}: {first[:300]}") from None
+    raise AssertionError("unreachable")
 
 
 def _redact(url: str) -> str:
