@@ -46,8 +46,9 @@ __all__ = [
 KNOB_CHOICES: dict[str, list[int]] = {
     "TILE": [1, 2, 3, 4, 6, 8],
     "UNROLL": [1, 2, 4],
-    "PREFETCH": [0, 1, 2, 4, 8],
+    "PREFETCH": [0, 1, 2, 4, 8, 16],
     "STREAM": [False, True],
+    "PANEL": [0, 16, 32, 64],
     "ROWS": [1, 2, 4],
 }
 
@@ -172,8 +173,9 @@ STREAM_BYTES = 1 << 20
 def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
     """Known-good starting points (enqueued before TPE samples): the default first.
 
-    From the benchmark suite on an AVX-512 host: wros with TILE=4, UNROLL=4 and a prefetch
-    distance of 4 blocks wins on the large-K (ResNet-18, FC) shapes, mask-baked variants of it
+    From the benchmark suite on an AVX-512 host: wros with TILE=4, UNROLL=2-4 and a prefetch
+    distance of 4-16 blocks wins on the large-K (ResNet-18, FC) shapes, row panels (PANEL=32) on
+    small-K layers with large n, mask-baked variants of it
     on mid-sized layers, non-temporal Y stores when Y is larger than the L2 share, small tiles
     and the fully unrolled kernel on small layers.
     """
@@ -184,8 +186,12 @@ def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
     seeds = [
         default_config(target),
         _canonical("wros", wide, False, None, target),
+        # large K: a long look-ahead hides the L3 latency of X rows that no hardware prefetcher follows
+        _canonical("wros", {"TILE": small_tile, "UNROLL": 2, "PREFETCH": 16}, False, None, target),
         _canonical("wros", {"TILE": 2, "UNROLL": 1}, False, None, target),
     ]
+    if layer.problem.M > 32:  # row panels: Y written as a few long streams (small K, large n)
+        seeds.append(_canonical("wros", {"TILE": small_tile, "PANEL": 32}, False, None, target))
     if layer.problem.M * layer.n * 4 > STREAM_BYTES:
         seeds.append(_canonical("wros", {**wide, "UNROLL": 1, "STREAM": True}, False, None, target))
     if weights:
