@@ -19,10 +19,12 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # qemu-user runs the AArch64 kernels (correctness only, never timing); libc6-arm64-cross is
-# the AArch64 glibc sysroot the dynamically linked C example runs against under qemu.
-SYSTEM_PKGS := qemu-user libc6-arm64-cross
+# the AArch64 glibc sysroot the dynamically linked C example runs against under qemu;
+# postgresql and openssh-server back the autotuner's shared-study and remote-runner tests.
+SYSTEM_PKGS := qemu-user libc6-arm64-cross postgresql openssh-server openssh-client
 system:
-	@if ! command -v qemu-aarch64 >/dev/null 2>&1 || [ ! -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ]; then \
+	@if ! command -v qemu-aarch64 >/dev/null 2>&1 || [ ! -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ] \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ ! -x /usr/sbin/sshd ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null) \
 	      || { echo "error: could not install $(SYSTEM_PKGS); install Debian's $(SYSTEM_PKGS)"; exit 1; }; \
