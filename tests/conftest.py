@@ -17,3 +17,13 @@ def compile_cache():
     from ubpdsl.runtime.cache import CompileCache
 
     return CompileCache(os.environ["UBPDSL_CACHE_DIR"])
+
+
+@pytest.fixture(autouse=True)
+def _restore_denormals():
+    """Benchmarks turn on flush-to-zero (torch BSR is slow on denormals); it is process-wide
+    and would make hypothesis see the smallest subnormal as 0, so no test may leak it."""
+    yield
+    import torch
+
+    torch.set_flush_denormal(False)
