@@ -98,10 +98,6 @@ def _node_line(node: ast.AST) -> int:
     return getattr(node, "lineno", 0)
 
 
-class _Unsupported(Exception):
-    pass
-
-
 class CodeGen:
     """Emits the ubp module of one kernel for one specialisation."""
 
