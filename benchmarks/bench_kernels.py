@@ -20,9 +20,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import SUITE, geomean, interleaved_medians, machine_header  # noqa: E402
 
-from ubpdsl.compiler import Problem, compile_kernel  # noqa: E402
+from ubpdsl.compile_cli import random_problem  # noqa: E402
+from ubpdsl.compiler import compile_kernel  # noqa: E402
 from ubpdsl.kernels import VARIANTS  # noqa: E402
-from ubpdsl.prune.selectors import aligned_select, bed_select, blocks_to_mask, budget  # noqa: E402
 
 UNROLL_LIMIT = 3000  # wros_unrolled bakes every block into code: only for small layers
 SWEEP = {  # a small per-variant sweep (the autotuner searches much more)
@@ -33,18 +33,6 @@ SWEEP = {  # a small per-variant sweep (the autotuner searches much more)
     "block_stream": [{"TILE": t, "UNROLL": u} for t in (1, 2, 4) for u in (1, 2)],
     "wros_unrolled": [{"TILE": t} for t in (1, 2, 4)],
 }
-
-
-def make_problem(name: str, M: int, K: int, N: int, sparsity: float, aligned: bool, seed: int = 0) -> Problem:
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((M, K)).astype(np.float32)
-    m = budget(M, K, N, sparsity)
-    if aligned:
-        rows, cols = aligned_select(np.abs(w), m, N)
-    else:
-        rows, cols = bed_select(np.abs(w), m, N)
-    w = (w * blocks_to_mask(rows, cols, M, K, N)).astype(np.float32)
-    return Problem(name, M, K, N, rows, cols, w)
 
 
 def configs(variant: str, quick: bool) -> list[dict]:
@@ -73,7 +61,7 @@ def main() -> None:
         M, K, n = SUITE[shape]
         rng = np.random.default_rng(1)
         x = rng.standard_normal((K, n)).astype(np.float32)
-        problems = {a: make_problem(shape, M, K, args.block, args.sparsity, a) for a in (False, True)}
+        problems = {a: random_problem(M, K, args.block, args.sparsity, aligned=a, name=shape) for a in (False, True)}
         dense_w = torch.from_numpy(problems[False].weight)
         xt = torch.from_numpy(x)
         y = np.empty((M, n), np.float32)

@@ -160,9 +160,9 @@ class _Lowering:
         return [_memref_from_ptr(op.operands[0], [rows, n], ir.F32Type.get())]
 
     def sparse_weights(self, op: ir.Operation) -> list[ir.Value]:
-        i8, i32, f32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32), ir.F32Type.get()
+        i8, i32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32)
         idx = ir.IndexType.get()
-        rows, cols, block = (_int_attr(op, k) for k in ("rows", "cols", "block"))
+        rows, block = _int_attr(op, "rows"), _int_attr(op, "block")
         raw = _memref_from_ptr(op.operands[0], [_NOMINAL_BYTES], i8)
         raw = memref.cast(ir.Type.parse("memref<?xi8>"), raw)
         c0 = _i(0)
@@ -179,7 +179,6 @@ class _Lowering:
         bcols = memref.view(dyn_i32, raw, word(H_OFF_COLS), [arith.addi(nblocks, _i(COL_PAD))])
         nvals = arith.muli(nblocks, _i(block))
         vals = memref.view(ir.Type.parse("memref<?xf32>"), raw, word(H_OFF_VALS), [nvals])
-        del f32, cols
         return [self._bundle(op, [row_ptr, brows, bcols, vals, header])]
 
     def baked_weights(self, op: ir.Operation) -> list[ir.Value]:

@@ -20,10 +20,15 @@ def compile_cache():
 
 
 @pytest.fixture(autouse=True)
-def _restore_denormals():
-    """Benchmarks turn on flush-to-zero (torch BSR is slow on denormals); it is process-wide
-    and would make hypothesis see the smallest subnormal as 0, so no test may leak it."""
-    yield
+def _one_thread_no_ftz():
+    """Every test runs torch single-threaded (tiny layers: intra-op threads only spin against
+    each other on a shared machine) and restores the process state afterwards. Benchmarks turn
+    on flush-to-zero (torch BSR is slow on denormals); it is process-wide and would make
+    hypothesis see the smallest subnormal as 0, so no test may leak it."""
     import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
     torch.set_flush_denormal(False)

@@ -29,11 +29,7 @@ def filecheck(text: str, checks: str) -> None:
 
 @pytest.mark.parametrize("variant", ["block_stream", "wros", "aligned_rows"])
 def test_ubp_stage_parses_back_unchanged(variant):
-    problem = random_problem(12, 16, 4, 0.75)
-    if VARIANTS[variant].aligned:
-        from ubpdsl.compile_cli import _aligned_problem
-
-        problem = _aligned_problem(12, 16, 4, 0.75)
+    problem = random_problem(12, 16, 4, 0.75, aligned=VARIANTS[variant].aligned)
     text = emit(VARIANTS[variant], problem, "host", "ubp")
     assert '"ubp.' in text
     with make_context() as ctx, ir.Location.unknown(ctx):

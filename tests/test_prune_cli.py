@@ -20,14 +20,6 @@ from ubpdsl.pretrained import mobilenet_v2_state_dict
 from ubpdsl.prune.selectors import budget
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(capsys, *args: str) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()

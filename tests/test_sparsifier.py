@@ -21,15 +21,6 @@ from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier
 from ubpdsl.prune.trainer import evaluate, fit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny layers: intra-op threads only spin against each other on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Tiny(nn.Module):
     """A Linear 24x16, a Conv 12x(4*3*3), a depthwise conv (skipped) and a Linear 8x12."""
 

@@ -82,17 +82,23 @@ def load_kernel(spec: str, name: str | None = None):  # noqa: ANN201 - KernelFun
     return kernels[name]
 
 
-def random_problem(M: int, K: int, N: int, sparsity: float, seed: int = 0):  # noqa: ANN201 - Problem
-    """A reproducible random unaligned-block layer (BED on Gaussian weights)."""
+def random_problem(M: int, K: int, N: int, sparsity: float, seed: int = 0, *, aligned: bool = False,
+                   name: str | None = None):  # noqa: ANN201 - Problem
+    """A reproducible random layer: Gaussian weights, blocks chosen by BED (unaligned) or by
+    aligned_select (ABP, the same number of blocks where M allows it)."""
     from ubpdsl.compiler import Problem
-    from ubpdsl.prune.selectors import bed_select, blocks_to_mask, budget
+    from ubpdsl.prune.selectors import aligned_select, bed_select, blocks_to_mask, budget
 
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((M, K)).astype(np.float32)
     m = budget(M, K, N, sparsity)
-    rows, cols = bed_select(np.abs(w), m, N)
+    if aligned:
+        rows, cols = aligned_select(np.abs(w), min(m, K * (M // N)), N)
+    else:
+        rows, cols = bed_select(np.abs(w), m, N)
     w = w * blocks_to_mask(rows, cols, M, K, N)
-    return Problem(f"random_{M}x{K}", M, K, N, rows, cols, w.astype(np.float32))
+    label = name or f"{'aligned' if aligned else 'random'}_{M}x{K}"
+    return Problem(label, M, K, N, rows, cols, w.astype(np.float32))
 
 
 def _problems(mask_path: str, layer: str | None) -> list[Any]:
@@ -190,22 +196,9 @@ def emit_cmd(kernel_spec: str, stage: str, target: str, kernel_name: str | None,
             raise UbpError(f"--shape {shape}: need M >= N >= 1 and K >= 1")
         if not 0 <= sparsity < 1:
             raise UbpError(f"--sparsity must be in [0, 1), got {sparsity}")
-        problem = random_problem(M, K, N, sparsity)
-        if kernel.aligned:
-            problem = _aligned_problem(M, K, N, sparsity)
+        problem = random_problem(M, K, N, sparsity, aligned=kernel.aligned)
     click.echo(emit(kernel, problem, target, stage, constants=parse_constants(consts), specialize=specialize,
                     vector_bits=vector_bits))
-
-
-def _aligned_problem(M: int, K: int, N: int, sparsity: float):  # noqa: ANN202
-    from ubpdsl.compiler import Problem
-    from ubpdsl.prune.selectors import aligned_select, blocks_to_mask, budget
-
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((M, K)).astype(np.float32)
-    rows, cols = aligned_select(np.abs(w), budget(M - M % N, K, N, sparsity), N)
-    w = w * blocks_to_mask(rows, cols, M, K, N)
-    return Problem(f"aligned_{M}x{K}", M, K, N, rows, cols, w.astype(np.float32))
 
 
 compile = compile_cmd  # noqa: A001 - the name the CLI attaches

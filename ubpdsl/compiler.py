@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
     spec, data = _spec(kernel, problem, tgt, constants, specialize, symbol)
     cache = cache or CompileCache()
     baked = spec.baked is not None
+    mask_hash = _data_hash(data)
     key_parts = {
         "toolchain": toolchain_versions(),
         "compiler": _compiler_fingerprint(),
@@ -224,7 +226,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         "symbol": symbol,
         "soname": soname,
         "shape": [problem.M, problem.K, problem.N],
-        "mask": _data_hash(data) if baked else None,
+        "mask": mask_hash if baked else None,
     }
     key = cache.key(**key_parts)
     packed = None if baked or data is None else pack(data)
@@ -242,25 +244,18 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         "vector_bits": spec.vector.lanes * 32,
         "specialized": baked,
         "M": problem.M, "K": problem.K, "N": problem.N,
-        "mask_hash": _data_hash(data) if data is not None else None,
+        "mask_hash": mask_hash,
         "toolchain": key_parts["toolchain"],
         "ubpdsl": ubpdsl.__version__,
         "cache_key": key,
     }
     hit = cache.get(key)
     if hit is None:
-        ctx = make_context()
-        with ctx, ir.Location.unknown():
-            module = build_ubp_module(kernel, spec)
-            lowering.lower_to_upstream(module)
-            lowering.lower_to_llvm(module)
-            llvm_ir = lowering.translate_to_llvm_ir(module)
+        llvm_ir = _stage_text(kernel, spec, tgt, "llvm-ir")
         header = render_header(symbol, M=problem.M, K=problem.K, N=problem.N,
                                description=f"layer {problem.name}: variant {kernel.name}, target {tgt.name}, "
                                            f"constants {json.dumps(spec.constants, sort_keys=True)}",
                                packed_layout=layout_description(kernel.layout), baked=baked)
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="ubp-build-") as tmp:
             art = rt_build.build_shared_object(llvm_ir, tgt, Path(tmp), soname[: -len(".so")], header)
             if symbol not in art.symbols:
