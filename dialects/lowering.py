@@ -282,9 +282,10 @@ class _Lowering:
         src, row, col = op.operands[0], op.operands[1], op.operands[2]
         floats_per_line = 16  # 64-byte cache lines
         lines = max(1, (_int_attr(op, "width") + floats_per_line - 1) // floats_per_line)
+        write = "ubp.write" in op.attributes
         for i in range(lines):
             c = col if i == 0 else arith.addi(col, _i(i * floats_per_line))
-            memref.prefetch(src, [row, c], is_write=False, locality_hint=3, is_data_cache=True)
+            memref.prefetch(src, [row, c], is_write=write, locality_hint=3, is_data_cache=True)
         return []
 
     def materialize_weights(self) -> None:

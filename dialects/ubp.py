@@ -24,7 +24,8 @@ The ops (generic syntax; every op verifies its operand and result types):
 * ``ubp.load_tile(%X, %row, %col0[, %limit])`` -> ``vector<T x f32>`` (masked when limit given)
 * ``ubp.store_tile(%Y, %row, %col0, %v[, %limit])``; a ``ubp.nontemporal`` unit attribute
   asks for streaming (cache-bypassing) stores
-* ``ubp.prefetch_tile(%X, %row, %col0) {width}``: prefetch the cache lines of a tile
+* ``ubp.prefetch_tile(%X, %row, %col0) {width}``: prefetch the cache lines of a tile; a
+  ``ubp.write`` unit attribute prefetches with intent to write (an output tile about to be stored)
 """
 
 from __future__ import annotations

@@ -99,3 +99,15 @@ def test_mask_specialised_unrolled_kernel_bakes_columns():
     assert '"ubp.' not in text
     assert "memref.get_global" not in text  # nothing read from block metadata arrays
     assert text.count("vector.fma") == 4 * len(PROBLEM.rows) * 3  # full tiles, overlapped tail, masked tail
+
+
+def test_write_prefetch_of_y_reaches_every_target():
+    """YPREFETCH: a write-intent prefetch of Y (prefetchw on x86-64, PRFM PST on AArch64)."""
+    consts = {"TILE": 2, "YPREFETCH": 4}
+    filecheck(emit(VARIANTS["wros"], PROBLEM, "host", "lowered", constants=consts),
+              "CHECK: memref.prefetch {{.*}}, write, locality<3>, data\n")
+    filecheck(emit(VARIANTS["wros"], PROBLEM, "host", "asm", constants=consts), "CHECK: prefetchw\n")
+    aligned = random_problem(12, 16, 4, 0.75, aligned=True)
+    filecheck(emit(VARIANTS["aligned_rows"], aligned, "host", "asm", constants=consts), "CHECK: prefetchw\n")
+    for target in ("aarch64-neon", "aarch64-sve"):
+        filecheck(emit(VARIANTS["wros"], PROBLEM, target, "asm", constants=consts), "CHECK: prfm pstl1keep\n")

@@ -77,7 +77,8 @@ def test_host_unaligned(variant, case, compile_cache):
 
 
 @SETTINGS
-@given(case=problems(aligned=True), knobs=st.sampled_from([{}, {"PANEL": 8, "PREFETCH": 3}, {"PANEL": 5}]))
+@given(case=problems(aligned=True), knobs=st.sampled_from([{}, {"PANEL": 8, "PREFETCH": 3}, {"PANEL": 5},
+                                                                 {"PANEL": 8, "YPREFETCH": 3}, {"YPREFETCH": 16}]))
 def test_host_aligned_kernel(case, knobs, compile_cache):
     problem, x = case
     _check("aligned_rows", problem, x, "host", compile_cache, constants=knobs)
@@ -104,7 +105,7 @@ needs_qemu = pytest.mark.skipif(not qemu.qemu_available(), reason="qemu-aarch64 
 def test_aarch64_under_qemu(variant, data, compile_cache):
     problem, x = data.draw(problems(aligned=VARIANTS[variant].aligned, max_m=24, max_k=12))
     for target, bits in AARCH64:
-        knobs = {"PANEL": 4, "PREFETCH": 2} if variant == "wros" and bits in (256, 512) else None
+        knobs = {"PANEL": 4, "PREFETCH": 2, "YPREFETCH": 3} if variant == "wros" and bits in (256, 512) else None
         _check(variant, problem, x, target, compile_cache, sve_bits=bits, constants=knobs)
 
 
@@ -173,13 +174,15 @@ def test_cache_hit_and_data_driven_reuse(compile_cache):
 @settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(case=problems(), pf=st.sampled_from([0, 1, 5, 16]), stream=st.booleans(), unroll=st.sampled_from([1, 3]),
-       panel=st.sampled_from([0, 1, 4, 8, 13]))
-def test_host_wros_knobs(case, pf, stream, unroll, panel, compile_cache):
+       panel=st.sampled_from([0, 1, 4, 8, 13]), ypf=st.sampled_from([0, 1, 4, 40]))
+def test_host_wros_knobs(case, pf, stream, unroll, panel, ypf, compile_cache):
     """Every wros knob keeps results exact: look-ahead prefetch (padded block_cols), streaming
-    stores, unroll, and row panels (the walk restarts N rows early at every panel)."""
+    stores, unroll, row panels (the walk restarts N rows early at every panel) and write-prefetch
+    of Y rows ahead (clamped to the last row, also past M)."""
     problem, x = case
     _check("wros", problem, x, "host", compile_cache,
-           constants={"PREFETCH": pf, "STREAM": stream, "UNROLL": unroll, "TILE": 2, "PANEL": panel})
+           constants={"PREFETCH": pf, "STREAM": stream, "UNROLL": unroll, "TILE": 2, "PANEL": panel,
+                      "YPREFETCH": ypf})
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,

@@ -36,15 +36,17 @@ def block_stream(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.cons
 @ubl.kernel(layout="rotated")
 def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4,
          UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 0, STREAM: ubl.constexpr = False,
-         PANEL: ubl.constexpr = 0):
+         PANEL: ubl.constexpr = 0, YPREFETCH: ubl.constexpr = 0):
     """Weight-rotating output-stationary: N accumulator rows stay in registers.
 
     PREFETCH > 0 prefetches the X tile of the block that many blocks ahead (at most 16);
-    STREAM writes Y with non-temporal stores. PANEL > 0 changes the loop order: rows are
-    processed in panels of PANEL rows (rounded down to a multiple of N), tiles inside a panel,
-    so Y is written as a few long row streams instead of one short piece per row per tile
-    (small-K layers with large n); a panel restarts the row walk N rows early to pick up the
-    blocks that reach into it from above.
+    YPREFETCH > 0 prefetches, with intent to write, the Y tile of the row that many rows ahead
+    (when Y is not in cache, as for a layer inside a network, the stores otherwise stall on
+    one read-for-ownership miss after another); STREAM writes Y with non-temporal stores.
+    PANEL > 0 changes the loop order: rows are processed in panels of PANEL rows (rounded down
+    to a multiple of N), tiles inside a panel, so Y is written as a few long row streams instead
+    of one short piece per row per tile (small-K layers with large n); a panel restarts the row
+    walk N rows early to pick up the blocks that reach into it from above.
     """
     N = W.block
     P = max(PANEL // N * N, N) if PANEL > 0 else W.rows + N
@@ -58,6 +60,8 @@ def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 
                         if PREFETCH > 0:
                             ubl.prefetch(X, W.block_col(b + PREFETCH), j)
                         acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
+                    if YPREFETCH > 0:
+                        ubl.prefetch(Y, min(r0 + p + YPREFETCH, W.rows - 1), j, write=True)
                     if r0 + p >= p0 and r0 + p < W.rows:
                         ubl.store(Y, r0 + p, j, acc[p], streaming=STREAM)
                     acc[p] = 0.0
@@ -79,11 +83,13 @@ def wros_unrolled(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.con
 
 @ubl.kernel(layout="plain", aligned=True)
 def aligned_rows(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4,
-                 UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 0, PANEL: ubl.constexpr = 0):
+                 UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 0, PANEL: ubl.constexpr = 0,
+                 YPREFETCH: ubl.constexpr = 0):
     """Aligned block pruning (ABP): one register tile per aligned group of N rows.
 
-    PREFETCH and PANEL as in wros (look-ahead prefetch of X; row panels outside the tiles), so
-    that aligned and unaligned masks are compared with equally tuned kernels.
+    PREFETCH, PANEL and YPREFETCH as in wros (look-ahead prefetch of X; row panels outside the
+    tiles; write-prefetch of Y rows ahead), so that aligned and unaligned masks are compared
+    with equally tuned kernels.
     """
     N = W.block
     P = max(PANEL // N * N, N) if PANEL > 0 else W.rows + N
@@ -96,6 +102,9 @@ def aligned_rows(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.cons
                     if PREFETCH > 0:
                         ubl.prefetch(X, W.block_col(b + PREFETCH), j)
                     acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
+                if YPREFETCH > 0:
+                    for i in ubl.static_range(N):
+                        ubl.prefetch(Y, min(r0 + i + YPREFETCH, W.rows - 1), j, write=True)
                 for i in ubl.static_range(N):
                     if r0 + i < W.rows:
                         ubl.store(Y, r0 + i, j, acc[i])

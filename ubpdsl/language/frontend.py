@@ -643,10 +643,16 @@ class CodeGen:
         attrs = {"ubp.nontemporal": ir.UnitAttr.get()} if streaming and t.limit is None else {}
         ubp_dialect.op("store_tile", operands, [], attrs)
 
-    def builtin_prefetch(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None) -> None:
+    def builtin_prefetch(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None,
+                         write: Any = False) -> None:
         d, r, t = self._dense_tile_args(node, "ubl.prefetch", operand, row, tile)
+        if not isinstance(write, bool):
+            raise self.error("ubl.prefetch: write= must be a compile-time bool", node)
+        if write and not d.output:
+            raise self.error(f"ubl.prefetch: write=True needs the ubl.Output operand, {d.name} is an input", node)
         width = t.vec_type.shape[0]
-        ubp_dialect.op("prefetch_tile", [d.memref, r, t.start], [], {"width": _i64(width)})
+        attrs = {"width": _i64(width)} | ({"ubp.write": ir.UnitAttr.get()} if write else {})
+        ubp_dialect.op("prefetch_tile", [d.memref, r, t.start], [], attrs)
 
     def builtin_fma(self, node: ast.AST, a: Any = None, b: Any = None, c: Any = None) -> ir.Value:
         vt = next((v.type for v in (a, b, c) if isinstance(v, ir.Value) and isinstance(v.type, ir.VectorType)),
