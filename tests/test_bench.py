@@ -83,7 +83,7 @@ def test_quick_cli_writes_csv_markdown_png(tmp_path, capsys) -> None:
     assert {"dense", "ubp", "ubp_abp", "mlir_csr", "torch_bsr"} <= runners
     assert all(r["status"] in ("ok", "unavailable") for r in rows), [r for r in rows if r["status"] != "ok"]
     md = (out / "report.md").read_text()
-    assert "CPU:" in md and "copy bandwidth" in md and "ours vs best peer" in md
+    assert "CPU:" in md and "copy bandwidth" in md and "ours vs best peer" in md and "cold caches" in md
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[1/1] fc_2" in capsys.readouterr().err
 
@@ -100,3 +100,23 @@ def test_bad_options_are_one_line_errors(args: list[str], msg: str, tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 1 and msg in err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_cache_modes_scrub_or_rewarm_before_every_timed_call() -> None:
+    calls: list[str] = []
+    scrub = bs.CacheScrubber(mbytes=1)
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    bs.interleaved_medians(fns, min_time=0.0, min_reps=3, max_reps=3, cache="cold", scrubber=scrub)
+    assert scrub.count == 2 + 3 * 2  # the round-time probe and every timed call
+    assert np.array_equal(scrub.dst, scrub.src)
+    calls.clear()
+    bs.interleaved_medians(fns, min_time=0.0, min_reps=3, max_reps=3, cache="warm")
+    assert calls[-12:] == ["a", "a", "b", "b"] * 3  # every timed call right after an untimed one of its own
+    with pytest.raises(bs.UbpError, match="cache must be one of cold, warm"):
+        bs.interleaved_medians(fns, cache="lukewarm")
+
+
+def test_bad_cache_option_is_one_line_error(tmp_path, capsys) -> None:
+    rc = main(["bench", "--quick", "--cache", "hot", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "hot" in err and "Traceback" not in err

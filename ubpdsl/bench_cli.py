@@ -55,6 +55,9 @@ def _ints(text: str, what: str, allowed: set[int] | None = None) -> list[int]:
               help="How our kernels are tuned [default: sweep; quick: default constants].")
 @click.option("--trials", type=int, default=8, show_default=True, help="Trials per layer for --tuner autotune.")
 @click.option("--min-time", type=float, default=None, help="Seconds of interleaved timing per case [0.3; quick 0.1].")
+@click.option("--cache", type=click.Choice(["cold", "warm"]), default="cold", show_default=True,
+              help="Cache state of every timed call (and of tuning): cold scrubs the caches first, as for a "
+                   "layer inside a network; warm runs the same call once right before.")
 @click.option("--pixels", type=int, default=None, help="Output pixels n for --mask layers not in MobileNetV2.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.csv, report.md and the plot.")
@@ -62,7 +65,7 @@ def _ints(text: str, what: str, allowed: set[int] | None = None) -> list[int]:
               help="PNG plot path [default: OUT/speedup.png].")
 def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str | None, block: str | None,
           quick: bool, threads: str | None, tuner: str | None, trials: int, min_time: float | None,
-          pixels: int | None, out_dir: str, plot_path: str | None) -> None:
+          cache: str, pixels: int | None, out_dir: str, plot_path: str | None) -> None:
     """Time ubpdsl's kernels beside dense torch.mm, numpy, scipy, torch and MLIR sparse.
 
     Every runner's output is checked against dense torch first (a wrong one is reported, not
@@ -85,12 +88,12 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
     if 1 not in nts:
         raise UbpError("--threads must include 1 (dense torch.mm at 1 thread is the main baseline)")
     how = tuner or ("default" if quick else "sweep")
-    tune = {"sweep": bs.sweep_tuner, "default": bs.default_tuner}.get(how)
     if how == "autotune":
         tuner_fn = bs.autotune_tuner(trials)
+    elif how == "sweep":
+        tuner_fn = bs.sweep_tuner(cache=cache)
     else:
-        assert tune is not None
-        tuner_fn = tune()
+        tuner_fn = bs.default_tuner()
     mt = min_time if min_time is not None else (0.1 if quick else 0.3)
 
     if mask_path:
@@ -114,7 +117,7 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
     info = bs.machine_info()
     bw = bs.copy_bandwidth()
     click.echo(f"{info['cpu']} ({info['isa']}); copy bandwidth {bw:.1f} GB/s; {len(specs)} cases, "
-               f"threads {nts}, tuner {how}", err=True)
+               f"threads {nts}, tuner {how}, {cache} caches", err=True)
     t0 = time.perf_counter()
 
     def progress(i: int, case: bs.Case, res: list[bs.Result]) -> None:
@@ -134,7 +137,8 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
             msg += f", WRONG: {', '.join(bad)}"
         click.echo(msg + f"  ({time.perf_counter() - t0:.0f}s)", err=True)
 
-    results = bs.run_suite(specs, tuner=tuner_fn, threads=nts, min_time=mt, progress=progress, bandwidth=bw)
+    results = bs.run_suite(specs, tuner=tuner_fn, threads=nts, min_time=mt, progress=progress, bandwidth=bw,
+                           cache=cache)
     csv_path = out / "results.csv"
     bs.write_csv(results, csv_path)
     bs.plot_speedups(results, plot)
@@ -142,9 +146,9 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
         rel = str(plot.resolve().relative_to(out.resolve()))
     except ValueError:
         rel = str(plot)
-    md = bs.render_markdown(results, info, nts, bw, title, rel)
+    md = bs.render_markdown(results, info, nts, bw, title, rel, cache)
     (out / "report.md").write_text(md + f"\nRun: `ubpdsl bench` ... in {time.perf_counter() - t0:.0f} s, "
-                                   f"tuner {how}, min-time {mt}.\n")
+                                   f"tuner {how}, {cache} caches, min-time {mt}.\n")
     click.echo(f"wrote {csv_path}, {out / 'report.md'}, {plot} in {time.perf_counter() - t0:.0f}s", err=True)
     for s in bs.summarize(results, 1).sparsities:
         sm = bs.summarize(results, 1)

@@ -101,20 +101,64 @@ def setup_process() -> None:
         pass
 
 
+class CacheScrubber:
+    """Evicts the caches between timed calls: copies a buffer larger than the L2 (not timed).
+
+    "Cold" timing is what a layer sees inside a network, where other layers ran in between: its
+    output and (for large layers) its input and weights are not in the core's cache. Kernels can
+    rank very differently warm and cold (a row walk that writes Y one short piece per row waits
+    on one read-for-ownership miss after another when Y is cold), so tuning and measurement must
+    use the same state.
+    """
+
+    def __init__(self, mbytes: int = 8) -> None:
+        self.src = np.ones(mbytes * (1 << 20) // 4, np.float32)
+        self.dst = np.empty_like(self.src)
+        self.count = 0
+
+    def __call__(self) -> None:
+        np.copyto(self.dst, self.src)
+        self.count += 1
+
+
+#: Cache states a run can time in: "cold" scrubs before every timed call, "warm" calls the same
+#: function once, untimed, right before its timed call.
+CACHE_MODES = ("cold", "warm")
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], min_time: float = 0.3,
-                        max_reps: int = 200, min_reps: int = 5) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved round-robin to cancel drift."""
+                        max_reps: int = 200, min_reps: int = 5, cache: str | None = None,
+                        scrubber: CacheScrubber | None = None) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved round-robin to cancel drift.
+
+    ``cache``: None times the calls as they come (each sees the state the previous one left);
+    "cold" runs ``scrubber`` (or a fresh :class:`CacheScrubber`) before every timed call;
+    "warm" runs the function itself once, untimed, before every timed call.
+    """
+    if cache not in (None, *CACHE_MODES):
+        raise UbpError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    if cache == "cold" and scrubber is None:
+        scrubber = CacheScrubber()
+
+    def before(f: Callable[[], object]) -> None:
+        if cache == "cold":
+            scrubber()  # type: ignore[misc]
+        elif cache == "warm":
+            f()
+
     for f in fns.values():  # warm-up
         f()
         f()
     t0 = time.perf_counter()
     for f in fns.values():
+        before(f)
         f()
     round_time = max(time.perf_counter() - t0, 1e-6)
     reps = int(min(max_reps, max(min_reps, min_time / round_time)))
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
+            before(f)
             t = time.perf_counter()
             f()
             samples[k].append(time.perf_counter() - t)
@@ -438,10 +482,13 @@ def _reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return torch.mm(torch.from_numpy(w).double(), torch.from_numpy(x).double()).numpy()
 
 
-def sweep_tuner(quick: bool = False, min_time: float = 0.12, workers: int = 2) -> Tuner:
-    """A staged sweep: TILE {1,2,4,8} x UNROLL {1,2}, then PREFETCH {4,8,16} and STREAM at the best,
-    then PANEL {16,32,64} at the best (wros only). ``quick``: the variant's default constants only
+def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, cache: str = "cold") -> Tuner:
+    """A staged sweep: TILE {1,2,4,8} x UNROLL {1,2}; then PREFETCH {0,4,8,16}; then PANEL
+    {0,16,32,64} x YPREFETCH {0,4,8}; then TILE halved and doubled at the best. Every stage
+    times its candidates interleaved, in the ``cache`` state the suite measures in ("cold":
+    caches scrubbed before every call). ``quick``: the variant's default constants only
     (labelled "default")."""
+    scrubber = CacheScrubber() if cache == "cold" and not quick else None
 
     def tune(problem: Problem, x: np.ndarray, variant: str) -> Tuned:
         from ubpdsl.kernels import VARIANTS
@@ -460,6 +507,7 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.12, workers: int = 2) -
         y = np.empty((problem.M, n), np.float32)
 
         def best_of(cfgs: list[dict[str, Any]]) -> tuple[dict[str, Any], CompiledKernel] | None:
+            cfgs = [dict(c) for c in {tuple(sorted(c.items())): c for c in cfgs}.values()]  # drop repeats
             cks = _compile_many([(variant, problem, c, False, None) for c in cfgs], workers)
             fns: dict[int, Callable[[], object]] = {}
             for i, ck in enumerate(cks):
@@ -471,7 +519,8 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.12, workers: int = 2) -
                     fns[i] = (lambda h=h, pk=ck.packed: h.call_raw(x, y, n, pk))
             if not fns:
                 return None
-            times = interleaved_medians(fns, min_time=min_time, max_reps=60)  # type: ignore[arg-type]
+            times = interleaved_medians(fns, min_time=min_time, max_reps=60, min_reps=7,  # type: ignore[arg-type]
+                                        cache=cache, scrubber=scrubber)
             i = min(times, key=times.__getitem__)
             return cfgs[i], cks[i]  # type: ignore[return-value]
 
@@ -481,15 +530,22 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.12, workers: int = 2) -
             if isinstance(ck, UbpError):
                 raise ck
             return Tuned(ck, variant, dict(ck.constants), "default")
-        if "PREFETCH" in kern.constexprs:
+        knobs = kern.constexprs
+        if "PREFETCH" in knobs:
             cfg0 = best[0]
-            stage2 = [cfg0, {**cfg0, "PREFETCH": 4}, {**cfg0, "PREFETCH": 8}, {**cfg0, "PREFETCH": 16},
-                      {**cfg0, "STREAM": True}]
-            best = best_of(stage2) or best
-        if "PANEL" in kern.constexprs:
+            best = best_of([{**cfg0, "PREFETCH": d} for d in (0, 4, 8, 16)]) or best
+        if "PANEL" in knobs or "YPREFETCH" in knobs:
             cfg0 = best[0]
-            stage3 = [cfg0] + [{**cfg0, "PANEL": p} for p in (16, 32, 64) if p < problem.M]
-            best = best_of(stage3) or best
+            panels = [p for p in (0, 16, 32, 64) if p < problem.M] if "PANEL" in knobs else [0]
+            ypfs = (0, 4, 8) if "YPREFETCH" in knobs else (0,)
+            best = best_of([{**cfg0, "PANEL": p, "YPREFETCH": d} if "PANEL" in knobs else {**cfg0, "YPREFETCH": d}
+                            for p in panels for d in ypfs]) or best
+        cfg0 = best[0]
+        tile = int(cfg0.get("TILE", kern.defaults.get("TILE", 4)))
+        near = [{**cfg0, "TILE": t} for t in (tile // 2, tile * 2)
+                if t >= 1 and _regs_ok(problem.N, t, n, per_row, int(cfg0.get("UNROLL", 1)))]
+        if near:
+            best = best_of([cfg0, *near]) or best
         cfg, ck = best
         return Tuned(ck, variant, dict(ck.constants), "swept")
 
@@ -606,7 +662,8 @@ class Result:
 
 
 def run_case(case: Case, peers: Sequence[Peer], threads: Sequence[int] = (1,), min_time: float = 0.3,
-             bandwidth: float | None = None) -> list[Result]:
+             bandwidth: float | None = None, cache: str | None = "cold",
+             scrubber: CacheScrubber | None = None) -> list[Result]:
     """Prepare, check and time every runner on ``case``: one interleaved group per thread count.
 
     Dense torch.mm (key ``dense``) must be among ``peers``: it is the baseline of the speedups.
@@ -647,7 +704,8 @@ def run_case(case: Case, peers: Sequence[Peer], threads: Sequence[int] = (1,), m
             if "dense" not in fns:
                 raise UbpError("dense torch.mm must be among the runners (it is the baseline)")
             slow = any(p.slow for p in group if p.key in fns)
-            times = interleaved_medians(fns, min_time=min_time, min_reps=3 if slow else 5)
+            times = interleaved_medians(fns, min_time=min_time, min_reps=3 if slow else 5, cache=cache,
+                                        scrubber=scrubber)
         td = times["dense"]
         for key, t in times.items():
             r = rows[key]
@@ -662,15 +720,17 @@ def run_case(case: Case, peers: Sequence[Peer], threads: Sequence[int] = (1,), m
 def run_suite(cases: Iterable[Case | CaseSpec], *, tuner: Tuner | None = None, threads: Sequence[int] = (1,),
               min_time: float = 0.3, peers: Sequence[Peer] | None = None,
               progress: Callable[[int, Case, list[Result]], None] | None = None,
-              bandwidth: float | None = None) -> list[Result]:
-    """Run every case (see :func:`run_case`); ``progress(i, case, results)`` after each one."""
+              bandwidth: float | None = None, cache: str = "cold") -> list[Result]:
+    """Run every case (see :func:`run_case`) in the ``cache`` state (see :func:`interleaved_medians`);
+    ``progress(i, case, results)`` after each one."""
     setup_process()
-    runners = list(peers if peers is not None else PEERS) + ours_peers(tuner or sweep_tuner())
+    scrubber = CacheScrubber() if cache == "cold" else None
+    runners = list(peers if peers is not None else PEERS) + ours_peers(tuner or sweep_tuner(cache=cache))
     out: list[Result] = []
     try:
         for i, spec in enumerate(cases):
             case = spec if isinstance(spec, Case) else spec()
-            res = run_case(case, runners, threads, min_time, bandwidth)
+            res = run_case(case, runners, threads, min_time, bandwidth, cache, scrubber)
             out.extend(res)
             if progress:
                 progress(i, case, res)
@@ -860,9 +920,16 @@ def machine_markdown(info: dict[str, str], threads: Sequence[int], bandwidth: fl
 
 
 def render_markdown(results: Sequence[Result], info: dict[str, str], threads: Sequence[int],
-                    bandwidth: float | None, title: str = "ubpdsl benchmark", plot: str | None = None) -> str:
+                    bandwidth: float | None, title: str = "ubpdsl benchmark", plot: str | None = None,
+                    cache: str | None = None) -> str:
     """The whole report: machine header, summaries (1 and 2 threads, per mask source), detail table."""
     parts = [f"# {title}", "", machine_markdown(info, threads, bandwidth), ""]
+    if cache == "cold":
+        parts += ["Timing: **cold caches** (an 8 MB buffer is copied before every timed call, so no runner "
+                  "finds its output or inputs in L1/L2, as for a layer inside a network); tuning used the same "
+                  "state.", ""]
+    elif cache == "warm":
+        parts += ["Timing: **warm caches** (every timed call right after an untimed call of the same runner).", ""]
     suites = sorted({r.suite for r in results})
     for suite in suites:
         sources = sorted({r.source.split(" ")[0] for r in results if r.suite == suite})
