@@ -14,13 +14,30 @@ Request::
                  {"name": "cand", ...},
                  {"name": "torch.mm", "kind": "torch_mm", "M": 64, "K": 32, "weight": "w.f32"}]}
 
+Optional fields: ``"cache": "warm" | "cold"`` (default ``"warm"``) and ``"scrub_bytes"``
+(cold only, default 8 MiB).
+
 Protocol: X is a deterministic pattern (:func:`make_x`, reproducible by the caller), all
 buffers are 64-byte aligned and allocated once; every entry is warmed up, then each round
-times every entry once (the order rotates between rounds) for ``inner`` back-to-back calls,
-so a candidate and the reference always see the same machine state. Results: per entry the
-median seconds per call, and per entry the median over rounds of its time divided by entry
-0's time in the same round (drift cancels in the ratio). ``check`` values are y at fixed
-positions, for the caller to compare with W @ X.
+times every entry once (the order rotates between rounds), so a candidate and the reference
+always see the same machine state:
+
+* ``warm``: a sample is ``inner`` back-to-back calls (together >= ``sample_s``), so the
+  kernel's operands (X, packed weights, Y) stay in the caches from one call to the next.
+* ``cold``: before *every* timed call the caches are scrubbed by copying ``scrub_bytes``
+  from one buffer into another (``ctypes.memmove``: every byte of both buffers is read or
+  written, ~2x ``scrub_bytes`` of traffic, which evicts X, W and Y from L1/L2), and only the
+  kernel call is timed (the clock's own overhead, measured at start-up, is subtracted). A
+  sample is one call (``inner`` = 1); there are more rounds instead, as many as fit in
+  ``budget_s`` (scrubbing counts toward it). This is how a layer runs inside a network: the
+  layers before it have evicted its operands. The two buffers are allocated once.
+
+The loop runs at least ``rounds`` rounds, then more while ``budget_s`` lasts (at most 50x
+``rounds``). Results: per entry the median seconds per call, and per entry the median over
+rounds of its time divided by entry 0's time in the same round (drift cancels in the ratio),
+the number of rounds, ``inner`` and ``scrubs`` (cache scrubs before its timed calls; 0 when
+warm); at the top level ``cache``, ``scrub_bytes`` and the total ``scrubs``. ``check``
+values are y at fixed positions, for the caller to compare with W @ X.
 """
 
 from __future__ import annotations
@@ -129,16 +146,52 @@ def _thread_clock() -> Any:
         return time.perf_counter
 
 
+#: Bytes copied to scrub the caches before every timed call in cold mode (well above a 2 MiB L2).
+SCRUB_BYTES = 8 << 20
+
+CACHE_MODES = ("warm", "cold")
+
+
+class _Scrubber:
+    """Evicts the caches: copies ``nbytes`` between two buffers allocated once (all bytes touched)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = max(4096, int(nbytes))
+        self.src = _Buffer(self.nbytes)
+        self.dst = _Buffer(self.nbytes)
+        ctypes.memset(self.src.addr, 0x5A, self.nbytes)  # fault every page in now, not in the loop
+        ctypes.memset(self.dst.addr, 0xA5, self.nbytes)
+        self.count = 0
+
+    def __call__(self) -> None:
+        ctypes.memmove(self.dst.addr, self.src.addr, self.nbytes)
+        self.count += 1
+
+
+def _clock_overhead(clock: Any) -> float:
+    """Median cost of reading ``clock`` twice (subtracted from single-call samples)."""
+    samples = []
+    for _ in range(51):
+        t0 = clock()
+        samples.append(clock() - t0)
+    return max(0.0, statistics.median(samples))
+
+
 def run(request: dict[str, Any]) -> dict[str, Any]:
     """Time the request's entries (see the module docstring); returns the result dict."""
     n = int(request["n"])
     entries = request["entries"]
+    mode = request.get("cache", "warm")
+    if mode not in CACHE_MODES:
+        return {"ok": False, "error": f"cache must be one of {', '.join(CACHE_MODES)}, got {mode!r}"}
+    cold = mode == "cold"
     K = int(entries[0]["K"])
     xbytes = make_x(K, n)
     x = _Buffer(len(xbytes), xbytes)
     calls = []
     for e in entries:
         calls.append(_make_call(e, x, xbytes, n))
+    scrub = _Scrubber(int(request.get("scrub_bytes", SCRUB_BYTES))) if cold else None
     # warm-up, checking return codes
     single = []
     for (fn, _), e in zip(calls, entries, strict=True):
@@ -152,21 +205,31 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         if len(single) == 1 and single[0] > float(request.get("max_call_s", 5.0)):
             return {"ok": False, "error": f"{e['name']}: one call takes {single[0]:.1f} s"}
     sample_s = float(request.get("sample_s", 2e-4))
-    inner = [max(1, int(sample_s / t)) for t in single]
+    inner = [1 if cold else max(1, int(sample_s / t)) for t in single]
     rounds = int(request.get("rounds", 15))
     budget = float(request.get("budget_s", 0.5))
     times: list[list[float]] = [[] for _ in entries]
     ratios: list[list[float]] = [[] for _ in entries]
+    scrubs = [0] * len(entries)
     start = time.perf_counter()
     k = 0
     perf = time.perf_counter
     clock = _thread_clock()
+    overhead = _clock_overhead(clock) if cold else 0.0
     while k < rounds or (k < 50 * rounds and perf() - start < budget):
         order = list(range(len(entries)))
         order = order[k % len(order):] + order[:k % len(order)]
         this = [0.0] * len(entries)
         for i in order:
-            fn, reps = calls[i][0], inner[i]
+            fn = calls[i][0]
+            if scrub is not None:
+                scrub()
+                scrubs[i] += 1
+                t0 = clock()
+                fn()
+                this[i] = max(clock() - t0 - overhead, 1e-9)
+                continue
+            reps = inner[i]
             t0 = clock()
             for _ in range(reps):
                 fn()
@@ -183,8 +246,10 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         pos = check_positions(M, n) if request.get("check", True) else []
         results.append({"name": e["name"], "median_s": statistics.median(times[i]),
                         "min_s": min(times[i]), "ratio": statistics.median(ratios[i]),
-                        "rounds": len(times[i]), "inner": inner[i], "check": calls[i][1](pos)})
-    return {"ok": True, "results": results, "machine": machine_info()}
+                        "rounds": len(times[i]), "inner": inner[i], "scrubs": scrubs[i],
+                        "check": calls[i][1](pos)})
+    return {"ok": True, "results": results, "cache": mode, "scrub_bytes": scrub.nbytes if scrub else 0,
+            "scrubs": scrub.count if scrub else 0, "clock_overhead_s": overhead, "machine": machine_info()}
 
 
 def machine_info() -> dict[str, str]:
