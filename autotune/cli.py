@@ -6,6 +6,11 @@ runner URL and the storage URL (it must answer a query). Results go to ``--out``
 the best ``.so``, header, packed weights (data-driven kernels) and ``manifest.json``, a
 summary table (default config vs tuned vs dense ``torch.mm``, also in ``summary.md``) and
 ``tuning_history.png``.
+
+Timing is cold by default (``--cache cold``: the caches are scrubbed before every timed call,
+as for a layer that runs after other layers of a network); ``--cache warm`` times back-to-back
+calls. The mode is recorded in the manifest and the summary, and warm and cold results are
+cached and stored in separate studies.
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class LayerSummary:
     cached: bool
     estimate: bool
     gflops: float | None
+    cache: str | None = None  # timing mode ("cold" / "warm"); None for estimates
 
 
 def _safe(name: str) -> str:
@@ -135,10 +141,10 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
              pixels_map: str | None = None, model: str | None = None, jobs: int = 2, timeout: float = 20.0,
              runner: str | None = None, ssh_options: tuple[str, ...] = (), force: bool = False,
              synthetic_weights: bool = False, seed: int = 0, cache_dir: str | None = None, dense: bool = True,
-             progress: bool = True, echo: Any = click.echo) -> list[LayerSummary]:
+             progress: bool = True, cache: str = "cold", echo: Any = click.echo) -> list[LayerSummary]:
     """The ``tune`` command as a function (see :func:`tune`); returns the per-layer summary."""
     from ubpdsl.autotune.runner import get_runner
-    from ubpdsl.autotune.study import Tuner, TuneSettings
+    from ubpdsl.autotune.study import CACHE_MODES, Tuner, TuneSettings
     from ubpdsl.runtime.targets import get_target
 
     # 1. validate everything before touching any study
@@ -147,11 +153,13 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
     get_target(target)
     if trials < 1:
         raise UbpError(f"--trials must be >= 1, got {trials}")
+    if cache not in CACHE_MODES:
+        raise UbpError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     layers = load_layers(mask_path, layer_names, pixels, _pixel_map(pixels_map, model), not synthetic_weights)
     the_runner = get_runner(runner, ssh_options) if runner else None
     settings = TuneSettings(target=target, trials=trials, storage=storage,
                             cache_dir=Path(cache_dir) if cache_dir else None, jobs=jobs, timeout=timeout, seed=seed,
-                            force=force, weights=not synthetic_weights)
+                            force=force, weights=not synthetic_weights, cache=cache)
     warnings.filterwarnings("ignore", module="optuna")
     bar = None
     if progress:
@@ -171,6 +179,7 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
     results = []
     try:
         _ = tuner.storage  # connect (TuneError if unreachable) before anything else
+        manifest["cache"] = tuner.cache_mode
         if tuner.estimate:
             from ubpdsl.autotune.mca import estimate_label
 
@@ -255,9 +264,10 @@ def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, An
         "trials": res.trials, "failed_trials": res.failed, "from_cache": res.from_cache, "study": res.study,
         "estimate": res.estimate, "default_value": t_def, "tuned_value": t_tuned, "dense_torch_mm_s": dense_s,
         "unit": "cycles (llvm-mca estimate)" if res.estimate else "seconds (median, thread CPU time)",
+        "cache": tuner.cache_mode,  # how the numbers (and the choice of config) were timed: cold / warm caches
     }
     return LayerSummary(layer.name, f"{p.M}x{p.K} N={p.N}", layer.n, t_def, t_tuned, dense_s, res.best.label(),
-                        res.trials, res.failed, res.from_cache, res.estimate, gflops)
+                        res.trials, res.failed, res.from_cache, res.estimate, gflops, tuner.cache_mode)
 
 
 def format_table(rows: list[LayerSummary], target: str) -> str:
@@ -281,7 +291,10 @@ def format_table(rows: list[LayerSummary], target: str) -> str:
         return "\n".join(lines)
     head = ("| layer | shape | n | default (us) | tuned (us) | torch.mm (us) | tuned vs default | tuned vs torch.mm "
             "| useful GFLOP/s | config | trials (failed) |")
-    lines = [f"target {target}: measured, single thread, medians of interleaved runs\n", head,
+    modes = {r.cache for r in rows if r.cache}
+    how = {"cold": "cold caches (scrubbed before every call)", "warm": "warm caches (back-to-back calls)"}
+    mode = ", ".join(how.get(m, m) for m in sorted(modes)) or "measured"
+    lines = [f"target {target}: measured with {mode}, single thread, medians of interleaved runs\n", head,
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dense = f"{r.dense * 1e6:.1f}" if r.dense else "-"
@@ -372,10 +385,16 @@ def _machine() -> dict[str, Any]:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--no-dense", is_flag=True, help="skip the dense torch.mm comparison")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option("--cache", "cache", default="cold", show_default=True, metavar="cold|warm",
+              help="timing mode. cold: the caches are scrubbed (8 MiB copied) before every timed call, because "
+              "a layer in a network runs after other layers and its operands are not in cache; configs that "
+              "win warm can lose 2-4x cold. warm: back-to-back calls with the operands cached (a "
+              "microbenchmark). Warm and cold results are cached and stored separately; llvm-mca estimates "
+              "ignore it")
 def tune(mask_path: str, target: str, trials: int, storage: str | None, out_dir: str, layer_names: tuple[str, ...],
          pixels: int, pixels_map: str | None, model: str | None, jobs: int, timeout: float, runner: str | None,
          ssh_options: tuple[str, ...], force: bool, synthetic_weights: bool, seed: int, no_dense: bool,
-         no_progress: bool) -> None:
+         no_progress: bool, cache: str) -> None:
     """Tune the kernel of every layer of a masks.npz and write the fastest .so files.
 
     \b
@@ -388,4 +407,4 @@ def tune(mask_path: str, target: str, trials: int, storage: str | None, out_dir:
     run_tune(mask_path, target=target, trials=trials, storage=storage, out_dir=out_dir, layer_names=layer_names,
              pixels=pixels, pixels_map=pixels_map, model=model, jobs=jobs, timeout=timeout, runner=runner,
              ssh_options=ssh_options, force=force, synthetic_weights=synthetic_weights, seed=seed,
-             dense=not no_dense, progress=not no_progress)
+             dense=not no_dense, progress=not no_progress, cache=cache)

@@ -1,8 +1,9 @@
 """Tuning one layer, and a whole masks.npz, with a persistent Optuna study.
 
-Per layer there is one study (name ``ubp:<target>:<layer>:<key[:16]>``, the key of the
-tuned-config cache) in an Optuna storage: SQLite in the cache directory by default, or any
-SQLAlchemy URL (``postgresql://...``) shared by tuning processes on many machines.
+Per layer there is one study (name ``ubp:<target>:<layer>:<cache>:<key[:16]>``, the key of the
+tuned-config cache; ``<cache>`` is the timing mode, ``cold`` or ``warm``, or ``estimate``) in
+an Optuna storage: SQLite in the cache directory by default, or any SQLAlchemy URL
+(``postgresql://...``) shared by tuning processes on many machines.
 
 The loop (ask/tell, so several processes can work on one study):
 
@@ -15,7 +16,10 @@ The loop (ask/tell, so several processes can work on one study):
    is being timed (a two-stage pipeline);
 4. each is timed in a fresh subprocess, interleaved with the layer's default config as the
    fixed reference (objective: median over rounds of candidate time / reference time; lower
-   is better), or costed by the llvm-mca model for AArch64 targets without a runner;
+   is better), or costed by the llvm-mca model for AArch64 targets without a runner. Timing
+   is ``cold`` by default (the caches are scrubbed before every timed call, as for a layer
+   inside a network) or ``warm`` (back-to-back calls); the mode is part of the cache key and
+   the study name, so results of the two never mix;
 5. each trial is told as soon as it is measured: a finished trial is committed and survives
    Ctrl-C, ``kill -9`` or a crash. Trials left RUNNING by a dead process on this host (or with a
    stale heartbeat, for RDB storages) are failed as ``abandoned`` and re-enqueued on the next run.
@@ -49,13 +53,17 @@ from ubpdsl.errors import UbpError
 from ubpdsl.runtime.targets import Target, get_target
 
 __all__ = ["TuneError", "TuneSettings", "LayerResult", "Tuner", "open_storage", "study_name", "compile_job",
-           "count_finished"]
+           "count_finished", "CACHE_MODES"]
 
 _HOST = socket.gethostname()
 
 #: Symbol of kernels built while tuning: shape-only (data-driven) builds are then shared through the
 #: compile cache by every layer of the same shape. The delivered kernel gets the layer's own symbol.
 TUNE_SYMBOL = "ubp_tune_kernel"
+
+#: Timing modes: ``cold`` scrubs the caches before every timed call (a layer inside a network runs
+#: after other layers have evicted its operands), ``warm`` times back-to-back calls.
+CACHE_MODES = ("cold", "warm")
 
 #: Seconds a RUNNING trial may lack its owner (host, pid) before it counts as abandoned.
 _OWNER_GRACE_S = 5.0
@@ -80,6 +88,7 @@ class TuneSettings:
     weights: bool = True  # False: synthetic weights, data-driven configs only
     budget_s: float = 0.15
     rounds: int = 11
+    cache: str = "cold"  # timing mode, one of CACHE_MODES (ignored by llvm-mca estimates)
 
 
 @dataclass
@@ -99,6 +108,7 @@ class LayerResult:
     study: str = ""
     key: str = ""
     final: dict[str, Any] | None = None  # the last summary numbers stored with the cached entry
+    cache: str | None = None  # timing mode ("cold" / "warm"); None for llvm-mca estimates
 
 
 # ----------------------------------------------------------------------------------------- storage
@@ -175,8 +185,9 @@ def _redact(url: str) -> str:
     return url
 
 
-def study_name(layer: sp.Layer, target: Target, key: str) -> str:
-    return f"ubp:{target.name}:{layer.name}:{key[:16]}"
+def study_name(layer: sp.Layer, target: Target, key: str, cache: str | None = None) -> str:
+    """``ubp:<target>:<layer>:<cache>:<key[:16]>`` (``estimate`` in place of the timing mode when None)."""
+    return f"ubp:{target.name}:{layer.name}:{cache or 'estimate'}:{key[:16]}"
 
 
 def count_finished(trials: Iterable[Any]) -> tuple[int, int]:
@@ -334,6 +345,8 @@ class Tuner:
                  compile_fn: Callable[[dict[str, Any]], dict[str, Any]] = compile_job,
                  on_trial: Callable[[str, int, float | None], None] | None = None) -> None:
         self.settings = settings
+        if settings.cache not in CACHE_MODES:
+            raise TuneError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {settings.cache!r}")
         self.target = get_target(settings.target)  # TargetError for an unknown target
         self.runner: Runner = runner or LocalRunner()
         self.estimate = self.target.is_aarch64 and runner is None
@@ -368,8 +381,13 @@ class Tuner:
         if self._heartbeat is not None:
             self._heartbeat.stop()
 
+    @property
+    def cache_mode(self) -> str | None:
+        """The timing mode ("cold" or "warm"), or None when configs are costed by llvm-mca (no caches)."""
+        return None if self.estimate else self.settings.cache
+
     def key(self, layer: sp.Layer) -> str:
-        """The tuned-config cache key of ``layer`` (also names its study)."""
+        """The tuned-config cache key of ``layer`` (also names its study); includes the timing mode."""
         from ubpdsl.compiler import _compiler_fingerprint
         from ubpdsl.kernels import VARIANTS
         from ubpdsl.runtime.toolchain import toolchain_versions
@@ -377,7 +395,8 @@ class Tuner:
         return tuned_key(mask=layer.mask_hash(), shape=[layer.problem.M, layer.problem.K, layer.problem.N],
                          n=layer.n, target=self.target.cache_key(), toolchain=toolchain_versions(),
                          compiler=_compiler_fingerprint(), kernels={k: v.source for k, v in VARIANTS.items()},
-                         runner=self.runner.name, estimate=self.estimate, weights=self.settings.weights)
+                         runner=self.runner.name, estimate=self.estimate, weights=self.settings.weights,
+                         cache=self.cache_mode)
 
     def _job(self, layer: sp.Layer, config: sp.Config, final: bool = False) -> dict[str, Any]:
         return {"config": config.to_json(), "target": self.target.name, "problem": layer.problem,
@@ -425,7 +444,7 @@ class Tuner:
                 budget_s: float | None = None) -> Outcome:
         request = {"n": layer.n, "warmup": 2, "rounds": rounds or self.settings.rounds,
                    "budget_s": self.settings.budget_s if budget_s is None else budget_s, "sample_s": 2e-4,
-                   "entries": entries, "check": True}
+                   "cache": self.cache_mode or "warm", "entries": entries, "check": True}
         return self.runner.run(request, timeout=self.settings.timeout)
 
     def estimate_cost(self, layer: sp.Layer, config: sp.Config, built: dict[str, Any]) -> float:
@@ -452,13 +471,10 @@ class Tuner:
         default = sp.default_config(self.target)
         key = self.key(layer)
         if not s.force:
-            hit = self.tuned.get(key)
-            if hit is not None and hit.get("trials", 0) >= s.trials:
-                return LayerResult(layer.name, layer.n, sp.Config.from_json(hit["best"]), default,
-                                   float(hit["best_value"]), int(hit["trials"]), int(hit.get("failed", 0)), True,
-                                   bool(hit.get("estimate")), [tuple(h) for h in hit.get("history", [])],
-                                   hit.get("study", ""), key, hit.get("final"))
-        name = study_name(layer, self.target, key)
+            cached = self.cached_result(layer, key)
+            if cached is not None:
+                return cached
+        name = study_name(layer, self.target, key, self.cache_mode)
         sampler = optuna.samplers.TPESampler(multivariate=True, seed=s.seed + os.getpid() % 1000,
                                              n_startup_trials=max(4, min(10, s.trials // 3)))
         try:
@@ -467,6 +483,7 @@ class Tuner:
         except optuna.exceptions.DuplicatedStudyError:  # created concurrently by another process
             study = optuna.load_study(study_name=name, storage=self.storage, sampler=sampler)
         study.set_user_attr("layer", layer.name)
+        study.set_user_attr("cache", self.cache_mode)
         self._recover(study)
         if not study.trials:
             seeds = sp.seed_configs(layer, self.target, s.weights)
@@ -521,6 +538,21 @@ class Tuner:
                 self._abandon(study, trial._trial_id, None)
             raise
         return self._finish(study, layer, key, default)
+
+    def cached_result(self, layer: sp.Layer, key: str | None = None) -> LayerResult | None:
+        """The tuned-config cache's answer for ``layer`` (at least ``trials`` trials, same timing mode), or None."""
+        key = key or self.key(layer)
+        hit = self.tuned.get(key)
+        if hit is None or hit.get("trials", 0) < self.settings.trials:
+            return None
+        # an entry without a timing mode predates cold timing: it was timed warm (or estimated)
+        hit_cache = hit.get("cache", None if hit.get("estimate") else "warm")
+        if hit_cache != self.cache_mode:
+            return None
+        return LayerResult(layer.name, layer.n, sp.Config.from_json(hit["best"]), sp.default_config(self.target),
+                           float(hit["best_value"]), int(hit["trials"]), int(hit.get("failed", 0)), True,
+                           bool(hit.get("estimate")), [tuple(h) for h in hit.get("history", [])],
+                           hit.get("study", ""), key, hit.get("final"), hit_cache)
 
     def _confirm(self, layer: sp.Layer, complete: list[Any], default: sp.Config, best_cfg: sp.Config,
                  best_value: float, top: int = 3) -> tuple[sp.Config, float]:
@@ -670,13 +702,13 @@ class Tuner:
         if best_value > 1.0:
             best_cfg, best_value = default, 1.0
         result = LayerResult(layer.name, layer.n, best_cfg, default, best_value, done, failed, False, self.estimate,
-                             history, study.study_name, key)
+                             history, study.study_name, key, cache=self.cache_mode)
         if best_cfg not in self.recent:
             self.recent.append(best_cfg)
         self.tuned.put(key, {"layer": layer.name, "best": best_cfg.to_json(), "best_value": best_value,
                              "trials": done, "failed": failed, "estimate": self.estimate,
                              "history": history, "study": study.study_name, "target": self.target.name,
-                             "time": time.time()})
+                             "cache": self.cache_mode, "time": time.time()})
         return result
 
 

@@ -2,7 +2,8 @@
 
 An entry maps a key over everything the best config depends on (the mask's block structure,
 the GEMM shape and n, the target with its CPU name and features, the toolchain versions, the
-compiler and kernel-library sources, where it was timed, the search-space version) to the
+compiler and kernel-library sources, where and how it was timed (runner; cold or warm caches),
+the search-space version) to the
 best config found and its measurements. Entries are JSON files under
 ``<cache dir>/autotune/tuned/<key[:2]>/<key>.json``, written atomically (temp file + rename),
 so an interrupted run never leaves a half-written entry.
@@ -22,7 +23,8 @@ from ubpdsl.runtime.cache import canonical_json, default_cache_dir
 __all__ = ["SPACE_VERSION", "TunedCache", "tuned_key"]
 
 #: Bumped whenever the search space or the objective changes meaning.
-SPACE_VERSION = "ubpdsl.tune/1"
+#: 2: the timing mode (``cache``: cold / warm) is part of the key, the YPREFETCH knob is searched.
+SPACE_VERSION = "ubpdsl.tune/2"
 
 
 def tuned_key(**parts: Any) -> str:
