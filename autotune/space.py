@@ -50,6 +50,7 @@ KNOB_CHOICES: dict[str, list[int]] = {
     "STREAM": [False, True],
     "PANEL": [0, 16, 32, 64],
     "ROWS": [1, 2, 4],
+    "YPREFETCH": [0, 4, 8, 16],  # prefetch-for-write of the Y row that many rows ahead (0: off)
 }
 
 #: Fully unrolled (mask-baked) kernels grow with the number of blocks: compile time is about
@@ -177,7 +178,9 @@ def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
     distance of 4-16 blocks wins on the large-K (ResNet-18, FC) shapes, row panels (PANEL=32) on
     small-K layers with large n, mask-baked variants of it
     on mid-sized layers, non-temporal Y stores when Y is larger than the L2 share, small tiles
-    and the fully unrolled kernel on small layers.
+    and the fully unrolled kernel on small layers. Timed cold (caches scrubbed before each
+    call), row panels with a write-prefetch of Y rows ahead (PANEL=32, YPREFETCH=8) and a long X
+    look-ahead are robust where the warm winners lose 2-4x.
     """
     lanes = target.vector_lanes_f32
     need = max(1, math.ceil(layer.n / lanes))  # registers to cover n in one tile
@@ -192,6 +195,9 @@ def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
     ]
     if layer.problem.M > 32:  # row panels: Y written as a few long streams (small K, large n)
         seeds.append(_canonical("wros", {"TILE": small_tile, "PANEL": 32}, False, None, target))
+        # cold-robust: Y rows are fetched for ownership ahead of the stores, X rows ahead of the loads
+        seeds.append(_canonical("wros", {"TILE": small_tile, "PANEL": 32, "YPREFETCH": 8, "PREFETCH": 16}, False,
+                                None, target))
     if layer.problem.M * layer.n * 4 > STREAM_BYTES:
         seeds.append(_canonical("wros", {**wide, "UNROLL": 1, "STREAM": True}, False, None, target))
     if weights:
