@@ -73,6 +73,8 @@ BAD = {
     "type mismatch": ("        acc = ubl.zeros(j)\n        for b in range(3):\n            acc = 1 + b\n",
                       "type mismatch: 'acc' is vector<16xf32> before the loop/if but index", "for b in range(3)"),
     "row out of range": ("        ubl.store(Y, 99, j, ubl.zeros(j))\n", "row 99 is outside Y", "Y, 99"),
+    "bad tiles tail": ("        for i in ubl.tiles(X.n, 2, tail='wrap'):\n            pass\n",
+                       "tail= must be 'overlap' or 'mask', got 'wrap'", "tail='wrap'"),
     "write prefetch of input": ("        ubl.prefetch(X, 0, j, write=True)\n",
                                 "write=True needs the ubl.Output operand, X is an input", "ubl.prefetch(X"),
 }

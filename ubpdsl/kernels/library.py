@@ -45,15 +45,21 @@ def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 
     one read-for-ownership miss after another); STREAM writes Y with non-temporal stores.
     PANEL > 0 changes the loop order: rows are processed in panels of PANEL rows (rounded down
     to a multiple of N), tiles inside a panel, so Y is written as a few long row streams instead
-    of one short piece per row per tile (small-K layers with large n); a panel restarts the row
-    walk N rows early to pick up the blocks that reach into it from above.
+    of one short piece per row per tile (small-K layers with large n). The blocks that reach
+    from one panel into the next are not walked twice: a panel leaves their partial sums in the
+    first N-1 rows of Y below it and the next panel starts its accumulators from there (so the
+    tail of a panel's tiles is masked, not overlapped: its columns must not be summed twice).
     """
     N = W.block
     P = max(PANEL // N * N, N) if PANEL > 0 else W.rows + N
     for p0 in range(0, W.rows, P):
-        for j in ubl.tiles(X.n, TILE):
+        for j in ubl.tiles(X.n, TILE, tail="mask" if PANEL > 0 else "overlap"):
             acc = ubl.zeros(N, j)
-            for r0 in range(max(p0 - N, 0), min(p0 + P, W.rows), N):
+            if PANEL > 0:
+                if p0 > 0:  # carry in the partial sums the previous panel left in Y
+                    for q in ubl.static_range(N - 1):
+                        acc[q] = ubl.load(Y, min(p0 + q, W.rows - 1), j)
+            for r0 in range(p0, min(p0 + P, W.rows), N):
                 for p in ubl.static_range(N):
                     lo, hi = W.row_blocks(r0 + p)
                     for b in ubl.range(lo, hi, unroll=UNROLL):
@@ -62,9 +68,13 @@ def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 
                         acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
                     if YPREFETCH > 0:
                         ubl.prefetch(Y, min(r0 + p + YPREFETCH, W.rows - 1), j, write=True)
-                    if r0 + p >= p0 and r0 + p < W.rows:
+                    if r0 + p < W.rows:
                         ubl.store(Y, r0 + p, j, acc[p], streaming=STREAM)
                     acc[p] = 0.0
+            if PANEL > 0:  # carry out: rows below the panel already hold these blocks' sums
+                for q in ubl.static_range(N - 1):
+                    if p0 + P + q < W.rows:
+                        ubl.store(Y, p0 + P + q, j, acc[q])
 
 
 @ubl.kernel(layout="rotated", specialized=True)

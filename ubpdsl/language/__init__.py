@@ -25,7 +25,9 @@ Inside a kernel:
 * ``for j in ubl.tiles(n, TILE)`` walks n in tiles of TILE vector registers; the tail (n not a
   multiple of the tile) reruns the body on the last whole tile ending at n (overlapping the
   previous one, so a kernel must write its whole Y tile, not accumulate into Y across tiles),
-  or, when n is smaller than one tile, with masked loads and stores.
+  or, when n is smaller than one tile, with masked loads and stores. ``tail="mask"`` always
+  runs the tail masked on the leftover columns (for kernels that read back Y).
+* ``ubl.prefetch(Y, r, j, write=True)`` prefetches an output tile with intent to write.
 * ``range(lo, hi[, step])`` is a loop in the generated code (``scf.for``); ``ubl.range(...,
   unroll=U)`` unrolls it U times with a remainder loop; ``ubl.static_range`` unrolls it fully
   at compile time (its bounds must be compile-time constants).

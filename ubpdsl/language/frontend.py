@@ -366,9 +366,13 @@ class CodeGen:
                 del self.env[name]
 
     def loop_tiles(self, st: ast.For, args: list[Any], kwargs: dict[str, Any]) -> None:
-        if kwargs or len(args) != 2:
-            raise self.error("ubl.tiles(n, TILE) takes the extent and the tile size in vector registers", st)
+        if set(kwargs) - {"tail"} or len(args) != 2:
+            raise self.error("ubl.tiles(n, TILE, tail=...) takes the extent and the tile size in vector registers",
+                             st)
         n, tile = args
+        tail_mode = kwargs.get("tail", "overlap")
+        if tail_mode not in ("overlap", "mask"):
+            raise self.error(f"ubl.tiles: tail= must be 'overlap' or 'mask', got {tail_mode!r}", st)
         tile = self._static_int(tile, st, "the tile size of ubl.tiles")
         if tile < 1:
             raise self.error(f"the tile size must be >= 1 vector register, got {tile}", st)
@@ -392,10 +396,18 @@ class CodeGen:
             self.visit_body(st.body)
 
         self.emit_for(self.const_index(0), full_end, step, [], st, lambda iv: body(iv, None))
-        # The tail: when n holds at least one whole tile, recompute the last full tile ending at
-        # n (it overlaps the previous one; every kernel writes its Y tile in full, so overlapping
-        # is harmless) at full vector speed; only n < tile width needs masked loads and stores.
+        # The tail, tail="overlap": when n holds at least one whole tile, recompute the last full
+        # tile ending at n (it overlaps the previous one; a kernel that writes its Y tile in full
+        # from registers only is unaffected) at full vector speed; only n < tile width needs
+        # masked loads and stores. tail="mask": the columns past the last whole tile, masked (for
+        # kernels that read back what they wrote to Y, where recomputing columns is wrong).
         tail = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, full_end, n_v))
+        if tail_mode == "mask":
+            with ir.InsertionPoint(tail.then_block):
+                body(full_end, n_v)
+                scf.YieldOp([])
+            self.env = saved
+            return
         with ir.InsertionPoint(tail.then_block):
             whole = scf.IfOp(arith.cmpi(arith.CmpIPredicate.uge, n_v, step), has_else=True)
             with ir.InsertionPoint(whole.then_block):
