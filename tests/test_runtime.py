@@ -529,3 +529,16 @@ def test_embed_c_example_aarch64_under_qemu(builds, weights, tmp_path):
     assert proc.returncode == 0, proc.stderr
     y = np.loadtxt(proc.stdout.decode().splitlines(), dtype=np.float32)
     np.testing.assert_allclose(y, _expected_embed_output(weights), rtol=1e-5, atol=1e-5)
+
+
+def test_aligned_empty_is_cache_line_aligned_and_used_for_outputs() -> None:
+    from ubpdsl.runtime.loader import aligned_empty, check_kernel_args
+
+    for shape in [(3, 5), (1,), (0, 7), (17, 33)]:
+        a = aligned_empty(shape)
+        assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+        assert a.ctypes.data % 64 == 0
+        a[...] = 1.0  # the whole extent is ours
+    x = np.ones((4, 9), np.float32)
+    _, _, y = check_kernel_args("k", 6, 4, x, None, None)
+    assert y.shape == (6, 9) and y.ctypes.data % 64 == 0

@@ -159,8 +159,12 @@ def build_mlir_spmm(fmt: str, w: np.ndarray, x: np.ndarray, N: int = 1, vl: int 
     except Exception as exc:  # MLIRError and friends: report, never crash the suite
         raise UbpError(f"MLIR {fmt} pipeline failed: {str(exc).splitlines()[0]}") from None
     pos, crd, val = _storage(fmt, np.asarray(w, np.float32), N)
-    xc = np.ascontiguousarray(x, np.float32)
-    y = np.zeros((M, n), np.float32)
+    from ubpdsl.runtime.loader import aligned_empty
+
+    xc = aligned_empty((K, n))
+    xc[...] = x
+    y = aligned_empty((M, n))
+    y[...] = 0.0
     arrays = [pos, crd, val, xc, y]
     descs = [ctypes.pointer(ctypes.pointer(rt.get_ranked_memref_descriptor(a))) for a in arrays]
     packed = (ctypes.c_void_p * len(descs))(*[ctypes.cast(d, ctypes.c_void_p) for d in descs])

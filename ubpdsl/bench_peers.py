@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ubpdsl.compiler import Problem
+from ubpdsl.runtime.loader import aligned_empty
 
 __all__ = ["Case", "Peer", "Prepared", "PEERS", "thread_limit", "square_block_weights"]
 
@@ -130,7 +131,7 @@ def _dense_torch(case: Case, threads: int) -> Prepared:
 
 def _numpy(case: Case, threads: int) -> Prepared:
     w = np.ascontiguousarray(case.unaligned.weight)
-    y = np.empty((case.M, case.n), np.float32)
+    y = aligned_empty((case.M, case.n))
     return Prepared(lambda: np.matmul(w, case.x, out=y), lambda: y, w, "dense")
 
 

@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 from ubpdsl.bench_peers import PEERS, Case, Peer, Prepared, square_block_weights, thread_limit  # noqa: E402
 from ubpdsl.compiler import CompiledKernel, Problem, compile_kernel  # noqa: E402
 from ubpdsl.errors import UbpError  # noqa: E402
+from ubpdsl.runtime.loader import aligned_empty  # noqa: E402
 
 __all__ = [
     "SUITE", "SPARSITIES", "BLOCKS", "Result", "Tuned", "Tuner", "sweep_tuner", "default_tuner", "autotune_tuner",
@@ -258,6 +259,14 @@ def _prune(w: np.ndarray, N: int, sparsity: float) -> tuple[Problem, Problem]:
     return out[0], out[1]  # type: ignore[return-value]
 
 
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """A 64-byte aligned copy (numpy guarantees 16; torch tensors, what a runtime passes, are 64):
+    every runner gets the same cache-line-aligned inputs and outputs."""
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
 def make_case(suite: str, shape: str, w: np.ndarray, n: int, N: int, sparsity: float, source: str,
               seed: int = 1) -> Case:
     """A case from dense weights ``w`` [M, K]: BED mask, aligned mask (same blocks), square mask."""
@@ -266,7 +275,7 @@ def make_case(suite: str, shape: str, w: np.ndarray, n: int, N: int, sparsity: f
     w = np.ascontiguousarray(w, np.float32)
     M, K = w.shape
     (ru, cu, wu), (ra, ca, wa) = _prune(w, N, sparsity)
-    x = np.random.default_rng(seed).standard_normal((K, n)).astype(np.float32)
+    x = _aligned(np.random.default_rng(seed).standard_normal((K, n)).astype(np.float32))
     nnz = int(np.count_nonzero(wu))
     return Case(suite, shape, source, M, K, n, N, float(sparsity), x,
                 Problem(f"{shape}_u{N}", M, K, N, ru, cu, wu), Problem(f"{shape}_a{N}", M, K, N, ra, ca, wa),
@@ -367,7 +376,7 @@ def _mask_case(name: str, lm: Any, n: int) -> Case:
     wu = (dense * mask).astype(np.float32)
     ra, ca = aligned_select(np.abs(dense), len(lm.rows), N)
     wa = (dense * blocks_to_mask(ra, ca, M, K, N)).astype(np.float32)
-    x = np.random.default_rng(1).standard_normal((K, n)).astype(np.float32)
+    x = _aligned(np.random.default_rng(1).standard_normal((K, n)).astype(np.float32))
     return Case("masks", name, "masks.npz", M, K, n, N, float(lm.sparsity), x,
                 Problem(f"{name}_u", M, K, N, np.asarray(lm.rows), np.asarray(lm.cols), wu),
                 Problem(f"{name}_a", M, K, N, ra, ca, wa), square_block_weights(dense, int(mask.sum()), N))
@@ -483,11 +492,11 @@ def _reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, cache: str = "cold") -> Tuner:
-    """A staged sweep: TILE {1,2,4,8} x UNROLL {1,2}; then PREFETCH {0,4,8,16}; then PANEL
-    {0,16,32,64} x YPREFETCH {0,4,8}; then TILE halved and doubled at the best. Every stage
-    times its candidates interleaved, in the ``cache`` state the suite measures in ("cold":
-    caches scrubbed before every call). ``quick``: the variant's default constants only
-    (labelled "default")."""
+    """A staged sweep: the two widest feasible TILEs x PANEL {0,16,32,64} x YPREFETCH {0,4,8}
+    (the knobs that matter most once Y is out of cache); then UNROLL {1,2} x PREFETCH {0,8,16} at
+    the best; then the other feasible TILEs (of 1, 2, 4, 8). Every stage times its candidates
+    interleaved, in the ``cache`` state the suite measures in ("cold": caches scrubbed before
+    every call). ``quick``: the variant's default constants only (labelled "default")."""
     scrubber = CacheScrubber() if cache == "cold" and not quick else None
 
     def tune(problem: Problem, x: np.ndarray, variant: str) -> Tuned:
@@ -501,10 +510,9 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, ca
                 raise ck
             return Tuned(ck, variant, dict(ck.constants), "default")
         per_row = len(problem.rows) / max(1, problem.M)
-        stage1 = [{"TILE": t, "UNROLL": u} for t in (1, 2, 4, 8) for u in (1, 2)
-                  if _regs_ok(problem.N, t, n, per_row, u)] or [{}]
+        tiles = [t for t in (1, 2, 4, 8) if _regs_ok(problem.N, t, n, per_row, 1)]
         ref = _reference(problem.weight, x)
-        y = np.empty((problem.M, n), np.float32)
+        y = aligned_empty((problem.M, n))
 
         def best_of(cfgs: list[dict[str, Any]]) -> tuple[dict[str, Any], CompiledKernel] | None:
             cfgs = [dict(c) for c in {tuple(sorted(c.items())): c for c in cfgs}.values()]  # drop repeats
@@ -524,28 +532,27 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, ca
             i = min(times, key=times.__getitem__)
             return cfgs[i], cks[i]  # type: ignore[return-value]
 
-        best = best_of(stage1)
+        knobs = kern.constexprs
+        grid_tiles = sorted(tiles)[-2:] or [None]
+        panels = [p for p in (0, 16, 32, 64) if p < problem.M] if "PANEL" in knobs else [None]
+        ypfs = (0, 4, 8) if "YPREFETCH" in knobs else (None,)
+        grid = [{k: v for k, v in (("TILE", t), ("PANEL", p), ("YPREFETCH", d)) if v is not None}
+                for t in grid_tiles for p in panels for d in ypfs]
+        best = best_of(grid)
         if best is None:  # every config wrong or failing: hand back the default, run_case reports it
             ck = _compile_many([(variant, problem, {}, False, None)], 1)[0]
             if isinstance(ck, UbpError):
                 raise ck
             return Tuned(ck, variant, dict(ck.constants), "default")
-        knobs = kern.constexprs
-        if "PREFETCH" in knobs:
-            cfg0 = best[0]
-            best = best_of([{**cfg0, "PREFETCH": d} for d in (0, 4, 8, 16)]) or best
-        if "PANEL" in knobs or "YPREFETCH" in knobs:
-            cfg0 = best[0]
-            panels = [p for p in (0, 16, 32, 64) if p < problem.M] if "PANEL" in knobs else [0]
-            ypfs = (0, 4, 8) if "YPREFETCH" in knobs else (0,)
-            best = best_of([{**cfg0, "PANEL": p, "YPREFETCH": d} if "PANEL" in knobs else {**cfg0, "YPREFETCH": d}
-                            for p in panels for d in ypfs]) or best
         cfg0 = best[0]
-        tile = int(cfg0.get("TILE", kern.defaults.get("TILE", 4)))
-        near = [{**cfg0, "TILE": t} for t in (tile // 2, tile * 2)
-                if t >= 1 and _regs_ok(problem.N, t, n, per_row, int(cfg0.get("UNROLL", 1)))]
-        if near:
-            best = best_of([cfg0, *near]) or best
+        pfs = (0, 8, 16) if "PREFETCH" in knobs else (None,)
+        second = [{**cfg0, "UNROLL": u, **({"PREFETCH": d} if d is not None else {})}
+                  for u in (1, 2) if _regs_ok(problem.N, int(cfg0.get("TILE", 4)), n, per_row, u) for d in pfs]
+        best = best_of(second) or best
+        cfg0 = best[0]
+        others = [t for t in tiles if t != cfg0.get("TILE")]
+        if others:
+            best = best_of([cfg0, *({**cfg0, "TILE": t} for t in others)]) or best
         cfg, ck = best
         return Tuned(ck, variant, dict(ck.constants), "swept")
 
@@ -596,7 +603,7 @@ def _kernel_runner(tuned: Tuned, problem: Problem, x: np.ndarray, mask: str) -> 
     ck = tuned.ck
     host = ck._host or _load(ck)
     n = x.shape[1]
-    y = np.empty((problem.M, n), np.float32)
+    y = aligned_empty((problem.M, n))
     return Prepared(lambda: host.call_raw(x, y, n, ck.packed), lambda: y, problem.weight, mask, tuned.label,
                     keep=[ck])
 
