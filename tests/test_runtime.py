@@ -537,7 +537,7 @@ def test_aligned_empty_is_cache_line_aligned_and_used_for_outputs() -> None:
     for shape in [(3, 5), (1,), (0, 7), (17, 33)]:
         a = aligned_empty(shape)
         assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
-        assert a.ctypes.data % 64 == 0
+        assert a.ctypes.data % 64 == 0 or a.size == 0  # an empty array has no data to align
         a[...] = 1.0  # the whole extent is ours
     x = np.ones((4, 9), np.float32)
     _, _, y = check_kernel_args("k", 6, 4, x, None, None)
