@@ -177,7 +177,8 @@ def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
     From the benchmark suite on an AVX-512 host: wros with TILE=4, UNROLL=2-4 and a prefetch
     distance of 4-16 blocks wins on the large-K (ResNet-18, FC) shapes, row panels (PANEL=32) on
     small-K layers with large n, mask-baked variants of it
-    on mid-sized layers, non-temporal Y stores when Y is larger than the L2 share, small tiles
+    on mid-sized layers, non-temporal Y stores when Y is larger than the L2 share (AArch64
+    only: see :func:`infeasible`), small tiles
     and the fully unrolled kernel on small layers. Timed cold (caches scrubbed before each
     call), row panels with a write-prefetch of Y rows ahead (PANEL=32, YPREFETCH=8) and a long X
     look-ahead are robust where the warm winners lose 2-4x.
@@ -241,6 +242,11 @@ def infeasible(config: Config, layer: Layer, target: Target, weights: bool) -> s
         # Output-stationary kernels keep N x TILE accumulators plus TILE loaded x vectors.
         if N * tile + tile > regs:
             return f"N x TILE + TILE = {N * tile + tile} vector registers > {regs}: would spill"
+    if config.constants.get("STREAM") and target.arch == "x86_64":
+        # x86 non-temporal vector stores need aligned addresses, which Y rows only have when n is
+        # a multiple of the vector width on an aligned Y; LLVM cannot assume it and splits them
+        # into 8-byte movnti stores (measured 10x slower). AArch64's STNP has no such limit.
+        return "STREAM on x86-64 becomes scalar movnti stores (Y alignment is unknown at compile time)"
     unroll = int(config.constants.get("UNROLL", 1))
     per_row = layer.blocks / max(1, layer.problem.M)
     if unroll > 1 and unroll > 2 * per_row:

@@ -35,6 +35,9 @@ def test_space_rejects_infeasible_configs():
     assert "wider than n" in wide
     neon = get_target("aarch64-neon")
     assert "legal" in sp.infeasible(sp.Config("wros", {"TILE": 1}, vector_bits=512), layer, neon, True)
+    # x86 non-temporal stores of unknown alignment become scalar movnti: ruled out there, not on AArch64
+    assert "movnti" in sp.infeasible(sp.Config("wros", {"TILE": 2, "STREAM": True}), layer, host, True)
+    assert sp.infeasible(sp.Config("wros", {"TILE": 1, "STREAM": True}), layer, neon, True) is None
     for c in sp.seed_configs(layer, host, True):
         assert sp.infeasible(c, layer, host, True) is None
     assert sp.seed_configs(layer, host, True)[0] == sp.default_config(host)
