@@ -48,7 +48,7 @@ KNOB_CHOICES: dict[str, list[int]] = {
     "UNROLL": [1, 2, 4],
     "PREFETCH": [0, 1, 2, 4, 8, 16],
     "STREAM": [False, True],
-    "PANEL": [0, 16, 32, 64],
+    "PANEL": [0, 8, 16, 32, 64],
     "ROWS": [1, 2, 4],
     "YPREFETCH": [0, 4, 8, 16],  # prefetch-for-write of the Y row that many rows ahead (0: off)
 }

@@ -23,7 +23,8 @@ from ubpdsl.runtime.cache import canonical_json, default_cache_dir
 __all__ = ["SPACE_VERSION", "TunedCache", "tuned_key"]
 
 #: Bumped whenever the search space or the objective changes meaning.
-#: 2: the timing mode (``cache``: cold / warm) is part of the key, the YPREFETCH knob is searched.
+#: 2: the timing mode (``cache``: cold / warm) is part of the key, the YPREFETCH knob is searched,
+#: PANEL=8 is a choice.
 SPACE_VERSION = "ubpdsl.tune/2"
 
 

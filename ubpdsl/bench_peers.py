@@ -78,7 +78,7 @@ class Peer:
     label: str
     prepare: Callable[[Case, int], Prepared]
     max_threads: int = 1  # > 1: also timed with 2 threads
-    family: str = "peer"  # "dense", "peer" or "ours"
+    family: str = "peer"  # "dense", "peer", "ours" or "bound" (a floor, not a runtime)
     slow: bool = False  # worth fewer repetitions
     available: Callable[[], str | None] = lambda: None  # None, or why it cannot run here
 
@@ -133,6 +133,13 @@ def _numpy(case: Case, threads: int) -> Prepared:
     w = np.ascontiguousarray(case.unaligned.weight)
     y = aligned_empty((case.M, case.n))
     return Prepared(lambda: np.matmul(w, case.x, out=y), lambda: y, w, "dense")
+
+
+def _write_y(case: Case, threads: int) -> Prepared:
+    """Not a GEMM: fills Y with zeros (which is W @ X for W = 0). Timed in the same cache state as
+    the runners, it is a measured floor: no kernel that writes Y once can beat it."""
+    y = aligned_empty((case.M, case.n))
+    return Prepared(lambda: y.fill(0.0), lambda: y, np.zeros((case.M, case.K), np.float32), "none")
 
 
 def _scipy(fmt: str) -> Callable[[Case, int], Prepared]:
@@ -220,4 +227,5 @@ PEERS: list[Peer] = [
     Peer("torch_bsr", "torch BSR (NxN, same nnz)", _torch_sparse("bsr"), 2),
     Peer("mlir_csr", "MLIR sparsifier CSR", _mlir("csr"), 1, available=_mlir_available),
     Peer("mlir_bsr", "MLIR sparsifier BSR (Nx1, aligned)", _mlir("bsr"), 1, available=_mlir_available),
+    Peer("write_y", "floor: write Y once (fill with 0)", _write_y, 2, "bound"),
 ]
