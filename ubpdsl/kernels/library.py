@@ -35,8 +35,8 @@ def block_stream(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.cons
 
 @ubl.kernel(layout="rotated")
 def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4,
-         UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 0, STREAM: ubl.constexpr = False,
-         PANEL: ubl.constexpr = 0, YPREFETCH: ubl.constexpr = 0):
+         UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 8, STREAM: ubl.constexpr = False,
+         PANEL: ubl.constexpr = 0, YPREFETCH: ubl.constexpr = 8):
     """Weight-rotating output-stationary: N accumulator rows stay in registers.
 
     PREFETCH > 0 prefetches the X tile of the block that many blocks ahead (at most 16);
@@ -93,8 +93,8 @@ def wros_unrolled(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.con
 
 @ubl.kernel(layout="plain", aligned=True)
 def aligned_rows(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4,
-                 UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 0, PANEL: ubl.constexpr = 0,
-                 YPREFETCH: ubl.constexpr = 0):
+                 UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 8, PANEL: ubl.constexpr = 0,
+                 YPREFETCH: ubl.constexpr = 8):
     """Aligned block pruning (ABP): one register tile per aligned group of N rows.
 
     PREFETCH, PANEL and YPREFETCH as in wros (look-ahead prefetch of X; row panels outside the
