@@ -108,7 +108,7 @@ def _spec(kernel: KernelFunction, problem: Problem, target: Target, constants: d
         data = problem.block_data(kernel.layout, kernel.aligned)
     if specialize or kernel.needs_specialized:
         baked = data
-    vec = VectorShape(target.vector_lanes_f32, target.scalable)
+    vec = VectorShape(target.vector_lanes_f32, target.scalable, cheap_masks=target.arch == "x86_64")
     return KernelSpec(symbol, problem.M, problem.K, problem.N, vec, consts, baked), data
 
 

@@ -26,7 +26,9 @@ Inside a kernel:
   multiple of the tile) reruns the body on the last whole tile ending at n (overlapping the
   previous one, so a kernel must write its whole Y tile, not accumulate into Y across tiles),
   or, when n is smaller than one tile, with masked loads and stores. ``tail="mask"`` always
-  runs the tail masked on the leftover columns (for kernels that read back Y).
+  runs the tail masked on the leftover columns (for kernels that read back Y). On x86-64,
+  where masked loads and stores are cheap, the tail is always a masked tile of just enough
+  registers (the body is emitted once per register count up to TILE).
 * ``ubl.prefetch(Y, r, j, write=True)`` prefetches an output tile with intent to write.
 * ``range(lo, hi[, step])`` is a loop in the generated code (``scf.for``); ``ubl.range(...,
   unroll=U)`` unrolls it U times with a remainder loop; ``ubl.static_range`` unrolls it fully

@@ -37,6 +37,7 @@ class VectorShape:
 
     lanes: int
     scalable: bool = False
+    cheap_masks: bool = False  # masked loads/stores cost about what plain ones do (AVX-512, AVX2)
 
 
 @dataclass
@@ -389,19 +390,28 @@ class CodeGen:
             raise self.error(f"variables assigned in a ubl.tiles loop are private to the tile: {', '.join(names)}",
                              st)
 
-        def body(start: ir.Value, limit: ir.Value | None) -> None:
+        def body(start: ir.Value, limit: ir.Value | None, regs: int = tile) -> None:
             self.env = dict(saved)
-            w = width if not vs.scalable else step
-            self.assign(st.target, Tile(start, limit, vec_type, w))
+            w = regs * vs.lanes if not vs.scalable else step
+            vt = vec_type if regs == tile else ir.VectorType.get([regs * vs.lanes], self.f32)
+            self.assign(st.target, Tile(start, limit, vt, w))
             self.visit_body(st.body)
 
         self.emit_for(self.const_index(0), full_end, step, [], st, lambda iv: body(iv, None))
-        # The tail, tail="overlap": when n holds at least one whole tile, recompute the last full
-        # tile ending at n (it overlaps the previous one; a kernel that writes its Y tile in full
-        # from registers only is unaffected) at full vector speed; only n < tile width needs
+        # The tail. Where masked loads and stores are cheap (x86): the leftover columns as a
+        # masked tile of just enough registers (the body is emitted once per register count).
+        # Elsewhere, tail="overlap": when n holds at least one whole tile, recompute the last
+        # full tile ending at n (it overlaps the previous one; a kernel that writes its Y tile in
+        # full from registers only is unaffected) at full vector speed; only n < tile width needs
         # masked loads and stores. tail="mask": the columns past the last whole tile, masked (for
         # kernels that read back what they wrote to Y, where recomputing columns is wrong).
         tail = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, full_end, n_v))
+        if vs.cheap_masks and not vs.scalable and tile > 1:
+            with ir.InsertionPoint(tail.then_block):
+                self._narrow_tails(body, arith.subi(n_v, full_end), full_end, n_v, 1, tile, vs.lanes)
+                scf.YieldOp([])
+            self.env = saved
+            return
         if tail_mode == "mask":
             with ir.InsertionPoint(tail.then_block):
                 body(full_end, n_v)
@@ -418,6 +428,20 @@ class CodeGen:
                 scf.YieldOp([])
             scf.YieldOp([])
         self.env = saved
+
+    def _narrow_tails(self, body: Any, rem: ir.Value, start: ir.Value, n_v: ir.Value, regs: int, tile: int,
+                      lanes: int) -> None:
+        """if rem <= regs * lanes: the body on a masked tile of ``regs`` registers, else try regs + 1."""
+        if regs == tile:
+            body(start, n_v, regs)
+            return
+        fits = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ule, rem, self.const_index(regs * lanes)), has_else=True)
+        with ir.InsertionPoint(fits.then_block):
+            body(start, n_v, regs)
+            scf.YieldOp([])
+        with ir.InsertionPoint(fits.else_block):
+            self._narrow_tails(body, rem, start, n_v, regs + 1, tile, lanes)
+            scf.YieldOp([])
 
     # -- if -----------------------------------------------------------------------------------
     def visit_if(self, st: ast.If) -> None:
