@@ -44,7 +44,7 @@ __all__ = [
 #: Values tried for constexpr knobs, by name. A kernel's constexpr not listed here stays at
 #: its default. Future kernel knobs (a prefetch distance, a row-group size) only need an entry.
 KNOB_CHOICES: dict[str, list[int]] = {
-    "TILE": [1, 2, 3, 4, 6, 8],
+    "TILE": [1, 2, 4, 8],  # powers of two: LLVM shuffles vector<48xf32> element by element (TILE=3: 15x slower)
     "UNROLL": [1, 2, 4],
     "PREFETCH": [0, 1, 2, 4, 8, 16],
     "STREAM": [False, True],
@@ -185,7 +185,7 @@ def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
     """
     lanes = target.vector_lanes_f32
     need = max(1, math.ceil(layer.n / lanes))  # registers to cover n in one tile
-    small_tile = min(4, need)
+    small_tile = 1 << (min(4, need).bit_length() - 1)  # a power of two (see KNOB_CHOICES)
     wide = {"TILE": small_tile, "UNROLL": 4, "PREFETCH": 4}
     seeds = [
         default_config(target),

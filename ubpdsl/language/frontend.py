@@ -407,8 +407,11 @@ class CodeGen:
         # kernels that read back what they wrote to Y, where recomputing columns is wrong).
         tail = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, full_end, n_v))
         if vs.cheap_masks and not vs.scalable and tile > 1:
+            # register counts that are powers of two (LLVM shuffles a vector<48xf32> element by
+            # element), and the tile itself
+            counts = sorted({1 << i for i in range(tile.bit_length()) if 1 << i < tile} | {tile})
             with ir.InsertionPoint(tail.then_block):
-                self._narrow_tails(body, arith.subi(n_v, full_end), full_end, n_v, 1, tile, vs.lanes)
+                self._narrow_tails(body, arith.subi(n_v, full_end), full_end, n_v, counts, vs.lanes)
                 scf.YieldOp([])
             self.env = saved
             return
@@ -429,10 +432,11 @@ class CodeGen:
             scf.YieldOp([])
         self.env = saved
 
-    def _narrow_tails(self, body: Any, rem: ir.Value, start: ir.Value, n_v: ir.Value, regs: int, tile: int,
+    def _narrow_tails(self, body: Any, rem: ir.Value, start: ir.Value, n_v: ir.Value, counts: list[int],
                       lanes: int) -> None:
-        """if rem <= regs * lanes: the body on a masked tile of ``regs`` registers, else try regs + 1."""
-        if regs == tile:
+        """The body on a masked tile of counts[0] registers if rem fits in it, else try the next count."""
+        regs, rest = counts[0], counts[1:]
+        if not rest:
             body(start, n_v, regs)
             return
         fits = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ule, rem, self.const_index(regs * lanes)), has_else=True)
@@ -440,7 +444,7 @@ class CodeGen:
             body(start, n_v, regs)
             scf.YieldOp([])
         with ir.InsertionPoint(fits.else_block):
-            self._narrow_tails(body, rem, start, n_v, regs + 1, tile, lanes)
+            self._narrow_tails(body, rem, start, n_v, rest, lanes)
             scf.YieldOp([])
 
     # -- if -----------------------------------------------------------------------------------
