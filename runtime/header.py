@@ -67,7 +67,9 @@ def render_header(
 {_comment(description)}
  *
  * y[M, n] = W[M, K] . x[K, n]; fp32, row-major (channel-major) x and y.
- * x: K*n floats; y: M*n floats, fully overwritten; n >= 0.
+ * x: K*n floats; y: M*n floats, fully overwritten; n >= 0. Any alignment works;
+ * 64-byte aligned x and y (and n a multiple of 16) are faster: vector loads and stores
+ * then never straddle two cache lines.
  * {packed_doc}
  * Returns 0 on success, 1 if the packed blob's header does not match this kernel,
  * 2 if n is invalid.
