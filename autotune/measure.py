@@ -19,8 +19,9 @@ Optional fields: ``"cache": "warm" | "cold"`` (default ``"warm"``) and ``"scrub_
 
 Protocol: X is a deterministic pattern (:func:`make_x`, reproducible by the caller), all
 buffers are 64-byte aligned and allocated once; every entry is warmed up, then each round
-times every entry once (the order rotates between rounds), so a candidate and the reference
-always see the same machine state:
+times every entry once (in a fresh seeded random order each round: a kernel can run slower
+right after some other code, and a rotating order would keep the same neighbours), so a
+candidate and the reference always see the same machine state:
 
 * ``warm``: a sample is ``inner`` back-to-back calls (together >= ``sample_s``), so the
   kernel's operands (X, packed weights, Y) stay in the caches from one call to the next.
@@ -46,6 +47,7 @@ import ctypes
 import json
 import os
 import platform
+import random
 import statistics
 import struct
 import sys
@@ -216,9 +218,10 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     perf = time.perf_counter
     clock = _thread_clock()
     overhead = _clock_overhead(clock) if cold else 0.0
+    shuffle = random.Random(0).shuffle
     while k < rounds or (k < 50 * rounds and perf() - start < budget):
         order = list(range(len(entries)))
-        order = order[k % len(order):] + order[:k % len(order)]
+        shuffle(order)
         this = [0.0] * len(entries)
         for i in order:
             fn = calls[i][0]
