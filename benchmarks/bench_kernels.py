@@ -2,8 +2,10 @@
 
 Prints time and useful GFLOP/s (2 * nnz * n / time) per variant at its default constants and
 at the best of a small TILE/UNROLL sweep (the autotuner searches much more), and the speedup
-over dense torch.mm measured in the same run, interleaved. Masks: BED on Gaussian weights,
-N x 1 blocks, unaligned (ABP variant: aligned_select at the same number of blocks).
+over dense torch.mm measured in the same run, interleaved. Warm caches (calls back to back): a
+microbenchmark of the kernels' compute; ``ubpdsl bench`` measures cold, as inside a network.
+Masks: BED on Gaussian weights, N x 1 blocks, unaligned (ABP variant: aligned_select at the same
+number of blocks).
 
     python benchmarks/bench_kernels.py [--sparsity 0.75] [--block 4] [--shapes r18_2,fc_1] [--quick]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,6 +26,7 @@ from common import SUITE, geomean, interleaved_medians, machine_header  # noqa: 
 from ubpdsl.compile_cli import random_problem  # noqa: E402
 from ubpdsl.compiler import compile_kernel  # noqa: E402
 from ubpdsl.kernels import VARIANTS  # noqa: E402
+from ubpdsl.runtime.loader import aligned_empty  # noqa: E402
 
 UNROLL_LIMIT = 3000  # wros_unrolled bakes every block into code: only for small layers
 SWEEP = {  # a small per-variant sweep (the autotuner searches much more)
@@ -52,6 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(machine_header())
+    print(f"# {time.strftime('%Y-%m-%d')}; warm caches (calls back to back); x and y 64-byte aligned")
     print(f"# sparsity {args.sparsity}, N={args.block}; useful GFLOP/s = 2*nnz*n/time\n")
     print("| shape | M | K | n | dense ms | dense GFLOP/s | variant | config | ms | useful GFLOP/s | vs dense |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -60,11 +65,12 @@ def main() -> None:
     for shape in args.shapes.split(","):
         M, K, n = SUITE[shape]
         rng = np.random.default_rng(1)
-        x = rng.standard_normal((K, n)).astype(np.float32)
+        x = aligned_empty((K, n))  # 64-byte aligned like torch's tensors (numpy gives 16)
+        x[...] = rng.standard_normal((K, n))
         problems = {a: random_problem(M, K, args.block, args.sparsity, aligned=a, name=shape) for a in (False, True)}
         dense_w = torch.from_numpy(problems[False].weight)
         xt = torch.from_numpy(x)
-        y = np.empty((M, n), np.float32)
+        y = aligned_empty((M, n))
         out_t = torch.empty((M, n))
         fns = {"dense": lambda w=dense_w, a=xt, o=out_t: torch.mm(w, a, out=o)}
         meta = {}
