@@ -41,6 +41,8 @@ def main() -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated subset of the suite")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--cache-dir", default=None, help="default: a fresh temporary directory")
+    ap.add_argument("--cache", choices=("cold", "warm"), default="cold",
+                    help="timing mode of tuning and of the final comparison (default: cold, as in a network)")
     args = ap.parse_args()
 
     import numpy as np
@@ -60,14 +62,14 @@ def main() -> int:
         wanted = set(args.shapes.split(","))
         shapes = [s for s in SUITE if s[0] in wanted]
     cache = Path(args.cache_dir or tempfile.mkdtemp(prefix="ubp-bench-tune-"))
-    tuner = Tuner(TuneSettings(trials=args.trials, cache_dir=cache, jobs=args.jobs, force=True))
+    tuner = Tuner(TuneSettings(trials=args.trials, cache_dir=cache, jobs=args.jobs, force=True, cache=args.cache))
     info = machine_info()
     print(f"CPU: {info['cpu']} ({platform.machine()}), target cpu {tuner.target.cpu}, "
           f"{tuner.target.vector_bits}-bit vectors; 1 thread; timer: thread CPU time, medians, interleaved")
     print(f"versions: python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__} "
           f"(MKL {torch.backends.mkl.is_available()}), optuna {optuna.__version__}, {toolchain_versions()}")
     print(f"suite: sparsity {args.sparsity:.0%}, block N={args.block}, {args.trials} trials per shape, "
-          f"cache {cache}\n")
+          f"{args.cache} caches, {time.strftime('%Y-%m-%d')}, tuning cache {cache}\n")
     rows = []
     t_start = time.monotonic()
     header = (f"{'shape':8} {'M':>5} {'K':>5} {'n':>6} | {'default':>9} {'tuned':>9} {'torch.mm':>9} us | "
