@@ -26,7 +26,7 @@ from common import SUITE, geomean, interleaved_medians, machine_header  # noqa: 
 from ubpdsl.compile_cli import random_problem  # noqa: E402
 from ubpdsl.compiler import compile_kernel  # noqa: E402
 from ubpdsl.kernels import VARIANTS  # noqa: E402
-from ubpdsl.runtime.loader import aligned_empty  # noqa: E402
+from ubpdsl.runtime.loader import aligned_copy, aligned_empty  # noqa: E402
 
 UNROLL_LIMIT = 3000  # wros_unrolled bakes every block into code: only for small layers
 SWEEP = {  # a small per-variant sweep (the autotuner searches much more)
@@ -65,8 +65,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         M, K, n = SUITE[shape]
         rng = np.random.default_rng(1)
-        x = aligned_empty((K, n))  # 64-byte aligned like torch's tensors (numpy gives 16)
-        x[...] = rng.standard_normal((K, n))
+        x = aligned_copy(rng.standard_normal((K, n)), np.float32)  # 64-byte aligned like torch's tensors
         problems = {a: random_problem(M, K, args.block, args.sparsity, aligned=a, name=shape) for a in (False, True)}
         dense_w = torch.from_numpy(problems[False].weight)
         xt = torch.from_numpy(x)

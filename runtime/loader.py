@@ -22,7 +22,7 @@ import numpy as np
 
 from ubpdsl.errors import RunError, UbpError
 
-__all__ = ["KERNEL_ERRORS", "HostKernel", "aligned_empty", "describe_error", "check_kernel_args"]
+__all__ = ["KERNEL_ERRORS", "HostKernel", "aligned_empty", "aligned_copy", "describe_error", "check_kernel_args"]
 
 #: Alignment in bytes of the arrays :func:`aligned_empty` returns (a cache line).
 ALIGNMENT = 64
@@ -38,6 +38,13 @@ def aligned_empty(shape: tuple[int, ...], dtype: type = np.float32, align: int =
     buf = np.empty(count * dt.itemsize + align, np.uint8)
     start = (-buf.ctypes.data) % align
     return buf[start:start + count * dt.itemsize].view(dt).reshape(shape)
+
+
+def aligned_copy(a: np.ndarray, dtype: type | None = None) -> np.ndarray:
+    """A C-contiguous, ``ALIGNMENT``-byte aligned copy of ``a`` (as ``dtype``, default a's own)."""
+    out = aligned_empty(a.shape, dtype or a.dtype)
+    out[...] = a
+    return out
 
 #: Meaning of the kernel's non-zero return codes.
 KERNEL_ERRORS: dict[int, str] = {

@@ -532,13 +532,16 @@ def test_embed_c_example_aarch64_under_qemu(builds, weights, tmp_path):
 
 
 def test_aligned_empty_is_cache_line_aligned_and_used_for_outputs() -> None:
-    from ubpdsl.runtime.loader import aligned_empty, check_kernel_args
+    from ubpdsl.runtime.loader import aligned_copy, aligned_empty, check_kernel_args
 
     for shape in [(3, 5), (1,), (0, 7), (17, 33)]:
         a = aligned_empty(shape)
         assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
         assert a.ctypes.data % 64 == 0 or a.size == 0  # an empty array has no data to align
         a[...] = 1.0  # the whole extent is ours
+    src = np.arange(15, dtype=np.float64).reshape(3, 5)
+    c = aligned_copy(src, np.float32)
+    assert c.dtype == np.float32 and c.ctypes.data % 64 == 0 and np.array_equal(c, src.astype(np.float32))
     x = np.ones((4, 9), np.float32)
     _, _, y = check_kernel_args("k", 6, 4, x, None, None)
     assert y.shape == (6, 9) and y.ctypes.data % 64 == 0

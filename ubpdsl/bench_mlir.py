@@ -159,10 +159,9 @@ def build_mlir_spmm(fmt: str, w: np.ndarray, x: np.ndarray, N: int = 1, vl: int 
     except Exception as exc:  # MLIRError and friends: report, never crash the suite
         raise UbpError(f"MLIR {fmt} pipeline failed: {str(exc).splitlines()[0]}") from None
     pos, crd, val = _storage(fmt, np.asarray(w, np.float32), N)
-    from ubpdsl.runtime.loader import aligned_empty
+    from ubpdsl.runtime.loader import aligned_copy, aligned_empty
 
-    xc = aligned_empty((K, n))
-    xc[...] = x
+    xc = aligned_copy(x, np.float32)
     y = aligned_empty((M, n))
     y[...] = 0.0
     arrays = [pos, crd, val, xc, y]
