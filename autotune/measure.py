@@ -151,7 +151,10 @@ def _thread_clock() -> Any:
 #: Bytes copied to scrub the caches before every timed call in cold mode (well above a 2 MiB L2).
 SCRUB_BYTES = 8 << 20
 
-CACHE_MODES = ("warm", "cold")
+#: Timing modes: ``cold`` scrubs the caches before every timed call (a layer inside a network runs
+#: after other layers have evicted its operands), ``warm`` times back-to-back calls. The one
+#: definition: the tuner and the benchmark suite import it from here.
+CACHE_MODES = ("cold", "warm")
 
 
 class _Scrubber:

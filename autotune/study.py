@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from ubpdsl.autotune import space as sp
+from ubpdsl.autotune.measure import CACHE_MODES
 from ubpdsl.autotune.runner import LocalRunner, Outcome, Runner
 from ubpdsl.autotune.tuned_cache import TunedCache, tuned_key
 from ubpdsl.errors import UbpError
@@ -60,10 +61,6 @@ _HOST = socket.gethostname()
 #: Symbol of kernels built while tuning: shape-only (data-driven) builds are then shared through the
 #: compile cache by every layer of the same shape. The delivered kernel gets the layer's own symbol.
 TUNE_SYMBOL = "ubp_tune_kernel"
-
-#: Timing modes: ``cold`` scrubs the caches before every timed call (a layer inside a network runs
-#: after other layers have evicted its operands), ``warm`` times back-to-back calls.
-CACHE_MODES = ("cold", "warm")
 
 #: Seconds a RUNNING trial may lack its owner (host, pid) before it counts as abandoned.
 _OWNER_GRACE_S = 5.0
