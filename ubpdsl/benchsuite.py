@@ -39,10 +39,11 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
+from ubpdsl.autotune.measure import CACHE_MODES, SCRUB_BYTES  # noqa: E402
 from ubpdsl.bench_peers import PEERS, Case, Peer, Prepared, square_block_weights, thread_limit  # noqa: E402
 from ubpdsl.compiler import CompiledKernel, Problem, compile_kernel  # noqa: E402
 from ubpdsl.errors import UbpError  # noqa: E402
-from ubpdsl.runtime.loader import aligned_empty  # noqa: E402
+from ubpdsl.runtime.loader import aligned_copy, aligned_empty  # noqa: E402
 
 __all__ = [
     "SUITE", "SPARSITIES", "BLOCKS", "Result", "Tuned", "Tuner", "sweep_tuner", "default_tuner", "autotune_tuner",
@@ -109,10 +110,11 @@ class CacheScrubber:
     output and (for large layers) its input and weights are not in the core's cache. Kernels can
     rank very differently warm and cold (a row walk that writes Y one short piece per row waits
     on one read-for-ownership miss after another when Y is cold), so tuning and measurement must
-    use the same state.
+    use the same state. The tuner's timing worker (``ubpdsl.autotune.measure``, standard library
+    only, shipped to remote machines) scrubs the same amount its own way.
     """
 
-    def __init__(self, mbytes: int = 8) -> None:
+    def __init__(self, mbytes: int = SCRUB_BYTES >> 20) -> None:
         self.src = np.ones(mbytes * (1 << 20) // 4, np.float32)
         self.dst = np.empty_like(self.src)
         self.count = 0
@@ -122,9 +124,10 @@ class CacheScrubber:
         self.count += 1
 
 
-#: Cache states a run can time in: "cold" scrubs before every timed call, "warm" calls the same
-#: function once, untimed, right before its timed call.
-CACHE_MODES = ("cold", "warm")
+@functools.cache
+def shared_scrubber() -> CacheScrubber:
+    """The process's default scrubber (its buffers are allocated once, on first use)."""
+    return CacheScrubber()
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], min_time: float = 0.3,
@@ -137,13 +140,13 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], min_time: float = 
     a cache scrub in between), so a fixed order would charge one runner for its neighbour.
 
     ``cache``: None times the calls as they come (each sees the state the previous one left);
-    "cold" runs ``scrubber`` (or a fresh :class:`CacheScrubber`) before every timed call;
+    "cold" runs ``scrubber`` (default :func:`shared_scrubber`) before every timed call;
     "warm" runs the function itself once, untimed, before every timed call.
     """
     if cache not in (None, *CACHE_MODES):
         raise UbpError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     if cache == "cold" and scrubber is None:
-        scrubber = CacheScrubber()
+        scrubber = shared_scrubber()
 
     def before(f: Callable[[], object]) -> None:
         if cache == "cold":
@@ -267,14 +270,6 @@ def _prune(w: np.ndarray, N: int, sparsity: float) -> tuple[Problem, Problem]:
     return out[0], out[1]  # type: ignore[return-value]
 
 
-def _aligned(a: np.ndarray) -> np.ndarray:
-    """A 64-byte aligned copy (numpy guarantees 16; torch tensors, what a runtime passes, are 64):
-    every runner gets the same cache-line-aligned inputs and outputs."""
-    out = aligned_empty(a.shape, a.dtype)
-    out[...] = a
-    return out
-
-
 def make_case(suite: str, shape: str, w: np.ndarray, n: int, N: int, sparsity: float, source: str,
               seed: int = 1) -> Case:
     """A case from dense weights ``w`` [M, K]: BED mask, aligned mask (same blocks), square mask."""
@@ -283,7 +278,8 @@ def make_case(suite: str, shape: str, w: np.ndarray, n: int, N: int, sparsity: f
     w = np.ascontiguousarray(w, np.float32)
     M, K = w.shape
     (ru, cu, wu), (ra, ca, wa) = _prune(w, N, sparsity)
-    x = _aligned(np.random.default_rng(seed).standard_normal((K, n)).astype(np.float32))
+    # 64-byte aligned, like the torch tensors a runtime passes (numpy only guarantees 16)
+    x = aligned_copy(np.random.default_rng(seed).standard_normal((K, n)), np.float32)
     nnz = int(np.count_nonzero(wu))
     return Case(suite, shape, source, M, K, n, N, float(sparsity), x,
                 Problem(f"{shape}_u{N}", M, K, N, ru, cu, wu), Problem(f"{shape}_a{N}", M, K, N, ra, ca, wa),
@@ -384,7 +380,7 @@ def _mask_case(name: str, lm: Any, n: int) -> Case:
     wu = (dense * mask).astype(np.float32)
     ra, ca = aligned_select(np.abs(dense), len(lm.rows), N)
     wa = (dense * blocks_to_mask(ra, ca, M, K, N)).astype(np.float32)
-    x = _aligned(np.random.default_rng(1).standard_normal((K, n)).astype(np.float32))
+    x = aligned_copy(np.random.default_rng(1).standard_normal((K, n)), np.float32)
     return Case("masks", name, "masks.npz", M, K, n, N, float(lm.sparsity), x,
                 Problem(f"{name}_u", M, K, N, np.asarray(lm.rows), np.asarray(lm.cols), wu),
                 Problem(f"{name}_a", M, K, N, ra, ca, wa), square_block_weights(dense, int(mask.sum()), N))
@@ -505,7 +501,6 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, ca
     the best; then the other feasible TILEs (of 1, 2, 4, 8). Every stage times its candidates
     interleaved, in the ``cache`` state the suite measures in ("cold": caches scrubbed before
     every call). ``quick``: the variant's default constants only (labelled "default")."""
-    scrubber = CacheScrubber() if cache == "cold" and not quick else None
 
     def tune(problem: Problem, x: np.ndarray, variant: str) -> Tuned:
         from ubpdsl.kernels import VARIANTS
@@ -536,7 +531,7 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, ca
             if not fns:
                 return None
             times = interleaved_medians(fns, min_time=min_time, max_reps=60, min_reps=7,  # type: ignore[arg-type]
-                                        cache=cache, scrubber=scrubber)
+                                        cache=cache)
             i = min(times, key=times.__getitem__)
             return cfgs[i], cks[i]  # type: ignore[return-value]
 
@@ -739,13 +734,12 @@ def run_suite(cases: Iterable[Case | CaseSpec], *, tuner: Tuner | None = None, t
     """Run every case (see :func:`run_case`) in the ``cache`` state (see :func:`interleaved_medians`);
     ``progress(i, case, results)`` after each one."""
     setup_process()
-    scrubber = CacheScrubber() if cache == "cold" else None
     runners = list(peers if peers is not None else PEERS) + ours_peers(tuner or sweep_tuner(cache=cache))
     out: list[Result] = []
     try:
         for i, spec in enumerate(cases):
             case = spec if isinstance(spec, Case) else spec()
-            res = run_case(case, runners, threads, min_time, bandwidth, cache, scrubber)
+            res = run_case(case, runners, threads, min_time, bandwidth, cache)
             out.extend(res)
             if progress:
                 progress(i, case, res)
@@ -887,7 +881,7 @@ def detail_markdown(results: Sequence[Result], threads: int = 1) -> str:
     runners: list[str] = []
     labels: dict[str, str] = {}
     for r in rs:
-        if r.runner not in runners and r.runner not in ("dense", "write_y"):
+        if r.runner not in runners and r.runner != "dense" and r.family != "bound":
             runners.append(r.runner)
             labels[r.runner] = r.runner
     cases: dict[tuple, dict[str, Result]] = {}
@@ -964,7 +958,7 @@ def render_markdown(results: Sequence[Result], info: dict[str, str], threads: Se
         parts.append("")
     if plot:
         parts += [f"![speedup over dense vs sparsity]({plot})", ""]
-    parts += ["### Every case, 1 thread (speedup over dense torch.mm; `limit` = dense time over the smaller of "
+    parts += ["### Every case, 1 thread (speedup over dense torch.mm; `limit` = dense time over the larger of "
               "the measured time to write Y once (fill with 0, same run, same cache state) and the time to stream "
               "X and Y once at the copy bandwidth: no kernel can beat dense by more on that case)", "",
               detail_markdown(results, 1), ""]
