@@ -398,37 +398,30 @@ class CodeGen:
             self.visit_body(st.body)
 
         self.emit_for(self.const_index(0), full_end, step, [], st, lambda iv: body(iv, None))
-        # The tail. Where masked loads and stores are cheap (x86): the leftover columns as a
-        # masked tile of just enough registers (the body is emitted once per register count).
-        # Elsewhere, tail="overlap": when n holds at least one whole tile, recompute the last
-        # full tile ending at n (it overlaps the previous one; a kernel that writes its Y tile in
-        # full from registers only is unaffected) at full vector speed; only n < tile width needs
-        # masked loads and stores. tail="mask": the columns past the last whole tile, masked (for
-        # kernels that read back what they wrote to Y, where recomputing columns is wrong).
+        # The tail: the columns past the last whole tile, in one of three ways.
+        # - Where masked loads and stores are cheap (x86): a masked tile of just enough registers,
+        #   a power of two (LLVM shuffles a vector<48xf32> element by element) or the tile itself;
+        #   the body is emitted once per register count.
+        # - tail="mask": the whole tile, masked (for kernels that read back what they wrote to Y,
+        #   where recomputing columns is wrong).
+        # - tail="overlap": when n holds at least one whole tile, recompute the last whole tile
+        #   ending at n (it overlaps the previous one; a kernel that writes its Y tile in full from
+        #   registers only is unaffected) at full vector speed; masked only when n < one tile.
         tail = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, full_end, n_v))
-        if vs.cheap_masks and not vs.scalable and tile > 1:
-            # register counts that are powers of two (LLVM shuffles a vector<48xf32> element by
-            # element), and the tile itself
-            counts = sorted({1 << i for i in range(tile.bit_length()) if 1 << i < tile} | {tile})
-            with ir.InsertionPoint(tail.then_block):
-                self._narrow_tails(body, arith.subi(n_v, full_end), full_end, n_v, counts, vs.lanes)
-                scf.YieldOp([])
-            self.env = saved
-            return
-        if tail_mode == "mask":
-            with ir.InsertionPoint(tail.then_block):
-                body(full_end, n_v)
-                scf.YieldOp([])
-            self.env = saved
-            return
         with ir.InsertionPoint(tail.then_block):
-            whole = scf.IfOp(arith.cmpi(arith.CmpIPredicate.uge, n_v, step), has_else=True)
-            with ir.InsertionPoint(whole.then_block):
-                body(arith.subi(n_v, step), None)
-                scf.YieldOp([])
-            with ir.InsertionPoint(whole.else_block):
+            if vs.cheap_masks and not vs.scalable and tile > 1:
+                counts = sorted({1 << i for i in range(tile.bit_length()) if 1 << i < tile} | {tile})
+                self._narrow_tails(body, arith.subi(n_v, full_end), full_end, n_v, counts, vs.lanes)
+            elif tail_mode == "mask":
                 body(full_end, n_v)
-                scf.YieldOp([])
+            else:
+                whole = scf.IfOp(arith.cmpi(arith.CmpIPredicate.uge, n_v, step), has_else=True)
+                with ir.InsertionPoint(whole.then_block):
+                    body(arith.subi(n_v, step), None)
+                    scf.YieldOp([])
+                with ir.InsertionPoint(whole.else_block):
+                    body(full_end, n_v)
+                    scf.YieldOp([])
             scf.YieldOp([])
         self.env = saved
 
