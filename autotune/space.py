@@ -176,10 +176,9 @@ def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
 
     From the benchmark suite on an AVX-512 host: wros with TILE=4, UNROLL=2-4 and a prefetch
     distance of 4-16 blocks wins on the large-K (ResNet-18, FC) shapes, row panels (PANEL=32) on
-    small-K layers with large n, mask-baked variants of it
-    on mid-sized layers, non-temporal Y stores when Y is larger than the L2 share (AArch64
-    only: see :func:`infeasible`), small tiles
-    and the fully unrolled kernel on small layers. Timed cold (caches scrubbed before each
+    small-K layers with large n, mask-baked variants of it on mid-sized layers, non-temporal Y
+    stores when Y is larger than the L2 share (AArch64 only: see :func:`infeasible`), small
+    tiles and the fully unrolled kernel on small layers. Timed cold (caches scrubbed before each
     call), row panels with a write-prefetch of Y rows ahead (PANEL=32, YPREFETCH=8) and a long X
     look-ahead are robust where the warm winners lose 2-4x.
     """

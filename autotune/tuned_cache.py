@@ -3,8 +3,7 @@
 An entry maps a key over everything the best config depends on (the mask's block structure,
 the GEMM shape and n, the target with its CPU name and features, the toolchain versions, the
 compiler and kernel-library sources, where and how it was timed (runner; cold or warm caches),
-the search-space version) to the
-best config found and its measurements. Entries are JSON files under
+the search-space version) to the best config found and its measurements. Entries are JSON files under
 ``<cache dir>/autotune/tuned/<key[:2]>/<key>.json``, written atomically (temp file + rename),
 so an interrupted run never leaves a half-written entry.
 """
