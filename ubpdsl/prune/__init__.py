@@ -1,1 +1,2 @@
-"""placeholder"""
+"""``ubpdsl.prune``: block selection (BED, the exact optimum, aligned, unstructured), the
+``torch.ao.pruning`` sparsifier, the gradual schedule and trainer, and ``ubpdsl prune``."""
