@@ -25,9 +25,10 @@ from typing import Any
 import click
 import numpy as np
 
+from ubpdsl.cli_common import load_model, model_options
 from ubpdsl.errors import MaskError, TargetError, UbpError
 
-__all__ = ["tune", "run_tune", "model_pixels", "load_layers", "LayerSummary"]
+__all__ = ["tune", "run_tune", "load_layers", "LayerSummary"]
 
 TARGETS = ("host", "aarch64-neon", "aarch64-sve")
 
@@ -35,51 +36,9 @@ TARGETS = ("host", "aarch64-neon", "aarch64-sve")
 DEFAULT_TRIALS = 12
 
 
-def model_pixels(model: str) -> dict[str, int]:
-    """Output pixels n of every conv / linear layer of a model spec at its input size, batch 1."""
-    import torch
-
-    from ubpdsl.models import build_model, get_spec
-
-    spec = get_spec(model)
-    net = build_model(model, pretrained=False)
-    sizes: dict[str, int] = {}
-    hooks = []
-    for name, mod in net.named_modules():
-        if isinstance(mod, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d):
-            hooks.append(mod.register_forward_hook(
-                lambda m, i, o, name=name: sizes.__setitem__(name, int(np.prod(o.shape[2:])))))
-        elif isinstance(mod, torch.nn.Linear):
-            hooks.append(mod.register_forward_hook(
-                lambda m, i, o, name=name: sizes.__setitem__(name, int(np.prod(o.shape[:-1])))))
-    with torch.no_grad():
-        net(torch.zeros(1, *spec.input_shape))
-    for h in hooks:
-        h.remove()
-    return sizes
-
-
-def _pixel_map(pixels_map: str | None, model: str | None) -> dict[str, int]:
-    out: dict[str, int] = {}
-    if model:
-        out.update(model_pixels(model))
-    if pixels_map:
-        path = Path(pixels_map)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise UbpError(f"cannot read --pixels-map {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise UbpError(f"--pixels-map {path} is not JSON: {exc.msg} (line {exc.lineno})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, int) and v > 0 for v in data.values()):
-            raise UbpError(f"--pixels-map {path} must map layer names to positive integers")
-        out.update(data)
-    return out
-
-
-def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int, pixel_map: dict[str, int],
-                need_weights: bool) -> list[Any]:
-    """The layers to tune, with n; MaskError for missing layers or weights."""
+def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int | None, pixels_map: str | None,
+                need_weights: bool, loaded: Any = None) -> list[Any]:
+    """The layers to tune, each with its n (see :func:`layer_columns`); MaskError for missing layers or weights."""
     from ubpdsl.autotune.space import Layer
     from ubpdsl.compiler import Problem
     from ubpdsl.masks import load_masks
@@ -89,19 +48,22 @@ def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int, pixel
     masks = load_masks(mask_path)
     if not masks:
         raise MaskError(f"{mask_path} holds no layers")
+    everything = masks
     if layer_names:
         missing = [n for n in layer_names if n not in masks]
         if missing:
             raise MaskError(f"{mask_path} has no layer {missing[0]!r}; layers: {', '.join(masks)}")
         masks = {n: masks[n] for n in layer_names}
-    if pixels < 1:
-        raise UbpError(f"--pixels must be >= 1, got {pixels}")
-    layers = []
     for name, m in masks.items():
         if m.weight is None and need_weights:
             raise MaskError(f"layer {name}: {mask_path} has no weights, and tune needs them to build and deliver "
                             "the kernels (save the masks with weights, e.g. `ubpdsl prune` does, or pass "
                             "--synthetic-weights to tune data-driven kernels on random weights)")
+    from ubpdsl.models import layer_columns
+
+    columns = layer_columns(everything, pixels=pixels, pixels_map=pixels_map, loaded=loaded)
+    layers = []
+    for name, m in masks.items():
         problem = Problem.from_mask(m)
         if problem.weight is None:  # timing only depends on the block structure
             rng = np.random.default_rng(0)
@@ -109,7 +71,7 @@ def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int, pixel
             for i in range(problem.N):
                 w[problem.rows + i, problem.cols] = rng.uniform(0.5, 1.5, len(problem.rows))
             problem = Problem(problem.name, problem.M, problem.K, problem.N, problem.rows, problem.cols, w)
-        layers.append(Layer(problem, int(pixel_map.get(name, pixels))))
+        layers.append(Layer(problem, int(columns[name])))
     return layers
 
 
@@ -137,12 +99,16 @@ def _safe(name: str) -> str:
 
 
 def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIALS, storage: str | None = None,
-             out_dir: str = "build", layer_names: tuple[str, ...] = (), pixels: int = 196,
-             pixels_map: str | None = None, model: str | None = None, jobs: int = 2, timeout: float = 20.0,
+             out_dir: str = "build", layer_names: tuple[str, ...] = (), pixels: int | None = None,
+             pixels_map: str | None = None, model: Any = None, jobs: int = 2, timeout: float = 20.0,
              runner: str | None = None, ssh_options: tuple[str, ...] = (), force: bool = False,
              synthetic_weights: bool = False, seed: int = 0, cache_dir: str | None = None, dense: bool = True,
              progress: bool = True, cache: str = "cold", echo: Any = click.echo) -> list[LayerSummary]:
-    """The ``tune`` command as a function (see :func:`tune`); returns the per-layer summary."""
+    """The ``tune`` command as a function (see :func:`tune`); returns the per-layer summary.
+
+    ``model``: a :class:`~ubpdsl.models.LoadedModel` (or a built-in spec name) whose example input
+    gives every layer's n.
+    """
     from ubpdsl.autotune.runner import get_runner
     from ubpdsl.autotune.study import CACHE_MODES, Tuner, TuneSettings
     from ubpdsl.runtime.targets import get_target
@@ -155,7 +121,11 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
         raise UbpError(f"--trials must be >= 1, got {trials}")
     if cache not in CACHE_MODES:
         raise UbpError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
-    layers = load_layers(mask_path, layer_names, pixels, _pixel_map(pixels_map, model), not synthetic_weights)
+    if isinstance(model, str):
+        from ubpdsl.models import resolve_model
+
+        model = resolve_model(model, pretrained=False)
+    layers = load_layers(mask_path, layer_names, pixels, pixels_map, not synthetic_weights, loaded=model)
     the_runner = get_runner(runner, ssh_options) if runner else None
     settings = TuneSettings(target=target, trials=trials, storage=storage,
                             cache_dir=Path(cache_dir) if cache_dir else None, jobs=jobs, timeout=timeout, seed=seed,
@@ -372,9 +342,10 @@ def _machine() -> dict[str, Any]:
               "postgresql://user:pw@host/db shares studies across machines")
 @click.option("-o", "--out", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False))
 @click.option("--layer", "layer_names", multiple=True, help="tune only this layer (repeatable)")
-@click.option("--pixels", default=196, show_default=True, help="n (output pixels) for layers without a map entry")
+@click.option("--pixels", default=None, type=int, help="n (GEMM columns: output pixels x batch) for every layer "
+              "that neither --model nor --pixels-map gives one")
 @click.option("--pixels-map", default=None, type=click.Path(dir_okay=False), help="JSON {layer: n}")
-@click.option("--model", default=None, help="derive n per layer from a model spec (e.g. mobilenetv2 at 224x224)")
+@model_options(what="Each layer's n comes from running its example input once (with --batch).")
 @click.option("-j", "--jobs", default=2, show_default=True, help="parallel compile workers (0: in process)")
 @click.option("--timeout", default=20.0, show_default=True, help="seconds before a hanging candidate is killed")
 @click.option("--runner", default=None, help="time on another machine: ssh://user@host[:port]")
@@ -392,7 +363,8 @@ def _machine() -> dict[str, Any]:
               "microbenchmark). Warm and cold results are cached and stored separately; llvm-mca estimates "
               "ignore it")
 def tune(mask_path: str, target: str, trials: int, storage: str | None, out_dir: str, layer_names: tuple[str, ...],
-         pixels: int, pixels_map: str | None, model: str | None, jobs: int, timeout: float, runner: str | None,
+         pixels: int | None, pixels_map: str | None, model_spec: str | None, weights: Path | None,
+         input_shape: str | None, input_dtype: str | None, batch: int, jobs: int, timeout: float, runner: str | None,
          ssh_options: tuple[str, ...], force: bool, synthetic_weights: bool, seed: int, no_dense: bool,
          no_progress: bool, cache: str) -> None:
     """Tune the kernel of every layer of a masks.npz and write the fastest .so files.
@@ -400,11 +372,17 @@ def tune(mask_path: str, target: str, trials: int, storage: str | None, out_dir:
     \b
     Example:
       ubpdsl tune --mask masks.npz --model mobilenetv2 -o build/
+      ubpdsl tune --mask masks.npz --model mynet.py:TinyResNet --input-shape 3,32,32 --batch 8
       ubpdsl tune --mask masks.npz --target aarch64-sve          # llvm-mca estimate
       ubpdsl tune --mask masks.npz --storage postgresql://tuner@db/ubp --trials 64
     Interrupted runs resume where they stopped; unchanged layers come from the cache.
     """
+    loaded = None
+    if model_spec is not None:
+        loaded = load_model(model_spec, weights, input_shape, input_dtype, batch, pretrained=False)
+    elif weights or input_shape or input_dtype or batch != 1:
+        raise UbpError("--weights, --input-shape, --input-dtype and --batch need --model")
     run_tune(mask_path, target=target, trials=trials, storage=storage, out_dir=out_dir, layer_names=layer_names,
-             pixels=pixels, pixels_map=pixels_map, model=model, jobs=jobs, timeout=timeout, runner=runner,
+             pixels=pixels, pixels_map=pixels_map, model=loaded, jobs=jobs, timeout=timeout, runner=runner,
              ssh_options=ssh_options, force=force, synthetic_weights=synthetic_weights, seed=seed,
              dense=not no_dense, progress=not no_progress, cache=cache)

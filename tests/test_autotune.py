@@ -213,11 +213,12 @@ def test_synthetic_weights_and_estimate_target(tmp_path):
     assert not (tmp_path / "out" / "layer0.packed.bin").exists()
 
 
-@pytest.mark.parametrize("model", ["mobilenetv2"])
-def test_model_pixels(model):
-    from ubpdsl.autotune.cli import model_pixels
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gemm_columns_mobilenetv2(batch):
+    from ubpdsl.models import gemm_columns, resolve_model
 
-    px = model_pixels(model)
-    assert px["features.0.0"] == 112 * 112
-    assert px["features.18.0"] == 49
-    assert px["classifier.1"] == 1
+    loaded = resolve_model("mobilenetv2", pretrained=False, batch=batch)
+    px = gemm_columns(loaded.model, loaded.example)
+    assert px["features.0.0"] == 112 * 112 * batch
+    assert px["features.18.0"] == 49 * batch
+    assert px["classifier.1"] == batch

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ubpdsl.cli_common import load_model, model_options
 from ubpdsl.errors import UbpError
 
 __all__ = ["bench"]
@@ -58,14 +59,18 @@ def _ints(text: str, what: str, allowed: set[int] | None = None) -> list[int]:
 @click.option("--cache", type=click.Choice(["cold", "warm"]), default="cold", show_default=True,
               help="Cache state of every timed call (and of tuning): cold scrubs the caches first, as for a "
                    "layer inside a network; warm runs the same call once right before.")
-@click.option("--pixels", type=int, default=None, help="Output pixels n for --mask layers not in MobileNetV2.")
+@click.option("--pixels", type=int, default=None, help="n (GEMM columns) for every --mask layer that neither "
+              "--model nor --pixels-map gives one.")
+@click.option("--pixels-map", default=None, type=click.Path(dir_okay=False), help="JSON {layer: n} for --mask.")
+@model_options(what="With --mask: each layer's n comes from running its example input once (with --batch).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.csv, report.md and the plot.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG plot path [default: OUT/speedup.png].")
 def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str | None, block: str | None,
           quick: bool, threads: str | None, tuner: str | None, trials: int, min_time: float | None,
-          cache: str, pixels: int | None, out_dir: str, plot_path: str | None) -> None:
+          cache: str, pixels: int | None, pixels_map: str | None, model_spec: str | None, weights: Path | None,
+          input_shape: str | None, input_dtype: str | None, batch: int, out_dir: str, plot_path: str | None) -> None:
     """Time ubpdsl's kernels beside dense torch.mm, numpy, scipy, torch and MLIR sparse.
 
     Every runner's output is checked against dense torch first (a wrong one is reported, not
@@ -75,7 +80,7 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
     Example:
       ubpdsl bench --suite mobilenetv2 --quick --out bench-out
       ubpdsl bench --shapes r18_2,fc_1 --sparsity 0.9 --block 4 --threads 1
-      ubpdsl bench --mask masks.npz --plot masks.png
+      ubpdsl bench --mask masks.npz --model mobilenetv2 --plot masks.png
     """
     from ubpdsl import benchsuite as bs
 
@@ -99,7 +104,14 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
     if mask_path:
         if not Path(mask_path).is_file():
             raise UbpError(f"--mask {mask_path}: no such file")
-        specs = bs.mask_cases(mask_path, pixels)
+        from ubpdsl.masks import load_masks
+        from ubpdsl.models import layer_columns
+
+        loaded = None
+        if model_spec is not None:
+            loaded = load_model(model_spec, weights, input_shape, input_dtype, batch, pretrained=False)
+        columns = layer_columns(load_masks(mask_path), pixels=pixels, pixels_map=pixels_map, loaded=loaded)
+        specs = bs.mask_cases(mask_path, columns)
         title = f"ubpdsl bench: {Path(mask_path).name}"
     elif suite == "mobilenetv2":
         specs = bs.mobilenetv2_cases(sps, blocks)

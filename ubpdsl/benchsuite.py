@@ -29,7 +29,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,20 +352,19 @@ def mobilenetv2_cases(sparsities: Sequence[float], blocks: Sequence[int], unique
     return out
 
 
-def mask_cases(path: str, pixels: int | None = None) -> list[CaseSpec]:
+def mask_cases(path: str, columns: Mapping[str, int]) -> list[CaseSpec]:
     """The layers of a masks.npz: its own blocks (unaligned) and an aligned mask of the same size.
 
-    n (output pixels) comes from MobileNetV2 for its layer names, else ``pixels`` (default 196).
-    Layers without weights get Gaussian weights under the mask.
+    ``columns`` gives every layer's n (see :func:`ubpdsl.models.layer_columns`). Layers without
+    weights get Gaussian weights under the mask.
     """
     from ubpdsl.masks import load_masks
 
     layers = load_masks(path)
-    try:
-        npix = {name: n for name, _, n in _mbv2_pointwise()}
-    except UbpError:
-        npix = {}
-    return [functools.partial(_mask_case, name, lm, int(pixels or npix.get(name, 196))) for name, lm in layers.items()]
+    missing = [name for name in layers if name not in columns]
+    if missing:
+        raise UbpError(f"layer {missing[0]!r} has no n: give --model, --pixels-map or --pixels")
+    return [functools.partial(_mask_case, name, lm, int(columns[name])) for name, lm in layers.items()]
 
 
 def _mask_case(name: str, lm: Any, n: int) -> Case:

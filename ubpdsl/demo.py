@@ -125,24 +125,6 @@ def prune_gradually(dense: nn.Module, updates: int, epochs_per_update: int, fine
     return model.eval(), sparsifier.to_layer_masks()
 
 
-def layer_pixels(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """n of each conv / linear layer's GEMM for ``example``: output pixels per image, or rows for Linear."""
-    sizes: dict[str, int] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d):
-            hooks.append(mod.register_forward_hook(
-                lambda m, i, o, name=name: sizes.__setitem__(name, int(o.shape[-1] * o.shape[-2]))))
-        elif isinstance(mod, nn.Linear):
-            hooks.append(mod.register_forward_hook(
-                lambda m, i, o, name=name: sizes.__setitem__(name, int(np.prod(o.shape[:-1])))))
-    with torch.no_grad():
-        model(example)
-    for h in hooks:
-        h.remove()
-    return sizes
-
-
 def tune_host(masks_path: Path, out: Path, pixels: dict[str, int], trials: int) -> tuple[dict[str, Any], str]:
     """Tuned host configs ``{layer: KernelConfig}`` from ``ubpdsl tune`` (SQLite study DB in ``out``).
 
@@ -193,7 +175,7 @@ def run_demo(out: Path, *, dense_epochs: int = 30, updates: int = 8, epochs_per_
     """Run the six steps (see the module docstring); print progress and a summary; return the numbers."""
     from ubpdsl.export import export_bundle, load_bundle, run_bundle_main
     from ubpdsl.masks import save_masks
-    from ubpdsl.models import digits_data
+    from ubpdsl.models import digits_data, gemm_columns
     from ubpdsl.torch_ops import swap_to_kernels
 
     torch.set_num_threads(1)
@@ -214,7 +196,7 @@ def run_demo(out: Path, *, dense_epochs: int = 30, updates: int = 8, epochs_per_
     step.done(f"test accuracy {100 * accuracy(pruned, xt, yt):.2f} %, masks in {masks_path}")
 
     step.start("tuning the host kernels" if tune else "tuning skipped (--no-tune): default kernels")
-    pixels = layer_pixels(pruned, xt[:1])
+    pixels = gemm_columns(pruned, xt[:1])
     tuned, how = tune_host(masks_path, out, {n: pixels[n] for n in masks}, trials) if tune else ({}, "default wros")
     step.done(how)
 

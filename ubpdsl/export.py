@@ -218,7 +218,9 @@ def _module_info(model: Any, name: str, mask: Any) -> dict[str, Any]:
         got = None if weight is None else tuple(weight.shape)
         raise BundleError(f"layer {name}: the model's weight has shape {got}, masks.npz says {tuple(mask.shape)}")
     if mask.weight is not None:
-        w = weight.detach().float().reshape(mask.R, mask.C).cpu().numpy()
+        # The kept weights must be the model's (one-shot pruning keeps them; a fine-tuned model is
+        # checked through its --weights): the mask was made from this model.
+        w = weight.detach().float().reshape(mask.R, mask.C).cpu().numpy() * mask.dense_mask()
         if not np.array_equal(w, mask.weight):
             diff = float(np.abs(w - mask.weight).max())
             raise BundleError(f"layer {name}: the model's weights differ from masks.npz (max |diff| {diff:.3g}): "
@@ -660,8 +662,8 @@ def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer:
 @click.option("--target", "targets", multiple=True, type=click.Choice(TARGETS),
               help="target to build for (repeatable; default: host)")
 @click.option("--layer", "layers", multiple=True, help="export only this layer (repeatable)")
-@click.option("--model", "model_spec", default=None, help="model spec (e.g. digits-cnn) to check the masks "
-              "against and record layer geometry")
+@click.option("--model", "model_spec", default=None, metavar="SPEC", help="the pruned model, to check the masks "
+              "against and record layer geometry: digits-cnn, mobilenetv2, FILE.py:FACTORY, MODULE:FACTORY or FILE.pt2")
 @click.option("--weights", default=None, type=click.Path(dir_okay=False),
               help="state dict of the pruned model (with --model)")
 @click.option("-o", "--out", "out_dir", default="bundle", show_default=True, type=click.Path(file_okay=False))
@@ -692,9 +694,9 @@ def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...
     if weights is not None and model_spec is None:
         raise UbpError("--weights needs --model")
     if model_spec is not None:
-        from ubpdsl.models import build_model
+        from ubpdsl.models import resolve_model
 
-        model = build_model(model_spec, weights=weights, pretrained=weights is None)
+        model = resolve_model(model_spec, weights=weights, pretrained=weights is None).model
     out = export_bundle(mask_path, out_dir, targets=chosen, tuned=tuned, model=model,
                         layers=layers or None, force=force, echo=click.echo)
     bundle = load_bundle(out)

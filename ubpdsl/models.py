@@ -1,4 +1,10 @@
-"""Model specs by name, as used by ``ubpdsl prune --model SPEC``.
+"""Models for ``--model SPEC``: built-in specs by name, and any model of the user's.
+
+A spec is a built-in name (below), ``path/to/file.py:factory``, ``package.module:factory``
+(a class or function returning an ``nn.Module``) or a ``torch.export``-ed program ``model.pt2``;
+:func:`resolve_model` turns any of them into a model plus an example input, and
+:func:`gemm_columns` derives every pruned layer's GEMM width n (output pixels x batch, tokens x
+batch) by running that input once. Built-in specs:
 
 * ``digits-cnn``: a small CNN for scikit-learn's 8x8 handwritten digits
   (``sklearn.datasets.load_digits``), used by the pruning example and the tests. It
@@ -16,9 +22,11 @@ arbitrary unpickling is refused, never executed.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+import json
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +37,13 @@ from ubpdsl.errors import UbpError
 
 __all__ = [
     "MODEL_SPECS",
+    "apply_masks",
+    "LoadedModel",
+    "check_masks_fit_model",
+    "gemm_columns",
+    "layer_columns",
+    "parse_input_shape",
+    "resolve_model",
     "DigitsCNN",
     "MobileNetV2",
     "ModelSpec",
@@ -304,3 +319,283 @@ def build_model(name: str, weights: str | Path | None = None, pretrained: bool =
     elif pretrained and spec.pretrained is not None:
         load_state_dict_strict(model, spec.pretrained(), f"the pretrained {name} weights")
     return model.eval()
+
+
+# ------------------------------------------------------------------------ any model, from a spec
+
+
+#: Largest example input accepted (elements), so a typo in --input-shape cannot exhaust memory.
+MAX_INPUT_ELEMENTS = 1 << 28
+
+
+@dataclass
+class LoadedModel:
+    """A model resolved from a ``--model`` spec, in eval mode, with one example input.
+
+    ``example`` includes the batch dimension; ``calibration`` is set for built-in specs that
+    ship labelled data (Taylor importance); ``pretrained`` says whether shipped weights were loaded.
+    """
+
+    spec: str
+    model: nn.Module
+    example: torch.Tensor | None
+    calibration: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    pretrained: bool = False
+    builtin: bool = False
+
+    def require_example(self) -> torch.Tensor:
+        """The example input; :class:`UbpError` asking for ``--input-shape`` when there is none."""
+        if self.example is None:
+            raise UbpError(f"model {self.spec!r}: give --input-shape (one example, without the batch dimension, "
+                           "e.g. --input-shape 3,32,32)")
+        return self.example
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """``"3,32,32"`` or ``"3x32x32"`` -> ``(3, 32, 32)`` (one example, without the batch dimension)."""
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UbpError(f"--input-shape {text!r}: expected integers separated by ',' or 'x' (e.g. 3,32,32)") from None
+    if not dims or any(d < 1 for d in dims) or len(dims) > 6:
+        raise UbpError(f"--input-shape {text!r}: 1 to 6 positive dimensions, without the batch dimension")
+    return dims
+
+
+def _example(shape: tuple[int, ...], batch: int, dtype: str) -> torch.Tensor:
+    if batch < 1:
+        raise UbpError(f"--batch must be >= 1, got {batch}")
+    total = batch * int(np.prod(shape, dtype=np.int64))
+    if total > MAX_INPUT_ELEMENTS:
+        raise UbpError(f"example input {batch}x{'x'.join(map(str, shape))} has {total} elements "
+                       f"(limit {MAX_INPUT_ELEMENTS})")
+    gen = torch.Generator().manual_seed(0)
+    if dtype == "int64":  # token ids: small non-negative integers fit any embedding table
+        return torch.randint(0, 2, (batch, *shape), generator=gen)
+    if dtype != "float32":
+        raise UbpError(f"--input-dtype must be float32 or int64, got {dtype!r}")
+    return torch.rand((batch, *shape), generator=gen)
+
+
+def _import_factory(spec: str) -> Callable[[], Any]:
+    """The object named by ``file.py:name`` or ``package.module:name`` (user code is imported, i.e. run)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr.isidentifier():
+        raise UbpError(f"model spec {spec!r}: expected NAME, FILE.py:FACTORY or MODULE:FACTORY")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise UbpError(f"model spec {spec!r}: no such file {path}")
+        mod_name = f"_ubpdsl_user_model_{abs(hash(str(path.resolve())))}"
+        mspec = importlib.util.spec_from_file_location(mod_name, path)
+        if mspec is None or mspec.loader is None:
+            raise UbpError(f"model spec {spec!r}: cannot import {path}")
+        module = importlib.util.module_from_spec(mspec)
+        sys.modules[mod_name] = module
+        try:
+            mspec.loader.exec_module(module)
+        except Exception as exc:  # the user's file failed: say where, in one line
+            sys.modules.pop(mod_name, None)
+            raise UbpError(f"model spec {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise UbpError(f"model spec {spec!r}: cannot import module {where!r}: "
+                           f"{type(exc).__name__}: {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        names = sorted(n for n in vars(module) if not n.startswith("_"))
+        raise UbpError(f"model spec {spec!r}: {where} has no {attr!r} (it defines: {', '.join(names[:12])})") from None
+
+
+def _build_user_model(spec: str) -> nn.Module:
+    factory = _import_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise UbpError(f"model spec {spec!r}: calling {spec.rpartition(':')[2]}() failed: "
+                       f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UbpError(f"model spec {spec!r}: {spec.rpartition(':')[2]}() returned {type(model).__name__}, "
+                       "not a torch.nn.Module")
+    return model
+
+
+def _load_exported(path: Path) -> tuple[nn.Module, tuple[int, ...] | None, str | None]:
+    """A ``torch.export``-ed program (.pt2): its module, and its first input's shape/dtype if recorded."""
+    if not path.is_file():
+        raise UbpError(f"model file {path} does not exist")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UbpError(f"cannot read {path} as a torch.export program (.pt2): {first}") from None
+    shape = dtype = None
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
+            val = node.meta.get("val")
+            if val is not None and hasattr(val, "shape"):
+                try:
+                    full = tuple(int(d) for d in val.shape)
+                except (TypeError, ValueError):  # symbolic dims
+                    full = None
+                if full:
+                    shape = full[1:] or None
+                dtype = "int64" if val.dtype == torch.int64 else "float32"
+            break
+    return program.module(), shape, dtype
+
+
+def resolve_model(spec: str, *, weights: str | Path | None = None, input_shape: tuple[int, ...] | None = None,
+                  batch: int = 1, input_dtype: str | None = None, pretrained: bool = True,
+                  seed: int = 0) -> LoadedModel:
+    """Resolve a ``--model`` spec into a model in eval mode plus an example input of ``batch`` items.
+
+    ``spec`` is a built-in name (:data:`MODEL_SPECS`), ``path/to/file.py:factory``,
+    ``package.module:factory`` (a callable returning an ``nn.Module``: a class or a function) or a
+    ``torch.export``-ed program file ``model.pt2``. ``weights`` (a state-dict file, read weights-only)
+    applies to every kind but .pt2 (whose weights are inside). ``input_shape`` (one example, without
+    the batch dimension) is required for user models unless the model has an ``input_shape``
+    attribute or the .pt2 records it.
+    """
+    if spec in MODEL_SPECS:
+        builtin = MODEL_SPECS[spec]
+        model = build_model(spec, weights=weights, pretrained=pretrained, seed=seed)
+        shape = input_shape or builtin.input_shape
+        return LoadedModel(spec, model, _example(shape, batch, input_dtype or "float32"), builtin.calibration,
+                           pretrained=weights is None and pretrained and builtin.pretrained is not None,
+                           builtin=True)
+    recorded_dtype = None
+    if spec.endswith(".pt2") and ":" not in spec:
+        if weights is not None:
+            raise UbpError("--weights does not apply to a .pt2 program (its weights are inside it)")
+        model, recorded, recorded_dtype = _load_exported(Path(spec))
+    elif ":" in spec:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _build_user_model(spec)
+        if weights is not None:
+            load_state_dict_strict(model, load_weights_file(weights), str(weights))
+        recorded = getattr(model, "input_shape", None)
+        recorded = tuple(int(d) for d in recorded) if recorded is not None else None
+    else:
+        known = ", ".join(sorted(MODEL_SPECS))
+        raise UbpError(f"unknown model spec {spec!r} (known: {known}; or FILE.py:FACTORY, MODULE:FACTORY, "
+                       "FILE.pt2)")
+    shape = input_shape or recorded
+    if hasattr(model, "eval"):
+        model.eval()
+    example = None if shape is None else _example(shape, batch, input_dtype or recorded_dtype or "float32")
+    return LoadedModel(spec, model, example)
+
+
+def gemm_columns(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """n of every Conv/Linear layer: the columns of its GEMM ``Y[M, n] = W[M, K] X[K, n]`` for ``example``.
+
+    Convolutions: output pixels x batch; linear layers: every leading dimension (tokens x batch).
+    The model runs once on ``example`` under ``torch.no_grad``; a model that fails on it is a
+    :class:`UbpError` naming the exception.
+    """
+    sizes: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            hooks.append(mod.register_forward_hook(
+                lambda m, i, o, name=name: sizes.__setitem__(name, sizes.get(name, 0) + int(o.shape[0])
+                                                             * int(np.prod(o.shape[2:])))))
+        elif isinstance(mod, nn.Linear):
+            hooks.append(mod.register_forward_hook(
+                lambda m, i, o, name=name: sizes.__setitem__(name, sizes.get(name, 0)
+                                                             + int(np.prod(o.shape[:-1])))))
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UbpError(f"the model failed on an example input of shape {list(example.shape)}: "
+                       f"{type(exc).__name__}: {first}") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def check_masks_fit_model(model: nn.Module, masks: Any, source: str = "masks.npz") -> None:
+    """Every layer of ``masks`` ({name: LayerMask}) exists in ``model`` with the mask's weight shape."""
+    for name, mask in masks.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise UbpError(f"{source} has layer {name!r}, which the model does not have") from None
+        weight = getattr(module, "weight", None)
+        if weight is None or tuple(weight.shape) != tuple(mask.shape):
+            got = None if weight is None else tuple(weight.shape)
+            raise UbpError(f"layer {name}: the model's weight has shape {got}, {source} says {tuple(mask.shape)}: "
+                           "is this the model the masks were made from?")
+
+
+def layer_columns(masks: Mapping[str, Any], *, pixels: int | None = None, pixels_map: str | None = None,
+                  loaded: Any = None) -> dict[str, int]:
+    """n (GEMM columns) of every layer of ``masks``, from the model, the map file and ``pixels``.
+
+    Precedence: an entry of ``pixels_map`` (a JSON file {layer: n}), then the model run on its example
+    input (``loaded``: a :class:`~ubpdsl.models.LoadedModel`; n = pixels x batch or tokens x batch),
+    then ``pixels``. A map key that names no layer, a masks layer the model lacks or has another
+    shape, and a layer left without n are errors naming the layer.
+    """
+    out: dict[str, int] = {}
+    if loaded is not None:
+        check_masks_fit_model(loaded.model, masks, "the masks file")
+        cols = gemm_columns(loaded.model, loaded.require_example())
+        out.update({name: cols[name] for name in masks if name in cols})
+    if pixels_map:
+        path = Path(pixels_map)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise UbpError(f"cannot read --pixels-map {path}: {exc.strerror}") from None
+        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as exc:
+            raise UbpError(f"--pixels-map {path} is not JSON: {str(exc).splitlines()[0][:200]}") from None
+        if not isinstance(data, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 31
+                                                 for v in data.values()):
+            raise UbpError(f"--pixels-map {path} must map layer names to integers in 1..2^31")
+        unknown = [k for k in data if k not in masks]
+        if unknown:
+            raise UbpError(f"--pixels-map {path}: key {unknown[0]!r} names no layer of the masks file "
+                           f"(layers: {', '.join(list(masks)[:8])}{', ...' if len(masks) > 8 else ''})")
+        out.update(data)
+    if pixels is not None:
+        if not 1 <= pixels <= 1 << 31:
+            raise UbpError(f"--pixels must be in 1..2^31, got {pixels}")
+        for name in masks:
+            out.setdefault(name, pixels)
+    missing = [name for name in masks if name not in out]
+    if missing:
+        why = (f"the model did not run layer {missing[0]!r} on its example input" if loaded is not None
+               else f"layer {missing[0]!r} has no n")
+        raise UbpError(f"{why}: give --model (with --input-shape for your own model), --pixels-map or --pixels")
+    return out
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, Any], source: str = "masks.npz") -> nn.Module:
+    """Load the pruned weights of ``masks`` ({name: LayerMask} with weights) into ``model``, in place.
+
+    The masked dense model this gives is the reference a model running on the kernels must match.
+    """
+    check_masks_fit_model(model, masks, source)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            if mask.weight is None:
+                raise UbpError(f"layer {name}: {source} has no weights to load")
+            weight = model.get_submodule(name).weight
+            weight.copy_(torch.from_numpy(np.asarray(mask.weight, np.float32)).reshape(weight.shape))
+    return model

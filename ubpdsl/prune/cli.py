@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ubpdsl.cli_common import load_model, model_options
 from ubpdsl.errors import UbpError
 
 __all__ = ["inspect", "prune"]
@@ -34,14 +35,7 @@ def _parse_layer_sparsity(items: tuple[str, ...]) -> dict[str, float]:
 
 
 @click.command("prune")
-@click.option(
-    "--model", "model_spec", required=True, metavar="SPEC", help="Model spec: digits-cnn or mobilenetv2."
-)
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="State dict (.pt) to prune instead of the spec's pretrained/initial weights (read weights-only).",
-)
+@model_options(required=True)
 @click.option("--sparsity", type=float, required=True, help="Target fraction of zero weights, in [0, 1).")
 @click.option("--block", type=int, default=4, show_default=True, help="Block size N (rows per Nx1 block).")
 @click.option(
@@ -71,6 +65,9 @@ def _parse_layer_sparsity(items: tuple[str, ...]) -> dict[str, float]:
 def prune(
     model_spec: str,
     weights: Path | None,
+    input_shape: str | None,
+    input_dtype: str | None,
+    batch: int,
     sparsity: float,
     block: int,
     method: str,
@@ -98,7 +95,6 @@ def prune(
     """
     import torch
 
-    from ubpdsl.models import build_model, get_spec
     from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier
 
     if not 0.0 <= sparsity < 1.0:
@@ -106,13 +102,12 @@ def prune(
     if block < 1:
         raise UbpError(f"--block must be >= 1, got {block}")
     overrides = _parse_layer_sparsity(layer_sparsity)
-    spec = get_spec(model_spec)
-    if importance == "taylor" and spec.calibration is None:
-        raise UbpError(f"--importance taylor needs data, and model spec {model_spec!r} has none built in")
-
     click.echo(f"loading {model_spec}" + (f" weights from {weights}" if weights else ""), err=True)
-    model = build_model(model_spec, weights=weights, seed=seed)
-    if weights is None and spec.pretrained is None:
+    loaded = load_model(model_spec, weights, input_shape, input_dtype, batch, seed=seed)
+    model = loaded.model
+    if importance == "taylor" and loaded.calibration is None:
+        raise UbpError(f"--importance taylor needs data, and model {model_spec!r} has none built in")
+    if weights is None and loaded.builtin and not loaded.pretrained:
         click.echo(
             f"note: {model_spec} has no shipped weights; pruning its seed-{seed} initialisation", err=True
         )
@@ -132,7 +127,7 @@ def prune(
         from tqdm import tqdm
 
         for xb, yb in tqdm(
-            spec.calibration(calibration_batches),
+            loaded.calibration(calibration_batches),
             total=calibration_batches,
             desc="gradients",
             unit="batch",
