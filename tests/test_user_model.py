@@ -162,3 +162,16 @@ def test_mistakes_are_one_line_errors(workdir):
                 cwd=workdir, timeout=300)
         errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
         assert r.returncode == 1 and len(errors) == 1 and needle in errors[0], (what, r.stderr)
+
+
+def test_exported_program_gives_model_and_input_shape(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 5 * 5, 4)).eval()
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(2, 3, 5, 5),)), str(path))
+    loaded = resolve_model(str(path), batch=3)
+    assert tuple(loaded.example.shape) == (3, 3, 5, 5)
+    assert loaded.columns() == {"0": 25 * 3, "3": 3}
+    x = torch.randn(2, 3, 5, 5)  # the program was exported for batch 2
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded.model(x).numpy(), net(x).numpy(), rtol=1e-5, atol=1e-6)

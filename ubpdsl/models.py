@@ -342,6 +342,14 @@ class LoadedModel:
     calibration: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
     pretrained: bool = False
     builtin: bool = False
+    program: Any = None  # the torch.export program, for a .pt2 spec
+    batch: int = 1
+
+    def columns(self) -> dict[str, int]:
+        """n of every Conv/Linear layer at this batch (see :func:`gemm_columns`)."""
+        if self.program is not None:  # the graph's recorded shapes (its modules run as one graph)
+            return {name: n * self.batch for name, n in _exported_columns(self.program).items()}
+        return gemm_columns(self.model, self.require_example())
 
     def require_example(self) -> torch.Tensor:
         """The example input; :class:`UbpError` asking for ``--input-shape`` when there is none."""
@@ -430,8 +438,8 @@ def _build_user_model(spec: str) -> nn.Module:
     return model
 
 
-def _load_exported(path: Path) -> tuple[nn.Module, tuple[int, ...] | None, str | None]:
-    """A ``torch.export``-ed program (.pt2): its module, and its first input's shape/dtype if recorded."""
+def _load_exported(path: Path) -> tuple[Any, tuple[int, ...] | None, str | None]:
+    """A ``torch.export``-ed program (.pt2), and its first input's shape/dtype if recorded."""
     if not path.is_file():
         raise UbpError(f"model file {path} does not exist")
     try:
@@ -452,7 +460,36 @@ def _load_exported(path: Path) -> tuple[nn.Module, tuple[int, ...] | None, str |
                     shape = full[1:] or None
                 dtype = "int64" if val.dtype == torch.int64 else "float32"
             break
-    return program.module(), shape, dtype
+    return program, shape, dtype
+
+
+def _exported_columns(program: Any) -> dict[str, int]:
+    """n per example of every convolution / linear node of an exported program, by weight name."""
+    params = program.graph_signature.inputs_to_parameters
+    batch = None
+    cols: dict[str, int] = {}
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and batch is None and node.name in program.graph_signature.user_inputs:
+            val = node.meta.get("val")
+            batch = int(val.shape[0]) if val is not None and len(val.shape) else 1
+        if node.op != "call_function" or len(node.args) < 2:
+            continue
+        kind = str(node.target)
+        weight = getattr(node.args[1], "name", None)
+        if weight not in params or not params[weight].endswith(".weight"):
+            continue
+        out = node.meta.get("val")
+        if out is None or not hasattr(out, "shape"):
+            continue
+        shape = [int(d) for d in out.shape]
+        if "conv" in kind:
+            n = shape[0] * int(np.prod(shape[2:]))
+        elif "linear" in kind:
+            n = int(np.prod(shape[:-1]))
+        else:
+            continue
+        cols[params[weight][: -len(".weight")]] = n // max(1, batch or 1)
+    return cols
 
 
 def resolve_model(spec: str, *, weights: str | Path | None = None, input_shape: tuple[int, ...] | None = None,
@@ -474,11 +511,12 @@ def resolve_model(spec: str, *, weights: str | Path | None = None, input_shape: 
         return LoadedModel(spec, model, _example(shape, batch, input_dtype or "float32"), builtin.calibration,
                            pretrained=weights is None and pretrained and builtin.pretrained is not None,
                            builtin=True)
-    recorded_dtype = None
+    recorded_dtype = program = None
     if spec.endswith(".pt2") and ":" not in spec:
         if weights is not None:
             raise UbpError("--weights does not apply to a .pt2 program (its weights are inside it)")
-        model, recorded, recorded_dtype = _load_exported(Path(spec))
+        program, recorded, recorded_dtype = _load_exported(Path(spec))
+        model = program.module()
     elif ":" in spec:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -492,10 +530,10 @@ def resolve_model(spec: str, *, weights: str | Path | None = None, input_shape: 
         raise UbpError(f"unknown model spec {spec!r} (known: {known}; or FILE.py:FACTORY, MODULE:FACTORY, "
                        "FILE.pt2)")
     shape = input_shape or recorded
-    if hasattr(model, "eval"):
+    if program is None:
         model.eval()
     example = None if shape is None else _example(shape, batch, input_dtype or recorded_dtype or "float32")
-    return LoadedModel(spec, model, example)
+    return LoadedModel(spec, model, example, program=program, batch=batch)
 
 
 def gemm_columns(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
@@ -555,7 +593,7 @@ def layer_columns(masks: Mapping[str, Any], *, pixels: int | None = None, pixels
     out: dict[str, int] = {}
     if loaded is not None:
         check_masks_fit_model(loaded.model, masks, "the masks file")
-        cols = gemm_columns(loaded.model, loaded.require_example())
+        cols = loaded.columns()
         out.update({name: cols[name] for name in masks if name in cols})
     if pixels_map:
         path = Path(pixels_map)
