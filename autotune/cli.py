@@ -175,7 +175,8 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
     _write_atomic(out / "summary.md", table + "\n")
     echo(table)
     try:
-        plot_history(results, out / "tuning_history.png", estimate=tuner.estimate)
+        plot_history(results, out / "tuning_history.png", estimate=tuner.estimate,
+                     confirmed={s.layer: s.default / s.tuned for s in summaries})
         echo(f"wrote {len(summaries)} tuned kernel(s), {out / 'manifest.json'}, {out / 'tuning_history.png'}")
     except Exception as exc:  # noqa: BLE001 - the plot is a nicety; the kernels are written
         echo(f"warning: could not draw the tuning history: {exc}", err=True)
@@ -217,7 +218,8 @@ def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, An
             raise UbpError(f"layer {layer.name}: final measurement failed: {outcome.message}")
         r = outcome.result["results"]
         t_def = r[0]["median_s"]
-        t_tuned = t_def * r[1]["ratio"]
+        # the same config is the same kernel: its two timings differ only by noise
+        t_tuned = t_def if res.best.key() == res.default.key() else t_def * r[1]["ratio"]
         if dense and known is None:
             dense_s = t_def * r[2]["ratio"]
             tuner.dense_times[shape] = dense_s
@@ -236,7 +238,8 @@ def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, An
         "unit": "cycles (llvm-mca estimate)" if res.estimate else "seconds (median, thread CPU time)",
         "cache": tuner.cache_mode,  # how the numbers (and the choice of config) were timed: cold / warm caches
     }
-    return LayerSummary(layer.name, f"{p.M}x{p.K} N={p.N}", layer.n, t_def, t_tuned, dense_s, res.best.label(),
+    label = res.best.label() + (" (= default)" if res.best.key() == res.default.key() else "")
+    return LayerSummary(layer.name, f"{p.M}x{p.K} N={p.N}", layer.n, t_def, t_tuned, dense_s, label,
                         res.trials, res.failed, res.from_cache, res.estimate, gflops, tuner.cache_mode)
 
 
@@ -279,29 +282,44 @@ def format_table(rows: list[LayerSummary], target: str) -> str:
     return "\n".join(lines)
 
 
-def plot_history(results: list[Any], path: Path, estimate: bool = False) -> None:
-    """Best-so-far speedup over the default config, per layer, against the trial number."""
+def plot_history(results: list[Any], path: Path, estimate: bool = False,
+                 confirmed: dict[str, float] | None = None) -> None:
+    """Best-so-far speedup over the default config, per layer, against the trial number.
+
+    Every trial is timed against the default config in the same measurement, so the default
+    trial is 1.0x by definition; ``confirmed`` (layer -> speedup) marks the final measurement of
+    the chosen config, the number the summary table prints.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    labelled = len(results) <= 12
     for res in results:
         xs, ys, best = [], [], None
-        for i, (_, value) in enumerate(sorted(res.history)):
+        for i, (_, value) in enumerate(sorted(res.history), start=1):
             if value is not None and value > 0:
                 best = value if best is None else min(best, value)
             if best is not None:
                 xs.append(i)
                 ys.append(1.0 / best)
-        if xs:
-            ax.step(xs, ys, where="post", label=res.layer if len(results) <= 12 else None, alpha=0.8)
+        if not xs:
+            continue
+        (line,) = ax.step(xs, ys, where="post", label=res.layer if labelled else None, alpha=0.8)
+        if confirmed and res.layer in confirmed:
+            ax.plot([xs[-1]], [confirmed[res.layer]], marker="o", ls="none", color=line.get_color())
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("finished trial")
     ax.set_ylabel("best speedup over default config" + (" (llvm-mca estimate)" if estimate else ""))
-    ax.set_title("ubpdsl tune: tuning history" + (" -- ESTIMATE" if estimate else ""))
-    if len(results) <= 12:
+    title = "ubpdsl tune: tuning history" + (" -- ESTIMATE" if estimate else "")
+    if confirmed:
+        title += "\n(dot: the final confirmation run, as in the summary table)"
+    ax.set_title(title, fontsize="medium")
+    if labelled:
         ax.legend(fontsize="small")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")

@@ -618,6 +618,7 @@ class Tuner:
         if "error" in built:
             trial.set_user_attr("fail_reason", built["error"][:500])
             return None
+        is_default = config.key() == sp.default_config(self.target).key()  # the reference: 1.0 by definition
         if self.estimate:
             try:
                 cycles = self.estimate_cost(layer, config, built)
@@ -626,7 +627,7 @@ class Tuner:
                 return None
             trial.set_user_attr("cycles", cycles)
             trial.set_user_attr("estimate", True)
-            return cycles / ref_cost if ref_cost else None
+            return 1.0 if is_default else (cycles / ref_cost if ref_cost else None)
         out = self.measure(layer, [ref_entry, self._entry("candidate", layer, built)])
         if not out.ok:
             trial.set_user_attr("fail_reason", f"{out.status}: {out.message}"[:500])
@@ -639,7 +640,7 @@ class Tuner:
         trial.set_user_attr("seconds", cand["median_s"])
         trial.set_user_attr("ref_seconds", ref["median_s"])
         trial.set_user_attr("gflops", layer.useful_flops / cand["median_s"] / 1e9)
-        return float(cand["ratio"])
+        return 1.0 if is_default else float(cand["ratio"])
 
     def _abandon(self, study: Any, trial_id: int, config: sp.Config | None) -> None:
         from optuna.trial import TrialState

@@ -178,7 +178,7 @@ def test_cli_tunes_caches_and_refuses_bad_input(tmp_path):
     no_w = make_masks(tmp_path / "noweights.npz", [(32, 16)], weights=False)
     bad = {
         "unknown target": (["--mask", str(masks), "--target", "riscv"], "unknown target"),
-        "unreachable storage": (["--mask", str(masks), "--storage",
+        "unreachable storage": (["--mask", str(masks), "--pixels", "64", "--storage",
                                  "postgresql://nobody:pw@127.0.0.1:1/none"], "cannot reach storage"),
         "no weights": (["--mask", str(no_w)], "has no weights"),
         "missing mask": (["--mask", str(tmp_path / "nope.npz")], "does not exist"),

@@ -105,6 +105,9 @@ def test_user_model_from_the_cli(workdir, spec, shape, batch):
     r = cli("tune", "--mask", str(masks), *model_args, "--batch", str(batch), "--trials", "1", "--no-dense",
             "--no-progress", "--cache", "warm", "-o", str(tuned), cwd=workdir)
     assert r.returncode == 0, r.stderr
+    # one trial is the default config: the summary says so and shows it at exactly 1.00x
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and "(= default)" in ln]
+    assert rows and all("| 1.00x |" in ln for ln in rows), r.stdout
     r = cli("export", "--mask", str(masks), "--tuned", str(tuned), "--model", spec, "-o", str(bundle), cwd=workdir)
     assert r.returncode == 0, r.stderr
 
