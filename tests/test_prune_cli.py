@@ -208,3 +208,18 @@ def test_real_process_prints_one_error_line(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_global_budget_warns_about_emptied_layers(tmp_path, capsys):
+    """MobileNetV2's classifier has small weights next to the convs: --global strips it."""
+    path = tmp_path / "g.npz"
+    code, out, err = run(capsys, "prune", "--model", "mobilenetv2", "--sparsity", "0.9", "--block", "4", "--global",
+                         "-o", path)
+    assert code == 0, err
+    layers = load_masks(path)
+    stripped = {ln.split()[4] for ln in err.splitlines() if ln.startswith("warning: --global left layer")}
+    assert stripped, err
+    for name in stripped:
+        lm = layers[name]
+        empty = int((~lm.dense_mask().any(axis=1)).sum())
+        assert empty > lm.R // 2 or lm.sparsity > 0.95

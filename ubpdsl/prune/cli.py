@@ -152,6 +152,12 @@ def prune(
     for lm in layers.values():
         if lm.num_blocks == 0:
             click.echo(f"warning: layer {lm.name} keeps no weight at all", err=True)
+            continue
+        empty = int(np.count_nonzero(~lm.dense_mask().any(axis=1)))
+        if global_budget and (empty > lm.R // 2 or lm.sparsity > max(0.99, sparsity + (1 - sparsity) / 2)):
+            click.echo(f"warning: --global left layer {lm.name} at {lm.sparsity:.2%} sparsity with {empty} of "
+                       f"{lm.R} output rows empty (its weights are small next to other layers'); cap it with "
+                       f"--layer-sparsity {lm.name}=S or --skip {lm.name}", err=True)
     for s in sparsifier.skipped:
         click.echo(f"skipped {s.name}: {s.reason}")
     dense = [g["module_fqn"] for g in sparsifier.groups if g["module_fqn"] not in layers]
