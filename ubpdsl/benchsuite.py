@@ -965,7 +965,11 @@ def render_markdown(results: Sequence[Result], info: dict[str, str], threads: Se
 
 
 def plot_speedups(results: Sequence[Result], path: Path, block: int | None = None, threads: int = 1) -> None:
-    """Speedup over dense vs sparsity, one panel per shape (geomean over sources), one line per runner."""
+    """Speedup over dense, one line (or marker set) per runner.
+
+    One sparsity (e.g. ``--quick``): a single chart with the layers along x. Several: one panel
+    per shape with speedup against sparsity (geomean over sources).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -977,13 +981,37 @@ def plot_speedups(results: Sequence[Result], path: Path, block: int | None = Non
         block = 4 if 4 in blocks else (blocks[0] if blocks else 4)
     rs = [r for r in rs if r.N == block]
     shapes = list(dict.fromkeys(r.shape for r in rs))
-    if not shapes:
-        shapes = ["(no results)"]
+    runners = list(dict.fromkeys(r.runner for r in rs))
+    labels = {r.runner: r.label for r in rs}
+    sparsities = sorted({r.sparsity for r in rs})
+    title = f"speedup over dense torch.mm, N={block}x1 blocks, {threads} thread(s)"
+    if len(sparsities) <= 1:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(shapes) + 2) + 3.5, 4.5))
+        xs = range(len(shapes))
+        for k in runners:
+            ys = [geomean([r.speedup for r in rs if r.shape == shape and r.runner == k] or [float("nan")])
+                  for shape in shapes]
+            ours = k.startswith("ubp")
+            ax.plot(xs, ys, "-o" if ours else ".", label=labels[k], linewidth=2.0 if k == "ubp" else 0.0,
+                    markersize=7 if ours else 6)
+        ax.axhline(1.0, color="k", linewidth=0.6)
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs), shapes, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("speedup over dense (log)")
+        ax.set_xlabel("layer")
+        pct = f", sparsity {sparsities[0]:.0%}" if sparsities else ""
+        ax.set_title(title + pct, fontsize=10)
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return
     cols = min(4, len(shapes))
     rows = math.ceil(len(shapes) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    runners = list(dict.fromkeys(r.runner for r in rs))
-    labels = {r.runner: r.label for r in rs}
+    ticks = [round(s * 100) for s in sparsities]
     for ax, shape in zip(axes.flat, shapes, strict=False):
         for k in runners:
             pts: dict[float, list[float]] = {}
@@ -996,7 +1024,8 @@ def plot_speedups(results: Sequence[Result], path: Path, block: int | None = Non
                 ax.plot([s * 100 for s in xs], [geomean(pts[s]) for s in xs], style, label=labels[k],
                         linewidth=2.2 if k == "ubp" else 1.0)
         ax.axhline(1.0, color="k", linewidth=0.6)
-        ax.set_xlim(45, 95)
+        ax.set_xticks(ticks, [f"{t}" for t in ticks])
+        ax.set_xlim(ticks[0] - 5, ticks[-1] + 5)
         ax.set_yscale("log")
         ax.set_title(shape, fontsize=9)
         ax.set_xlabel("sparsity %", fontsize=8)
@@ -1006,7 +1035,7 @@ def plot_speedups(results: Sequence[Result], path: Path, block: int | None = Non
         ax.axis("off")
     handles, labs = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labs, loc="lower center", ncol=min(4, max(1, len(labs))), fontsize=8)
-    fig.suptitle(f"speedup over dense torch.mm, N={block}x1 blocks, {threads} thread(s)", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.08 + 0.02 * math.ceil(len(labs) / 4), 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
