@@ -74,7 +74,8 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
     """Time ubpdsl's kernels beside dense torch.mm, numpy, scipy, torch and MLIR sparse.
 
     Every runner's output is checked against dense torch first (a wrong one is reported, not
-    timed); timings are interleaved medians, speedups are over dense torch.mm in the same run.
+    timed); timings are interleaved medians, speedups are over the fastest dense library (torch.mm
+    or numpy) of each case in the same run.
 
     \b
     Example:
@@ -135,7 +136,7 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
     def progress(i: int, case: bs.Case, res: list[bs.Result]) -> None:
         one = {r.runner: r for r in res if r.threads == 1}
         ours = one.get("ubp")
-        peers = [r for r in one.values() if r.family == "peer" and r.status == "ok"]
+        peers = [r for r in one.values() if r.family in ("peer", "dense") and r.status == "ok"]
         best = max(peers, key=lambda r: r.speedup) if peers else None
         bad = [r.runner for r in res if r.status == "wrong"]
         msg = (f"[{i + 1}/{len(specs)}] {case.label}: ours "

@@ -220,7 +220,7 @@ def _scipy_available() -> str | None:
 #: Every peer, in report order (ours are added by :mod:`ubpdsl.benchsuite`).
 PEERS: list[Peer] = [
     Peer("dense", "dense torch.mm (MKL)", _dense_torch, 2, "dense"),
-    Peer("numpy", "numpy matmul (OpenBLAS)", _numpy, 2),
+    Peer("numpy", "numpy matmul (OpenBLAS)", _numpy, 2, "dense"),
     Peer("scipy_csr", "scipy CSR", _scipy("csr"), 1, available=_scipy_available),
     Peer("scipy_bsr", "scipy BSR (Nx1, aligned)", _scipy("bsr"), 1, slow=True, available=_scipy_available),
     Peer("torch_csr", "torch CSR", _torch_sparse("csr"), 2),
