@@ -36,7 +36,7 @@ from ubpdsl.dialects.ubp import make_context
 from ubpdsl.errors import BuildError, DSLError, MaskError, TargetError, UbpError
 from ubpdsl.language.core import KernelFunction
 from ubpdsl.language.frontend import KernelSpec, VectorShape, build_ubp_module
-from ubpdsl.packing import BlockData, block_data, layout_description, pack
+from ubpdsl.packing import BlockData, block_data, check_shape, layout_description, pack
 from ubpdsl.runtime import build as rt_build
 from ubpdsl.runtime.cache import CompileCache
 from ubpdsl.runtime.header import render_header
@@ -99,8 +99,7 @@ def _spec(kernel: KernelFunction, problem: Problem, target: Target, constants: d
           specialize: bool, symbol: str) -> tuple[KernelSpec, BlockData | None]:
     if not _SYMBOL_RE.match(symbol):
         raise DSLError(f"symbol {symbol!r} is not a valid C identifier")
-    if problem.M < 1 or problem.K < 1 or problem.N < 1:
-        raise MaskError(f"layer {problem.name}: empty shape M={problem.M}, K={problem.K}, N={problem.N}")
+    check_shape(problem.M, problem.K, problem.N, layer=problem.name)  # before anything is sized from them
     consts = kernel.resolve_constants(constants)
     baked = None
     data = None

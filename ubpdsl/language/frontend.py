@@ -10,7 +10,8 @@ The generated function has the fixed C ABI of every ubp kernel::
 
     int32_t SYMBOL(const float *x, float *y, int64_t n, const void *packed_w)
 
-returning 0, 1 (packed blob header does not match the kernel) or 2 (n < 0).
+returning one of the codes of :mod:`ubpdsl.abi` (0 on success; n < 0, a NULL, mismatching or
+inconsistent packed blob and, in a ``check_bounds`` build, an out-of-bounds access are errors).
 Errors in the kernel source raise :class:`DSLError` with ``file:line: message``.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 from mlir import ir
 from mlir.dialects import arith, func, scf, vector
 
+from ubpdsl import abi
 from ubpdsl.dialects import ubp as ubp_dialect
 from ubpdsl.errors import DSLError
 from ubpdsl.language.core import PY_RANGE, BlockSparse, Input, KernelFunction, Output, constexpr, is_builtin
@@ -147,11 +149,10 @@ class CodeGen:
                                  ("block_cols", b.block_cols), ("values", b.values)):
                     attrs[key] = ir.DenseElementsAttr.get(np.ascontiguousarray(arr))
                 W = ubp_dialect.op("baked_weights", [], [wty], attrs).result
-            ok = ubp_dialect.op("check_weights", [W], [self.i1]).result
+            w_code = ubp_dialect.op("check_weights", [W], [i32]).result
             n_ok = arith.cmpi(arith.CmpIPredicate.sge, n64, arith.constant(i64, 0))
-            code = arith.select(n_ok, arith.select(ok, arith.constant(i32, 0), arith.constant(i32, 1)),
-                                arith.constant(i32, 2))
-            run = arith.cmpi(arith.CmpIPredicate.eq, code, arith.constant(i32, 0))
+            code = arith.select(n_ok, w_code, arith.constant(i32, abi.ERR_BAD_N))
+            run = arith.cmpi(arith.CmpIPredicate.eq, code, arith.constant(i32, abi.OK))
             if_op = scf.IfOp(run)
             with ir.InsertionPoint(if_op.then_block):
                 self._bind_params(X, Y, W, n)
