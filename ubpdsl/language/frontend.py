@@ -32,6 +32,14 @@ from ubpdsl.errors import DSLError
 from ubpdsl.language.core import PY_RANGE, BlockSparse, Input, KernelFunction, Output, constexpr, is_builtin
 from ubpdsl.packing import BlockData
 
+#: Most iterations one ``ubl.static_range`` loop may unroll to.
+MAX_STATIC_TRIPS = 1 << 16
+#: Largest ``unroll=`` factor of ``ubl.range``.
+MAX_UNROLL = 256
+#: Most kernel statements one compilation may emit (unrolled copies counted): a bound on
+#: compile time and code size, checked as the statements are emitted.
+MAX_STATEMENTS = 1 << 18
+
 
 @dataclass(frozen=True)
 class VectorShape:
@@ -112,6 +120,8 @@ class CodeGen:
         self.f32 = ir.F32Type.get()
         self.i1 = ir.IntegerType.get_signless(1)
         self._node: ast.AST | None = None
+        self._statements = 0  # emitted so far (MAX_STATEMENTS)
+        self._output_loads = 0  # ubl.load calls on the Output emitted so far (tail rule of ubl.tiles)
 
     # -- errors -------------------------------------------------------------------------------
     def error(self, msg: str, node: ast.AST | None = None) -> DSLError:
@@ -187,6 +197,10 @@ class CodeGen:
 
     def visit_stmt(self, st: ast.stmt) -> None:
         self._node = st
+        self._statements += 1
+        if self._statements > MAX_STATEMENTS:
+            raise self.error(f"the kernel unrolls to more than {MAX_STATEMENTS} statements (static_range, "
+                             "unroll= or a baked mask too large): unroll less", st)
         if isinstance(st, ast.Expr):
             if isinstance(st.value, ast.Constant) and isinstance(st.value.value, str):
                 return  # docstring
@@ -246,14 +260,20 @@ class CodeGen:
         elif is_builtin(fn, "static_range"):
             bounds = self._range_args(args, kwargs, it, allow_unroll=False)
             lo, hi, step = (self._static_int(b, it, "ubl.static_range bounds") for b in bounds[:3])
+            if step == 0:
+                raise self.error("ubl.static_range step must not be 0", it)
+            trips = len(PY_RANGE(lo, hi, step))
+            if trips > MAX_STATIC_TRIPS:
+                raise self.error(f"ubl.static_range unrolls {trips} iterations, more than {MAX_STATIC_TRIPS}: "
+                                 "use range() for a loop in the generated code", it)
             for v in PY_RANGE(lo, hi, step):
                 self.assign(st.target, v)
                 self.visit_body(st.body)
         elif fn is PY_RANGE or is_builtin(fn, "range"):
             lo, hi, step, unroll = self._range_args(args, kwargs, it, allow_unroll=is_builtin(fn, "range"))
             unroll = self._static_int(unroll, it, "unroll")
-            if unroll < 1:
-                raise self.error("unroll must be >= 1", it)
+            if not 1 <= unroll <= MAX_UNROLL:
+                raise self.error(f"unroll must be in 1..{MAX_UNROLL}, got {unroll}", it)
             self.loop_range(st, lo, hi, step, unroll)
         else:
             raise self.error("a kernel loop must iterate over range(), ubl.range(), ubl.static_range() "
@@ -398,22 +418,27 @@ class CodeGen:
             self.assign(st.target, Tile(start, limit, vt, w))
             self.visit_body(st.body)
 
+        loads_before = self._output_loads
         self.emit_for(self.const_index(0), full_end, step, [], st, lambda iv: body(iv, None))
+        # A body that reads the Output (read-modify-write of Y) must not see a column twice: its
+        # tail is masked on every target, whatever tail= says (an overlapped tail would add twice).
+        reads_output = self._output_loads > loads_before
         # The tail: the columns past the last whole tile, in one of three ways.
         # - Where masked loads and stores are cheap (x86): a masked tile of just enough registers,
         #   a power of two (LLVM shuffles a vector<48xf32> element by element) or the tile itself;
         #   the body is emitted once per register count.
-        # - tail="mask": the whole tile, masked (for kernels that read back what they wrote to Y,
-        #   where recomputing columns is wrong).
-        # - tail="overlap": when n holds at least one whole tile, recompute the last whole tile
-        #   ending at n (it overlaps the previous one; a kernel that writes its Y tile in full from
-        #   registers only is unaffected) at full vector speed; masked only when n < one tile.
+        # - tail="mask", or a body that loads from the Output: the whole tile, masked (a kernel that
+        #   reads back what it wrote to Y must not process a column twice).
+        # - tail="overlap" (the default) and a body that never loads from Y: when n holds at least
+        #   one whole tile, recompute the last whole tile ending at n (it overlaps the previous one;
+        #   a kernel that writes its Y tile in full from registers only is unaffected) at full
+        #   vector speed; masked only when n < one tile.
         tail = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, full_end, n_v))
         with ir.InsertionPoint(tail.then_block):
             if vs.cheap_masks and not vs.scalable and tile > 1:
                 counts = sorted({1 << i for i in range(tile.bit_length()) if 1 << i < tile} | {tile})
                 self._narrow_tails(body, arith.subi(n_v, full_end), full_end, n_v, counts, vs.lanes)
-            elif tail_mode == "mask":
+            elif tail_mode == "mask" or reads_output:
                 body(full_end, n_v)
             else:
                 whole = scf.IfOp(arith.cmpi(arith.CmpIPredicate.uge, n_v, step), has_else=True)
@@ -662,6 +687,7 @@ class CodeGen:
 
     def builtin_load(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None) -> ir.Value:
         d, r, t = self._dense_tile_args(node, "ubl.load", operand, row, tile)
+        self._output_loads += d.output
         operands = [d.memref, r, t.start] + ([t.limit] if t.limit is not None else [])
         return ubp_dialect.op("load_tile", operands, [t.vec_type]).result
 
