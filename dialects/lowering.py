@@ -255,6 +255,13 @@ class _Lowering:
         hi = arith.index_cast(idx, memref.load(rec.row_ptr, [arith.addi(r, _i(1))]))
         return [lo, hi]
 
+    def num_blocks(self, op: ir.Operation) -> list[ir.Value]:
+        rec = self.record(op.operands[0])
+        idx = ir.IndexType.get()
+        if rec.header is not None:
+            return [arith.index_cast(idx, rec.header[pk.H_B])]
+        return [arith.index_cast(idx, memref.load(rec.row_ptr, [_i(rec.rows + rec.block)]))]
+
     def block_row(self, op: ir.Operation) -> list[ir.Value]:
         rec = self.record(op.operands[0])
         return [arith.index_cast(ir.IndexType.get(), memref.load(rec.block_rows, [op.operands[1]]))]
@@ -345,8 +352,8 @@ class _Lowering:
     def patterns(self) -> RewritePatternSet:
         """One Python rewrite pattern per remaining ubp op."""
         patterns = RewritePatternSet()
-        for name in ("dense_view", "check_weights", "row_blocks", "block_row", "block_col", "block_weight",
-                     "block_fma", "tiles", "load_tile", "store_tile", "prefetch_tile"):
+        for name in ("dense_view", "check_weights", "num_blocks", "row_blocks", "block_row", "block_col",
+                     "block_weight", "block_fma", "tiles", "load_tile", "store_tile", "prefetch_tile"):
             patterns.add(f"ubp.{name}", self._pattern(getattr(self, name)))
         return patterns
 

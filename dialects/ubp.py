@@ -16,6 +16,7 @@ The ops (generic syntax; every op verifies its operand and result types):
   -> ``!ubp.weights<N>`` (the mask-specialised operand: the block structure is constant data)
 * ``ubp.check_weights(%W)`` -> ``i32``: the status of the weight operand, a return code of
   :mod:`ubpdsl.abi` (0: the packed blob's header matches the kernel; always 0 when baked)
+* ``ubp.num_blocks(%W)`` -> ``index``: B, the number of blocks (bounds-checked builds)
 * ``ubp.row_blocks(%W, %r)`` -> ``(index, index)``: the blocks starting at row r are [lo, hi)
 * ``ubp.block_row(%W, %b)``, ``ubp.block_col(%W, %b)`` -> ``index``
 * ``ubp.block_weight(%W, %b) {lane}`` -> ``f32``
@@ -90,6 +91,14 @@ irdl.dialect @ubp {
     irdl.operands(weights: %w)
     %c = irdl.is i32
     irdl.results(code: %c)
+  }
+
+  irdl.operation @num_blocks {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@weights<%any>
+    irdl.operands(weights: %w)
+    %idx = irdl.is index
+    irdl.results(count: %idx)
   }
 
   irdl.operation @row_blocks {

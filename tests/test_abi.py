@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import ubpdsl.language as ubl
 from ubpdsl import abi
 from ubpdsl import packing as pk
 from ubpdsl.compiler import Problem, compile_kernel
@@ -209,3 +210,71 @@ def test_null_blob_under_qemu(target, bits, compile_cache):
     bad[pk.H_TOTAL_BYTES * 4] ^= 64
     with pytest.raises(RunError, match="error code 5"):
         qemu.run_aarch64(ck.obj, ck.symbol, x, bad, p.M, sve_bits=bits, cache=compile_cache)
+
+
+# -- bounds-checked builds --------------------------------------------------------------------------
+
+@ubl.kernel(layout="plain")
+def one_row_past(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 1):
+    """A user mistake: the row loop runs one row past Y (the row is only known at run time)."""
+    for j in ubl.tiles(X.n, TILE):
+        for r in range(W.rows + 1):
+            ubl.store(Y, r, j, ubl.zeros(j))
+
+
+@ubl.kernel(layout="plain")
+def column_past(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 1):
+    """Reads X one row past the block's column (past X for a block in the last column)."""
+    for j in ubl.tiles(X.n, TILE):
+        for r in range(W.rows):
+            ubl.store(Y, r, j, ubl.zeros(j))
+        for r in range(W.rows):
+            lo, hi = W.row_blocks(r)
+            for b in range(lo, hi):
+                ubl.store(Y, r, j, ubl.load(X, W.block_col(b) + 1, j))
+
+
+@pytest.mark.parametrize("kernel", [one_row_past, column_past])
+def test_out_of_bounds_returns_4_on_host(kernel, compile_cache):
+    p = _layer()
+    ck = compile_kernel(kernel, p, "host", check_bounds=True, cache=compile_cache)
+    assert ck.manifest["check_bounds"] and "#define UBP_ABI_CHECK_BOUNDS 1" in ck.header.read_text()
+    k = HostKernel(ck.so, ck.symbol, p.M, p.K)
+    x = np.ones((p.K, 17), np.float32)
+    guard = aligned_empty((p.M + 4, 17))  # y followed by 4 more rows that must stay untouched
+    guard[...] = 7.0
+    assert k.call_raw(x, guard[:p.M], 17, ck.packed) == abi.ERR_OUT_OF_BOUNDS
+    assert (guard[p.M:] == 7.0).all()
+    with pytest.raises(RunError, match="error code 4: out-of-bounds access"):
+        ck(x)
+    plain = compile_kernel(kernel, p, "host", cache=compile_cache)
+    assert plain.so != ck.so and not plain.manifest["check_bounds"]
+
+
+def test_corrupt_block_columns_caught_by_checked_build(compile_cache):
+    """A blob whose block_cols point outside X: the checked kernel returns 4 (unpack rejects it too)."""
+    p = _layer()
+    ck = compile_kernel(VARIANTS["wros"], p, "host", check_bounds=True, constants={"PREFETCH": 0},
+                        cache=compile_cache)
+    bad = ck.packed.copy()
+    off = pk._layout(p.M, p.N, 4)[0]["off_block_cols"]
+    bad[off:off + 4] = np.array([1 << 28], "<i4").view(np.uint8)
+    with pytest.raises(PackError, match=r"block_cols\[0\]"):
+        pk.unpack(bad)
+    k = HostKernel(ck.so, ck.symbol, p.M, p.K)
+    x = np.ones((p.K, 9), np.float32)
+    assert k.call_raw(x, aligned_empty((p.M, 9)), 9, bad) == abi.ERR_OUT_OF_BOUNDS
+
+
+@needs_qemu
+@pytest.mark.parametrize("target,bits", [("aarch64-neon", None), ("aarch64-sve", 256)])
+def test_out_of_bounds_under_qemu(target, bits, compile_cache):
+    """Unchecked, the harness sees the write past y; checked, the kernel returns 4 and y's guard is intact."""
+    p = _layer()
+    x = np.ones((p.K, 17), np.float32)
+    plain = compile_kernel(one_row_past, p, target, cache=compile_cache)
+    with pytest.raises(RunError, match="wrote past the end of y"):
+        plain(x, sve_bits=bits)
+    checked = compile_kernel(one_row_past, p, target, check_bounds=True, cache=compile_cache)
+    with pytest.raises(RunError, match="error code 4"):
+        checked(x, sve_bits=bits)
