@@ -224,14 +224,14 @@ def one_row_past(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.cons
 
 @ubl.kernel(layout="plain")
 def column_past(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 1):
-    """Reads X one row past the block's column (past X for a block in the last column)."""
+    """Reads X one row past each block's column (past X for a block in the last column)."""
     for j in ubl.tiles(X.n, TILE):
         for r in range(W.rows):
-            ubl.store(Y, r, j, ubl.zeros(j))
-        for r in range(W.rows):
             lo, hi = W.row_blocks(r)
+            acc = ubl.zeros(j)
             for b in range(lo, hi):
-                ubl.store(Y, r, j, ubl.load(X, W.block_col(b) + 1, j))
+                acc += ubl.load(X, W.block_col(b) + 1, j)
+            ubl.store(Y, r, j, acc)
 
 
 @pytest.mark.parametrize("kernel", [one_row_past, column_past])
