@@ -183,3 +183,12 @@ def test_read_modify_write_tail_same_on_every_target(target, bits, compile_cache
         x = np.random.default_rng(n).standard_normal((7, n)).astype(np.float32)
         ck = compile_kernel(blocks_outer, p, target, cache=compile_cache)
         np.testing.assert_allclose(ck(x, sve_bits=bits), p.weight.astype(np.float64) @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_emit_check_bounds():
+    """`ubpdsl emit --check-bounds` prints the checked kernel: a status slot and guarded accesses."""
+    plain = _cli("emit", "wros", "--shape", "8,8,4")
+    checked = _cli("emit", "wros", "--shape", "8,8,4", "--check-bounds")
+    assert plain.returncode == 0 and checked.returncode == 0, checked.stderr
+    assert "memref.alloca" in checked.stdout and "memref.alloca" not in plain.stdout
+    assert checked.stdout.count("scf.if") > plain.stdout.count("scf.if")
