@@ -61,15 +61,15 @@ def test_unpack_inverts_pack(layer):
     _same(pk.unpack(blob.tobytes()), data)
 
 
-def _fields(data: pk.BlockData) -> list[tuple[str, int, int]]:
-    """(name, byte offset, int32 value) of every word of a blob whose corruption must be caught:
-    the header, row_ptr, block_rows and the padding of block_cols."""
-    offsets, _ = pk._layout(data.M, data.N, data.num_blocks)
-    out = [(f, 4 * i, None) for i, f in enumerate(pk.HEADER_FIELDS)]
+def _fields(data: pk.BlockData) -> list[tuple[str, int]]:
+    """(name, byte offset) of every int32 word of a blob whose corruption must be caught: the
+    header, row_ptr, block_rows and the padding of block_cols."""
+    offsets, _ = pk.section_offsets(data.M, data.N, data.num_blocks)
     B = data.num_blocks
-    out += [(f"row_ptr[{i}]", offsets["off_row_ptr"] + 4 * i, None) for i in range(data.M + data.N + 1)]
-    out += [(f"block_rows[{i}]", offsets["off_block_rows"] + 4 * i, None) for i in range(B)]
-    out += [(f"block_cols[{B + i}]", offsets["off_block_cols"] + 4 * (B + i), None) for i in range(pk.COL_PAD)]
+    out = [(f, 4 * i) for i, f in enumerate(pk.HEADER_FIELDS)]
+    out += [(f"row_ptr[{i}]", offsets["off_row_ptr"] + 4 * i) for i in range(data.M + data.N + 1)]
+    out += [(f"block_rows[{i}]", offsets["off_block_rows"] + 4 * i) for i in range(B)]
+    out += [(f"block_cols[{B + i}]", offsets["off_block_cols"] + 4 * (B + i)) for i in range(pk.COL_PAD)]
     return out
 
 
@@ -81,7 +81,7 @@ def test_every_single_field_corruption_is_rejected(layer, data):
     M, K, N, rows, cols, w, layout = layer
     bd = pk.block_data(M, K, N, rows, cols, w, layout)
     blob = pk.pack(bd)
-    name, off, _ = data.draw(st.sampled_from(_fields(bd)), label="field")
+    _, off = data.draw(st.sampled_from(_fields(bd)), label="field")
     old = int(blob[off:off + 4].view("<i4")[0])
     delta = data.draw(st.sampled_from([1, -1, 64, -64, 1 << 20, -(1 << 31) - old]).filter(
         lambda d: -(1 << 31) <= old + d < (1 << 31) and d != 0), label="delta")
@@ -93,7 +93,7 @@ def test_every_single_field_corruption_is_rejected(layer, data):
         b = data.draw(st.integers(0, bd.num_blocks - 1), label="block")
         col = data.draw(st.sampled_from([-1, K, K + 7, -(1 << 31)]), label="col")
         bad = blob.copy()
-        o = pk._layout(M, N, bd.num_blocks)[0]["off_block_cols"] + 4 * b
+        o = pk.section_offsets(M, N, bd.num_blocks)[0]["off_block_cols"] + 4 * b
         bad[o:o + 4] = np.array([col], "<i4").view(np.uint8)
         with pytest.raises(PackError, match="block_cols"):
             pk.unpack(bad, M=M, K=K, N=N, layout=layout)
@@ -257,7 +257,7 @@ def test_corrupt_block_columns_caught_by_checked_build(compile_cache):
     ck = compile_kernel(VARIANTS["wros"], p, "host", check_bounds=True, constants={"PREFETCH": 0},
                         cache=compile_cache)
     bad = ck.packed.copy()
-    off = pk._layout(p.M, p.N, 4)[0]["off_block_cols"]
+    off = pk.section_offsets(p.M, p.N, 4)[0]["off_block_cols"]
     bad[off:off + 4] = np.array([1 << 28], "<i4").view(np.uint8)
     with pytest.raises(PackError, match=r"block_cols\[0\]"):
         pk.unpack(bad)

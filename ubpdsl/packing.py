@@ -139,8 +139,8 @@ def _sections(M: int, N: int, B: int) -> list[tuple[str, int, int]]:
             ("off_values", B * N, 4)]
 
 
-def _layout(M: int, N: int, B: int) -> tuple[dict[str, int], int]:
-    """The byte offset of every section and the total size: the only layout the format allows."""
+def section_offsets(M: int, N: int, B: int) -> tuple[dict[str, int], int]:
+    """``({offset field: byte offset}, total_bytes)``: the only layout the format allows."""
     offsets, pos = {}, padded(HEADER_BYTES)
     for field, count, size in _sections(M, N, B):
         offsets[field] = pos
@@ -151,7 +151,7 @@ def _layout(M: int, N: int, B: int) -> tuple[dict[str, int], int]:
 def pack(data: BlockData) -> np.ndarray:
     """The data-driven blob (uint8, 64-byte aligned sections) for ``data``."""
     B, N = data.num_blocks, data.N
-    offsets, total = _layout(data.M, N, B)
+    offsets, total = section_offsets(data.M, N, B)
     if total > MAX_BYTES:
         raise PackError(f"packed blob of {total} bytes exceeds the format's limit of {MAX_BYTES} bytes")
     blob = np.zeros(total, np.uint8)
@@ -170,10 +170,11 @@ def unpack(blob: np.ndarray | bytes | bytearray | memoryview, *, M: int | None =
 
     Checks the header (length, magic, version, layout, M/K/N/B in range and equal to the
     expected values when given, every offset and total_bytes those of the one layout
-    :func:`pack` writes, total_bytes equal to the blob's length) and the content (row_ptr starts at 0, never
-    decreases, ends at B and is empty for rows past M - N; block_rows agree with row_ptr;
-    columns in [0, K) and sorted within a row; the padding repeats the last column; blocks of
-    one column do not overlap). Raises PackError ``"<what>: <field> ..."`` on the first violation.
+    :func:`pack` writes, total_bytes equal to the blob's length) and the content (row_ptr
+    starts at 0, never decreases, ends at B and is empty for rows past M - N; block_rows agree
+    with row_ptr; columns in [0, K) and sorted within a row; the padding repeats the last
+    column; blocks of one column do not overlap). Raises PackError ``"<what>: <field> ..."``
+    on the first violation. The weight values themselves are not checked (any float is valid).
     """
     def fail(msg: str) -> PackError:
         return PackError(f"{what}: {msg}")
@@ -207,7 +208,7 @@ def unpack(blob: np.ndarray | bytes | bytearray | memoryview, *, M: int | None =
     check_shape(m, k, n, layer=what, error=PackError)
     if not 0 <= b <= k * (m // n):
         raise fail(f"B is {b}, outside 0..{k * (m // n)} (the most non-overlapping {n}x1 blocks in {m}x{k})")
-    offsets, total = _layout(m, n, b)
+    offsets, total = section_offsets(m, n, b)
     for field, want in offsets.items():
         if h[field] != want:
             raise fail(f"{field} is {h[field]}, expected {want} (the sections follow the header in order, "
