@@ -202,6 +202,21 @@ def test_host_wros_knobs(case, pf, stream, unroll, panel, ypf, check_bounds, com
                       "YPREFETCH": ypf}, check_bounds=check_bounds)
 
 
+@pytest.mark.parametrize("variant", ["wros", "aligned_rows"])
+def test_prefetch_beyond_the_padding_stays_in_bounds(variant, compile_cache):
+    """PREFETCH larger than the block_cols padding looks only W.lookahead blocks ahead: a
+    bounds-checked build finds no access past the blob and the result is exact."""
+    rng = np.random.default_rng(11)
+    M, K, N = 16, 6, 4
+    w = np.zeros((M, K), np.float32)
+    rows, cols = np.array([0, 4, 8, 12, 0, 12]), np.array([0, 1, 2, 3, 4, 5])
+    for r, c in zip(rows, cols, strict=True):
+        w[r:r + N, c] = rng.standard_normal(N)
+    x = rng.standard_normal((K, 33)).astype(np.float32)
+    _check(variant, Problem("pf", M, K, N, rows, cols, w), x, "host", compile_cache,
+           constants={"PREFETCH": 40}, check_bounds=True)
+
+
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.function_scoped_fixture])
 @given(case=problems(), bits=st.sampled_from([128, 256]))

@@ -42,7 +42,8 @@ Inside a kernel:
   writes with non-temporal (cache-bypassing) stores where the tile is full.
 * ``ubl.zeros(j)`` is a zero tile; ``ubl.zeros(N, j)`` is N of them (a register tile, indexed
   with compile-time integers: ``acc[p]``, ``acc[p] = 0.0``).
-* ``W.rows``, ``W.cols``, ``W.block`` are compile-time ints; ``W.row_blocks(r)`` gives the
+* ``W.rows``, ``W.cols``, ``W.block`` are compile-time ints (and ``W.lookahead``: how far
+  past a block ``W.block_col`` may look, the padding of the packed block columns); ``W.row_blocks(r)`` gives the
   range of blocks starting at row r; ``W.block_row(b)``, ``W.block_col(b)``, ``W.weight(b, i)``
   read one block; ``ubl.block_fma(W, b, x, acc)`` adds w(b, i) * x to acc[i] for every i.
 * When the kernel is compiled mask-specialised, W's structure is known at compile time: with

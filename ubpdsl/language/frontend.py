@@ -586,8 +586,8 @@ class CodeGen:
             if attr == "n":
                 return self.n
         elif isinstance(base, Weights):
-            if attr in ("rows", "cols", "block"):
-                return {"rows": base.M, "cols": base.K, "block": base.N}[attr]
+            if attr in ("rows", "cols", "block", "lookahead"):
+                return {"rows": base.M, "cols": base.K, "block": base.N, "lookahead": COL_PAD}[attr]
             if attr in ("row_blocks", "block_row", "block_col", "weight"):
                 return _BoundMethod(base, attr)
             if attr == "num_blocks" and base.baked is not None:
