@@ -11,8 +11,8 @@ Two steps, both driven from Python:
 2. :func:`lower_to_llvm` runs the upstream pipeline (canonicalize, CSE, LICM, scf -> cf,
    vector/memref/arith/index/func -> llvm) and :func:`translate_to_llvm_ir` gives LLVM IR text.
 
-The packed blob read by data-driven kernels is described in :mod:`ubpdsl.packing`; its header
-constants are repeated here because the generated code checks them.
+The packed blob read by data-driven kernels is described (and its constants owned) by
+:mod:`ubpdsl.packing`; the return codes of the header check come from :mod:`ubpdsl.abi`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from mlir import ir
-from mlir.dialects import arith, builtin, llvm, memref, vector
+from mlir.dialects import arith, builtin, llvm, memref, scf, vector
 from mlir.dialects import llvm as llvm_dialect
 from mlir.passmanager import PassManager
 from mlir.rewrite import (
@@ -31,17 +31,10 @@ from mlir.rewrite import (
     apply_patterns_and_fold_greedily,
 )
 
+from ubpdsl import abi
+from ubpdsl import packing as pk
 from ubpdsl.errors import BuildError
 
-# Packed-blob header: int32 words (see ubpdsl.packing for the writer).
-PACKED_MAGIC = 0x31504255  # "UBP1" little endian
-PACKED_VERSION = 1
-HEADER_WORDS = 12
-H_MAGIC, H_VERSION, H_M, H_K, H_N, H_B, H_LAYOUT, H_OFF_ROWPTR, H_OFF_ROWS, H_OFF_COLS, H_OFF_VALS, H_BYTES = (
-    range(HEADER_WORDS)
-)
-LAYOUTS = {"plain": 0, "rotated": 1}
-COL_PAD = 16  # block_cols[B .. B + COL_PAD) exist (copies of the last column) for look-ahead
 # The packed blob is viewed as a byte memref of this (nominal) size: the real size is only
 # known to the caller; every access is at offsets the header itself supplies.
 _NOMINAL_BYTES = 1 << 40
@@ -56,7 +49,8 @@ class _Weights:
     block_rows: ir.Value
     block_cols: ir.Value
     values: ir.Value
-    header: ir.Value | None  # data-driven only
+    header: list[ir.Value] | None  # data-driven only: the header's i32 words (zeros for a NULL blob)
+    nonnull: ir.Value | None  # data-driven only: i1, packed_w != NULL
     rows: int
     cols: int
     layout: str
@@ -141,10 +135,11 @@ class _Lowering:
         if cast.name != "builtin.unrealized_conversion_cast" or "ubp.layout" not in cast.attributes:
             raise BuildError("ubp lowering: a weights operand does not come from ubp.sparse_weights/baked_weights")
         ops = list(cast.operands)
+        data_driven = len(ops) > 4
         return _Weights(block=_block_of(value.type), row_ptr=ops[0], block_rows=ops[1], block_cols=ops[2],
-                        values=ops[3], header=ops[4] if len(ops) > 4 else None,
-                        rows=_int_attr(cast, "ubp.rows"), cols=_int_attr(cast, "ubp.cols"),
-                        layout=_str_attr(cast, "ubp.layout"))
+                        values=ops[3], header=ops[5:] if data_driven else None,
+                        nonnull=ops[4] if data_driven else None, rows=_int_attr(cast, "ubp.rows"),
+                        cols=_int_attr(cast, "ubp.cols"), layout=_str_attr(cast, "ubp.layout"))
 
     def _bundle(self, op: ir.Operation, memrefs: list[ir.Value]) -> ir.Value:
         """The handle as a cast of its memrefs (metadata kept as attributes of the cast)."""
@@ -163,23 +158,33 @@ class _Lowering:
         i8, i32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32)
         idx = ir.IndexType.get()
         rows, block = _int_attr(op, "rows"), _int_attr(op, "block")
-        raw = _memref_from_ptr(op.operands[0], [_NOMINAL_BYTES], i8)
+        ptr = op.operands[0]
+        nonnull = llvm.icmp(llvm.ICmpPredicate.ne, ptr, llvm.mlir_zero(ptr.type))
+        raw = _memref_from_ptr(ptr, [_NOMINAL_BYTES], i8)
         raw = memref.cast(ir.Type.parse("memref<?xi8>"), raw)
-        c0 = _i(0)
-        header = memref.view(ir.MemRefType.get([HEADER_WORDS], i32), raw, c0, [])
+        # The header is only read when packed_w is not NULL (check_weights then returns
+        # ERR_NULL_WEIGHTS and nothing else is read); the views below never dereference.
+        read = scf.IfOp(nonnull, [i32] * pk.HEADER_WORDS, has_else=True)
+        with ir.InsertionPoint(read.then_block):
+            header = memref.view(ir.MemRefType.get([pk.HEADER_WORDS], i32), raw, _i(0), [])
+            scf.YieldOp([memref.load(header, [_i(k)]) for k in range(pk.HEADER_WORDS)])
+        with ir.InsertionPoint(read.else_block):
+            zero = arith.constant(i32, 0)
+            scf.YieldOp([zero] * pk.HEADER_WORDS)
+        words = list(read.results)
 
         def word(k: int) -> ir.Value:
-            return arith.index_cast(idx, memref.load(header, [_i(k)]))
+            return arith.index_cast(idx, words[k])
 
-        nblocks = word(H_B)
+        nblocks = word(pk.H_B)
         dyn_i32 = ir.Type.parse("memref<?xi32>")
-        row_ptr = memref.view(ir.MemRefType.get([rows + block + 1], i32), raw, word(H_OFF_ROWPTR), [])
-        brows = memref.view(dyn_i32, raw, word(H_OFF_ROWS), [nblocks])
+        row_ptr = memref.view(ir.MemRefType.get([rows + block + 1], i32), raw, word(pk.H_OFF_ROW_PTR), [])
+        brows = memref.view(dyn_i32, raw, word(pk.H_OFF_BLOCK_ROWS), [nblocks])
         # block_cols carries COL_PAD extra entries so that a prefetch may look ahead.
-        bcols = memref.view(dyn_i32, raw, word(H_OFF_COLS), [arith.addi(nblocks, _i(COL_PAD))])
+        bcols = memref.view(dyn_i32, raw, word(pk.H_OFF_BLOCK_COLS), [arith.addi(nblocks, _i(pk.COL_PAD))])
         nvals = arith.muli(nblocks, _i(block))
-        vals = memref.view(ir.Type.parse("memref<?xf32>"), raw, word(H_OFF_VALS), [nvals])
-        return [self._bundle(op, [row_ptr, brows, bcols, vals, header])]
+        vals = memref.view(ir.Type.parse("memref<?xf32>"), raw, word(pk.H_OFF_VALUES), [nvals])
+        return [self._bundle(op, [row_ptr, brows, bcols, vals, nonnull, *words])]
 
     def baked_weights(self, op: ir.Operation) -> list[ir.Value]:
         i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
@@ -194,18 +199,52 @@ class _Lowering:
         return [self._bundle(op, [gl["row_ptr"], gl["block_rows"], gl["block_cols"], gl["values"]])]
 
     def check_weights(self, op: ir.Operation) -> list[ir.Value]:
+        """The status code of the weight operand (:mod:`ubpdsl.abi`): always OK when baked; else
+        ERR_NULL_WEIGHTS for a NULL blob, ERR_HEADER when magic, version, M, K, N or layout differ,
+        ERR_BAD_BLOB when B, the offsets or total_bytes are not those :func:`ubpdsl.packing.pack`
+        writes for this M, K, N (O(1): the arrays themselves are trusted)."""
         rec = self.record(op.operands[0])
-        i1, i32 = ir.IntegerType.get_signless(1), ir.IntegerType.get_signless(32)
+        i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+
+        def c32(v: int) -> ir.Value:
+            return arith.constant(i32, v - (1 << 32) if v >= (1 << 31) else v)
+
         if rec.header is None:
-            return [arith.constant(i1, 1)]
-        expected = {H_MAGIC: PACKED_MAGIC, H_VERSION: PACKED_VERSION, H_M: rec.rows, H_K: rec.cols,
-                    H_N: rec.block, H_LAYOUT: LAYOUTS[rec.layout]}
-        ok = arith.constant(i1, 1)
+            return [c32(abi.OK)]
+        words = rec.header
+        expected = {pk.H_MAGIC: pk.MAGIC, pk.H_VERSION: pk.VERSION, pk.H_M: rec.rows, pk.H_K: rec.cols,
+                    pk.H_N: rec.block, pk.H_LAYOUT: pk.LAYOUT_CODES[rec.layout]}
+        match = arith.constant(ir.IntegerType.get_signless(1), 1)
         for k, want in expected.items():
-            got = memref.load(rec.header, [_i(k)])
-            want_v = arith.constant(i32, want - (1 << 32) if want >= (1 << 31) else want)
-            ok = arith.andi(ok, arith.cmpi(arith.CmpIPredicate.eq, got, want_v))
-        return [ok]
+            match = arith.andi(match, arith.cmpi(arith.CmpIPredicate.eq, words[k], c32(want)))
+        # Sizes in i64: no overflow whatever the (i32) header words hold.
+        def c64(v: int) -> ir.Value:
+            return arith.constant(i64, v)
+
+        def w64(k: int) -> ir.Value:
+            return arith.extsi(i64, words[k])
+
+        def pad(v: ir.Value) -> ir.Value:
+            return arith.andi(arith.addi(v, c64(pk.ALIGN - 1)), c64(-pk.ALIGN))
+
+        def eq(a: ir.Value, b: ir.Value) -> ir.Value:
+            return arith.cmpi(arith.CmpIPredicate.eq, a, b)
+
+        nb = w64(pk.H_B)
+        max_blocks = rec.cols * (rec.rows // rec.block)
+        consistent = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, nb, c64(0)),
+                                arith.cmpi(arith.CmpIPredicate.sle, nb, c64(max_blocks)))
+        pos = c64(pk.padded(pk.HEADER_BYTES))
+        sizes = {pk.H_OFF_ROW_PTR: c64(4 * (rec.rows + rec.block + 1)), pk.H_OFF_BLOCK_ROWS: arith.muli(nb, c64(4)),
+                 pk.H_OFF_BLOCK_COLS: arith.muli(arith.addi(nb, c64(pk.COL_PAD)), c64(4)),
+                 pk.H_OFF_VALUES: arith.muli(nb, c64(4 * rec.block))}
+        for k, size in sizes.items():
+            consistent = arith.andi(consistent, eq(w64(k), pos))
+            pos = arith.addi(pos, pad(size))
+        consistent = arith.andi(consistent, eq(w64(pk.H_TOTAL_BYTES), pos))
+        code = arith.select(consistent, c32(abi.OK), c32(abi.ERR_BAD_BLOB))
+        code = arith.select(match, code, c32(abi.ERR_HEADER))
+        return [arith.select(rec.nonnull, code, c32(abi.ERR_NULL_WEIGHTS))]
 
     # -- block access -----------------------------------------------------------------------
     def row_blocks(self, op: ir.Operation) -> list[ir.Value]:
@@ -215,6 +254,13 @@ class _Lowering:
         lo = arith.index_cast(idx, memref.load(rec.row_ptr, [r]))
         hi = arith.index_cast(idx, memref.load(rec.row_ptr, [arith.addi(r, _i(1))]))
         return [lo, hi]
+
+    def num_blocks(self, op: ir.Operation) -> list[ir.Value]:
+        rec = self.record(op.operands[0])
+        idx = ir.IndexType.get()
+        if rec.header is not None:
+            return [arith.index_cast(idx, rec.header[pk.H_B])]
+        return [arith.index_cast(idx, memref.load(rec.row_ptr, [_i(rec.rows + rec.block)]))]
 
     def block_row(self, op: ir.Operation) -> list[ir.Value]:
         rec = self.record(op.operands[0])
@@ -306,8 +352,8 @@ class _Lowering:
     def patterns(self) -> RewritePatternSet:
         """One Python rewrite pattern per remaining ubp op."""
         patterns = RewritePatternSet()
-        for name in ("dense_view", "check_weights", "row_blocks", "block_row", "block_col", "block_weight",
-                     "block_fma", "tiles", "load_tile", "store_tile", "prefetch_tile"):
+        for name in ("dense_view", "check_weights", "num_blocks", "row_blocks", "block_row", "block_col",
+                     "block_weight", "block_fma", "tiles", "load_tile", "store_tile", "prefetch_tile"):
             patterns.add(f"ubp.{name}", self._pattern(getattr(self, name)))
         return patterns
 

@@ -14,7 +14,9 @@ The ops (generic syntax; every op verifies its operand and result types):
 * ``ubp.sparse_weights(%packed: !llvm.ptr) {rows, cols, block, layout}`` -> ``!ubp.weights<N>``
 * ``ubp.baked_weights() {rows, cols, block, layout, row_ptr, block_rows, block_cols, values}``
   -> ``!ubp.weights<N>`` (the mask-specialised operand: the block structure is constant data)
-* ``ubp.check_weights(%W)`` -> ``i1``: the packed blob's header matches the kernel
+* ``ubp.check_weights(%W)`` -> ``i32``: the status of the weight operand, a return code of
+  :mod:`ubpdsl.abi` (0: the packed blob's header matches the kernel; always 0 when baked)
+* ``ubp.num_blocks(%W)`` -> ``index``: B, the number of blocks (bounds-checked builds)
 * ``ubp.row_blocks(%W, %r)`` -> ``(index, index)``: the blocks starting at row r are [lo, hi)
 * ``ubp.block_row(%W, %b)``, ``ubp.block_col(%W, %b)`` -> ``index``
 * ``ubp.block_weight(%W, %b) {lane}`` -> ``f32``
@@ -87,8 +89,16 @@ irdl.dialect @ubp {
     %any = irdl.any
     %w = irdl.parametric @ubp::@weights<%any>
     irdl.operands(weights: %w)
-    %b = irdl.is i1
-    irdl.results(ok: %b)
+    %c = irdl.is i32
+    irdl.results(code: %c)
+  }
+
+  irdl.operation @num_blocks {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@weights<%any>
+    irdl.operands(weights: %w)
+    %idx = irdl.is index
+    irdl.results(count: %idx)
   }
 
   irdl.operation @row_blocks {

@@ -10,13 +10,13 @@
  *   char[4]  "UBPI"
  *   uint32   version (1)
  *   int64    M, K, n
- *   int64    packed_len   (-1: pass packed_w = NULL)
+ *   int64    packed_len   (-1: pass packed_w = NULL; a data-driven kernel then returns 3)
  *   uint8    packed[packed_len]
  *   float    x[K * n]
  *
  * OUTPUT (little endian):
  *   char[4]  "UBPO"
- *   int32    kernel return code
+ *   int32    kernel return code (ubpdsl/abi.py)
  *   uint32   flags (bit 0: a y element was not written; bit 1: a write past the end of y)
  *   uint32   reserved (0)
  *   float    y[M * n]

@@ -1,12 +1,12 @@
 """Loading a host ``.so`` kernel with ctypes and calling it on numpy arrays.
 
-The kernel C ABI (fixed)::
+The kernel C ABI and its return codes are owned by :mod:`ubpdsl.abi`::
 
     int32_t <symbol>(const float *x, float *y, int64_t n, const void *packed_w);
 
 ``x`` is [K, n] row-major fp32, ``y`` is [M, n] row-major fp32 (fully overwritten),
-``packed_w`` an opaque blob (NULL allowed for mask-specialised kernels with baked weights).
-Returns 0, or an error code (see :data:`KERNEL_ERRORS`). Any alignment works; 64-byte aligned
+``packed_w`` the packed blob (NULL allowed for mask-specialised kernels with baked weights).
+Returns 0, or an error code (:data:`ubpdsl.abi.KERNEL_ERRORS`). Any alignment works; 64-byte aligned
 x and y rows are faster (a full-width AVX-512 load or store then touches one cache line, not
 two: about 25 % on MobileNetV2-sized layers). :func:`aligned_empty` allocates such arrays
 (torch tensors already are).
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ubpdsl.abi import KERNEL_ERRORS, describe_error
 from ubpdsl.errors import RunError, UbpError
 
 __all__ = ["KERNEL_ERRORS", "HostKernel", "aligned_empty", "aligned_copy", "describe_error", "check_kernel_args"]
@@ -45,17 +46,6 @@ def aligned_copy(a: np.ndarray, dtype: type | None = None) -> np.ndarray:
     out = aligned_empty(a.shape, dtype or a.dtype)
     out[...] = a
     return out
-
-#: Meaning of the kernel's non-zero return codes.
-KERNEL_ERRORS: dict[int, str] = {
-    1: "packed weight blob header mismatch (wrong layer, shape or format version)",
-    2: "invalid n",
-}
-
-
-def describe_error(rc: int) -> str:
-    """Human-readable meaning of a kernel return code."""
-    return KERNEL_ERRORS.get(rc, "unknown error code")
 
 
 def check_kernel_args(

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ubpdsl.abi import describe_error
 from ubpdsl.errors import RunError
 
 from .cache import CompileCache
-from .loader import check_kernel_args, describe_error
+from .loader import check_kernel_args
 from .toolchain import run_tool, toolchain_versions, zig_cmd
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 Property tests draw random shapes and random *unaligned* block sets (M not a multiple of N,
 blocks touching the last row, empty rows and columns, all-zero and fully dense W, n not a
-multiple of the vector width, n = 1) and compare Y = W @ X with numpy at rtol 1e-5.
+multiple of the vector width, n = 1) and compare Y = W @ X with numpy at rtol 1e-5. Each
+variant also runs as a bounds-checked build (check_bounds=True): same results, no false alarm.
 """
 
 from __future__ import annotations
@@ -68,20 +69,22 @@ SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[Healt
                                                                              HealthCheck.function_scoped_fixture])
 
 
+@pytest.mark.parametrize("check_bounds", [False, True])
 @pytest.mark.parametrize("variant", ["block_stream", "wros", "wros_unrolled"])
 @SETTINGS
 @given(case=problems())
-def test_host_unaligned(variant, case, compile_cache):
+def test_host_unaligned(variant, check_bounds, case, compile_cache):
     problem, x = case
-    _check(variant, problem, x, "host", compile_cache)
+    _check(variant, problem, x, "host", compile_cache, check_bounds=check_bounds)
 
 
+@pytest.mark.parametrize("check_bounds", [False, True])
 @SETTINGS
 @given(case=problems(aligned=True), knobs=st.sampled_from([{}, {"PANEL": 8, "PREFETCH": 3}, {"PANEL": 5},
                                                                  {"PANEL": 8, "YPREFETCH": 3}, {"YPREFETCH": 16}]))
-def test_host_aligned_kernel(case, knobs, compile_cache):
+def test_host_aligned_kernel(case, knobs, check_bounds, compile_cache):
     problem, x = case
-    _check("aligned_rows", problem, x, "host", compile_cache, constants=knobs)
+    _check("aligned_rows", problem, x, "host", compile_cache, constants=knobs, check_bounds=check_bounds)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -107,6 +110,20 @@ def test_aarch64_under_qemu(variant, data, compile_cache):
     for target, bits in AARCH64:
         knobs = {"PANEL": 4, "PREFETCH": 2, "YPREFETCH": 3} if variant == "wros" and bits in (256, 512) else None
         _check(variant, problem, x, target, compile_cache, sve_bits=bits, constants=knobs)
+
+
+@needs_qemu
+@pytest.mark.parametrize("variant,knobs", [("block_stream", None), ("wros", None),
+                                           ("wros", {"PANEL": 4, "PREFETCH": 2, "YPREFETCH": 3}),
+                                           ("wros_unrolled", None), ("aligned_rows", {"PANEL": 8})])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_aarch64_bounds_checked_under_qemu(variant, knobs, data, compile_cache):
+    """Every shipped variant built with check_bounds gives exact results on NEON and SVE (256 bits)."""
+    problem, x = data.draw(problems(aligned=VARIANTS[variant].aligned, max_m=24, max_k=12))
+    for target, bits in (("aarch64-neon", None), ("aarch64-sve", 256)):
+        _check(variant, problem, x, target, compile_cache, sve_bits=bits, constants=knobs, check_bounds=True)
 
 
 def test_edge_cases_host(compile_cache):
@@ -174,15 +191,30 @@ def test_cache_hit_and_data_driven_reuse(compile_cache):
 @settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(case=problems(), pf=st.sampled_from([0, 1, 5, 16]), stream=st.booleans(), unroll=st.sampled_from([1, 3]),
-       panel=st.sampled_from([0, 1, 4, 8, 13]), ypf=st.sampled_from([0, 1, 4, 40]))
-def test_host_wros_knobs(case, pf, stream, unroll, panel, ypf, compile_cache):
+       panel=st.sampled_from([0, 1, 4, 8, 13]), ypf=st.sampled_from([0, 1, 4, 40]), check_bounds=st.booleans())
+def test_host_wros_knobs(case, pf, stream, unroll, panel, ypf, check_bounds, compile_cache):
     """Every wros knob keeps results exact: look-ahead prefetch (padded block_cols), streaming
     stores, unroll, row panels (the walk restarts N rows early at every panel) and write-prefetch
     of Y rows ahead (clamped to the last row, also past M)."""
     problem, x = case
     _check("wros", problem, x, "host", compile_cache,
            constants={"PREFETCH": pf, "STREAM": stream, "UNROLL": unroll, "TILE": 2, "PANEL": panel,
-                      "YPREFETCH": ypf})
+                      "YPREFETCH": ypf}, check_bounds=check_bounds)
+
+
+@pytest.mark.parametrize("variant", ["wros", "aligned_rows"])
+def test_prefetch_beyond_the_padding_stays_in_bounds(variant, compile_cache):
+    """PREFETCH larger than the block_cols padding looks only W.lookahead blocks ahead: a
+    bounds-checked build finds no access past the blob and the result is exact."""
+    rng = np.random.default_rng(11)
+    M, K, N = 16, 6, 4
+    w = np.zeros((M, K), np.float32)
+    rows, cols = np.array([0, 4, 8, 12, 0, 12]), np.array([0, 1, 2, 3, 4, 5])
+    for r, c in zip(rows, cols, strict=True):
+        w[r:r + N, c] = rng.standard_normal(N)
+    x = rng.standard_normal((K, 33)).astype(np.float32)
+    _check(variant, Problem("pf", M, K, N, rows, cols, w), x, "host", compile_cache,
+           constants={"PREFETCH": 40}, check_bounds=True)
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,

@@ -128,9 +128,12 @@ def _safe(name: str) -> str:
 @click.option("--const", "consts", multiple=True, metavar="NAME=VALUE", help="compile-time constant (repeatable)")
 @click.option("--specialize", is_flag=True, help="bake the mask and weights into the .so")
 @click.option("--vector-bits", type=int, default=None, help="narrower vectors than the target's (fixed-width only)")
+@click.option("--check-bounds", is_flag=True,
+              help="check every load/store at run time: the kernel returns 4 instead of going out of bounds")
 @click.option("-o", "--out", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False))
 def compile_cmd(mask_path: str, layer: str | None, target: str, variant: str, kernel_name: str | None,
-                consts: tuple[str, ...], specialize: bool, vector_bits: int | None, out_dir: str) -> None:
+                consts: tuple[str, ...], specialize: bool, vector_bits: int | None, check_bounds: bool,
+                out_dir: str) -> None:
     """Compile the layers of a masks.npz into self-contained .so files, headers and a manifest.
 
     \b
@@ -150,7 +153,7 @@ def compile_cmd(mask_path: str, layer: str | None, target: str, variant: str, ke
         if p.weight is None:  # the packed blob (or the baked code) is made from the weights
             p.block_data(kernel.layout, kernel.aligned)
         ck = compile_kernel(kernel, p, target, constants=constants, specialize=specialize,
-                            symbol="ubp_" + _safe(p.name), vector_bits=vector_bits)
+                            symbol="ubp_" + _safe(p.name), vector_bits=vector_bits, check_bounds=check_bounds)
         files = ck.save(out)
         manifest["layers"][p.name] = {**ck.manifest, "files": {k: v.name for k, v in files.items()}}
         click.echo(f"{p.name}: {files['so']} ({'cached' if ck.cache_hit else 'built'})")
@@ -172,9 +175,11 @@ def compile_cmd(mask_path: str, layer: str | None, target: str, variant: str, ke
 @click.option("--const", "consts", multiple=True, metavar="NAME=VALUE")
 @click.option("--specialize", is_flag=True, help="bake the mask into the code")
 @click.option("--vector-bits", type=int, default=None, help="narrower vectors than the target's (fixed-width only)")
+@click.option("--check-bounds", is_flag=True,
+              help="check every load/store at run time: the kernel returns 4 instead of going out of bounds")
 def emit_cmd(kernel_spec: str, stage: str, target: str, kernel_name: str | None, mask_path: str | None,
              layer: str | None, shape: str, sparsity: float, consts: tuple[str, ...], specialize: bool,
-             vector_bits: int | None) -> None:
+             vector_bits: int | None, check_bounds: bool) -> None:
     """Print a kernel at one compilation stage (ubp, lowered, llvm, llvm-ir, asm).
 
     \b
@@ -198,7 +203,7 @@ def emit_cmd(kernel_spec: str, stage: str, target: str, kernel_name: str | None,
             raise UbpError(f"--sparsity must be in [0, 1), got {sparsity}")
         problem = random_problem(M, K, N, sparsity, aligned=kernel.aligned)
     click.echo(emit(kernel, problem, target, stage, constants=parse_constants(consts), specialize=specialize,
-                    vector_bits=vector_bits))
+                    vector_bits=vector_bits, check_bounds=check_bounds))
 
 
 compile = compile_cmd  # noqa: A001 - the name the CLI attaches

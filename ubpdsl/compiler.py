@@ -36,7 +36,7 @@ from ubpdsl.dialects.ubp import make_context
 from ubpdsl.errors import BuildError, DSLError, MaskError, TargetError, UbpError
 from ubpdsl.language.core import KernelFunction
 from ubpdsl.language.frontend import KernelSpec, VectorShape, build_ubp_module
-from ubpdsl.packing import BlockData, block_data, layout_description, pack
+from ubpdsl.packing import BlockData, block_data, check_shape, layout_description, pack
 from ubpdsl.runtime import build as rt_build
 from ubpdsl.runtime.cache import CompileCache
 from ubpdsl.runtime.header import render_header
@@ -96,11 +96,10 @@ def resolve_target(target: str | Target, vector_bits: int | None = None) -> Targ
 
 
 def _spec(kernel: KernelFunction, problem: Problem, target: Target, constants: dict[str, Any] | None,
-          specialize: bool, symbol: str) -> tuple[KernelSpec, BlockData | None]:
+          specialize: bool, symbol: str, check_bounds: bool = False) -> tuple[KernelSpec, BlockData | None]:
     if not _SYMBOL_RE.match(symbol):
         raise DSLError(f"symbol {symbol!r} is not a valid C identifier")
-    if problem.M < 1 or problem.K < 1 or problem.N < 1:
-        raise MaskError(f"layer {problem.name}: empty shape M={problem.M}, K={problem.K}, N={problem.N}")
+    check_shape(problem.M, problem.K, problem.N, layer=problem.name)  # before anything is sized from them
     consts = kernel.resolve_constants(constants)
     baked = None
     data = None
@@ -109,7 +108,7 @@ def _spec(kernel: KernelFunction, problem: Problem, target: Target, constants: d
     if specialize or kernel.needs_specialized:
         baked = data
     vec = VectorShape(target.vector_lanes_f32, target.scalable, cheap_masks=target.arch == "x86_64")
-    return KernelSpec(symbol, problem.M, problem.K, problem.N, vec, consts, baked), data
+    return KernelSpec(symbol, problem.M, problem.K, problem.N, vec, consts, baked, bool(check_bounds)), data
 
 
 def _stage_text(kernel: KernelFunction, spec: KernelSpec, target: Target, stage: str) -> str:
@@ -134,10 +133,10 @@ def _stage_text(kernel: KernelFunction, spec: KernelSpec, target: Target, stage:
 
 def emit(kernel: KernelFunction, problem: Problem, target: str | Target = "host", stage: str = "ubp", *,
          constants: dict[str, Any] | None = None, specialize: bool = False, symbol: str = "ubp_kernel",
-         vector_bits: int | None = None) -> str:
-    """The kernel at one compilation stage, as text."""
+         vector_bits: int | None = None, check_bounds: bool = False) -> str:
+    """The kernel at one compilation stage, as text (``check_bounds``: see :func:`compile_kernel`)."""
     tgt = resolve_target(target, vector_bits)
-    spec, _ = _spec(kernel, problem, tgt, constants, specialize, symbol)
+    spec, _ = _spec(kernel, problem, tgt, constants, specialize, symbol, check_bounds)
     return _stage_text(kernel, spec, tgt, stage)
 
 
@@ -204,14 +203,19 @@ class CompiledKernel:
 def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str | Target = "host", *,
                    constants: dict[str, Any] | None = None, specialize: bool = False,
                    symbol: str | None = None, cache: CompileCache | None = None,
-                   vector_bits: int | None = None) -> CompiledKernel:
-    """Compile ``kernel`` for one layer and target into a cached, self-contained ``.so``."""
+                   vector_bits: int | None = None, check_bounds: bool = False) -> CompiledKernel:
+    """Compile ``kernel`` for one layer and target into a cached, self-contained ``.so``.
+
+    ``check_bounds=True`` builds a checking kernel: every load, store and prefetch checks its
+    row and columns, every block index its range, and a violation skips the access and makes
+    the kernel return :data:`ubpdsl.abi.ERR_OUT_OF_BOUNDS` (slower; for testing kernels).
+    """
     problem = problem if isinstance(problem, Problem) else Problem.from_mask(problem)
     tgt = resolve_target(target, vector_bits)
     safe_name = re.sub(r"\W", "_", problem.name)
     symbol = symbol or "ubp_" + safe_name
     soname = f"{safe_name}.{tgt.name}.so"  # the file name programs linked against it will look for
-    spec, data = _spec(kernel, problem, tgt, constants, specialize, symbol)
+    spec, data = _spec(kernel, problem, tgt, constants, specialize, symbol, check_bounds)
     cache = cache or CompileCache()
     baked = spec.baked is not None
     mask_hash = _data_hash(data)
@@ -227,6 +231,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         "soname": soname,
         "shape": [problem.M, problem.K, problem.N],
         "mask": mask_hash if baked else None,
+        "check_bounds": spec.check_bounds,
     }
     key = cache.key(**key_parts)
     packed = None if baked or data is None else pack(data)
@@ -243,6 +248,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         "constants": spec.constants,
         "vector_bits": spec.vector.lanes * 32,
         "specialized": baked,
+        "check_bounds": spec.check_bounds,
         "M": problem.M, "K": problem.K, "N": problem.N,
         "mask_hash": mask_hash,
         "toolchain": key_parts["toolchain"],
@@ -255,7 +261,8 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         header = render_header(symbol, M=problem.M, K=problem.K, N=problem.N,
                                description=f"layer {problem.name}: variant {kernel.name}, target {tgt.name}, "
                                            f"constants {json.dumps(spec.constants, sort_keys=True)}",
-                               packed_layout=layout_description(kernel.layout), baked=baked)
+                               packed_layout=layout_description(kernel.layout), baked=baked,
+                               check_bounds=spec.check_bounds)
         with tempfile.TemporaryDirectory(prefix="ubp-build-") as tmp:
             art = rt_build.build_shared_object(llvm_ir, tgt, Path(tmp), soname[: -len(".so")], header)
             if symbol not in art.symbols:

@@ -16,6 +16,10 @@ class MaskError(UbpError):
     """A masks.npz file or a block set is invalid (names the layer and block)."""
 
 
+class PackError(UbpError):
+    """A packed weight blob is malformed or inconsistent (names the field)."""
+
+
 class DSLError(UbpError):
     """A kernel written in the DSL is invalid; the message starts with ``file:line:``."""
 

@@ -47,7 +47,8 @@ import click
 import numpy as np
 
 import ubpdsl
-from ubpdsl.errors import MaskError, UbpError
+from ubpdsl.errors import MaskError, PackError, UbpError
+from ubpdsl.packing import unpack
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -71,7 +72,6 @@ MASKS = "masks.npz"
 INDEX = "kernels.tsv"
 TARGETS = ("host", "aarch64-neon", "aarch64-sve")
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
-_PACKED_MAGIC = 0x31504255
 
 
 class BundleError(UbpError):
@@ -517,17 +517,11 @@ def _check_so(root: Path, rel: str, target: str, triple: str, symbol: str) -> No
 
 
 def _check_packed(root: Path, rel: str, M: int, K: int, N: int) -> None:
-    head = (root / rel).read_bytes()[:48]
-    if len(head) < 48:
-        raise _fail(root, f"{rel} is too short for a packed weight blob")
-    magic, version, m, k, n = struct.unpack_from("<5I", head)
-    total = struct.unpack_from("<I", head, 44)[0]
-    if magic != _PACKED_MAGIC or version != 1:
-        raise _fail(root, f"{rel} is not a packed weight blob (bad magic or version)")
-    if (m, k, n) != (M, K, N):
-        raise _fail(root, f"{rel} holds weights for M,K,N = {m},{k},{n}, the layer is {M},{K},{N}")
-    if total != (root / rel).stat().st_size:
-        raise _fail(root, f"{rel} is {(root / rel).stat().st_size} bytes, its header says {total}")
+    """The blob is a valid packed weight blob for M, K, N (header and content, ubpdsl.packing.unpack)."""
+    try:
+        unpack(np.fromfile(root / rel, dtype=np.uint8), M=M, K=K, N=N, what=rel)
+    except PackError as exc:
+        raise _fail(root, str(exc)) from None
 
 
 def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = False) -> Bundle:

@@ -37,12 +37,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ubpdsl.abi import describe_error
 from ubpdsl.errors import RunError, UbpError
 from ubpdsl.export import Bundle, BundleError, KernelFiles, load_bundle
 
 __all__ = ["NativeKernel", "SparseConv2d", "SparseLinear", "kernel_layers", "swap_to_kernels", "ubp_gemm"]
-
-_KERNEL_ERRORS = {1: "packed weight blob header mismatch", 2: "invalid n"}
 
 
 class NativeKernel:
@@ -86,7 +85,7 @@ class NativeKernel:
         for b in range(batch):
             rc = fn(xp + b * sx, yp + b * sy, n, packed)
             if rc != 0:
-                raise RunError(f"kernel of layer {self.name} returned {rc}: {_KERNEL_ERRORS.get(rc, 'unknown error')}")
+                raise RunError(f"kernel of layer {self.name} returned {rc}: {describe_error(rc)}")
 
 
 _REGISTRY: dict[int, NativeKernel] = {}

@@ -39,7 +39,8 @@ def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 
          PANEL: ubl.constexpr = 0, YPREFETCH: ubl.constexpr = 8):
     """Weight-rotating output-stationary: N accumulator rows stay in registers.
 
-    PREFETCH > 0 prefetches the X tile of the block that many blocks ahead (at most 16);
+    PREFETCH > 0 prefetches the X tile of the block that many blocks ahead (at most W.lookahead,
+    the padding of block_cols: larger values act as W.lookahead);
     YPREFETCH > 0 prefetches, with intent to write, the Y tile of the row that many rows ahead
     (when Y is not in cache, as for a layer inside a network, the stores otherwise stall on
     one read-for-ownership miss after another); STREAM writes Y with non-temporal stores.
@@ -64,7 +65,7 @@ def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 
                     lo, hi = W.row_blocks(r0 + p)
                     for b in ubl.range(lo, hi, unroll=UNROLL):
                         if PREFETCH > 0:
-                            ubl.prefetch(X, W.block_col(b + PREFETCH), j)
+                            ubl.prefetch(X, W.block_col(b + min(PREFETCH, W.lookahead)), j)
                         acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
                     if YPREFETCH > 0:
                         ubl.prefetch(Y, min(r0 + p + YPREFETCH, W.rows - 1), j, write=True)
@@ -110,7 +111,7 @@ def aligned_rows(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.cons
                 lo, hi = W.row_blocks(r0)
                 for b in ubl.range(lo, hi, unroll=UNROLL):
                     if PREFETCH > 0:
-                        ubl.prefetch(X, W.block_col(b + PREFETCH), j)
+                        ubl.prefetch(X, W.block_col(b + min(PREFETCH, W.lookahead)), j)
                     acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
                 if YPREFETCH > 0:
                     for i in ubl.static_range(N):

@@ -22,23 +22,28 @@ dialect (see :mod:`ubpdsl.language.frontend`). Example::
 
 Inside a kernel:
 
-* ``for j in ubl.tiles(n, TILE)`` walks n in tiles of TILE vector registers; the tail (n not a
-  multiple of the tile) reruns the body on the last whole tile ending at n (overlapping the
-  previous one, so a kernel must write its whole Y tile, not accumulate into Y across tiles),
-  or, when n is smaller than one tile, with masked loads and stores. ``tail="mask"`` always
-  runs the tail masked on the leftover columns (for kernels that read back Y). On x86-64,
-  where masked loads and stores are cheap, the tail is always a masked tile of just enough
-  registers (the body is emitted once per register count up to TILE).
+* ``for j in ubl.tiles(n, TILE)`` walks n in tiles of TILE vector registers. The tail (n not a
+  multiple of the tile) gives the same result on every target: if the loop body loads from the
+  ``ubl.Output`` (a read-modify-write of Y), the tail always runs masked on the leftover columns,
+  so no column is processed twice; otherwise (and with the default ``tail="overlap"``) it may
+  rerun the body on the last whole tile ending at n, overlapping the previous one (a body that
+  writes its Y tile from registers only gets the same values), masked only when n is smaller
+  than one tile. ``tail="mask"`` asks for the masked tail in any case. On x86-64, where masked
+  loads and stores are cheap, the tail is always a masked tile of just enough registers (the
+  body is emitted once per register count up to TILE).
 * ``ubl.prefetch(Y, r, j, write=True)`` prefetches an output tile with intent to write.
 * ``range(lo, hi[, step])`` is a loop in the generated code (``scf.for``); ``ubl.range(...,
   unroll=U)`` unrolls it U times with a remainder loop; ``ubl.static_range`` unrolls it fully
-  at compile time (its bounds must be compile-time constants).
+  at compile time (its bounds must be compile-time constants). Limits (a DSLError at the
+  loop's line, before any code is emitted): ``frontend.MAX_UNROLL``, ``MAX_STATIC_TRIPS``
+  iterations per static_range and ``MAX_STATEMENTS`` emitted statements per kernel.
 * Variables assigned in a loop or a data-dependent ``if`` are carried as SSA values (registers).
 * ``ubl.prefetch(X, row, j)`` prefetches a tile of X; ``ubl.store(Y, r, j, v, streaming=True)``
   writes with non-temporal (cache-bypassing) stores where the tile is full.
 * ``ubl.zeros(j)`` is a zero tile; ``ubl.zeros(N, j)`` is N of them (a register tile, indexed
   with compile-time integers: ``acc[p]``, ``acc[p] = 0.0``).
-* ``W.rows``, ``W.cols``, ``W.block`` are compile-time ints; ``W.row_blocks(r)`` gives the
+* ``W.rows``, ``W.cols``, ``W.block`` are compile-time ints (and ``W.lookahead``: how far
+  past a block ``W.block_col`` may look, the padding of the packed block columns); ``W.row_blocks(r)`` gives the
   range of blocks starting at row r; ``W.block_row(b)``, ``W.block_col(b)``, ``W.weight(b, i)``
   read one block; ``ubl.block_fma(W, b, x, acc)`` adds w(b, i) * x to acc[i] for every i.
 * When the kernel is compiled mask-specialised, W's structure is known at compile time: with

@@ -10,7 +10,8 @@ The generated function has the fixed C ABI of every ubp kernel::
 
     int32_t SYMBOL(const float *x, float *y, int64_t n, const void *packed_w)
 
-returning 0, 1 (packed blob header does not match the kernel) or 2 (n < 0).
+returning one of the codes of :mod:`ubpdsl.abi` (0 on success; n < 0, a NULL, mismatching or
+inconsistent packed blob and, in a ``check_bounds`` build, an out-of-bounds access are errors).
 Errors in the kernel source raise :class:`DSLError` with ``file:line: message``.
 """
 
@@ -23,12 +24,21 @@ from typing import Any
 
 import numpy as np
 from mlir import ir
-from mlir.dialects import arith, func, scf, vector
+from mlir.dialects import arith, func, memref, scf, vector
 
+from ubpdsl import abi
 from ubpdsl.dialects import ubp as ubp_dialect
 from ubpdsl.errors import DSLError
 from ubpdsl.language.core import PY_RANGE, BlockSparse, Input, KernelFunction, Output, constexpr, is_builtin
-from ubpdsl.packing import BlockData
+from ubpdsl.packing import COL_PAD, BlockData
+
+#: Most iterations one ``ubl.static_range`` loop may unroll to.
+MAX_STATIC_TRIPS = 1 << 16
+#: Largest ``unroll=`` factor of ``ubl.range``.
+MAX_UNROLL = 256
+#: Most kernel statements one compilation may emit (unrolled copies counted): a bound on
+#: compile time and code size, checked as the statements are emitted.
+MAX_STATEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class KernelSpec:
     vector: VectorShape
     constants: dict[str, Any]
     baked: BlockData | None = None  # mask-specialised: the block structure as constants
+    check_bounds: bool = False  # every access checked at run time (abi.ERR_OUT_OF_BOUNDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +121,9 @@ class CodeGen:
         self.f32 = ir.F32Type.get()
         self.i1 = ir.IntegerType.get_signless(1)
         self._node: ast.AST | None = None
+        self._statements = 0  # emitted so far (MAX_STATEMENTS)
+        self._output_loads = 0  # ubl.load calls on the Output emitted so far (tail rule of ubl.tiles)
+        self._oob_flag: ir.Value | None = None  # check_bounds: memref<1xi32> holding the status
 
     # -- errors -------------------------------------------------------------------------------
     def error(self, msg: str, node: ast.AST | None = None) -> DSLError:
@@ -147,16 +161,22 @@ class CodeGen:
                                  ("block_cols", b.block_cols), ("values", b.values)):
                     attrs[key] = ir.DenseElementsAttr.get(np.ascontiguousarray(arr))
                 W = ubp_dialect.op("baked_weights", [], [wty], attrs).result
-            ok = ubp_dialect.op("check_weights", [W], [self.i1]).result
+            w_code = ubp_dialect.op("check_weights", [W], [i32]).result
             n_ok = arith.cmpi(arith.CmpIPredicate.sge, n64, arith.constant(i64, 0))
-            code = arith.select(n_ok, arith.select(ok, arith.constant(i32, 0), arith.constant(i32, 1)),
-                                arith.constant(i32, 2))
-            run = arith.cmpi(arith.CmpIPredicate.eq, code, arith.constant(i32, 0))
+            code = arith.select(n_ok, w_code, arith.constant(i32, abi.ERR_BAD_N))
+            run = arith.cmpi(arith.CmpIPredicate.eq, code, arith.constant(i32, abi.OK))
+            if spec.check_bounds:
+                # The status of the body: a stack slot that a failed check sets to ERR_OUT_OF_BOUNDS
+                # (the access itself is skipped); the kernel returns it once the body has run.
+                self._oob_flag = memref.alloca(ir.MemRefType.get([1], i32), [], [])
+                memref.store(arith.constant(i32, abi.OK), self._oob_flag, [self.const_index(0)])
             if_op = scf.IfOp(run)
             with ir.InsertionPoint(if_op.then_block):
                 self._bind_params(X, Y, W, n)
                 self.visit_body(self.k.tree.body, top=True)
                 scf.YieldOp([])
+            if self._oob_flag is not None:
+                code = arith.select(run, memref.load(self._oob_flag, [self.const_index(0)]), code)
             func.ReturnOp([code])
         return module
 
@@ -186,6 +206,10 @@ class CodeGen:
 
     def visit_stmt(self, st: ast.stmt) -> None:
         self._node = st
+        self._statements += 1
+        if self._statements > MAX_STATEMENTS:
+            raise self.error(f"the kernel unrolls to more than {MAX_STATEMENTS} statements (static_range, "
+                             "unroll= or a baked mask too large): unroll less", st)
         if isinstance(st, ast.Expr):
             if isinstance(st.value, ast.Constant) and isinstance(st.value.value, str):
                 return  # docstring
@@ -245,14 +269,20 @@ class CodeGen:
         elif is_builtin(fn, "static_range"):
             bounds = self._range_args(args, kwargs, it, allow_unroll=False)
             lo, hi, step = (self._static_int(b, it, "ubl.static_range bounds") for b in bounds[:3])
+            if step == 0:
+                raise self.error("ubl.static_range step must not be 0", it)
+            trips = len(PY_RANGE(lo, hi, step))
+            if trips > MAX_STATIC_TRIPS:
+                raise self.error(f"ubl.static_range unrolls {trips} iterations, more than {MAX_STATIC_TRIPS}: "
+                                 "use range() for a loop in the generated code", it)
             for v in PY_RANGE(lo, hi, step):
                 self.assign(st.target, v)
                 self.visit_body(st.body)
         elif fn is PY_RANGE or is_builtin(fn, "range"):
             lo, hi, step, unroll = self._range_args(args, kwargs, it, allow_unroll=is_builtin(fn, "range"))
             unroll = self._static_int(unroll, it, "unroll")
-            if unroll < 1:
-                raise self.error("unroll must be >= 1", it)
+            if not 1 <= unroll <= MAX_UNROLL:
+                raise self.error(f"unroll must be in 1..{MAX_UNROLL}, got {unroll}", it)
             self.loop_range(st, lo, hi, step, unroll)
         else:
             raise self.error("a kernel loop must iterate over range(), ubl.range(), ubl.static_range() "
@@ -397,22 +427,27 @@ class CodeGen:
             self.assign(st.target, Tile(start, limit, vt, w))
             self.visit_body(st.body)
 
+        loads_before = self._output_loads
         self.emit_for(self.const_index(0), full_end, step, [], st, lambda iv: body(iv, None))
+        # A body that reads the Output (read-modify-write of Y) must not see a column twice: its
+        # tail is masked on every target, whatever tail= says (an overlapped tail would add twice).
+        reads_output = self._output_loads > loads_before
         # The tail: the columns past the last whole tile, in one of three ways.
         # - Where masked loads and stores are cheap (x86): a masked tile of just enough registers,
         #   a power of two (LLVM shuffles a vector<48xf32> element by element) or the tile itself;
         #   the body is emitted once per register count.
-        # - tail="mask": the whole tile, masked (for kernels that read back what they wrote to Y,
-        #   where recomputing columns is wrong).
-        # - tail="overlap": when n holds at least one whole tile, recompute the last whole tile
-        #   ending at n (it overlaps the previous one; a kernel that writes its Y tile in full from
-        #   registers only is unaffected) at full vector speed; masked only when n < one tile.
+        # - tail="mask", or a body that loads from the Output: the whole tile, masked (a kernel that
+        #   reads back what it wrote to Y must not process a column twice).
+        # - tail="overlap" (the default) and a body that never loads from Y: when n holds at least
+        #   one whole tile, recompute the last whole tile ending at n (it overlaps the previous one;
+        #   a kernel that writes its Y tile in full from registers only is unaffected) at full
+        #   vector speed; masked only when n < one tile.
         tail = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, full_end, n_v))
         with ir.InsertionPoint(tail.then_block):
             if vs.cheap_masks and not vs.scalable and tile > 1:
                 counts = sorted({1 << i for i in range(tile.bit_length()) if 1 << i < tile} | {tile})
                 self._narrow_tails(body, arith.subi(n_v, full_end), full_end, n_v, counts, vs.lanes)
-            elif tail_mode == "mask":
+            elif tail_mode == "mask" or reads_output:
                 body(full_end, n_v)
             else:
                 whole = scf.IfOp(arith.cmpi(arith.CmpIPredicate.uge, n_v, step), has_else=True)
@@ -551,8 +586,8 @@ class CodeGen:
             if attr == "n":
                 return self.n
         elif isinstance(base, Weights):
-            if attr in ("rows", "cols", "block"):
-                return {"rows": base.M, "cols": base.K, "block": base.N}[attr]
+            if attr in ("rows", "cols", "block", "lookahead"):
+                return {"rows": base.M, "cols": base.K, "block": base.N, "lookahead": COL_PAD}[attr]
             if attr in ("row_blocks", "block_row", "block_col", "weight"):
                 return _BoundMethod(base, attr)
             if attr == "num_blocks" and base.baked is not None:
@@ -620,19 +655,71 @@ class CodeGen:
             lane = self._static_int(args[1], node, "the lane of W.weight")
             return float(b.values[first * W.N + lane])
         idx = self.materialize(first, self.index)
+        zero = [self.const_index(0)]
+        checking = self._oob_flag is not None
         if name == "row_blocks":
-            res = ubp_dialect.op("row_blocks", [W.handle, idx], [self.index, self.index])
-            return tuple(res.results)
+            ok = self._between(idx, 0, W.M + W.N) if checking else None
+            return tuple(self._checked(
+                ok, [self.index] * 2,
+                lambda: list(ubp_dialect.op("row_blocks", [W.handle, idx], [self.index, self.index]).results),
+                lambda: zero * 2))
         if name in ("block_row", "block_col"):
-            return ubp_dialect.op(name, [W.handle, idx], [self.index]).result
+            ok = None
+            if checking:  # block_cols has COL_PAD look-ahead entries past the last block
+                pad = COL_PAD if name == "block_col" else 0
+                ok = self._between(idx, 0, self.binop(ast.Add(), self._num_blocks(W), pad, node))
+            (v,) = self._checked(ok, [self.index], lambda: [ubp_dialect.op(name, [W.handle, idx], [self.index]).result],
+                                 lambda: zero)
+            if checking and name == "block_col":  # a column outside X (a corrupt blob) is an error too
+                (v,) = self._checked(self._between(v, 0, W.K), [self.index], lambda: [v], lambda: zero)
+            return v
         lane = self._static_int(args[1], node, "the lane of W.weight")
         if not 0 <= lane < W.N:
             raise self.error(f"lane {lane} out of range 0..{W.N - 1}", node)
-        return ubp_dialect.op("block_weight", [W.handle, idx], [self.f32], {"lane": _i64(lane)}).result
+        ok = self._between(idx, 0, self._num_blocks(W)) if checking else None
+        (v,) = self._checked(
+            ok, [self.f32],
+            lambda: [ubp_dialect.op("block_weight", [W.handle, idx], [self.f32], {"lane": _i64(lane)}).result],
+            lambda: [arith.constant(self.f32, 0.0)])
+        return v
 
     def _check_block(self, b: int, data: BlockData, node: ast.AST) -> None:
         if not 0 <= b < data.num_blocks:
             raise self.error(f"block {b} is out of range (the mask has {data.num_blocks} blocks)", node)
+
+    # -- bounds checks (check_bounds builds) --------------------------------------------------
+    def _between(self, v: ir.Value, lo: int | ir.Value, hi: int | ir.Value) -> ir.Value:
+        """i1: lo <= v < hi (signed)."""
+        lo_v, hi_v = self.materialize(lo, self.index), self.materialize(hi, self.index)
+        return arith.andi(arith.cmpi(arith.CmpIPredicate.sge, v, lo_v), arith.cmpi(arith.CmpIPredicate.slt, v, hi_v))
+
+    def _checked(self, ok: ir.Value, types: list[ir.Type], access: Any, fallback: Any) -> list[ir.Value]:
+        """``access()`` when ``ok``; else record ERR_OUT_OF_BOUNDS and use ``fallback()`` instead
+        (both return a list of values of ``types``). Unchecked builds just call ``access()``."""
+        if self._oob_flag is None:
+            return access()
+        guard = scf.IfOp(ok, types, has_else=True)
+        with ir.InsertionPoint(guard.then_block):
+            scf.YieldOp(access())
+        with ir.InsertionPoint(guard.else_block):
+            code = arith.constant(ir.IntegerType.get_signless(32), abi.ERR_OUT_OF_BOUNDS)
+            memref.store(code, self._oob_flag, [self.const_index(0)])
+            scf.YieldOp(fallback())
+        return list(guard.results)
+
+    def _tile_ok(self, d: Dense, row: ir.Value, t: Tile) -> ir.Value | None:
+        """i1: the row is inside the operand and the tile's columns inside [0, n)."""
+        if self._oob_flag is None:
+            return None
+        ok = self._between(row, 0, d.rows)
+        ok = arith.andi(ok, arith.cmpi(arith.CmpIPredicate.sge, t.start, self.const_index(0)))
+        end = t.limit if t.limit is not None else arith.addi(t.start, self.materialize(t.width, self.index))
+        return arith.andi(ok, arith.cmpi(arith.CmpIPredicate.sle, end, self.n))
+
+    def _num_blocks(self, W: Weights) -> int | ir.Value:
+        if W.baked is not None:
+            return W.baked.num_blocks
+        return ubp_dialect.op("num_blocks", [W.handle], [self.index]).result
 
     # -- builtins -----------------------------------------------------------------------------
     def builtin_zeros(self, node: ast.AST, *args: Any) -> Any:
@@ -661,8 +748,12 @@ class CodeGen:
 
     def builtin_load(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None) -> ir.Value:
         d, r, t = self._dense_tile_args(node, "ubl.load", operand, row, tile)
+        self._output_loads += d.output
         operands = [d.memref, r, t.start] + ([t.limit] if t.limit is not None else [])
-        return ubp_dialect.op("load_tile", operands, [t.vec_type]).result
+        (v,) = self._checked(self._tile_ok(d, r, t), [t.vec_type],
+                             lambda: [ubp_dialect.op("load_tile", operands, [t.vec_type]).result],
+                             lambda: [self._zero_vec(t.vec_type)])
+        return v
 
     def builtin_store(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None,
                       value: Any = None, streaming: Any = False) -> None:
@@ -674,7 +765,12 @@ class CodeGen:
         v = self.coerce(value, t.vec_type, node)
         operands = [d.memref, r, t.start, v] + ([t.limit] if t.limit is not None else [])
         attrs = {"ubp.nontemporal": ir.UnitAttr.get()} if streaming and t.limit is None else {}
-        ubp_dialect.op("store_tile", operands, [], attrs)
+
+        def store() -> list[ir.Value]:
+            ubp_dialect.op("store_tile", operands, [], attrs)
+            return []
+
+        self._checked(self._tile_ok(d, r, t), [], store, list)
 
     def builtin_prefetch(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None,
                          write: Any = False) -> None:
@@ -685,7 +781,12 @@ class CodeGen:
             raise self.error(f"ubl.prefetch: write=True needs the ubl.Output operand, {d.name} is an input", node)
         width = t.vec_type.shape[0]
         attrs = {"width": _i64(width)} | ({"ubp.write": ir.UnitAttr.get()} if write else {})
-        ubp_dialect.op("prefetch_tile", [d.memref, r, t.start], [], attrs)
+
+        def prefetch() -> list[ir.Value]:
+            ubp_dialect.op("prefetch_tile", [d.memref, r, t.start], [], attrs)
+            return []
+
+        self._checked(self._tile_ok(d, r, t), [], prefetch, list)
 
     def builtin_fma(self, node: ast.AST, a: Any = None, b: Any = None, c: Any = None) -> ir.Value:
         vt = next((v.type for v in (a, b, c) if isinstance(v, ir.Value) and isinstance(v.type, ir.VectorType)),
@@ -712,8 +813,11 @@ class CodeGen:
                 out.append(vector.fma(self.coerce(w, vt, node), x, self.coerce(a, vt, node)))
             return RegTile(out)
         accs = [self.coerce(a, vt, node) for a in acc.values]
-        res = ubp_dialect.op("block_fma", [W.handle, self.materialize(b, self.index), x, *accs], [vt] * W.N)
-        return RegTile(list(res.results))
+        b_v = self.materialize(b, self.index)
+        ok = self._between(b_v, 0, self._num_blocks(W)) if self._oob_flag is not None else None
+        return RegTile(self._checked(
+            ok, [vt] * W.N, lambda: list(ubp_dialect.op("block_fma", [W.handle, b_v, x, *accs], [vt] * W.N).results),
+            lambda: accs))
 
     # -- arithmetic ---------------------------------------------------------------------------
     _PY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
