@@ -26,6 +26,7 @@ import click
 import numpy as np
 
 from ubpdsl.errors import MaskError, TargetError, UbpError
+from ubpdsl.identity import content_file
 
 __all__ = ["tune", "run_tune", "model_pixels", "load_layers", "LayerSummary"]
 
@@ -237,9 +238,7 @@ def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, An
         shape = (layer.problem.M, layer.problem.K, layer.n)
         known = tuner.dense_times.get(shape)
         if dense and known is None:
-            wfile = tuner.workdir / f"{layer.mask_hash()[:24]}.{layer.weights_hash()[:16]}.f32"
-            if not wfile.exists():
-                layer.problem.weight.astype(np.float32).tofile(wfile)
+            wfile = content_file(tuner.workdir, layer.problem.weight.astype(np.float32), ".f32")
             entries.append({"name": "torch.mm", "kind": "torch_mm", "M": layer.problem.M, "K": layer.problem.K,
                             "weight": str(wfile)})
         outcome = tuner.measure(layer, entries, rounds=21, budget_s=0.6)

@@ -19,7 +19,6 @@ Authentication, host keys and jump hosts are ssh's business: pass options with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -31,6 +30,7 @@ from urllib.parse import urlparse
 
 from ubpdsl.autotune.runner import WORKER, Outcome, classify_exit
 from ubpdsl.errors import UbpError
+from ubpdsl.identity import file_sha256
 
 __all__ = ["SshRunner", "RunnerError"]
 
@@ -113,7 +113,7 @@ class SshRunner:
         st = p.stat()
         key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
         if key not in self._shipped:
-            digest = hashlib.sha256(p.read_bytes()).hexdigest()[:20]
+            digest = file_sha256(p)[:20]
             name = f"{digest}{''.join(p.suffixes[-1:])}"
             if name not in self._shipped.values() and name not in {n for _, n in self._pending}:
                 self._pending.append((p, name))

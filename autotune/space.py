@@ -15,7 +15,6 @@ variant ignores collapse to one canonical config (:meth:`Config.key`), which is 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -92,19 +91,6 @@ class Layer:
     def aligned(self) -> bool:
         """True when every block starts at a multiple of N (an ABP mask)."""
         return bool(np.all(np.asarray(self.problem.rows) % self.problem.N == 0))
-
-    def mask_hash(self) -> str:
-        """sha256 of the block structure (shape, N, rows, cols): what the tuned config depends on."""
-        p = self.problem
-        h = hashlib.sha256(f"{p.M},{p.K},{p.N}".encode())
-        h.update(np.ascontiguousarray(p.rows, np.int64).tobytes())
-        h.update(np.ascontiguousarray(p.cols, np.int64).tobytes())
-        return h.hexdigest()
-
-    def weights_hash(self) -> str | None:
-        if self.problem.weight is None:
-            return None
-        return hashlib.sha256(np.ascontiguousarray(self.problem.weight, np.float32).tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)

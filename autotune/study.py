@@ -51,6 +51,7 @@ from ubpdsl.autotune.measure import CACHE_MODES
 from ubpdsl.autotune.runner import LocalRunner, Outcome, Runner
 from ubpdsl.autotune.tuned_cache import TunedCache, tuned_key
 from ubpdsl.errors import UbpError
+from ubpdsl.identity import content_file
 from ubpdsl.runtime.targets import Target, get_target
 
 __all__ = ["TuneError", "TuneSettings", "LayerResult", "Tuner", "open_storage", "study_name", "compile_job",
@@ -216,13 +217,8 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
                             specialize=config.specialize, symbol=job["symbol"],
                             cache=CompileCache(job["cache_root"]))
         packed = None
-        if ck.packed is not None:
-            packed = Path(job["workdir"]) / f"{ck.manifest['cache_key']}.packed"
-            if not packed.exists():
-                tmp = packed.with_suffix(f".{os.getpid()}.tmp")
-                ck.packed.tofile(tmp)
-                os.replace(tmp, packed)
-            packed = str(packed)
+        if ck.packed is not None:  # content-addressed: layers with other weights never share the file
+            packed = str(content_file(job["workdir"], ck.packed, ".packed"))
         return {"so": str(ck.so), "obj": str(ck.obj), "header": str(ck.header), "ll": str(ck.so.parent / "kernel.ll"),
                 "packed": packed, "manifest": ck.manifest, "symbol": ck.symbol, "cache_hit": ck.cache_hit}
     except UbpError as exc:
@@ -389,7 +385,7 @@ class Tuner:
         from ubpdsl.kernels import VARIANTS
         from ubpdsl.runtime.toolchain import toolchain_versions
 
-        return tuned_key(mask=layer.mask_hash(), shape=[layer.problem.M, layer.problem.K, layer.problem.N],
+        return tuned_key(mask=layer.problem.blocks_hash(), shape=[layer.problem.M, layer.problem.K, layer.problem.N],
                          n=layer.n, target=self.target.cache_key(), toolchain=toolchain_versions(),
                          compiler=_compiler_fingerprint(), kernels={k: v.source for k, v in VARIANTS.items()},
                          runner=self.runner.name, estimate=self.estimate, weights=self.settings.weights,

@@ -34,6 +34,7 @@ import ubpdsl
 from ubpdsl.dialects import lowering
 from ubpdsl.dialects.ubp import make_context
 from ubpdsl.errors import BuildError, DSLError, MaskError, TargetError, UbpError
+from ubpdsl.identity import blocks_hash, layer_hash
 from ubpdsl.language.core import KernelFunction
 from ubpdsl.language.frontend import KernelSpec, VectorShape, build_ubp_module
 from ubpdsl.packing import BlockData, block_data, layout_description, pack
@@ -65,6 +66,14 @@ class Problem:
         weight = None if mask.weight is None else np.asarray(mask.weight, np.float32).reshape(mask.R, mask.C)
         return cls(mask.name, int(mask.R), int(mask.C), int(mask.block), np.asarray(mask.rows),
                    np.asarray(mask.cols), weight)
+
+    def blocks_hash(self) -> str:
+        """sha256 of the block structure (:func:`ubpdsl.identity.blocks_hash`)."""
+        return blocks_hash(self.M, self.K, self.N, self.rows, self.cols)
+
+    def content_hash(self) -> str:
+        """sha256 of blocks and weights (:func:`ubpdsl.identity.layer_hash`)."""
+        return layer_hash((self.M, self.K), self.N, self.rows, self.cols, self.weight)
 
     def block_data(self, layout: str, aligned: bool) -> BlockData:
         if self.weight is None:
@@ -214,7 +223,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
     spec, data = _spec(kernel, problem, tgt, constants, specialize, symbol)
     cache = cache or CompileCache()
     baked = spec.baked is not None
-    mask_hash = _data_hash(data)
+    mask_hash = None if data is None else problem.content_hash()  # blocks and weights
     key_parts = {
         "toolchain": toolchain_versions(),
         "compiler": _compiler_fingerprint(),
@@ -270,11 +279,3 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
                           constants=spec.constants, specialized=baked, so=hit / "kernel.so", obj=hit / "kernel.o",
                           header=hit / "kernel.h", manifest=manifest, packed=packed, cache_hit=cache_hit)
 
-
-def _data_hash(data: BlockData | None) -> str | None:
-    if data is None:
-        return None
-    h = hashlib.sha256(f"{data.M},{data.K},{data.N},{data.layout}".encode())
-    for arr in (data.row_ptr, data.block_rows, data.block_cols, data.values):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()

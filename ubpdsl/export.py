@@ -30,7 +30,6 @@ configuration for every other layer.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -48,6 +47,7 @@ import numpy as np
 
 import ubpdsl
 from ubpdsl.errors import MaskError, UbpError
+from ubpdsl.identity import blocks_hash, file_sha256
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -81,22 +81,6 @@ class BundleError(UbpError):
 def safe_name(layer: str) -> str:
     """The file-name / C-symbol form of a layer name (``features.1.conv`` -> ``features_1_conv``)."""
     return re.sub(r"[^A-Za-z0-9_]", "_", layer)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def block_structure_hash(M: int, K: int, N: int, rows: np.ndarray, cols: np.ndarray) -> str:
-    """sha256 of a layer's block structure (shape, N, rows, cols); the autotuner keys its cache by it."""
-    h = hashlib.sha256(f"{M},{K},{N}".encode())
-    h.update(np.ascontiguousarray(rows, np.int64).tobytes())
-    h.update(np.ascontiguousarray(cols, np.int64).tobytes())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ configurations
@@ -324,14 +308,14 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
             "targets": {t: {"triple": g.triple, "cpu": g.cpu, "features": g.features, "vector_bits": g.vector_bits,
                             "scalable": g.scalable} for t, g in tgts.items()},
             "variants": sorted({c.variant for per in configs.values() for c in per.values()}),
-            "masks": {"file": MASKS, "sha256": _sha256(tmp / MASKS)},
+            "masks": {"file": MASKS, "sha256": file_sha256(tmp / MASKS)},
             "layers": {},
         }
         for name, mask in layer_masks.items():
             manifest["layers"][name] = {
                 "shape": list(mask.shape), "M": mask.R, "K": mask.C, "N": mask.block, "blocks": mask.num_blocks,
                 "sparsity": round(mask.sparsity, 6), "mask_sha256": mask.content_hash(),
-                "blocks_sha256": block_structure_hash(mask.R, mask.C, mask.block, mask.rows, mask.cols),
+                "blocks_sha256": blocks_hash(mask.R, mask.C, mask.block, mask.rows, mask.cols),
                 "module": modules.get(name), "targets": {},
             }
         for t in targets:
@@ -347,7 +331,7 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
                 manifest["layers"][name]["targets"][t] = {
                     "symbol": ck.symbol, "config": cfg.to_json(), "config_source": cfg.source,
                     "constants": ck.constants, "specialized": ck.specialized,
-                    "files": rel, "sha256": {k: _sha256(p) for k, p in files.items()},
+                    "files": rel, "sha256": {k: file_sha256(p) for k, p in files.items()},
                     "kernel": {k: ck.manifest[k] for k in ("triple", "cpu", "features", "cache_key", "mask_hash",
                                                            "variant", "soname")},
                 }
@@ -357,7 +341,7 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
                 say(f"{t:>12}  {name}: {label} ({'tuned' if cfg.source != 'default' else 'default'} config, "
                     f"{'cached' if ck.cache_hit else 'built'})")
             _write_index(tdir, index)
-            manifest.setdefault("indexes", {})[t] = {"file": f"{t}/{INDEX}", "sha256": _sha256(tdir / INDEX)}
+            manifest.setdefault("indexes", {})[t] = {"file": f"{t}/{INDEX}", "sha256": file_sha256(tdir / INDEX)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         load_bundle(tmp, check_host=False)  # never hand out a bundle that would not load
         if out.exists():
@@ -488,7 +472,7 @@ def _check_file(root: Path, rel: str, sha: Any) -> Path:
     path = _inside(root, rel)
     if not path.is_file():
         raise _fail(root, f"{rel} is listed in the manifest but missing")
-    if _sha256(path) != sha:
+    if file_sha256(path) != sha:
         raise _fail(root, f"{rel} does not match the manifest (sha256 differs): the file changed after export")
     return path
 
