@@ -381,13 +381,13 @@ class Tuner:
 
     def key(self, layer: sp.Layer) -> str:
         """The tuned-config cache key of ``layer`` (also names its study); includes the timing mode."""
-        from ubpdsl.compiler import _compiler_fingerprint
+        from ubpdsl.compiler import compiler_fingerprint
         from ubpdsl.kernels import VARIANTS
         from ubpdsl.runtime.toolchain import toolchain_versions
 
         return tuned_key(mask=layer.problem.blocks_hash(), shape=[layer.problem.M, layer.problem.K, layer.problem.N],
                          n=layer.n, target=self.target.cache_key(), toolchain=toolchain_versions(),
-                         compiler=_compiler_fingerprint(), kernels={k: v.source for k, v in VARIANTS.items()},
+                         compiler=compiler_fingerprint(), kernels={k: v.source for k, v in VARIANTS.items()},
                          runner=self.runner.name, estimate=self.estimate, weights=self.settings.weights,
                          cache=self.cache_mode)
 
