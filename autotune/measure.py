@@ -54,6 +54,14 @@ import sys
 import time
 from typing import Any
 
+try:
+    from ubpdsl.runtime.kernel_so import load_symbol
+except ImportError:  # a bare `python -S measure.py`: kernel_so.py is beside it, or in ../runtime
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, next((d for d in (_here, os.path.join(os.path.dirname(_here), "runtime"))
+                             if os.path.isfile(os.path.join(d, "kernel_so.py"))), _here))
+    from kernel_so import load_symbol  # type: ignore[no-redef]
+
 _PATTERN_LEN = 4093  # prime: the pattern never lines up with a row of X
 
 
@@ -87,14 +95,6 @@ class _Buffer:
             ctypes.memmove(self.addr, data, len(data))
 
 
-def _load_kernel(entry: dict[str, Any]) -> Any:
-    lib = ctypes.CDLL(os.path.abspath(entry["so"]), mode=getattr(os, "RTLD_LOCAL", 0) | getattr(os, "RTLD_NOW", 2))
-    fn = getattr(lib, entry["symbol"])
-    fn.restype = ctypes.c_int32
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    return lib, fn
-
-
 def _make_call(entry: dict[str, Any], x: _Buffer, xbytes: bytes, n: int) -> tuple[Any, Any]:
     """A zero-argument function running the entry once, and a reader of its output."""
     M, K = int(entry["M"]), int(entry["K"])
@@ -113,7 +113,7 @@ def _make_call(entry: dict[str, Any], x: _Buffer, xbytes: bytes, n: int) -> tupl
             return 0
 
         return run_torch, lambda pos: [float(yt.view(-1)[p]) for p in pos]
-    lib, fn = _load_kernel(entry)
+    lib, fn = load_symbol(entry["so"], entry["symbol"])
     packed = None
     if entry.get("packed"):
         with open(entry["packed"], "rb") as f:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ubpdsl.autotune.runner import WORKER, Outcome, classify_exit
+from ubpdsl.autotune.runner import WORKER_FILES, Outcome, classify_exit
 from ubpdsl.errors import UbpError
 from ubpdsl.identity import file_sha256
 
@@ -106,7 +106,7 @@ class SshRunner:
             raise RunnerError(f"cannot reach runner {self.name} (or it has no python3): {_first(proc.stderr)}")
         lines = proc.stdout.split()
         self.arch, self._dir = lines[0], lines[-1]
-        self._scp([(WORKER, "measure.py")])
+        self._scp([(path, name) for name, path in WORKER_FILES.items()])
 
     def _ship(self, path: str) -> str:
         p = Path(path)
