@@ -14,17 +14,15 @@ variant ignores collapse to one canonical config (:meth:`Config.key`), which is 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ubpdsl.compiler import Problem
+from ubpdsl.config import DEFAULT_VARIANT, KernelConfig
 from ubpdsl.kernels import VARIANTS
-from ubpdsl.language.core import KernelFunction
 from ubpdsl.runtime.targets import Target
 
 __all__ = [
@@ -36,7 +34,6 @@ __all__ = [
     "seed_configs",
     "infeasible",
     "suggest",
-    "target_for",
     "vector_bits_choices",
 ]
 
@@ -60,7 +57,6 @@ MAX_UNROLLED_BLOCKS = 512
 #: Vector registers by architecture and vector width (bits).
 _REGISTERS = {("x86_64", 512): 32, ("x86_64", 256): 16, ("x86_64", 128): 16, ("aarch64", 128): 32}
 
-DEFAULT_VARIANT = "wros"
 
 
 @dataclass(frozen=True)
@@ -93,43 +89,8 @@ class Layer:
         return bool(np.all(np.asarray(self.problem.rows) % self.problem.N == 0))
 
 
-@dataclass(frozen=True)
-class Config:
-    """One kernel configuration: variant, constants, mask-specialised or not, vector width."""
-
-    variant: str
-    constants: dict[str, Any] = field(default_factory=dict)
-    specialize: bool = False
-    vector_bits: int | None = None  # None: the target's own width
-
-    def key(self) -> str:
-        """Canonical text identifying the config (equal keys compile to the same kernel)."""
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"variant": self.variant, "constants": dict(sorted(self.constants.items())),
-                "specialize": self.specialize, "vector_bits": self.vector_bits}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Config:
-        return cls(str(d["variant"]), dict(d.get("constants") or {}), bool(d.get("specialize", False)),
-                   d.get("vector_bits"))
-
-    def label(self) -> str:
-        consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
-        vb = f",v{self.vector_bits}" if self.vector_bits else ""
-        return f"{self.variant}[{consts}{',baked' if self.specialize else ''}{vb}]"
-
-    @property
-    def kernel(self) -> KernelFunction:
-        return VARIANTS[self.variant]
-
-
-def target_for(config: Config, target: Target) -> Target:
-    """The target with the config's vector width (same name, so artifacts keep their file names)."""
-    if config.vector_bits is None or config.vector_bits == target.vector_bits:
-        return target
-    return dataclasses.replace(target, vector_bits=config.vector_bits)
+#: The autotuner's name for :class:`ubpdsl.config.KernelConfig` (one type everywhere).
+Config = KernelConfig
 
 
 def vector_bits_choices(target: Target) -> list[int]:

@@ -212,7 +212,7 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
         from ubpdsl.runtime.cache import CompileCache
 
         config = sp.Config.from_json(job["config"])
-        target = sp.target_for(config, get_target(job["target"]))
+        target = config.target_for(get_target(job["target"]))
         ck = compile_kernel(config.kernel, job["problem"], target, constants=config.constants,
                             specialize=config.specialize, symbol=job["symbol"],
                             cache=CompileCache(job["cache_root"]))
@@ -444,7 +444,7 @@ class Tuner:
         from ubpdsl.autotune.mca import estimate_cycles
         from ubpdsl.runtime import build as rt_build
 
-        target = sp.target_for(config, self.target)
+        target = config.target_for(self.target)
         asm = rt_build.emit_asm(Path(built["ll"]).read_text(), target)
         k = config.kernel
         est = estimate_cycles(asm, self.target.name, M=layer.problem.M, N=layer.problem.N, blocks=layer.blocks,

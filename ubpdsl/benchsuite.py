@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 from ubpdsl.autotune.measure import CACHE_MODES, SCRUB_BYTES  # noqa: E402
 from ubpdsl.bench_peers import PEERS, Case, Peer, Prepared, square_block_weights, thread_limit  # noqa: E402
 from ubpdsl.compiler import CompiledKernel, Problem, compile_kernel  # noqa: E402
+from ubpdsl.config import KernelConfig  # noqa: E402
 from ubpdsl.errors import UbpError  # noqa: E402
 from ubpdsl.runtime.loader import aligned_copy, aligned_empty  # noqa: E402
 
@@ -402,9 +403,7 @@ class Tuned:
 
     @property
     def label(self) -> str:
-        consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
-        extra = (",baked" if self.specialize else "") + (f",v{self.vector_bits}" if self.vector_bits else "")
-        return f"{self.variant}[{consts}{extra}] {self.how}"
+        return f"{KernelConfig(self.variant, self.constants, self.specialize, self.vector_bits).label()} {self.how}"
 
 
 #: (problem, x, variant) -> the tuned kernel. Swap :func:`sweep_tuner` for :func:`autotune_tuner`.
@@ -415,15 +414,10 @@ _POOL: Any = None
 
 def _compile_job(args: tuple[str, Problem, dict[str, Any], bool, int | None]) -> CompiledKernel:
     from ubpdsl.kernels import VARIANTS
+    from ubpdsl.runtime.targets import get_target
 
     variant, problem, constants, specialize, vbits = args
-    target: Any = "host"
-    if vbits:
-        import dataclasses
-
-        from ubpdsl.runtime.targets import get_target
-
-        target = dataclasses.replace(get_target("host"), vector_bits=vbits)
+    target = KernelConfig(variant, constants, specialize, vbits).target_for(get_target("host"))
     return compile_kernel(VARIANTS[variant], problem, target, constants=constants, specialize=specialize)
 
 

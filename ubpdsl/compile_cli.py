@@ -12,6 +12,7 @@ from typing import Any
 import click
 import numpy as np
 
+from ubpdsl.config import DEFAULT_VARIANT
 from ubpdsl.errors import DSLError, MaskError, UbpError
 
 TARGETS = ("host", "aarch64-neon", "aarch64-sve")
@@ -123,7 +124,7 @@ def _safe(name: str) -> str:
 @click.option("--mask", "mask_path", required=True, type=click.Path(dir_okay=False), help="masks.npz (with weights)")
 @click.option("--layer", default=None, help="compile only this layer (default: all)")
 @click.option("--target", type=click.Choice(TARGETS), default="host", show_default=True)
-@click.option("--variant", default="wros", show_default=True, help="shipped variant or a kernel .py file")
+@click.option("--variant", default=DEFAULT_VARIANT, show_default=True, help="shipped variant or a kernel .py file")
 @click.option("--kernel", "kernel_name", default=None, help="kernel name inside a .py file with several")
 @click.option("--const", "consts", multiple=True, metavar="NAME=VALUE", help="compile-time constant (repeatable)")
 @click.option("--specialize", is_flag=True, help="bake the mask and weights into the .so")

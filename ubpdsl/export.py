@@ -38,7 +38,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ import click
 import numpy as np
 
 import ubpdsl
+from ubpdsl.config import DEFAULT_VARIANT, KernelConfig
 from ubpdsl.errors import MaskError, UbpError
 from ubpdsl.identity import blocks_hash, file_sha256
 
@@ -65,7 +66,6 @@ __all__ = [
 
 BUNDLE_FORMAT = "ubpdsl.bundle/1"
 TUNED_FORMAT = "ubpdsl.tuned/1"
-DEFAULT_VARIANT = "wros"
 MANIFEST = "manifest.json"
 MASKS = "masks.npz"
 INDEX = "kernels.tsv"
@@ -84,44 +84,6 @@ def safe_name(layer: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ configurations
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """How to build one layer's kernel: the JSON form matches ``ubpdsl.autotune.space.Config``.
-
-    ``vector_bits`` None means the target's own width; ``source`` says where the config came from
-    (``"default"`` or the tuned manifest it was read from) and ``tuned_for`` the layer's (M, K, N)
-    when it was tuned, so a stale tune output is caught.
-    """
-
-    variant: str = DEFAULT_VARIANT
-    constants: Mapping[str, Any] = field(default_factory=dict)
-    specialize: bool = False
-    vector_bits: int | None = None
-    source: str = "default"
-    tuned_for: tuple[int, int, int] | None = None
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], source: str = "default") -> KernelConfig:
-        if not isinstance(data, Mapping) or not isinstance(data.get("variant"), str):
-            raise UbpError(f"{source}: a kernel config needs a 'variant' string, got {data!r}")
-        consts = data.get("constants") or {}
-        if not isinstance(consts, Mapping):
-            raise UbpError(f"{source}: config constants must be an object, got {consts!r}")
-        vb = data.get("vector_bits")
-        if vb is not None and (not isinstance(vb, int) or vb <= 0 or vb % 128):
-            raise UbpError(f"{source}: vector_bits must be a positive multiple of 128, got {vb!r}")
-        return cls(data["variant"], dict(consts), bool(data.get("specialize", False)), vb, source)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"variant": self.variant, "constants": dict(sorted(self.constants.items())),
-                "specialize": self.specialize, "vector_bits": self.vector_bits}
-
-    def label(self) -> str:
-        consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
-        extra = (",baked" if self.specialize else "") + (f",v{self.vector_bits}" if self.vector_bits else "")
-        return f"{self.variant}[{consts}{extra}]"
 
 
 def load_tuned_configs(path: str | os.PathLike[str]) -> tuple[str, dict[str, KernelConfig]]:
@@ -178,15 +140,6 @@ def configs_for(layers: Mapping[str, Any], target: str,
 
 
 # ------------------------------------------------------------------------------------------- export
-
-
-def _target_for(name: str, cfg: KernelConfig) -> Any:
-    from ubpdsl.runtime.targets import get_target
-
-    tgt = get_target(name)
-    if cfg.vector_bits is None or cfg.vector_bits == tgt.vector_bits:
-        return tgt
-    return replace(tgt, vector_bits=cfg.vector_bits)  # same name: artifacts keep their file names
 
 
 def _module_info(model: Any, name: str, mask: Any) -> dict[str, Any]:
@@ -324,7 +277,7 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
             for name, mask in layer_masks.items():
                 cfg = configs[t][name]
                 safe = safe_name(name)
-                ck = compile_kernel(VARIANTS[cfg.variant], Problem.from_mask(mask), _target_for(t, cfg),
+                ck = compile_kernel(VARIANTS[cfg.variant], Problem.from_mask(mask), cfg.target_for(get_target(t)),
                                     constants=dict(cfg.constants), specialize=cfg.specialize, symbol="ubp_" + safe)
                 files = ck.save(tdir)
                 rel = {k: f"{t}/{p.name}" for k, p in files.items()}
