@@ -342,7 +342,7 @@ class Tuner:
             raise TuneError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {settings.cache!r}")
         self.target = get_target(settings.target)  # TargetError for an unknown target
         self.runner: Runner = runner or LocalRunner()
-        self.estimate = self.target.is_aarch64 and runner is None
+        self.estimate = self.target.runner != "native" and runner is None  # no local timing: a cost model
         if runner is not None and hasattr(runner, "connect"):
             runner.connect()  # RunnerError when unreachable, before any study is opened
             arch = getattr(runner, "arch", None)

@@ -231,3 +231,26 @@ def test_cli_rebuilds_a_damaged_entry_with_a_one_line_warning(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.startswith("warning: compile cache entry") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (tmp_path / "out" / "fc.host.so").read_bytes() == shipped
+
+
+# ------------------------------------------------------------------ one owner per contract
+
+
+def test_one_target_registry_feeds_every_cli_and_the_cost_model():
+    from ubpdsl.autotune import cli as tune_cli
+    from ubpdsl.autotune.mca import estimate_label
+    from ubpdsl.compile_cli import compile_cmd
+    from ubpdsl.export import export
+    from ubpdsl.runtime.targets import TARGET_NAMES, get_target
+
+    for cmd in (compile_cmd, export):
+        (opt,) = [o for o in cmd.params if o.name in ("target", "targets")]
+        assert tuple(opt.type.choices) == TARGET_NAMES, cmd.name
+    (opt,) = [o for o in tune_cli.tune.params if o.name == "target"]  # checked by get_target: one-line error
+    assert opt.help == ", ".join(TARGET_NAMES)
+    for name in TARGET_NAMES:
+        t = get_target(name)
+        assert t.name == name and t.runner in ("native", "qemu-aarch64")
+        assert set(t.cache_key()) == {"name", "triple", "cpu", "features", "vector_bits", "scalable"}
+        if t.runner != "native":
+            assert t.mca_cpu in estimate_label(name) and t.mca_lanes >= t.vector_lanes_f32

@@ -275,7 +275,7 @@ class CompiledKernel:
 
     def __call__(self, x: np.ndarray, y: np.ndarray | None = None, *, sve_bits: int | None = None) -> np.ndarray:
         """Y = W @ x: natively on the host, under qemu for AArch64 targets (correctness only)."""
-        if self.target.is_aarch64:
+        if self.target.runner == "qemu-aarch64":
             from ubpdsl.runtime import qemu
 
             bits = sve_bits if self.target.scalable else None

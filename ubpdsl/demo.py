@@ -194,6 +194,7 @@ def run_demo(out: Path, *, dense_epochs: int = 30, updates: int = 8, epochs_per_
     from ubpdsl.export import export_bundle, load_bundle, run_bundle_main
     from ubpdsl.masks import save_masks
     from ubpdsl.models import digits_data
+    from ubpdsl.runtime.targets import TARGET_NAMES
     from ubpdsl.torch_ops import swap_to_kernels
 
     torch.set_num_threads(1)
@@ -219,7 +220,7 @@ def run_demo(out: Path, *, dense_epochs: int = 30, updates: int = 8, epochs_per_
     step.done(how)
 
     step.start("exporting the bundle (host, aarch64-neon, aarch64-sve)")
-    bundle_dir = export_bundle(masks, out / "bundle", targets=["host", "aarch64-neon", "aarch64-sve"],
+    bundle_dir = export_bundle(masks, out / "bundle", targets=list(TARGET_NAMES),
                                tuned={"host": tuned} if tuned else None, model=pruned)
     bundle = load_bundle(bundle_dir, check_host=True)
     step.done(f"{bundle_dir}: {len(bundle.layers)} layers x {len(bundle.targets)} targets")

@@ -49,6 +49,7 @@ import ubpdsl
 from ubpdsl.config import DEFAULT_VARIANT, KernelConfig
 from ubpdsl.errors import MaskError, UbpError
 from ubpdsl.identity import blocks_hash, file_sha256
+from ubpdsl.runtime.targets import TARGET_NAMES
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -69,7 +70,6 @@ TUNED_FORMAT = "ubpdsl.tuned/1"
 MANIFEST = "manifest.json"
 MASKS = "masks.npz"
 INDEX = "kernels.tsv"
-TARGETS = ("host", "aarch64-neon", "aarch64-sve")
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 _PACKED_MAGIC = 0x31504255
 
@@ -103,7 +103,7 @@ def load_tuned_configs(path: str | os.PathLike[str]) -> tuple[str, dict[str, Ker
                        "(expected the manifest.json written by `ubpdsl tune`)")
     target = data.get("target")
     layers = data.get("layers")
-    if target not in TARGETS or not isinstance(layers, dict):
+    if target not in TARGET_NAMES or not isinstance(layers, dict):
         raise UbpError(f"tuned configurations {p}: needs a known 'target' and a 'layers' object")
     out: dict[str, KernelConfig] = {}
     for name, entry in layers.items():
@@ -488,7 +488,7 @@ def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = Fal
     if not isinstance(targets, dict) or not isinstance(layers, dict) or not isinstance(masks, dict) or not layers:
         raise _fail(root, f"{MANIFEST} needs non-empty 'targets', 'layers' and 'masks' objects")
     for t, info in targets.items():
-        if t not in TARGETS or not isinstance(info, dict) or not isinstance(info.get("triple"), str):
+        if t not in TARGET_NAMES or not isinstance(info, dict) or not isinstance(info.get("triple"), str):
             raise _fail(root, f"{MANIFEST}: unknown or malformed target {t!r}")
     _check_file(root, masks.get("file"), masks.get("sha256"))
     try:
@@ -594,7 +594,7 @@ def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer:
               help="masks.npz with the pruned weights")
 @click.option("--tuned", "tuned_paths", multiple=True, type=click.Path(),
               help="output of `ubpdsl tune -o DIR` (the dir or its manifest.json); repeat per target")
-@click.option("--target", "targets", multiple=True, type=click.Choice(TARGETS),
+@click.option("--target", "targets", multiple=True, type=click.Choice(TARGET_NAMES),
               help="target to build for (repeatable; default: host)")
 @click.option("--layer", "layers", multiple=True, help="export only this layer (repeatable)")
 @click.option("--model", "model_spec", default=None, help="model spec (e.g. digits-cnn) to check the masks "
