@@ -254,3 +254,24 @@ def test_one_target_registry_feeds_every_cli_and_the_cost_model():
         assert set(t.cache_key()) == {"name", "triple", "cpu", "features", "vector_bits", "scalable"}
         if t.runner != "native":
             assert t.mca_cpu in estimate_label(name) and t.mca_lanes >= t.vector_lanes_f32
+
+
+def test_one_timing_loop_draws_a_fresh_order_every_round():
+    """The tuner's worker, the benchmark suite and the demo all time through
+    measure.interleaved_samples: a random order each round (a rotating order was biased)."""
+    from ubpdsl import benchsuite, demo
+    from ubpdsl.autotune import measure
+
+    assert demo.interleaved_medians is measure.interleaved_medians
+    calls: list[str] = []
+    fns = [lambda c=c: calls.append(c) for c in "abc"]
+    samples = measure.interleaved_samples(fns, rounds=30)
+    assert [len(s) for s in samples] == [30, 30, 30]
+    orders = {tuple(calls[i:i + 3]) for i in range(0, 90, 3)}
+    assert all(sorted(o) == ["a", "b", "c"] for o in orders)
+    assert len(orders) > 3  # more than the 3 orders of a rotation
+    scrub = measure.CacheScrubber(1 << 16)
+    calls.clear()
+    benchsuite.interleaved_medians({"a": fns[0], "b": fns[1]}, min_time=0.0, min_reps=4, max_reps=4, cache="cold",
+                                   scrubber=scrub)
+    assert scrub.count == 2 + 2 * 4 and len(calls) == 2 * 2 + 2 + 2 * 4

@@ -39,7 +39,8 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from ubpdsl.autotune.measure import CACHE_MODES, SCRUB_BYTES  # noqa: E402
+from ubpdsl.autotune.measure import CacheScrubber  # noqa: E402
+from ubpdsl.autotune.measure import interleaved_medians as _interleaved_medians  # noqa: E402
 from ubpdsl.bench_peers import PEERS, Case, Peer, Prepared, square_block_weights, thread_limit  # noqa: E402
 from ubpdsl.compiler import CompiledKernel, Problem, compile_kernel  # noqa: E402
 from ubpdsl.config import KernelConfig  # noqa: E402
@@ -104,78 +105,19 @@ def setup_process() -> None:
         pass
 
 
-class CacheScrubber:
-    """Evicts the caches between timed calls: copies a buffer larger than the L2 (not timed).
-
-    "Cold" timing is what a layer sees inside a network, where other layers ran in between: its
-    output and (for large layers) its input and weights are not in the core's cache. Kernels can
-    rank very differently warm and cold (a row walk that writes Y one short piece per row waits
-    on one read-for-ownership miss after another when Y is cold), so tuning and measurement must
-    use the same state. The tuner's timing worker (``ubpdsl.autotune.measure``, standard library
-    only, shipped to remote machines) scrubs the same amount its own way.
-    """
-
-    def __init__(self, mbytes: int = SCRUB_BYTES >> 20) -> None:
-        self.src = np.ones(mbytes * (1 << 20) // 4, np.float32)
-        self.dst = np.empty_like(self.src)
-        self.count = 0
-
-    def __call__(self) -> None:
-        np.copyto(self.dst, self.src)
-        self.count += 1
-
-
 @functools.cache
 def shared_scrubber() -> CacheScrubber:
     """The process's default scrubber (its buffers are allocated once, on first use)."""
     return CacheScrubber()
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], min_time: float = 0.3,
-                        max_reps: int = 200, min_reps: int = 5, cache: str | None = None,
+def interleaved_medians(fns: dict[str, Callable[[], object]], min_time: float = 0.3, max_reps: int = 200,
+                        min_reps: int = 5, cache: str | None = None,
                         scrubber: CacheScrubber | None = None) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved to cancel drift.
-
-    Every round calls each function once, in a fresh (seeded) random order: a runner is slower
-    right after some others (measured: our kernel 30 % slower after the MLIR JIT code, even with
-    a cache scrub in between), so a fixed order would charge one runner for its neighbour.
-
-    ``cache``: None times the calls as they come (each sees the state the previous one left);
-    "cold" runs ``scrubber`` (default :func:`shared_scrubber`) before every timed call;
-    "warm" runs the function itself once, untimed, before every timed call.
-    """
-    if cache not in (None, *CACHE_MODES):
-        raise UbpError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    """:func:`ubpdsl.autotune.measure.interleaved_medians` with this process's shared scrubber."""
     if cache == "cold" and scrubber is None:
         scrubber = shared_scrubber()
-
-    def before(f: Callable[[], object]) -> None:
-        if cache == "cold":
-            scrubber()  # type: ignore[misc]
-        elif cache == "warm":
-            f()
-
-    for f in fns.values():  # warm-up
-        f()
-        f()
-    t0 = time.perf_counter()
-    for f in fns.values():
-        before(f)
-        f()
-    round_time = max(time.perf_counter() - t0, 1e-6)
-    reps = int(min(max_reps, max(min_reps, min_time / round_time)))
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    order = np.random.default_rng(0)
-    for _ in range(reps):
-        for i in order.permutation(len(keys)):  # a fresh order each round: no runner always follows the same one
-            k = keys[i]
-            f = fns[k]
-            before(f)
-            t = time.perf_counter()
-            f()
-            samples[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in samples.items()}
+    return _interleaved_medians(fns, min_time, max_reps, min_reps, cache, scrubber)
 
 
 def geomean(values: Iterable[float]) -> float:

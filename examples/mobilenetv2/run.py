@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ubpdsl.demo import interleaved_medians, layer_pixels, tune_host
+from ubpdsl.autotune.measure import interleaved_medians
+from ubpdsl.demo import layer_pixels, tune_host
 from ubpdsl.errors import UbpError
 from ubpdsl.export import export_bundle, load_bundle
 from ubpdsl.masks import save_masks
