@@ -275,3 +275,25 @@ def test_one_timing_loop_draws_a_fresh_order_every_round():
     benchsuite.interleaved_medians({"a": fns[0], "b": fns[1]}, min_time=0.0, min_reps=4, max_reps=4, cache="cold",
                                    scrubber=scrub)
     assert scrub.count == 2 + 2 * 4 and len(calls) == 2 * 2 + 2 + 2 * 4
+
+
+def test_one_feasibility_rule_for_tuner_and_sweep_on_every_target():
+    """The benchmark sweep filters configs with the autotuner's rule, so the two agree by
+    construction -- also on AArch64, where the sweep's own rule once assumed 16 vector registers."""
+    from ubpdsl import benchsuite
+    from ubpdsl.autotune import space as sp
+    from ubpdsl.config import KernelConfig
+    from ubpdsl.runtime.targets import TARGET_NAMES, get_target
+
+    p = random_problem(64, 48, 4, 0.75, seed=4)
+    for name in TARGET_NAMES:
+        t = get_target(name)
+        for variant in ("wros", "block_stream"):
+            for tile in (1, 2, 4, 8):
+                for unroll in (1, 2, 4):
+                    consts = {"TILE": tile, "UNROLL": unroll}
+                    want = sp.infeasible(KernelConfig(variant, consts), sp.Layer(p, 256), t, True) is None
+                    assert benchsuite.feasible(p, variant, consts, 256, t) == want, (name, variant, consts)
+    neon = get_target("aarch64-neon")
+    assert benchsuite.feasible(p, "wros", {"TILE": 4}, 256, neon)  # 4 x 4 + 4 = 20 of NEON's 32 registers
+    assert not benchsuite.feasible(p, "wros", {"TILE": 8}, 256, neon)  # 40 > 32: would spill

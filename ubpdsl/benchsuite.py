@@ -397,17 +397,13 @@ def shutdown_pool() -> None:
         _POOL = None
 
 
-def _regs_ok(N: int, tile: int, n: int, blocks_per_row: float, unroll: int) -> bool:
+def feasible(problem: Problem, variant: str, constants: dict[str, Any], n: int, target: Any = None) -> bool:
+    """Whether the sweep may try this config: the autotuner's rule (:func:`ubpdsl.autotune.space.infeasible`)."""
+    from ubpdsl.autotune import space as sp
     from ubpdsl.runtime.targets import host_target
 
-    tgt = host_target()
-    regs = 32 if tgt.vector_bits == 512 else 16
-    lanes = tgt.vector_bits // 32
-    if N * tile + tile > regs:
-        return False
-    if tile > 1 and (tile - 1) * lanes >= n:
-        return False
-    return not (unroll > 1 and unroll > 2 * blocks_per_row)
+    layer = sp.Layer(problem, n)
+    return sp.infeasible(KernelConfig(variant, constants), layer, target or host_target(), True) is None
 
 
 def _check(got: np.ndarray, ref: np.ndarray) -> str | None:
@@ -448,8 +444,7 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, ca
             if isinstance(ck, UbpError):
                 raise ck
             return Tuned(ck, variant, dict(ck.constants), "default")
-        per_row = len(problem.rows) / max(1, problem.M)
-        tiles = [t for t in (1, 2, 4, 8) if _regs_ok(problem.N, t, n, per_row, 1)]
+        tiles = [t for t in (1, 2, 4, 8) if feasible(problem, variant, {"TILE": t, "UNROLL": 1}, n)]
         ref = _reference(problem.weight, x)
         y = aligned_empty((problem.M, n))
 
@@ -486,7 +481,7 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, ca
         cfg0 = best[0]
         pfs = (0, 8, 16) if "PREFETCH" in knobs else (None,)
         second = [{**cfg0, "UNROLL": u, **({"PREFETCH": d} if d is not None else {})}
-                  for u in (1, 2) if _regs_ok(problem.N, int(cfg0.get("TILE", 4)), n, per_row, u) for d in pfs]
+                  for u in (1, 2) if feasible(problem, variant, {**cfg0, "UNROLL": u}, n) for d in pfs]
         best = best_of(second) or best
         cfg0 = best[0]
         others = [t for t in tiles if t != cfg0.get("TILE")]
