@@ -26,11 +26,12 @@ import click
 import numpy as np
 
 from ubpdsl.cli_common import load_model, model_options
-from ubpdsl.errors import MaskError, TargetError, UbpError
+from ubpdsl.errors import MaskError, UbpError
+from ubpdsl.identity import content_file
+from ubpdsl.runtime.targets import TARGET_NAMES
 
 __all__ = ["tune", "run_tune", "load_layers", "LayerSummary"]
 
-TARGETS = ("host", "aarch64-neon", "aarch64-sve")
 
 #: Finished trials per layer by default: a MobileNetV2 masks.npz (36 layers) in < 10 min on 2 cores.
 DEFAULT_TRIALS = 12
@@ -114,9 +115,7 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
     from ubpdsl.runtime.targets import get_target
 
     # 1. validate everything before touching any study
-    if target not in TARGETS:
-        raise TargetError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
-    get_target(target)
+    get_target(target)  # TargetError naming the known targets
     if trials < 1:
         raise UbpError(f"--trials must be >= 1, got {trials}")
     if cache not in CACHE_MODES:
@@ -208,9 +207,7 @@ def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, An
         shape = (layer.problem.M, layer.problem.K, layer.n)
         known = tuner.dense_times.get(shape)
         if dense and known is None:
-            wfile = tuner.workdir / f"{layer.mask_hash()[:24]}.{layer.weights_hash()[:16]}.f32"
-            if not wfile.exists():
-                layer.problem.weight.astype(np.float32).tofile(wfile)
+            wfile = content_file(tuner.workdir, layer.problem.weight.astype(np.float32), ".f32")
             entries.append({"name": "torch.mm", "kind": "torch_mm", "M": layer.problem.M, "K": layer.problem.K,
                             "weight": str(wfile)})
         outcome = tuner.measure(layer, entries, rounds=21, budget_s=0.6)
@@ -354,7 +351,7 @@ def _machine() -> dict[str, Any]:
 
 @click.command("tune")
 @click.option("--mask", "mask_path", required=True, type=click.Path(dir_okay=False), help="masks.npz")
-@click.option("--target", default="host", show_default=True, help="host, aarch64-neon or aarch64-sve")
+@click.option("--target", default="host", show_default=True, help=", ".join(TARGET_NAMES))
 @click.option("--trials", default=DEFAULT_TRIALS, show_default=True, help="finished trials per layer (a rerun tops up)")
 @click.option("--storage", default=None, help="Optuna storage URL (default: SQLite in the cache dir); "
               "postgresql://user:pw@host/db shares studies across machines")

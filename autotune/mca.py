@@ -29,14 +29,20 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ubpdsl.errors import BuildError
+from ubpdsl.errors import BuildError, UbpError
 
-__all__ = ["MCA_CPU", "Loop", "parse_loops", "mca_cycles", "estimate_cycles", "estimate_label"]
+__all__ = ["Loop", "parse_loops", "mca_cycles", "estimate_cycles", "estimate_label"]
 
-#: -mcpu given to llvm-mca per target.
-MCA_CPU = {"aarch64-neon": "cortex-a76", "aarch64-sve": "neoverse-v1"}
-#: fp32 lanes assumed for the trip counts (Neoverse V1 implements 256-bit SVE).
-MCA_LANES = {"aarch64-neon": 4, "aarch64-sve": 8}
+
+
+def _model(target: str) -> tuple[str, int]:
+    """(llvm-mca -mcpu, fp32 lanes) of ``target``'s cost model (from the target registry)."""
+    from ubpdsl.runtime.targets import get_target
+
+    t = get_target(target)
+    if t.mca_cpu is None or t.mca_lanes is None:
+        raise BuildError(f"target {target} has no llvm-mca cost model")
+    return t.mca_cpu, t.mca_lanes
 
 _LABEL = re.compile(r"^(\.LBB\d+_\d+):|^\s*//\s*%bb\.(\d+):")
 _HEADER = re.compile(r"This (?:Inner )?Loop Header: Depth=(\d+)")
@@ -57,7 +63,11 @@ class Loop:
 
 
 def estimate_label(target: str) -> str:
-    return f"estimate (llvm-mca -mcpu={MCA_CPU.get(target, '?')})"
+    try:
+        cpu = _model(target)[0]
+    except UbpError:
+        cpu = "?"
+    return f"estimate (llvm-mca -mcpu={cpu})"
 
 
 def parse_loops(asm: str) -> tuple[dict[str, Loop], list[str]]:
@@ -120,7 +130,7 @@ def mca_cycles(instructions: list[str], target: str, triple: str = "aarch64") ->
         return 0.0
     from ubpdsl.runtime.toolchain import tool
 
-    cpu = MCA_CPU[target]
+    cpu = _model(target)[0]
     with tempfile.TemporaryDirectory(prefix="ubp-mca-") as tmp:
         src = Path(tmp) / "body.s"
         src.write_text("\n".join(instructions) + "\n")
@@ -142,7 +152,7 @@ def estimate_cycles(asm: str, target: str, *, M: int, N: int, blocks: int, n: in
                     output_stationary: bool) -> dict[str, float]:
     """Predicted cycles of one kernel call on ``target`` for a layer (see the module docstring)."""
     loops, _ = parse_loops(asm)
-    lanes = MCA_LANES[target]
+    lanes = _model(target)[1]
     tiles = math.ceil(n / (max(1, tile) * lanes))
     tops = [lp for lp in loops.values() if lp.depth == 1]
     if not tops:

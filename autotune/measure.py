@@ -52,7 +52,19 @@ import statistics
 import struct
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+try:
+    from ubpdsl.errors import UbpError as _ModeError
+    from ubpdsl.runtime.kernel_so import load_symbol
+except ImportError:  # a bare `python -S measure.py`: kernel_so.py is beside it, or in ../runtime
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, next((d for d in (_here, os.path.join(os.path.dirname(_here), "runtime"))
+                             if os.path.isfile(os.path.join(d, "kernel_so.py"))), _here))
+    from kernel_so import load_symbol  # type: ignore[no-redef]
+
+    _ModeError = ValueError  # type: ignore[misc,assignment]
 
 _PATTERN_LEN = 4093  # prime: the pattern never lines up with a row of X
 
@@ -87,14 +99,6 @@ class _Buffer:
             ctypes.memmove(self.addr, data, len(data))
 
 
-def _load_kernel(entry: dict[str, Any]) -> Any:
-    lib = ctypes.CDLL(os.path.abspath(entry["so"]), mode=getattr(os, "RTLD_LOCAL", 0) | getattr(os, "RTLD_NOW", 2))
-    fn = getattr(lib, entry["symbol"])
-    fn.restype = ctypes.c_int32
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    return lib, fn
-
-
 def _make_call(entry: dict[str, Any], x: _Buffer, xbytes: bytes, n: int) -> tuple[Any, Any]:
     """A zero-argument function running the entry once, and a reader of its output."""
     M, K = int(entry["M"]), int(entry["K"])
@@ -113,7 +117,7 @@ def _make_call(entry: dict[str, Any], x: _Buffer, xbytes: bytes, n: int) -> tupl
             return 0
 
         return run_torch, lambda pos: [float(yt.view(-1)[p]) for p in pos]
-    lib, fn = _load_kernel(entry)
+    lib, fn = load_symbol(entry["so"], entry["symbol"])
     packed = None
     if entry.get("packed"):
         with open(entry["packed"], "rb") as f:
@@ -157,10 +161,16 @@ SCRUB_BYTES = 8 << 20
 CACHE_MODES = ("cold", "warm")
 
 
-class _Scrubber:
-    """Evicts the caches: copies ``nbytes`` between two buffers allocated once (all bytes touched)."""
+class CacheScrubber:
+    """Evicts the caches between timed calls: copies ``nbytes`` (default :data:`SCRUB_BYTES`, well
+    above an L2) between two buffers allocated once, every byte read and written (not timed).
 
-    def __init__(self, nbytes: int) -> None:
+    "Cold" timing is what a layer sees inside a network, where other layers ran in between: its
+    output and (for large layers) its input and weights are not in the core's cache. Kernels can
+    rank very differently warm and cold, so tuning and measurement use this one scrubber.
+    """
+
+    def __init__(self, nbytes: int = SCRUB_BYTES) -> None:
         self.nbytes = max(4096, int(nbytes))
         self.src = _Buffer(self.nbytes)
         self.dst = _Buffer(self.nbytes)
@@ -171,6 +181,82 @@ class _Scrubber:
     def __call__(self) -> None:
         ctypes.memmove(self.dst.addr, self.src.addr, self.nbytes)
         self.count += 1
+
+
+def interleaved_samples(fns: Sequence[Callable[[], Any]], *, rounds: int, cache: str | None = None,
+                        scrub: Callable[[], Any] | None = None, inner: Sequence[int] | None = None,
+                        budget_s: float = 0.0, max_rounds: int | None = None,
+                        clock: Callable[[], float] = time.perf_counter, overhead: float = 0.0,
+                        seed: int = 0) -> list[list[float]]:
+    """The one timing loop: seconds per call of each of ``fns``, one sample per round.
+
+    Every round calls each function in a fresh (seeded) random order: a runner is slower right
+    after some others, so a fixed or rotating order would charge one runner for its neighbour.
+    At least ``rounds`` rounds; more, up to ``max_rounds``, while less than ``budget_s`` seconds
+    have passed. ``cache``: ``"cold"`` runs ``scrub`` before every timed call (one call per sample,
+    ``overhead`` -- the clock's own cost -- subtracted); ``"warm"`` runs the function once, untimed,
+    before its sample; None times the calls as they come. Outside cold mode a sample is the mean
+    of ``inner[i]`` back-to-back calls.
+    """
+    if cache not in (None, *CACHE_MODES):
+        raise _ModeError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    if cache == "cold" and scrub is None:
+        raise _ModeError("cold timing needs a cache scrubber")
+    count = len(fns)
+    reps = [1] * count if cache == "cold" or inner is None else [max(1, int(r)) for r in inner]
+    samples: list[list[float]] = [[] for _ in fns]
+    shuffle = random.Random(seed).shuffle
+    perf = time.perf_counter
+    limit = max(rounds, max_rounds or rounds)
+    start = perf()
+    k = 0
+    while k < rounds or (k < limit and perf() - start < budget_s):
+        order = list(range(count))
+        shuffle(order)
+        for i in order:
+            fn = fns[i]
+            if cache == "cold":
+                scrub()  # type: ignore[misc]
+                t0 = clock()
+                fn()
+                samples[i].append(max(clock() - t0 - overhead, 1e-9))
+                continue
+            if cache == "warm":
+                fn()
+            r = reps[i]
+            t0 = clock()
+            for _ in range(r):
+                fn()
+            samples[i].append(max(clock() - t0, 1e-9) / r)
+        k += 1
+    return samples
+
+
+def interleaved_medians(fns: Mapping[str, Callable[[], Any]], min_time: float = 0.3, max_reps: int = 200,
+                        min_reps: int = 5, cache: str | None = None, scrubber: Callable[[], Any] | None = None,
+                        sample_s: float = 0.0) -> dict[str, float]:
+    """Median seconds per call of each function, by :func:`interleaved_samples`.
+
+    Each function is called twice first (warm-up); one probe round sets the number of rounds to
+    about ``min_time`` seconds (between ``min_reps`` and ``max_reps``). ``sample_s`` > 0 repeats
+    fast functions back to back to make each sample last about that long (not in cold mode).
+    ``cache`` "cold" uses ``scrubber`` (default: a fresh :class:`CacheScrubber`).
+    """
+    if cache not in (None, *CACHE_MODES):
+        raise _ModeError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    if cache == "cold" and scrubber is None:
+        scrubber = CacheScrubber()
+    names = list(fns)
+    calls = [fns[k] for k in names]
+    for f in calls:  # warm-up
+        f()
+        f()
+    probe = interleaved_samples(calls, rounds=1, cache=cache, scrub=scrubber)
+    round_time = max(sum(s[0] for s in probe), 1e-6)
+    rounds = int(min(max_reps, max(min_reps, min_time / round_time)))
+    inner = [max(1, int(sample_s / max(s[0], 1e-9))) for s in probe] if sample_s > 0 else None
+    samples = interleaved_samples(calls, rounds=rounds, cache=cache, scrub=scrubber, inner=inner)
+    return {k: statistics.median(v) for k, v in zip(names, samples, strict=True)}
 
 
 def _clock_overhead(clock: Any) -> float:
@@ -196,7 +282,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     calls = []
     for e in entries:
         calls.append(_make_call(e, x, xbytes, n))
-    scrub = _Scrubber(int(request.get("scrub_bytes", SCRUB_BYTES))) if cold else None
+    scrub = CacheScrubber(int(request.get("scrub_bytes", SCRUB_BYTES))) if cold else None
     # warm-up, checking return codes
     single = []
     for (fn, _), e in zip(calls, entries, strict=True):
@@ -213,39 +299,12 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     inner = [1 if cold else max(1, int(sample_s / t)) for t in single]
     rounds = int(request.get("rounds", 15))
     budget = float(request.get("budget_s", 0.5))
-    times: list[list[float]] = [[] for _ in entries]
-    ratios: list[list[float]] = [[] for _ in entries]
-    scrubs = [0] * len(entries)
-    start = time.perf_counter()
-    k = 0
-    perf = time.perf_counter
     clock = _thread_clock()
     overhead = _clock_overhead(clock) if cold else 0.0
-    shuffle = random.Random(0).shuffle
-    while k < rounds or (k < 50 * rounds and perf() - start < budget):
-        order = list(range(len(entries)))
-        shuffle(order)
-        this = [0.0] * len(entries)
-        for i in order:
-            fn = calls[i][0]
-            if scrub is not None:
-                scrub()
-                scrubs[i] += 1
-                t0 = clock()
-                fn()
-                this[i] = max(clock() - t0 - overhead, 1e-9)
-                continue
-            reps = inner[i]
-            t0 = clock()
-            for _ in range(reps):
-                fn()
-            this[i] = max(clock() - t0, 1e-9) / reps
-        for i, t in enumerate(this):
-            times[i].append(t)
-            ratios[i].append(t / this[0])
-        k += 1
-        if k >= rounds and perf() - start >= budget:
-            break
+    times = interleaved_samples([c[0] for c in calls], rounds=rounds, cache=mode, scrub=scrub, inner=inner,
+                                budget_s=budget, max_rounds=50 * rounds, clock=clock, overhead=overhead)
+    ratios = [[t / t0 for t, t0 in zip(ts, times[0], strict=True)] for ts in times]
+    scrubs = [len(times[i]) if cold else 0 for i in range(len(entries))]
     results = []
     for i, e in enumerate(entries):
         M = int(e["M"])

@@ -19,7 +19,6 @@ Authentication, host keys and jump hosts are ssh's business: pass options with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -29,8 +28,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ubpdsl.autotune.runner import WORKER, Outcome, classify_exit
+from ubpdsl.autotune.runner import WORKER_FILES, Outcome, classify_exit
 from ubpdsl.errors import UbpError
+from ubpdsl.identity import file_sha256
 
 __all__ = ["SshRunner", "RunnerError"]
 
@@ -106,14 +106,14 @@ class SshRunner:
             raise RunnerError(f"cannot reach runner {self.name} (or it has no python3): {_first(proc.stderr)}")
         lines = proc.stdout.split()
         self.arch, self._dir = lines[0], lines[-1]
-        self._scp([(WORKER, "measure.py")])
+        self._scp([(path, name) for name, path in WORKER_FILES.items()])
 
     def _ship(self, path: str) -> str:
         p = Path(path)
         st = p.stat()
         key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
         if key not in self._shipped:
-            digest = hashlib.sha256(p.read_bytes()).hexdigest()[:20]
+            digest = file_sha256(p)[:20]
             name = f"{digest}{''.join(p.suffixes[-1:])}"
             if name not in self._shipped.values() and name not in {n for _, n in self._pending}:
                 self._pending.append((p, name))

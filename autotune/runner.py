@@ -20,10 +20,12 @@ from typing import Any, Protocol
 
 from ubpdsl.errors import UbpError
 
-__all__ = ["Outcome", "Runner", "LocalRunner", "WORKER", "get_runner", "classify_exit"]
+__all__ = ["Outcome", "Runner", "LocalRunner", "WORKER", "WORKER_FILES", "get_runner", "classify_exit"]
 
 #: The worker script, shipped as is to remote machines.
 WORKER = Path(__file__).with_name("measure.py")
+#: What a remote runner needs beside it: the worker and the kernel loader it imports (name there -> file).
+WORKER_FILES = {"measure.py": WORKER, "kernel_so.py": Path(__file__).parent.parent / "runtime" / "kernel_so.py"}
 
 
 @dataclass

@@ -14,18 +14,15 @@ variant ignores collapse to one canonical config (:meth:`Config.key`), which is 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ubpdsl.compiler import Problem
+from ubpdsl.config import DEFAULT_VARIANT, KernelConfig
 from ubpdsl.kernels import VARIANTS
-from ubpdsl.language.core import KernelFunction
 from ubpdsl.runtime.targets import Target
 
 __all__ = [
@@ -37,7 +34,6 @@ __all__ = [
     "seed_configs",
     "infeasible",
     "suggest",
-    "target_for",
     "vector_bits_choices",
 ]
 
@@ -61,7 +57,6 @@ MAX_UNROLLED_BLOCKS = 512
 #: Vector registers by architecture and vector width (bits).
 _REGISTERS = {("x86_64", 512): 32, ("x86_64", 256): 16, ("x86_64", 128): 16, ("aarch64", 128): 32}
 
-DEFAULT_VARIANT = "wros"
 
 
 @dataclass(frozen=True)
@@ -93,57 +88,9 @@ class Layer:
         """True when every block starts at a multiple of N (an ABP mask)."""
         return bool(np.all(np.asarray(self.problem.rows) % self.problem.N == 0))
 
-    def mask_hash(self) -> str:
-        """sha256 of the block structure (shape, N, rows, cols): what the tuned config depends on."""
-        p = self.problem
-        h = hashlib.sha256(f"{p.M},{p.K},{p.N}".encode())
-        h.update(np.ascontiguousarray(p.rows, np.int64).tobytes())
-        h.update(np.ascontiguousarray(p.cols, np.int64).tobytes())
-        return h.hexdigest()
 
-    def weights_hash(self) -> str | None:
-        if self.problem.weight is None:
-            return None
-        return hashlib.sha256(np.ascontiguousarray(self.problem.weight, np.float32).tobytes()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Config:
-    """One kernel configuration: variant, constants, mask-specialised or not, vector width."""
-
-    variant: str
-    constants: dict[str, Any] = field(default_factory=dict)
-    specialize: bool = False
-    vector_bits: int | None = None  # None: the target's own width
-
-    def key(self) -> str:
-        """Canonical text identifying the config (equal keys compile to the same kernel)."""
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"variant": self.variant, "constants": dict(sorted(self.constants.items())),
-                "specialize": self.specialize, "vector_bits": self.vector_bits}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Config:
-        return cls(str(d["variant"]), dict(d.get("constants") or {}), bool(d.get("specialize", False)),
-                   d.get("vector_bits"))
-
-    def label(self) -> str:
-        consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
-        vb = f",v{self.vector_bits}" if self.vector_bits else ""
-        return f"{self.variant}[{consts}{',baked' if self.specialize else ''}{vb}]"
-
-    @property
-    def kernel(self) -> KernelFunction:
-        return VARIANTS[self.variant]
-
-
-def target_for(config: Config, target: Target) -> Target:
-    """The target with the config's vector width (same name, so artifacts keep their file names)."""
-    if config.vector_bits is None or config.vector_bits == target.vector_bits:
-        return target
-    return dataclasses.replace(target, vector_bits=config.vector_bits)
+#: The autotuner's name for :class:`ubpdsl.config.KernelConfig` (one type everywhere).
+Config = KernelConfig
 
 
 def vector_bits_choices(target: Target) -> list[int]:

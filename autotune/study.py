@@ -51,6 +51,7 @@ from ubpdsl.autotune.measure import CACHE_MODES
 from ubpdsl.autotune.runner import LocalRunner, Outcome, Runner
 from ubpdsl.autotune.tuned_cache import TunedCache, tuned_key
 from ubpdsl.errors import UbpError
+from ubpdsl.identity import content_file
 from ubpdsl.runtime.targets import Target, get_target
 
 __all__ = ["TuneError", "TuneSettings", "LayerResult", "Tuner", "open_storage", "study_name", "compile_job",
@@ -211,18 +212,13 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
         from ubpdsl.runtime.cache import CompileCache
 
         config = sp.Config.from_json(job["config"])
-        target = sp.target_for(config, get_target(job["target"]))
+        target = config.target_for(get_target(job["target"]))
         ck = compile_kernel(config.kernel, job["problem"], target, constants=config.constants,
                             specialize=config.specialize, symbol=job["symbol"],
                             cache=CompileCache(job["cache_root"]))
         packed = None
-        if ck.packed is not None:
-            packed = Path(job["workdir"]) / f"{ck.manifest['cache_key']}.packed"
-            if not packed.exists():
-                tmp = packed.with_suffix(f".{os.getpid()}.tmp")
-                ck.packed.tofile(tmp)
-                os.replace(tmp, packed)
-            packed = str(packed)
+        if ck.packed is not None:  # content-addressed: layers with other weights never share the file
+            packed = str(content_file(job["workdir"], ck.packed, ".packed"))
         return {"so": str(ck.so), "obj": str(ck.obj), "header": str(ck.header), "ll": str(ck.so.parent / "kernel.ll"),
                 "packed": packed, "manifest": ck.manifest, "symbol": ck.symbol, "cache_hit": ck.cache_hit}
     except UbpError as exc:
@@ -346,7 +342,7 @@ class Tuner:
             raise TuneError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {settings.cache!r}")
         self.target = get_target(settings.target)  # TargetError for an unknown target
         self.runner: Runner = runner or LocalRunner()
-        self.estimate = self.target.is_aarch64 and runner is None
+        self.estimate = self.target.runner != "native" and runner is None  # no local timing: a cost model
         if runner is not None and hasattr(runner, "connect"):
             runner.connect()  # RunnerError when unreachable, before any study is opened
             arch = getattr(runner, "arch", None)
@@ -385,13 +381,13 @@ class Tuner:
 
     def key(self, layer: sp.Layer) -> str:
         """The tuned-config cache key of ``layer`` (also names its study); includes the timing mode."""
-        from ubpdsl.compiler import _compiler_fingerprint
+        from ubpdsl.compiler import compiler_fingerprint
         from ubpdsl.kernels import VARIANTS
         from ubpdsl.runtime.toolchain import toolchain_versions
 
-        return tuned_key(mask=layer.mask_hash(), shape=[layer.problem.M, layer.problem.K, layer.problem.N],
+        return tuned_key(mask=layer.problem.blocks_hash(), shape=[layer.problem.M, layer.problem.K, layer.problem.N],
                          n=layer.n, target=self.target.cache_key(), toolchain=toolchain_versions(),
-                         compiler=_compiler_fingerprint(), kernels={k: v.source for k, v in VARIANTS.items()},
+                         compiler=compiler_fingerprint(), kernels={k: v.source for k, v in VARIANTS.items()},
                          runner=self.runner.name, estimate=self.estimate, weights=self.settings.weights,
                          cache=self.cache_mode)
 
@@ -448,7 +444,7 @@ class Tuner:
         from ubpdsl.autotune.mca import estimate_cycles
         from ubpdsl.runtime import build as rt_build
 
-        target = sp.target_for(config, self.target)
+        target = config.target_for(self.target)
         asm = rt_build.emit_asm(Path(built["ll"]).read_text(), target)
         k = config.kernel
         est = estimate_cycles(asm, self.target.name, M=layer.problem.M, N=layer.problem.N, blocks=layer.blocks,

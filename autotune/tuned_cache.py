@@ -10,14 +10,13 @@ so an interrupted run never leaves a half-written entry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from ubpdsl.runtime.cache import canonical_json, default_cache_dir
+from ubpdsl.runtime.cache import CompileCache, default_cache_dir
 
 __all__ = ["SPACE_VERSION", "TunedCache", "tuned_key"]
 
@@ -28,8 +27,8 @@ SPACE_VERSION = "ubpdsl.tune/2"
 
 
 def tuned_key(**parts: Any) -> str:
-    """sha256 over the canonical JSON of the key parts."""
-    return hashlib.sha256(canonical_json({"space": SPACE_VERSION, **parts}).encode()).hexdigest()
+    """sha256 over the canonical JSON of the key parts and the space version (as the compile cache keys)."""
+    return CompileCache.key(**{"space": SPACE_VERSION, **parts})
 
 
 class TunedCache:

@@ -14,7 +14,6 @@ two: about 25 % on MobileNetV2-sized layers). :func:`aligned_empty` allocates su
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from ubpdsl.abi import KERNEL_ERRORS, describe_error
 from ubpdsl.errors import RunError, UbpError
+from ubpdsl.runtime.kernel_so import load_symbol
 
 __all__ = ["KERNEL_ERRORS", "HostKernel", "aligned_empty", "aligned_copy", "describe_error", "check_kernel_args"]
 
@@ -98,18 +98,10 @@ class HostKernel:
         self.symbol = symbol
         self.M = int(M)
         self.K = int(K)
-        if not self.so_path.is_file():
-            raise RunError(f"kernel library not found: {self.so_path}")
         try:
-            self._lib = ctypes.CDLL(str(self.so_path.resolve()), mode=os.RTLD_LOCAL | os.RTLD_NOW)
+            self._lib, fn = load_symbol(self.so_path, symbol)
         except OSError as exc:
-            raise RunError(f"cannot load {self.so_path}: {exc}") from exc
-        try:
-            fn = getattr(self._lib, symbol)
-        except AttributeError as exc:
-            raise RunError(f"{self.so_path} has no symbol '{symbol}'") from exc
-        fn.restype = ctypes.c_int32
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+            raise RunError(str(exc)) from None
         self._fn = fn
 
     def __repr__(self) -> str:

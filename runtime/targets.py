@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import functools
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ubpdsl.errors import TargetError
 
 __all__ = ["Target", "TARGET_NAMES", "get_target", "host_target"]
-
-TARGET_NAMES = ("host", "aarch64-neon", "aarch64-sve")
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,10 @@ class Target:
         features: ``-mattr`` string for opt/llc (comma separated, ``+f``/``-f``; may be empty).
         vector_bits: SIMD register width in bits (SVE: the 128-bit minimum).
         scalable: True for SVE (vector length known only at run time).
+        runner: how kernels run here: ``"native"`` (timed on this machine) or ``"qemu-aarch64"``
+            (correctness only; timed by a cost model or a remote runner).
+        mca_cpu: ``llvm-mca -mcpu`` of the cost model (None: no estimates for this target).
+        mca_lanes: fp32 lanes the cost model assumes per vector (SVE: the modelled CPU's width).
     """
 
     name: str
@@ -46,6 +49,9 @@ class Target:
     features: str
     vector_bits: int
     scalable: bool = False
+    runner: str = "native"
+    mca_cpu: str | None = None
+    mca_lanes: int | None = None
 
     @property
     def arch(self) -> str:
@@ -69,8 +75,12 @@ class Target:
         return flags
 
     def cache_key(self) -> dict[str, object]:
-        """A JSON-serialisable dict identifying the generated code's target."""
-        return asdict(self)
+        """A JSON-serialisable dict identifying the generated code's target (not how it is run)."""
+        return {k: v for k, v in asdict(self).items() if k not in _RUN_FIELDS}
+
+
+#: Fields of :class:`Target` that say how kernels are run or costed, not how code is generated.
+_RUN_FIELDS = ("runner", "mca_cpu", "mca_lanes")
 
 
 # /proc/cpuinfo flag -> LLVM x86 feature name, for the features that matter to fp32 GEMM
@@ -172,6 +182,9 @@ _AARCH64_NEON = Target(
     cpu="cortex-a76",
     features="+neon",
     vector_bits=128,
+    runner="qemu-aarch64",
+    mca_cpu="cortex-a76",
+    mca_lanes=4,
 )
 
 _AARCH64_SVE = Target(
@@ -181,15 +194,25 @@ _AARCH64_SVE = Target(
     features="+neon,+sve",
     vector_bits=128,
     scalable=True,
+    runner="qemu-aarch64",
+    mca_cpu="neoverse-v1",
+    mca_lanes=8,  # Neoverse V1 implements 256-bit SVE
 )
+
+#: The target registry: every target, by name (the host's is detected on first use).
+_REGISTRY: dict[str, Callable[[], Target]] = {
+    "host": lambda: host_target(),
+    "aarch64-neon": lambda: _AARCH64_NEON,
+    "aarch64-sve": lambda: _AARCH64_SVE,
+}
+
+#: Every target name, in the order CLIs list them.
+TARGET_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
 def get_target(name: str) -> Target:
-    """The Target called ``name`` (``host``, ``aarch64-neon`` or ``aarch64-sve``)."""
-    if name == "host":
-        return host_target()
-    if name == "aarch64-neon":
-        return _AARCH64_NEON
-    if name == "aarch64-sve":
-        return _AARCH64_SVE
-    raise TargetError(f"unknown target '{name}'; choose one of {', '.join(TARGET_NAMES)}")
+    """The Target called ``name`` (one of :data:`TARGET_NAMES`); :class:`TargetError` otherwise."""
+    make = _REGISTRY.get(name) if isinstance(name, str) else None
+    if make is None:
+        raise TargetError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)}")
+    return make()

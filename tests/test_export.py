@@ -192,7 +192,7 @@ def test_missing_file_is_refused(copy_of):
 def test_so_for_another_target_is_refused(copy_of):
     """An AArch64 .so under the host name (and a manifest made to agree): caught by its ELF machine."""
     root = copy_of()
-    from ubpdsl.export import _sha256
+    from ubpdsl.identity import file_sha256 as _sha256
 
     shutil.copyfile(root / "aarch64-neon" / "2.aarch64-neon.so", root / "host" / "2.host.so")
     _rewrite_manifest(root, lambda m: m["layers"]["2"]["targets"]["host"]["sha256"].update(
@@ -203,7 +203,7 @@ def test_so_for_another_target_is_refused(copy_of):
 
 def test_packed_weights_of_another_layer_are_refused(copy_of):
     root = copy_of()
-    from ubpdsl.export import _sha256
+    from ubpdsl.identity import file_sha256 as _sha256
 
     shutil.copyfile(root / "host" / "0.packed.bin", root / "host" / "2.packed.bin")
     _rewrite_manifest(root, lambda m: m["layers"]["2"]["targets"]["host"]["sha256"].update(

@@ -40,9 +40,11 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from ubpdsl.autotune.measure import CACHE_MODES, SCRUB_BYTES  # noqa: E402
+from ubpdsl.autotune.measure import CacheScrubber  # noqa: E402
+from ubpdsl.autotune.measure import interleaved_medians as _interleaved_medians  # noqa: E402
 from ubpdsl.bench_peers import PEERS, Case, Peer, Prepared, square_block_weights, thread_limit  # noqa: E402
 from ubpdsl.compiler import CompiledKernel, Problem, compile_kernel  # noqa: E402
+from ubpdsl.config import KernelConfig  # noqa: E402
 from ubpdsl.errors import UbpError  # noqa: E402
 from ubpdsl.runtime.loader import aligned_copy, aligned_empty  # noqa: E402
 
@@ -104,78 +106,19 @@ def setup_process() -> None:
         pass
 
 
-class CacheScrubber:
-    """Evicts the caches between timed calls: copies a buffer larger than the L2 (not timed).
-
-    "Cold" timing is what a layer sees inside a network, where other layers ran in between: its
-    output and (for large layers) its input and weights are not in the core's cache. Kernels can
-    rank very differently warm and cold (a row walk that writes Y one short piece per row waits
-    on one read-for-ownership miss after another when Y is cold), so tuning and measurement must
-    use the same state. The tuner's timing worker (``ubpdsl.autotune.measure``, standard library
-    only, shipped to remote machines) scrubs the same amount its own way.
-    """
-
-    def __init__(self, mbytes: int = SCRUB_BYTES >> 20) -> None:
-        self.src = np.ones(mbytes * (1 << 20) // 4, np.float32)
-        self.dst = np.empty_like(self.src)
-        self.count = 0
-
-    def __call__(self) -> None:
-        np.copyto(self.dst, self.src)
-        self.count += 1
-
-
 @functools.cache
 def shared_scrubber() -> CacheScrubber:
     """The process's default scrubber (its buffers are allocated once, on first use)."""
     return CacheScrubber()
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], min_time: float = 0.3,
-                        max_reps: int = 200, min_reps: int = 5, cache: str | None = None,
+def interleaved_medians(fns: dict[str, Callable[[], object]], min_time: float = 0.3, max_reps: int = 200,
+                        min_reps: int = 5, cache: str | None = None,
                         scrubber: CacheScrubber | None = None) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved to cancel drift.
-
-    Every round calls each function once, in a fresh (seeded) random order: a runner is slower
-    right after some others (measured: our kernel 30 % slower after the MLIR JIT code, even with
-    a cache scrub in between), so a fixed order would charge one runner for its neighbour.
-
-    ``cache``: None times the calls as they come (each sees the state the previous one left);
-    "cold" runs ``scrubber`` (default :func:`shared_scrubber`) before every timed call;
-    "warm" runs the function itself once, untimed, before every timed call.
-    """
-    if cache not in (None, *CACHE_MODES):
-        raise UbpError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    """:func:`ubpdsl.autotune.measure.interleaved_medians` with this process's shared scrubber."""
     if cache == "cold" and scrubber is None:
         scrubber = shared_scrubber()
-
-    def before(f: Callable[[], object]) -> None:
-        if cache == "cold":
-            scrubber()  # type: ignore[misc]
-        elif cache == "warm":
-            f()
-
-    for f in fns.values():  # warm-up
-        f()
-        f()
-    t0 = time.perf_counter()
-    for f in fns.values():
-        before(f)
-        f()
-    round_time = max(time.perf_counter() - t0, 1e-6)
-    reps = int(min(max_reps, max(min_reps, min_time / round_time)))
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    order = np.random.default_rng(0)
-    for _ in range(reps):
-        for i in order.permutation(len(keys)):  # a fresh order each round: no runner always follows the same one
-            k = keys[i]
-            f = fns[k]
-            before(f)
-            t = time.perf_counter()
-            f()
-            samples[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in samples.items()}
+    return _interleaved_medians(fns, min_time, max_reps, min_reps, cache, scrubber)
 
 
 def geomean(values: Iterable[float]) -> float:
@@ -402,9 +345,7 @@ class Tuned:
 
     @property
     def label(self) -> str:
-        consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
-        extra = (",baked" if self.specialize else "") + (f",v{self.vector_bits}" if self.vector_bits else "")
-        return f"{self.variant}[{consts}{extra}] {self.how}"
+        return f"{KernelConfig(self.variant, self.constants, self.specialize, self.vector_bits).label()} {self.how}"
 
 
 #: (problem, x, variant) -> the tuned kernel. Swap :func:`sweep_tuner` for :func:`autotune_tuner`.
@@ -415,15 +356,10 @@ _POOL: Any = None
 
 def _compile_job(args: tuple[str, Problem, dict[str, Any], bool, int | None]) -> CompiledKernel:
     from ubpdsl.kernels import VARIANTS
+    from ubpdsl.runtime.targets import get_target
 
     variant, problem, constants, specialize, vbits = args
-    target: Any = "host"
-    if vbits:
-        import dataclasses
-
-        from ubpdsl.runtime.targets import get_target
-
-        target = dataclasses.replace(get_target("host"), vector_bits=vbits)
+    target = KernelConfig(variant, constants, specialize, vbits).target_for(get_target("host"))
     return compile_kernel(VARIANTS[variant], problem, target, constants=constants, specialize=specialize)
 
 
@@ -461,17 +397,13 @@ def shutdown_pool() -> None:
         _POOL = None
 
 
-def _regs_ok(N: int, tile: int, n: int, blocks_per_row: float, unroll: int) -> bool:
+def feasible(problem: Problem, variant: str, constants: dict[str, Any], n: int, target: Any = None) -> bool:
+    """Whether the sweep may try this config: the autotuner's rule (:func:`ubpdsl.autotune.space.infeasible`)."""
+    from ubpdsl.autotune import space as sp
     from ubpdsl.runtime.targets import host_target
 
-    tgt = host_target()
-    regs = 32 if tgt.vector_bits == 512 else 16
-    lanes = tgt.vector_bits // 32
-    if N * tile + tile > regs:
-        return False
-    if tile > 1 and (tile - 1) * lanes >= n:
-        return False
-    return not (unroll > 1 and unroll > 2 * blocks_per_row)
+    layer = sp.Layer(problem, n)
+    return sp.infeasible(KernelConfig(variant, constants), layer, target or host_target(), True) is None
 
 
 def _check(got: np.ndarray, ref: np.ndarray) -> str | None:
@@ -512,8 +444,7 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, ca
             if isinstance(ck, UbpError):
                 raise ck
             return Tuned(ck, variant, dict(ck.constants), "default")
-        per_row = len(problem.rows) / max(1, problem.M)
-        tiles = [t for t in (1, 2, 4, 8) if _regs_ok(problem.N, t, n, per_row, 1)]
+        tiles = [t for t in (1, 2, 4, 8) if feasible(problem, variant, {"TILE": t, "UNROLL": 1}, n)]
         ref = _reference(problem.weight, x)
         y = aligned_empty((problem.M, n))
 
@@ -550,7 +481,7 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, ca
         cfg0 = best[0]
         pfs = (0, 8, 16) if "PREFETCH" in knobs else (None,)
         second = [{**cfg0, "UNROLL": u, **({"PREFETCH": d} if d is not None else {})}
-                  for u in (1, 2) if _regs_ok(problem.N, int(cfg0.get("TILE", 4)), n, per_row, u) for d in pfs]
+                  for u in (1, 2) if feasible(problem, variant, {**cfg0, "UNROLL": u}, n) for d in pfs]
         best = best_of(second) or best
         cfg0 = best[0]
         others = [t for t in tiles if t != cfg0.get("TILE")]

@@ -7,10 +7,11 @@ Each subcommand lives beside the code it drives and is attached here; user error
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
-from ubpdsl.errors import UbpError
+from ubpdsl.errors import UbpError, UbpWarning
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,8 +52,19 @@ def _attach() -> None:
 _attach()
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    if issubclass(category, UbpWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, *args, **kwargs)  # type: ignore[arg-type]
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
+    warnings.showwarning = _show_warning
     try:
         cli.main(args=argv, prog_name="ubpdsl", standalone_mode=False)
     except click.exceptions.Abort:

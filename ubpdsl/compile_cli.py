@@ -12,9 +12,9 @@ from typing import Any
 import click
 import numpy as np
 
+from ubpdsl.config import DEFAULT_VARIANT
 from ubpdsl.errors import DSLError, MaskError, UbpError
-
-TARGETS = ("host", "aarch64-neon", "aarch64-sve")
+from ubpdsl.runtime.targets import TARGET_NAMES
 
 
 def parse_constants(items: tuple[str, ...]) -> dict[str, Any]:
@@ -122,8 +122,8 @@ def _safe(name: str) -> str:
 @click.command("compile")
 @click.option("--mask", "mask_path", required=True, type=click.Path(dir_okay=False), help="masks.npz (with weights)")
 @click.option("--layer", default=None, help="compile only this layer (default: all)")
-@click.option("--target", type=click.Choice(TARGETS), default="host", show_default=True)
-@click.option("--variant", default="wros", show_default=True, help="shipped variant or a kernel .py file")
+@click.option("--target", type=click.Choice(TARGET_NAMES), default="host", show_default=True)
+@click.option("--variant", default=DEFAULT_VARIANT, show_default=True, help="shipped variant or a kernel .py file")
 @click.option("--kernel", "kernel_name", default=None, help="kernel name inside a .py file with several")
 @click.option("--const", "consts", multiple=True, metavar="NAME=VALUE", help="compile-time constant (repeatable)")
 @click.option("--specialize", is_flag=True, help="bake the mask and weights into the .so")
@@ -165,7 +165,7 @@ def compile_cmd(mask_path: str, layer: str | None, target: str, variant: str, ke
 @click.argument("kernel_spec", metavar="KERNEL")
 @click.option("--stage", type=click.Choice(["ubp", "lowered", "llvm", "llvm-ir", "asm"]), default="ubp",
               show_default=True)
-@click.option("--target", type=click.Choice(TARGETS), default="host", show_default=True)
+@click.option("--target", type=click.Choice(TARGET_NAMES), default="host", show_default=True)
 @click.option("--kernel", "kernel_name", default=None, help="kernel name inside a .py file with several")
 @click.option("--mask", "mask_path", default=None, type=click.Path(dir_okay=False))
 @click.option("--layer", default=None, help="layer of --mask (default: the first)")

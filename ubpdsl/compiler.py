@@ -18,7 +18,9 @@ build serves every mask of that shape.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import re
 import shutil
@@ -34,7 +36,8 @@ import ubpdsl
 from ubpdsl.dialects import lowering
 from ubpdsl.dialects.ubp import make_context
 from ubpdsl.errors import BuildError, DSLError, MaskError, TargetError, UbpError
-from ubpdsl.language.core import KernelFunction
+from ubpdsl.identity import blocks_hash, bytes_sha256, layer_hash
+from ubpdsl.language.core import PY_RANGE, KernelFunction
 from ubpdsl.language.frontend import KernelSpec, VectorShape, build_ubp_module
 from ubpdsl.packing import BlockData, block_data, check_shape, layout_description, pack
 from ubpdsl.runtime import build as rt_build
@@ -65,6 +68,14 @@ class Problem:
         weight = None if mask.weight is None else np.asarray(mask.weight, np.float32).reshape(mask.R, mask.C)
         return cls(mask.name, int(mask.R), int(mask.C), int(mask.block), np.asarray(mask.rows),
                    np.asarray(mask.cols), weight)
+
+    def blocks_hash(self) -> str:
+        """sha256 of the block structure (:func:`ubpdsl.identity.blocks_hash`)."""
+        return blocks_hash(self.M, self.K, self.N, self.rows, self.cols)
+
+    def content_hash(self) -> str:
+        """sha256 of blocks and weights (:func:`ubpdsl.identity.layer_hash`)."""
+        return layer_hash((self.M, self.K), self.N, self.rows, self.cols, self.weight)
 
     def block_data(self, layout: str, aligned: bool) -> BlockData:
         if self.weight is None:
@@ -140,14 +151,105 @@ def emit(kernel: KernelFunction, problem: Problem, target: str | Target = "host"
     return _stage_text(kernel, spec, tgt, stage)
 
 
-def _compiler_fingerprint() -> str:
-    """Hash of the compiler's own sources: a change to them invalidates cached builds."""
-    h = hashlib.sha256(ubpdsl.__version__.encode())
+#: What decides a build besides the kernel: every file of these packages (walked, not listed),
+#: and these modules of the ubpdsl package.
+_COMPILER_PACKAGES = ("ubpdsl.language", "ubpdsl.dialects", "ubpdsl.runtime")
+_COMPILER_MODULES = ("packing.py", "compiler.py", "abi.py")
+
+
+def compiler_sources() -> list[tuple[str, Path]]:
+    """(name, path) of every file the compiler fingerprint covers, sorted by name."""
+    import importlib
+
     root = Path(__file__).resolve().parent
-    for mod in (root / "language" / "frontend.py", root / "packing.py", Path(lowering.__file__),
-                Path(lowering.__file__).with_name("ubp.py"), Path(rt_build.__file__)):
-        h.update(mod.read_bytes())
+    files = [(f"ubpdsl/{m}", root / m) for m in _COMPILER_MODULES if (root / m).is_file()]
+    for pkg in _COMPILER_PACKAGES:
+        pkg_dir = Path(importlib.import_module(pkg).__file__).resolve().parent
+        files += [(f"{pkg}/{f.relative_to(pkg_dir).as_posix()}", f) for f in pkg_dir.rglob("*")
+                  if f.is_file() and "__pycache__" not in f.parts and f.suffix not in (".pyc", ".pyo")]
+    return sorted(files)
+
+
+@functools.cache
+def compiler_fingerprint() -> str:
+    """sha256 of everything in the compiler that decides its output: the ubpdsl version, the
+    MLIR bindings' version and every source file (``.py``, ``.c``, ``.h`` ...) of the language,
+    dialects and runtime packages plus the packing and compiler modules. Computed once per
+    process (the code that runs is the code that was imported)."""
+    import importlib.metadata
+
+    h = hashlib.sha256(ubpdsl.__version__.encode() + b"\0")
+    for dist in ("xtc-mlir-python-bindings",):
+        try:
+            h.update(f"{dist}={importlib.metadata.version(dist)}\0".encode())
+        except importlib.metadata.PackageNotFoundError:
+            h.update(f"{dist}=?\0".encode())
+    for name, f in compiler_sources():
+        h.update(f"{name}\0{f.stat().st_size}\0".encode())
+        h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def kernel_globals(kernel: KernelFunction) -> dict[str, Any]:
+    """The module globals ``kernel`` reads, as JSON values for its cache key.
+
+    Like Triton's JITFunction: every name the kernel body loads that is a global of its module
+    (and every ``a.b.c`` attribute chain starting at one) is resolved now and keyed by value, so
+    changing ``SCALE = 2.0`` to ``3.0`` rebuilds. Numbers, strings, tuples, modules, DSL builtins
+    and functions of ubpdsl itself (whose source the compiler fingerprint covers) are supported;
+    any other value is a :class:`DSLError` naming the global and its line.
+    """
+    import ast
+
+    out: dict[str, Any] = {}
+    params = set(kernel.params)
+
+    def chain(node: ast.AST) -> list[str] | None:
+        if isinstance(node, ast.Name):
+            return [node.id]
+        if isinstance(node, ast.Attribute):
+            base = chain(node.value)
+            return None if base is None else [*base, node.attr]
+        return None
+
+    for node in (n for st in kernel.tree.body for n in ast.walk(st)):
+        names = chain(node) if isinstance(node, ast.Attribute | ast.Name) else None
+        if not names or names[0] in params or names[0] not in kernel.globals:
+            continue
+        value: Any = kernel.globals[names[0]]
+        for i in range(len(names)):
+            if i:
+                if not inspect.ismodule(value) or not hasattr(value, names[i]):
+                    break  # an attribute of a value the front end interprets (X.n, W.rows ...)
+                value = getattr(value, names[i])
+            dotted = ".".join(names[: i + 1])
+            if dotted not in out:
+                out[dotted] = _global_key(value, dotted, kernel, getattr(node, "lineno", kernel.first_line))
+    return out
+
+
+def _global_key(value: Any, name: str, kernel: KernelFunction, line: int) -> Any:
+    import types
+
+    if value is None or isinstance(value, bool | int | float | str):
+        return [type(value).__name__, repr(value)]
+    if isinstance(value, tuple | list):
+        return [type(value).__name__, [_global_key(v, name, kernel, line) for v in value]]
+    if isinstance(value, np.generic | np.ndarray):
+        arr = np.asarray(value)
+        return ["ndarray", arr.dtype.str, list(arr.shape), bytes_sha256(arr)]
+    if inspect.ismodule(value):
+        return ["module", value.__name__]
+    if getattr(value, "__ubp_builtin__", None):
+        return ["builtin", value.__ubp_builtin__]
+    if isinstance(value, types.BuiltinFunctionType) or value is PY_RANGE:
+        return ["builtin", getattr(value, "__qualname__", repr(value))]
+    module = getattr(value, "__module__", None) or ""
+    if module == "ubpdsl" or module.startswith("ubpdsl."):
+        return ["ubpdsl", module, getattr(value, "__qualname__", type(value).__qualname__)]
+    raise DSLError(f"{kernel.filename}:{line}: kernel {kernel.name!r} reads the global {name!r} of type "
+                   f"{type(value).__name__}, which cannot be part of its compile key; use a number, string, "
+                   "tuple or a constexpr parameter")
 
 
 @dataclass
@@ -172,7 +274,7 @@ class CompiledKernel:
 
     def __call__(self, x: np.ndarray, y: np.ndarray | None = None, *, sve_bits: int | None = None) -> np.ndarray:
         """Y = W @ x: natively on the host, under qemu for AArch64 targets (correctness only)."""
-        if self.target.is_aarch64:
+        if self.target.runner == "qemu-aarch64":
             from ubpdsl.runtime import qemu
 
             bits = sve_bits if self.target.scalable else None
@@ -218,13 +320,15 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
     spec, data = _spec(kernel, problem, tgt, constants, specialize, symbol, check_bounds)
     cache = cache or CompileCache()
     baked = spec.baked is not None
-    mask_hash = _data_hash(data)
+    mask_hash = None if data is None else problem.content_hash()  # blocks and weights
     key_parts = {
         "toolchain": toolchain_versions(),
-        "compiler": _compiler_fingerprint(),
+        "compiler": compiler_fingerprint(),
         "target": tgt.cache_key(),
         "kernel": kernel.name,
         "kernel_source": kernel.source,
+        "kernel_globals": kernel_globals(kernel),
+        "kernel_flags": [kernel.layout, kernel.aligned, kernel.needs_specialized],
         "layout": kernel.layout,
         "constants": spec.constants,
         "symbol": symbol,
@@ -277,11 +381,3 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
                           constants=spec.constants, specialized=baked, so=hit / "kernel.so", obj=hit / "kernel.o",
                           header=hit / "kernel.h", manifest=manifest, packed=packed, cache_hit=cache_hit)
 
-
-def _data_hash(data: BlockData | None) -> str | None:
-    if data is None:
-        return None
-    h = hashlib.sha256(f"{data.M},{data.K},{data.N},{data.layout}".encode())
-    for arr in (data.row_ptr, data.block_rows, data.block_cols, data.values):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()

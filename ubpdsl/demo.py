@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -33,39 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["interleaved_medians", "main", "run_demo"]
+from ubpdsl.autotune.measure import interleaved_medians
+
+__all__ = ["main", "run_demo"]
 
 SPARSITY = 0.75
 BLOCK = 4
 DENSE_LAYERS = ("conv1",)
-
-
-def interleaved_medians(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 31,
-                        sample_s: float = 0.01) -> dict[str, float]:
-    """Median seconds per call of each function, timed in interleaved rounds (rotating order).
-
-    Each function is first called a few times (warm-up) and given enough repeats per sample to
-    last about ``sample_s``; every round then times every function once, so machine noise hits all
-    of them alike.
-    """
-    reps: dict[str, int] = {}
-    for name, fn in fns.items():
-        for _ in range(3):
-            fn()
-        t0 = time.perf_counter()
-        fn()
-        one = max(time.perf_counter() - t0, 1e-7)
-        reps[name] = max(1, int(sample_s / one))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            fn, k = fns[name], reps[name]
-            t0 = time.perf_counter()
-            for _ in range(k):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / k)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 @dataclass
@@ -176,6 +149,7 @@ def run_demo(out: Path, *, dense_epochs: int = 30, updates: int = 8, epochs_per_
     from ubpdsl.export import export_bundle, load_bundle, run_bundle_main
     from ubpdsl.masks import save_masks
     from ubpdsl.models import digits_data, gemm_columns
+    from ubpdsl.runtime.targets import TARGET_NAMES
     from ubpdsl.torch_ops import swap_to_kernels
 
     torch.set_num_threads(1)
@@ -201,7 +175,7 @@ def run_demo(out: Path, *, dense_epochs: int = 30, updates: int = 8, epochs_per_
     step.done(how)
 
     step.start("exporting the bundle (host, aarch64-neon, aarch64-sve)")
-    bundle_dir = export_bundle(masks, out / "bundle", targets=["host", "aarch64-neon", "aarch64-sve"],
+    bundle_dir = export_bundle(masks, out / "bundle", targets=list(TARGET_NAMES),
                                tuned={"host": tuned} if tuned else None, model=pruned)
     bundle = load_bundle(bundle_dir, check_host=True)
     step.done(f"{bundle_dir}: {len(bundle.layers)} layers x {len(bundle.targets)} targets")
@@ -218,8 +192,10 @@ def run_demo(out: Path, *, dense_epochs: int = 30, updates: int = 8, epochs_per_
     one = xt[:1].clone()
     models = {"dense torch": dense, "pruned, dense torch (masked)": pruned, "pruned, ubpdsl kernels": fast}
     with torch.no_grad():
-        lat1 = interleaved_medians({k: (lambda m=m: m(one)) for k, m in models.items()})
-        lat_all = interleaved_medians({k: (lambda m=m: m(xt)) for k, m in models.items()}, rounds=11)
+        lat1 = interleaved_medians({k: (lambda m=m: m(one)) for k, m in models.items()}, min_reps=31, max_reps=31,
+                                   sample_s=0.01)
+        lat_all = interleaved_medians({k: (lambda m=m: m(xt)) for k, m in models.items()}, min_reps=11, max_reps=11,
+                                      sample_s=0.01)
     step.done(f"{len(yt)} test images: predictions agree {agree}/{len(yt)}, max |logit diff| {max_diff:.2e}")
 
     step.start("AArch64 kernels from the bundle via examples/embed_c/bundle_main.c under qemu")

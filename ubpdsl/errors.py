@@ -34,3 +34,8 @@ class BuildError(UbpError):
 
 class RunError(UbpError):
     """Running a compiled kernel failed (non-zero return code, crash, qemu failure)."""
+
+
+class UbpWarning(UserWarning):
+    """Something was wrong but has been repaired (a damaged cache entry rebuilt); the CLI prints
+    it as one line ``warning: ...``."""

@@ -30,7 +30,6 @@ configuration for every other layer.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -39,7 +38,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +46,11 @@ import click
 import numpy as np
 
 import ubpdsl
+from ubpdsl.config import DEFAULT_VARIANT, KernelConfig
 from ubpdsl.errors import MaskError, PackError, UbpError
+from ubpdsl.identity import blocks_hash, file_sha256
 from ubpdsl.packing import unpack
+from ubpdsl.runtime.targets import TARGET_NAMES
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -66,11 +68,9 @@ __all__ = [
 
 BUNDLE_FORMAT = "ubpdsl.bundle/1"
 TUNED_FORMAT = "ubpdsl.tuned/1"
-DEFAULT_VARIANT = "wros"
 MANIFEST = "manifest.json"
 MASKS = "masks.npz"
 INDEX = "kernels.tsv"
-TARGETS = ("host", "aarch64-neon", "aarch64-sve")
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 
 
@@ -83,61 +83,7 @@ def safe_name(layer: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", layer)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def block_structure_hash(M: int, K: int, N: int, rows: np.ndarray, cols: np.ndarray) -> str:
-    """sha256 of a layer's block structure (shape, N, rows, cols); the autotuner keys its cache by it."""
-    h = hashlib.sha256(f"{M},{K},{N}".encode())
-    h.update(np.ascontiguousarray(rows, np.int64).tobytes())
-    h.update(np.ascontiguousarray(cols, np.int64).tobytes())
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------ configurations
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """How to build one layer's kernel: the JSON form matches ``ubpdsl.autotune.space.Config``.
-
-    ``vector_bits`` None means the target's own width; ``source`` says where the config came from
-    (``"default"`` or the tuned manifest it was read from) and ``tuned_for`` the layer's (M, K, N)
-    when it was tuned, so a stale tune output is caught.
-    """
-
-    variant: str = DEFAULT_VARIANT
-    constants: Mapping[str, Any] = field(default_factory=dict)
-    specialize: bool = False
-    vector_bits: int | None = None
-    source: str = "default"
-    tuned_for: tuple[int, int, int] | None = None
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], source: str = "default") -> KernelConfig:
-        if not isinstance(data, Mapping) or not isinstance(data.get("variant"), str):
-            raise UbpError(f"{source}: a kernel config needs a 'variant' string, got {data!r}")
-        consts = data.get("constants") or {}
-        if not isinstance(consts, Mapping):
-            raise UbpError(f"{source}: config constants must be an object, got {consts!r}")
-        vb = data.get("vector_bits")
-        if vb is not None and (not isinstance(vb, int) or vb <= 0 or vb % 128):
-            raise UbpError(f"{source}: vector_bits must be a positive multiple of 128, got {vb!r}")
-        return cls(data["variant"], dict(consts), bool(data.get("specialize", False)), vb, source)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"variant": self.variant, "constants": dict(sorted(self.constants.items())),
-                "specialize": self.specialize, "vector_bits": self.vector_bits}
-
-    def label(self) -> str:
-        consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
-        extra = (",baked" if self.specialize else "") + (f",v{self.vector_bits}" if self.vector_bits else "")
-        return f"{self.variant}[{consts}{extra}]"
 
 
 def load_tuned_configs(path: str | os.PathLike[str]) -> tuple[str, dict[str, KernelConfig]]:
@@ -157,7 +103,7 @@ def load_tuned_configs(path: str | os.PathLike[str]) -> tuple[str, dict[str, Ker
                        "(expected the manifest.json written by `ubpdsl tune`)")
     target = data.get("target")
     layers = data.get("layers")
-    if target not in TARGETS or not isinstance(layers, dict):
+    if target not in TARGET_NAMES or not isinstance(layers, dict):
         raise UbpError(f"tuned configurations {p}: needs a known 'target' and a 'layers' object")
     out: dict[str, KernelConfig] = {}
     for name, entry in layers.items():
@@ -194,15 +140,6 @@ def configs_for(layers: Mapping[str, Any], target: str,
 
 
 # ------------------------------------------------------------------------------------------- export
-
-
-def _target_for(name: str, cfg: KernelConfig) -> Any:
-    from ubpdsl.runtime.targets import get_target
-
-    tgt = get_target(name)
-    if cfg.vector_bits is None or cfg.vector_bits == tgt.vector_bits:
-        return tgt
-    return replace(tgt, vector_bits=cfg.vector_bits)  # same name: artifacts keep their file names
 
 
 def _module_info(model: Any, name: str, mask: Any) -> dict[str, Any]:
@@ -326,14 +263,14 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
             "targets": {t: {"triple": g.triple, "cpu": g.cpu, "features": g.features, "vector_bits": g.vector_bits,
                             "scalable": g.scalable} for t, g in tgts.items()},
             "variants": sorted({c.variant for per in configs.values() for c in per.values()}),
-            "masks": {"file": MASKS, "sha256": _sha256(tmp / MASKS)},
+            "masks": {"file": MASKS, "sha256": file_sha256(tmp / MASKS)},
             "layers": {},
         }
         for name, mask in layer_masks.items():
             manifest["layers"][name] = {
                 "shape": list(mask.shape), "M": mask.R, "K": mask.C, "N": mask.block, "blocks": mask.num_blocks,
                 "sparsity": round(mask.sparsity, 6), "mask_sha256": mask.content_hash(),
-                "blocks_sha256": block_structure_hash(mask.R, mask.C, mask.block, mask.rows, mask.cols),
+                "blocks_sha256": blocks_hash(mask.R, mask.C, mask.block, mask.rows, mask.cols),
                 "module": modules.get(name), "targets": {},
             }
         for t in targets:
@@ -342,14 +279,14 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
             for name, mask in layer_masks.items():
                 cfg = configs[t][name]
                 safe = safe_name(name)
-                ck = compile_kernel(VARIANTS[cfg.variant], Problem.from_mask(mask), _target_for(t, cfg),
+                ck = compile_kernel(VARIANTS[cfg.variant], Problem.from_mask(mask), cfg.target_for(get_target(t)),
                                     constants=dict(cfg.constants), specialize=cfg.specialize, symbol="ubp_" + safe)
                 files = ck.save(tdir)
                 rel = {k: f"{t}/{p.name}" for k, p in files.items()}
                 manifest["layers"][name]["targets"][t] = {
                     "symbol": ck.symbol, "config": cfg.to_json(), "config_source": cfg.source,
                     "constants": ck.constants, "specialized": ck.specialized,
-                    "files": rel, "sha256": {k: _sha256(p) for k, p in files.items()},
+                    "files": rel, "sha256": {k: file_sha256(p) for k, p in files.items()},
                     "kernel": {k: ck.manifest[k] for k in ("triple", "cpu", "features", "cache_key", "mask_hash",
                                                            "variant", "soname")},
                 }
@@ -359,7 +296,7 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
                 say(f"{t:>12}  {name}: {label} ({'tuned' if cfg.source != 'default' else 'default'} config, "
                     f"{'cached' if ck.cache_hit else 'built'})")
             _write_index(tdir, index)
-            manifest.setdefault("indexes", {})[t] = {"file": f"{t}/{INDEX}", "sha256": _sha256(tdir / INDEX)}
+            manifest.setdefault("indexes", {})[t] = {"file": f"{t}/{INDEX}", "sha256": file_sha256(tdir / INDEX)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         load_bundle(tmp, check_host=False)  # never hand out a bundle that would not load
         if out.exists():
@@ -490,7 +427,7 @@ def _check_file(root: Path, rel: str, sha: Any) -> Path:
     path = _inside(root, rel)
     if not path.is_file():
         raise _fail(root, f"{rel} is listed in the manifest but missing")
-    if _sha256(path) != sha:
+    if file_sha256(path) != sha:
         raise _fail(root, f"{rel} does not match the manifest (sha256 differs): the file changed after export")
     return path
 
@@ -547,7 +484,7 @@ def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = Fal
     if not isinstance(targets, dict) or not isinstance(layers, dict) or not isinstance(masks, dict) or not layers:
         raise _fail(root, f"{MANIFEST} needs non-empty 'targets', 'layers' and 'masks' objects")
     for t, info in targets.items():
-        if t not in TARGETS or not isinstance(info, dict) or not isinstance(info.get("triple"), str):
+        if t not in TARGET_NAMES or not isinstance(info, dict) or not isinstance(info.get("triple"), str):
             raise _fail(root, f"{MANIFEST}: unknown or malformed target {t!r}")
     _check_file(root, masks.get("file"), masks.get("sha256"))
     try:
@@ -653,7 +590,7 @@ def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer:
               help="masks.npz with the pruned weights")
 @click.option("--tuned", "tuned_paths", multiple=True, type=click.Path(),
               help="output of `ubpdsl tune -o DIR` (the dir or its manifest.json); repeat per target")
-@click.option("--target", "targets", multiple=True, type=click.Choice(TARGETS),
+@click.option("--target", "targets", multiple=True, type=click.Choice(TARGET_NAMES),
               help="target to build for (repeatable; default: host)")
 @click.option("--layer", "layers", multiple=True, help="export only this layer (repeatable)")
 @click.option("--model", "model_spec", default=None, metavar="SPEC", help="the pruned model, to check the masks "

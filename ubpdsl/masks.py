@@ -21,7 +21,6 @@ whose message names the file, the layer and, where relevant, the block.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ubpdsl.errors import MaskError
+from ubpdsl.identity import layer_hash
 
 __all__ = ["FORMAT", "LayerMask", "validate_blocks", "save_masks", "load_masks"]
 
@@ -219,22 +219,9 @@ class LayerMask:
     def content_hash(self) -> str:
         """SHA-256 hex digest of shape, N, the sorted blocks and the weight bytes (if any).
 
-        Independent of the block order and of the layer name.
+        Independent of the block order and of the layer name (:func:`ubpdsl.identity.layer_hash`).
         """
-        s = self.sorted()
-        h = hashlib.sha256()
-        h.update(FORMAT.encode() + b"\0")
-        h.update(np.asarray(self.shape, dtype="<i8").tobytes())
-        h.update(np.asarray([self.block], dtype="<i8").tobytes())
-        h.update(np.asarray([self.num_blocks], dtype="<i8").tobytes())
-        h.update(s.rows.astype("<i4").tobytes())
-        h.update(s.cols.astype("<i4").tobytes())
-        if self.weight is None:
-            h.update(b"-")
-        else:
-            h.update(b"W")
-            h.update(self.weight.astype("<f4").tobytes())
-        return h.hexdigest()
+        return layer_hash(self.shape, self.block, self.rows, self.cols, self.weight)
 
 
 # --------------------------------------------------------------------------------------------------

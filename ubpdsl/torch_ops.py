@@ -24,12 +24,10 @@ shares the loaded library and registers its own id.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +38,7 @@ from torch.nn import functional as F
 from ubpdsl.abi import describe_error
 from ubpdsl.errors import RunError, UbpError
 from ubpdsl.export import Bundle, BundleError, KernelFiles, load_bundle
+from ubpdsl.runtime.kernel_so import load_symbol
 
 __all__ = ["NativeKernel", "SparseConv2d", "SparseLinear", "kernel_layers", "swap_to_kernels", "ubp_gemm"]
 
@@ -55,15 +54,9 @@ class NativeKernel:
         self.name = files.layer
         self.M, self.K = int(files.M), int(files.K)
         try:
-            self._lib = ctypes.CDLL(str(Path(files.so).resolve()), mode=os.RTLD_LOCAL | os.RTLD_NOW)
+            self._lib, fn = load_symbol(files.so, files.symbol)
         except OSError as exc:
-            raise RunError(f"cannot load {files.so}: {exc}") from None
-        try:
-            fn = getattr(self._lib, files.symbol)
-        except AttributeError:
-            raise RunError(f"{files.so} has no symbol {files.symbol}") from None
-        fn.restype = ctypes.c_int32
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+            raise RunError(str(exc)) from None
         self._fn = fn
         self.packed = files.packed_weights()
         self._packed_ptr = None if self.packed is None else self.packed.ctypes.data

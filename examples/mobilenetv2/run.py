@@ -32,12 +32,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ubpdsl.demo import interleaved_medians, layer_pixels, tune_host
+from ubpdsl.autotune.measure import interleaved_medians
+from ubpdsl.demo import layer_pixels, tune_host
 from ubpdsl.errors import UbpError
 from ubpdsl.export import export_bundle, load_bundle
 from ubpdsl.masks import save_masks
 from ubpdsl.models import build_model
 from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier
+from ubpdsl.runtime.targets import TARGET_NAMES
 from ubpdsl.torch_ops import swap_to_kernels
 
 HERE = Path(__file__).resolve().parent
@@ -119,7 +121,7 @@ def main() -> int:
         pixels = layer_pixels(pruned, example)
         tuned, how = tune_host(args.out / "masks.npz", args.out, {n: pixels[n] for n in masks}, args.trials)
         print(f"tuning: {how} ({time.perf_counter() - t:.0f} s)", flush=True)
-    targets = ["host", "aarch64-neon", "aarch64-sve"] if args.aarch64 else ["host"]
+    targets = list(TARGET_NAMES) if args.aarch64 else ["host"]
     t = time.perf_counter()
     bundle = load_bundle(export_bundle(masks, args.out / "bundle", targets=targets,
                                        tuned={"host": tuned} if tuned else None, model=pruned), check_host=True)
