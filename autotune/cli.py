@@ -16,7 +16,6 @@ cached and stored in separate studies.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +32,21 @@ from ubpdsl.runtime.targets import TARGET_NAMES
 __all__ = ["tune", "run_tune", "load_layers", "LayerSummary"]
 
 
+#: Largest x plus y of one layer's timing problem, (K + M) * n float32 values.
+MAX_OPERAND_BYTES = 1 << 30
+
 #: Finished trials per layer by default: a MobileNetV2 masks.npz (36 layers) in < 10 min on 2 cores.
 DEFAULT_TRIALS = 12
 
 
 def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int | None, pixels_map: str | None,
                 need_weights: bool, loaded: Any = None) -> list[Any]:
-    """The layers to tune, each with its n (see :func:`layer_columns`); MaskError for missing layers or weights."""
+    """The layers to tune, each with its n (see :func:`ubpdsl.models.layer_columns`); MaskError for missing
+    layers or weights, UbpError for an n whose operands would not fit in memory."""
     from ubpdsl.autotune.space import Layer
     from ubpdsl.compiler import Problem
     from ubpdsl.masks import load_masks
+    from ubpdsl.names import check_unique_stems
 
     if not Path(mask_path).is_file():
         raise MaskError(f"masks file {mask_path} does not exist")
@@ -55,6 +59,7 @@ def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int | None
         if missing:
             raise MaskError(f"{mask_path} has no layer {missing[0]!r}; layers: {', '.join(masks)}")
         masks = {n: masks[n] for n in layer_names}
+    check_unique_stems(masks)
     for name, m in masks.items():
         if m.weight is None and need_weights:
             raise MaskError(f"layer {name}: {mask_path} has no weights, and tune needs them to build and deliver "
@@ -65,6 +70,10 @@ def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int | None
     columns = layer_columns(everything, pixels=pixels, pixels_map=pixels_map, loaded=loaded)
     layers = []
     for name, m in masks.items():
+        n = int(columns[name])
+        if (m.R + m.C) * n * 4 > MAX_OPERAND_BYTES:
+            raise UbpError(f"layer {name}: n = {n} makes x and y {(m.R + m.C) * n * 4 >> 20} MiB "
+                           f"(limit {MAX_OPERAND_BYTES >> 20} MiB); give a smaller --pixels / --pixels-map / --batch")
         problem = Problem.from_mask(m)
         if problem.weight is None:  # timing only depends on the block structure
             rng = np.random.default_rng(0)
@@ -72,7 +81,7 @@ def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int | None
             for i in range(problem.N):
                 w[problem.rows + i, problem.cols] = rng.uniform(0.5, 1.5, len(problem.rows))
             problem = Problem(problem.name, problem.M, problem.K, problem.N, problem.rows, problem.cols, w)
-        layers.append(Layer(problem, int(columns[name])))
+        layers.append(Layer(problem, n))
     return layers
 
 
@@ -95,10 +104,6 @@ class LayerSummary:
     cache: str | None = None  # timing mode ("cold" / "warm"); None for estimates
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)
-
-
 def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIALS, storage: str | None = None,
              out_dir: str = "build", layer_names: tuple[str, ...] = (), pixels: int | None = None,
              pixels_map: str | None = None, model: Any = None, jobs: int = 2, timeout: float = 20.0,
@@ -112,6 +117,7 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
     """
     from ubpdsl.autotune.runner import get_runner
     from ubpdsl.autotune.study import CACHE_MODES, Tuner, TuneSettings
+    from ubpdsl.guard import ensure_dir
     from ubpdsl.runtime.targets import get_target
 
     # 1. validate everything before touching any study
@@ -125,6 +131,7 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
 
         model = resolve_model(model, pretrained=False)
     layers = load_layers(mask_path, layer_names, pixels, pixels_map, not synthetic_weights, loaded=model)
+    ensure_dir(out_dir)  # a file in the way is reported now, not after the tuning
     the_runner = get_runner(runner, ssh_options) if runner else None
     settings = TuneSettings(target=target, trials=trials, storage=storage,
                             cache_dir=Path(cache_dir) if cache_dir else None, jobs=jobs, timeout=timeout, seed=seed,
@@ -168,7 +175,7 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
             bar.close()
         tuner.close()
     manifest["machine"] = _machine()
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     table = format_table(summaries, target)
     _write_atomic(out / "summary.md", table + "\n")
@@ -184,10 +191,13 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
 
 def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, Any], dense: bool) -> LayerSummary:
     """Build the best config into ``out`` and measure default vs tuned (vs torch.mm) once more."""
+    from ubpdsl.guard import ensure_dir
+    from ubpdsl.names import file_stem
+
     best = tuner.compile(layer, res.best, final=True)
     default = tuner.compile(layer, res.default)
-    out.mkdir(parents=True, exist_ok=True)
-    safe = _safe(layer.name)
+    ensure_dir(out)
+    safe = file_stem(layer.name)
     files = {"so": out / f"{safe}.{tuner.target.name}.so", "header": out / f"{safe}.h"}
     _copy_atomic(Path(best["so"]), files["so"])
     _copy_atomic(Path(best["header"]), files["header"])

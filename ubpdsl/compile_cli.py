@@ -62,11 +62,11 @@ def load_kernel(spec: str, name: str | None = None):  # noqa: ANN201 - KernelFun
         raise
     except SyntaxError as exc:
         raise DSLError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
-    except Exception as exc:  # a user's file: report where it failed, without a traceback
+    except (Exception, SystemExit) as exc:  # a user's file: report where it failed, without a traceback
         tb = exc.__traceback__
         line = "?"
         while tb is not None:
-            if tb.tb_frame.f_code.co_filename == str(path):
+            if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
                 line = str(tb.tb_lineno)
             tb = tb.tb_next
         raise DSLError(f"{path}:{line}: {type(exc).__name__}: {exc}") from None
@@ -115,10 +115,6 @@ def _problems(mask_path: str, layer: str | None) -> list[Any]:
     return [Problem.from_mask(m) for m in layers.values()]
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)
-
-
 @click.command("compile")
 @click.option("--mask", "mask_path", required=True, type=click.Path(dir_okay=False), help="masks.npz (with weights)")
 @click.option("--layer", default=None, help="compile only this layer (default: all)")
@@ -143,17 +139,20 @@ def compile_cmd(mask_path: str, layer: str | None, target: str, variant: str, ke
     (data-driven kernels) and build/manifest.json.
     """
     from ubpdsl.compiler import compile_kernel
+    from ubpdsl.guard import ensure_dir
+    from ubpdsl.names import check_unique_stems, kernel_symbol
 
     kernel = load_kernel(variant, kernel_name)
     constants = parse_constants(consts)
     problems = _problems(mask_path, layer)
-    out = Path(out_dir)
+    check_unique_stems(p.name for p in problems)
+    out = ensure_dir(out_dir)
     manifest: dict[str, Any] = {"format": "ubpdsl.build/1", "target": target, "layers": {}}
     for p in problems:
         if p.weight is None:  # the packed blob (or the baked code) is made from the weights
             p.block_data(kernel.layout, kernel.aligned)
         ck = compile_kernel(kernel, p, target, constants=constants, specialize=specialize,
-                            symbol="ubp_" + _safe(p.name), vector_bits=vector_bits, check_bounds=check_bounds)
+                            symbol=kernel_symbol(p.name), vector_bits=vector_bits, check_bounds=check_bounds)
         files = ck.save(out)
         manifest["layers"][p.name] = {**ck.manifest, "files": {k: v.name for k, v in files.items()}}
         click.echo(f"{p.name}: {files['so']} ({'cached' if ck.cache_hit else 'built'})")

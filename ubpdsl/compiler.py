@@ -39,6 +39,7 @@ from ubpdsl.errors import BuildError, DSLError, MaskError, TargetError, UbpError
 from ubpdsl.identity import blocks_hash, bytes_sha256, layer_hash
 from ubpdsl.language.core import PY_RANGE, KernelFunction
 from ubpdsl.language.frontend import KernelSpec, VectorShape, build_ubp_module
+from ubpdsl.names import file_stem
 from ubpdsl.packing import BlockData, block_data, check_shape, layout_description, pack
 from ubpdsl.runtime import build as rt_build
 from ubpdsl.runtime.cache import CompileCache
@@ -314,7 +315,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
     """
     problem = problem if isinstance(problem, Problem) else Problem.from_mask(problem)
     tgt = resolve_target(target, vector_bits)
-    safe_name = re.sub(r"\W", "_", problem.name)
+    safe_name = file_stem(problem.name)
     symbol = symbol or "ubp_" + safe_name
     soname = f"{safe_name}.{tgt.name}.so"  # the file name programs linked against it will look for
     spec, data = _spec(kernel, problem, tgt, constants, specialize, symbol, check_bounds)

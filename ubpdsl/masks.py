@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -34,6 +35,7 @@ import numpy as np
 
 from ubpdsl.errors import MaskError
 from ubpdsl.identity import layer_hash
+from ubpdsl.names import check_layer_name
 
 __all__ = ["FORMAT", "LayerMask", "validate_blocks", "save_masks", "load_masks"]
 
@@ -42,6 +44,7 @@ FIELDS = ("shape", "block", "rows", "cols", "weight")
 REQUIRED = ("shape", "block", "rows", "cols")
 MAX_ELEMENTS = 2**31 - 1  # largest R*C accepted (int32 indexing)
 MAX_NDIM = 8
+MAX_BLOCK = 64  # tallest block (N) accepted: kernels keep N accumulators per block
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,8 +58,7 @@ def validate_blocks(rows, cols, R: int, C: int, N: int, layer: str = "?") -> Non
     Raises :class:`MaskError` naming ``layer`` and the first offending block (its index in the given
     order, its row and column).
     """
-    if int(N) != N or N < 1:
-        raise MaskError(f"layer {layer!r}: block size N must be >= 1, got {N}")
+    _check_block(N, R, layer)
     rows = np.asarray(rows)
     cols = np.asarray(cols)
     if rows.ndim != 1 or cols.ndim != 1:
@@ -109,6 +111,14 @@ def _index_array(x, what: str, layer: str) -> np.ndarray:
     return a.astype(np.int32)
 
 
+def _check_block(N, R: int, layer: str) -> int:
+    """``N`` as an int if it is a usable block height for a layer of ``R`` rows (1 <= N <= min(R, 64))."""
+    if isinstance(N, bool) or not isinstance(N, int | np.integer) or not 1 <= N <= min(R, MAX_BLOCK):
+        raise MaskError(f"layer {layer!r}: block size N must be an integer >= 1 and <= {min(R, MAX_BLOCK)} "
+                        f"(at most the weight's {R} rows and at most {MAX_BLOCK}), got {N!r}")
+    return int(N)
+
+
 def _check_shape(shape, layer: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in shape)
@@ -142,12 +152,9 @@ class LayerMask:
     weight: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or "\0" in self.name:
-            raise MaskError(f"layer name must be a non-empty string without NUL, got {self.name!r}")
+        check_layer_name(self.name)
         self.shape = _check_shape(self.shape, self.name)
-        if isinstance(self.block, bool) or int(self.block) != self.block or int(self.block) < 1:
-            raise MaskError(f"layer {self.name!r}: block size N must be an integer >= 1, got {self.block!r}")
-        self.block = int(self.block)
+        self.block = _check_block(self.block, self.R, self.name)
         self.rows = _index_array(self.rows, "rows", self.name)
         self.cols = _index_array(self.cols, "cols", self.name)
         if self.weight is not None:
@@ -284,7 +291,40 @@ def save_masks(path: str | os.PathLike, layers: Mapping[str, LayerMask] | Iterab
 # Load
 # --------------------------------------------------------------------------------------------------
 
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError,
+               struct.error, OverflowError, TypeError, SyntaxError, KeyError, AttributeError)
+
+#: Most uncompressed bytes one masks.npz may declare in total (env ``UBPDSL_MAX_MASK_BYTES`` raises it).
+MAX_LOAD_BYTES = 1 << 30
+#: A member larger than this whose compression ratio exceeds MAX_RATIO is refused as a deflate bomb (real
+#: pruned weights compress far less: 99.9 % zeros compress about 360:1).
+BOMB_MIN_BYTES = 64 << 20
+MAX_RATIO = 600
+
+
+def _max_load_bytes() -> int:
+    try:
+        return max(1, int(os.environ.get("UBPDSL_MAX_MASK_BYTES", MAX_LOAD_BYTES)))
+    except ValueError:
+        return MAX_LOAD_BYTES
+
+
+def _check_sizes(zf: zipfile.ZipFile, path: Path) -> None:
+    """Refuse encrypted members, unknown compression and declared sizes past the limits, before any read."""
+    total, limit = 0, _max_load_bytes()
+    for info in zf.infolist():
+        if info.flag_bits & 0x1:
+            raise MaskError(f"{path}: member {info.filename!r} is encrypted; masks.npz files are never encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise MaskError(f"{path}: member {info.filename!r} uses compression method {info.compress_type}; "
+                            "masks.npz uses deflate (np.savez_compressed) or none")
+        total += info.file_size
+        if total > limit:
+            raise MaskError(f"{path}: declares more than {limit} bytes of arrays (limit; set UBPDSL_MAX_MASK_BYTES "
+                            "to load larger files)")
+        if info.file_size > BOMB_MIN_BYTES and info.file_size > MAX_RATIO * max(1, info.compress_size):
+            raise MaskError(f"{path}: member {info.filename!r} inflates {info.compress_size} bytes to "
+                            f"{info.file_size} (ratio > {MAX_RATIO}): a deflate bomb, not a masks file")
 
 
 class _Member:
@@ -318,15 +358,23 @@ class _Member:
             )
 
     def read(self) -> np.ndarray:
+        """The array, read in bounded chunks into one buffer of the size the header declared."""
+        out = np.empty(self.nbytes, np.uint8)
+        got = 0
         try:
             with self.zf.open(self.info) as f:
                 f.seek(self.offset)
-                data = f.read()
+                while got < self.nbytes:
+                    chunk = f.read(min(1 << 22, self.nbytes - got))
+                    if not chunk:
+                        break
+                    out[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                    got += len(chunk)
         except _ZIP_ERRORS as e:
             raise MaskError(f"{self.where}: corrupt array ({e})") from None
-        if len(data) != self.nbytes:
-            raise MaskError(f"{self.where}: truncated data ({len(data)} of {self.nbytes} bytes)")
-        arr = np.frombuffer(data, dtype=self.dtype)
+        if got != self.nbytes:
+            raise MaskError(f"{self.where}: truncated data ({got} of {self.nbytes} bytes)")
+        arr = out.view(self.dtype)
         return arr.reshape(self.shape, order="F" if self.fortran else "C")
 
 
@@ -351,7 +399,11 @@ def load_masks(path: str | os.PathLike) -> dict[str, LayerMask]:
     except _ZIP_ERRORS as e:
         raise MaskError(f"{path}: not a masks.npz file (not a valid zip/npz archive: {e})") from None
     with zf:
-        return _load_from_zip(zf, path)
+        _check_sizes(zf, path)
+        try:
+            return _load_from_zip(zf, path)
+        except MemoryError:
+            raise MaskError(f"{path}: not enough memory to load it") from None
 
 
 def _load_from_zip(zf: zipfile.ZipFile, path: Path) -> dict[str, LayerMask]:
@@ -409,8 +461,9 @@ def _load_layer(zf: zipfile.ZipFile, path: Path, layer: str, fields: dict[str, z
     if m["block"].count != 2:
         raise MaskError(f"{m['block'].where}: must be [N, 1], got shape {m['block'].shape}")
     N, one = (int(x) for x in m["block"].read())
-    if N < 1 or one != 1:
-        raise MaskError(f"{path}: layer {layer!r}: block must be [N, 1] with N >= 1, got [{N}, {one}]")
+    if one != 1 or not 1 <= N <= min(R, MAX_BLOCK):
+        raise MaskError(f"{path}: layer {layer!r}: block must be [N, 1] with N >= 1 and N <= {min(R, MAX_BLOCK)} "
+                        f"(the weight's {R} rows, at most {MAX_BLOCK}), got [{N}, {one}]")
 
     max_blocks = (R // N) * C
     for f in ("rows", "cols"):

@@ -22,7 +22,6 @@ arbitrary unpickling is refused, never executed.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,6 +325,8 @@ def build_model(name: str, weights: str | Path | None = None, pretrained: bool =
 
 #: Largest example input accepted (elements), so a typo in --input-shape cannot exhaust memory.
 MAX_INPUT_ELEMENTS = 1 << 28
+#: Largest n (GEMM columns) accepted from --pixels or --pixels-map: a 4096x4096 image.
+MAX_COLUMNS = 1 << 24
 
 
 @dataclass
@@ -596,24 +597,20 @@ def layer_columns(masks: Mapping[str, Any], *, pixels: int | None = None, pixels
         cols = loaded.columns()
         out.update({name: cols[name] for name in masks if name in cols})
     if pixels_map:
+        from ubpdsl.guard import read_json
+
         path = Path(pixels_map)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise UbpError(f"cannot read --pixels-map {path}: {exc.strerror}") from None
-        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as exc:
-            raise UbpError(f"--pixels-map {path} is not JSON: {str(exc).splitlines()[0][:200]}") from None
-        if not isinstance(data, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 31
-                                                 for v in data.values()):
-            raise UbpError(f"--pixels-map {path} must map layer names to integers in 1..2^31")
+        data = read_json(path, f"--pixels-map {path}")
+        if not isinstance(data, dict) or not all(type(v) is int and 0 < v <= MAX_COLUMNS for v in data.values()):
+            raise UbpError(f"--pixels-map {path} must map layer names to integers in 1..{MAX_COLUMNS}")
         unknown = [k for k in data if k not in masks]
         if unknown:
             raise UbpError(f"--pixels-map {path}: key {unknown[0]!r} names no layer of the masks file "
                            f"(layers: {', '.join(list(masks)[:8])}{', ...' if len(masks) > 8 else ''})")
         out.update(data)
     if pixels is not None:
-        if not 1 <= pixels <= 1 << 31:
-            raise UbpError(f"--pixels must be in 1..2^31, got {pixels}")
+        if not 1 <= pixels <= MAX_COLUMNS:
+            raise UbpError(f"--pixels must be in 1..{MAX_COLUMNS}, got {pixels}")
         for name in masks:
             out.setdefault(name, pixels)
     missing = [name for name in masks if name not in out]

@@ -99,8 +99,10 @@ def prune(
 
     if not 0.0 <= sparsity < 1.0:
         raise UbpError(f"--sparsity must be in [0, 1), got {sparsity}")
-    if block < 1:
-        raise UbpError(f"--block must be >= 1, got {block}")
+    from ubpdsl.masks import MAX_BLOCK
+
+    if not 1 <= block <= MAX_BLOCK:
+        raise UbpError(f"--block must be in 1..{MAX_BLOCK}, got {block}")
     overrides = _parse_layer_sparsity(layer_sparsity)
     click.echo(f"loading {model_spec}" + (f" weights from {weights}" if weights else ""), err=True)
     loaded = load_model(model_spec, weights, input_shape, input_dtype, batch, seed=seed)
@@ -142,9 +144,10 @@ def prune(
     layers = sparsifier.to_layer_masks(include_weights=True)
     if not layers:
         raise UbpError("nothing pruned: every selected layer has sparsity 0")
+    from ubpdsl.guard import ensure_dir
     from ubpdsl.masks import save_masks
 
-    output.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(output.parent)
     save_masks(output, layers)
 
     kept = sum(lm.nnz for lm in layers.values())
