@@ -395,7 +395,7 @@ def test_output_under_a_regular_file_is_one_line_error(tmp_path):
     blocker.write_text("I am a file")
     under = str(blocker / "sub")
     for cmd in (["compile", "--mask", str(path), "-o", under],
-                ["tune", "--mask", str(path), "--trials", "1", "--no-progress", "-o", under],
+                ["tune", "--mask", str(path), "--pixels", "16", "--trials", "1", "--no-progress", "-o", under],
                 ["export", "--mask", str(path), "-o", under],
                 ["prune", "--model", "digits-cnn", "--sparsity", "0.5", "-o", str(blocker / "m.npz")]):
         assert_one_line_error(cli(*cmd), "is a file, not a directory|exists and is not a directory")
@@ -445,7 +445,7 @@ def test_kill_9_of_tune_leaves_no_compile_worker(tmp_path):
     save_masks(path, [layer("big", 96, 64)])
     env = {**os.environ, "UBPDSL_CACHE_DIR": str(tmp_path / "cache")}  # cold cache: real compiles
     proc = subprocess.Popen([sys.executable, "-m", "ubpdsl.cli", "tune", "--mask", str(path), "--trials", "40",
-                             "-j", "2", "--no-progress", "-o", str(tmp_path / "o")], env=env,
+                             "--pixels", "196", "-j", "2", "--no-progress", "-o", str(tmp_path / "o")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: set[int] = set()
     try:
