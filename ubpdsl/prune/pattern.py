@@ -116,18 +116,22 @@ def pattern_masks(
     K = flat_ids.size
     if sparsity < PATTERN_SPARSITY:
         # pattern-prune the kernels that lose the least importance, leave the rest dense
-        n_pat = int(np.floor(sparsity * 9 * K / (9 - PATTERN_SIZE) + 0.5))
+        n_pat = _round_half_up(sparsity * 9 * K / (9 - PATTERN_SIZE))
         loss = s.reshape(K, 9).sum(axis=1) - kept
         dense = np.argsort(loss, kind="stable")[n_pat:]
         flat_ids[dense] = -2
     else:
-        n_keep = int(np.floor((1.0 - sparsity) * 9 * K / PATTERN_SIZE + 0.5))
+        n_keep = _round_half_up((1.0 - sparsity) * 9 * K / PATTERN_SIZE)
         removed = np.argsort(-kept, kind="stable")[n_keep:]  # connectivity: weakest kernels go
         flat_ids[removed] = -1
     table = np.concatenate([lib.reshape(len(lib), 9), np.ones((1, 9), bool), np.zeros((1, 9), bool)])
     mask = table[flat_ids.astype(np.int64)]  # id -2 -> all ones, -1 -> all zeros
     shape = s.shape
     return mask.reshape(shape), flat_ids.reshape(shape[:2]), lib
+
+
+def _round_half_up(x: float) -> int:
+    return int(np.floor(round(x, 6) + 0.5))  # drop float noise first, as selectors.budget does
 
 
 def _is_3x3_conv(module: nn.Module) -> bool:

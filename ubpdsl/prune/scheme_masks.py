@@ -93,7 +93,7 @@ class PatternMask:
         except (TypeError, ValueError):
             raise MaskError(f"layer {self.name!r}: pattern shape must be integers, got {self.shape!r}") from None
         if len(shape) != 4 or shape[2:] != (3, 3) or min(shape) < 1:
-            raise MaskError(f"layer {self.name!r}: pattern pruning needs a [Cout, Cin, 3, 3] weight, got {shape}")
+            raise MaskError(f"layer {self.name!r}: pattern pruning needs 3x3 kernels [Cout, Cin, 3, 3], got {shape}")
         self.shape = shape  # type: ignore[assignment]
         self.library = validate_pattern_library(self.library, self.name)
         ids = np.asarray(self.ids)

@@ -92,13 +92,16 @@ def fit(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     progress: bool = False,
+    regularizer: Callable[[], torch.Tensor] | None = None,
 ) -> list[MaskUpdate]:
     """Train ``model`` for ``steps`` optimizer steps; with a sparsifier, prune gradually.
 
     ``sparsifier`` must already be prepared on ``model``. Each layer ramps along
     ``schedule`` to the ``sparsity_level`` it had when :func:`fit` was called (its
     target), so per-layer overrides keep their own targets; ``schedule.final_sparsity``
-    must equal the sparsifier's default level. Returns the mask updates made.
+    must equal the sparsifier's default level. ``regularizer()``, if given, is added to every
+    step's loss (e.g. :class:`~ubpdsl.prune.reweighted.ReweightedGroupRegularizer`). Returns the
+    mask updates made.
     """
     if (sparsifier is None) != (schedule is None):
         raise UbpError("fit() needs both a sparsifier and a schedule, or neither")
@@ -128,6 +131,8 @@ def fit(
         for step in bar:
             xb, yb = next(batches)
             loss = loss_fn(model(xb), yb)
+            if regularizer is not None:
+                loss = loss + regularizer()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if taylor:
