@@ -136,11 +136,7 @@ def _round_half_up(x: float) -> int:
 
 def _is_3x3_conv(module: nn.Module) -> bool:
     kind = type_before_parametrizations(module)
-    return (
-        issubclass(kind, nn.Conv2d)
-        and tuple(module.kernel_size) == (3, 3)
-        and module.groups == 1
-    )
+    return issubclass(kind, nn.Conv2d) and tuple(module.kernel_size) == (3, 3) and module.groups == 1
 
 
 class PatternSparsifier(UnalignedBlockSparsifier):

@@ -68,8 +68,9 @@ def group_sq_norms(w: torch.Tensor, grouping: str, block: int, block_cols: int =
     return [_tile_rows(w2, N), rows]
 
 
-def penalty_map(norms: list[torch.Tensor], grouping: str, shape: tuple[int, int], block: int,
-                block_cols: int = 4, eps: float = 1e-3) -> torch.Tensor:
+def penalty_map(
+    norms: list[torch.Tensor], grouping: str, shape: tuple[int, int], block: int, block_cols: int = 4, eps: float = 1e-3
+) -> torch.Tensor:
     """``Pmap[r, c]``: the sum of ``P_g = 1 / (||W_g||^2 + eps)`` over the groups holding weight (r, c)."""
     R, C = shape
     N = min(block, R)

@@ -99,8 +99,7 @@ class PatternMask:
         ids = np.asarray(self.ids)
         if ids.dtype.kind not in "iu" or ids.shape != shape[:2]:
             raise MaskError(
-                f"layer {self.name!r}: pattern ids must be integers of shape {shape[:2]}, "
-                f"got {ids.dtype} {ids.shape}"
+                f"layer {self.name!r}: pattern ids must be integers of shape {shape[:2]}, got {ids.dtype} {ids.shape}"
             )
         bad = np.argwhere((ids < -1) | (ids >= len(self.library)))
         if len(bad):
@@ -229,9 +228,7 @@ def load_schemes(path: str | os.PathLike) -> tuple[dict[str, PatternMask], dict[
                     ids = _read(npz, f["pattern_ids"], where, "iu", 2, MAX_PIXELS)
                     patterns[layer] = PatternMask(layer, tuple(shape), lib, ids)
                 if "pixel_keep" in f:
-                    pixels[layer] = validate_pixel_mask(
-                        _read(npz, f["pixel_keep"], where, "biu", 2, MAX_PIXELS), layer
-                    )
+                    pixels[layer] = validate_pixel_mask(_read(npz, f["pixel_keep"], where, "biu", 2, MAX_PIXELS), layer)
             except MaskError as e:
                 msg = str(e)
                 raise MaskError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
