@@ -9,9 +9,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ubpdsl.errors import MaskError, UbpError
+from ubpdsl.prune.activation import ActivationSparsifier, PixelMaskConv2d, apply_pixel_masks
 from ubpdsl.prune.pattern import PATTERN_SPARSITY, PatternSparsifier, pattern_masks, select_library
 from ubpdsl.prune.reweighted import ReweightedGroupRegularizer
+from ubpdsl.prune.schedule import CubicSchedule
 from ubpdsl.prune.scheme_masks import PatternMask, load_schemes, save_schemes
+from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier
+from ubpdsl.prune.trainer import fit
 
 
 class TwoConv(nn.Module):
@@ -220,3 +224,72 @@ def test_reweighting_drives_small_groups_to_zero() -> None:
     assert weak.max() < 0.02  # the weak groups (norm 0.1 without the term) collapse
     plain = torch.linalg.lstsq(x, y).solution.T
     assert torch.cat([plain[4:, :].norm(dim=0), plain[:4, 1::2].norm(dim=0)]).min() > 0.09
+
+
+# ------------------------------------------------------------------ activation sparsity
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation", "bias"),
+    [(1, 1, 1, True), (2, 1, 1, False), (1, 0, 2, True), (2, 2, 1, True)],
+)
+def test_pixel_masked_conv_equals_conv2d_with_dropped_positions_zeroed(stride, padding, dilation, bias) -> None:
+    torch.manual_seed(5)
+    conv = nn.Conv2d(5, 7, 3, stride=stride, padding=padding, dilation=dilation, bias=bias).double()
+    x = torch.randn(3, 5, 11, 9, dtype=torch.float64)
+    ref = F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding, dilation=dilation)
+    keep = torch.rand(ref.shape[-2:], generator=torch.Generator().manual_seed(1)) > 0.4
+    layer = PixelMaskConv2d(conv, keep)
+    out = layer(x)
+    assert torch.allclose(out, ref * keep, atol=1e-12)
+    assert layer.gemm_columns() == int(keep.sum()) < keep.numel()
+
+
+def test_activation_sparsity_combines_with_ubp_weights_and_ramps(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TwoConv()
+    x = torch.randn(4, 3, 8, 8)
+    ubp = UnalignedBlockSparsifier(sparsity_level=0.75, block=4, skip=["conv1"])
+    ubp.prepare(model, config=None)
+    ubp.step()
+    act = ActivationSparsifier(sparsity_level=0.3, layers=["conv2"], seed=1)
+    act.prepare(model, x)
+    assert isinstance(model.conv2, PixelMaskConv2d)
+    previous = torch.ones(8, 8, dtype=torch.bool)
+    for level in (0.1, 0.2, 0.3):
+        act.groups[0]["sparsity_level"] = level
+        act.step()
+        keep = act.masks()["conv2"]
+        assert int((~keep).sum()) == round(level * 64)
+        assert not (torch.from_numpy(keep) & ~previous).any()  # nested: a dropped position stays dropped
+        previous = torch.from_numpy(keep)
+    w = model.conv2.conv.weight  # the UBP-masked weight
+    assert float((w == 0).float().mean()) == pytest.approx(0.75, abs=0.01)
+    h = F.relu(model.conv1(x))
+    ref = F.conv2d(h, w, None, padding=1) * previous
+    assert torch.allclose(model.conv2(h), ref, atol=1e-6)
+    act.save(tmp_path / "px.npz")
+    fresh = TwoConv()
+    apply_pixel_masks(fresh, tmp_path / "px.npz")
+    assert torch.equal(fresh.conv2.keep, previous)
+
+
+def test_activation_sparsifier_ramps_through_fit() -> None:
+    torch.manual_seed(0)
+    model = TwoConv()
+    x, y = torch.randn(64, 3, 6, 6), torch.randint(0, 10, (64,))
+    act = ActivationSparsifier(sparsity_level=0.5, skip=["conv1"])
+    act.prepare(model, x[:1])
+    sched = CubicSchedule(final_sparsity=0.5, num_updates=3, update_every=2)
+    updates = fit(
+        model,
+        x,
+        y,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        steps=8,
+        batch_size=16,
+        sparsifier=act,
+        schedule=sched,
+    )
+    assert updates[-1].achieved == pytest.approx(0.5)
+    assert [u.achieved for u in updates] == sorted(u.achieved for u in updates)
