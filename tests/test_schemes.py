@@ -293,3 +293,29 @@ def test_activation_sparsifier_ramps_through_fit() -> None:
     )
     assert updates[-1].achieved == pytest.approx(0.5)
     assert [u.achieved for u in updates] == sorted(u.achieved for u in updates)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_pattern_reweighted_and_activation(tmp_path, capsys) -> None:
+    from ubpdsl.cli import main
+    from ubpdsl.masks import load_masks
+
+    out = tmp_path / "m.npz"
+    assert main(["prune", "--model", "digits-cnn", "--method", "pattern", "--sparsity", "0.75", "-o", str(out)]) == 0
+    pats, pixels = load_schemes(tmp_path / "m.schemes.npz")
+    layers = load_masks(out)
+    assert set(pats) == set(layers) == {"conv1", "conv2"} and not pixels
+    for name, pm in pats.items():
+        assert np.array_equal(layers[name].dense_mask(), pm.dense_mask().reshape(pm.shape[0], -1))
+    side = tmp_path / "px.npz"
+    args = ["prune", "--model", "digits-cnn", "--reweighted", "--reweighted-steps", "5", "--sparsity", "0.5"]
+    args += ["--activation-sparsity", "0.25", "--schemes-output", str(side), "-o", str(tmp_path / "r.npz")]
+    assert main(args) == 0
+    _, pixels = load_schemes(side)
+    assert pixels["conv1"].shape == (8, 8) and int((~pixels["conv1"]).sum()) == 16
+    capsys.readouterr()
+    code = main(["prune", "--model", "mobilenetv2", "--reweighted", "--sparsity", "0.5", "-o", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: --reweighted needs data" in err and "Traceback" not in err

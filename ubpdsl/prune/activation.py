@@ -33,7 +33,7 @@ from ubpdsl.errors import UbpError
 from ubpdsl.prune.scheme_masks import load_schemes, save_schemes, validate_pixel_mask
 from ubpdsl.prune.sparsifier import _check_sparsity
 
-__all__ = ["ActivationSparsifier", "PixelMaskConv2d", "apply_pixel_masks"]
+__all__ = ["ActivationSparsifier", "PixelMaskConv2d", "apply_pixel_masks", "random_pixel_masks"]
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -240,3 +240,24 @@ class ActivationSparsifier:
     def save(self, path: str | Path) -> None:
         """Write the pixel masks to a schemes.npz sidecar."""
         save_schemes(path, pixels=self.masks())
+
+
+def random_pixel_masks(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    sparsity: float,
+    seed: int = 0,
+    skip: Iterable[str] = (),
+) -> dict[str, np.ndarray]:
+    """One-shot random pixel masks at ``sparsity`` for the ungrouped Conv2d layers of ``model``.
+
+    ``model`` is left untouched (a copy is wrapped); ``input_shape`` is one example without the
+    batch dimension. Without retraining these masks cost accuracy: learn them with
+    :class:`ActivationSparsifier` during training where you can.
+    """
+    import copy
+
+    sparsifier = ActivationSparsifier(sparsity, seed=seed, skip=skip)
+    sparsifier.prepare(copy.deepcopy(model), torch.zeros(1, *input_shape))
+    sparsifier.step()
+    return sparsifier.masks()

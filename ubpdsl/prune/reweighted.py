@@ -31,7 +31,7 @@ from torch import nn
 from ubpdsl.errors import UbpError
 from ubpdsl.prune.gemm import find_prunable_layers, to_gemm
 
-__all__ = ["GROUPINGS", "ReweightedGroupRegularizer", "group_sq_norms", "penalty_map"]
+__all__ = ["GROUPINGS", "ReweightedGroupRegularizer", "group_sq_norms", "penalty_map", "reweighted_train"]
 
 GROUPINGS = ("aligned", "unaligned", "rowcol")
 
@@ -172,3 +172,31 @@ class ReweightedGroupRegularizer:
     def group_norms(self, name: str) -> list[torch.Tensor]:
         """``||W_g||^2`` of layer ``name``'s groups (for inspection)."""
         return group_sq_norms(self._gemm(name).detach(), self.grouping, self.block, self.block_cols)
+
+
+def reweighted_train(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    regularizer: ReweightedGroupRegularizer,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+) -> float:
+    """Train ``model`` with cross-entropy plus ``regularizer()`` over ``batches`` (SGD); returns the last loss.
+
+    The short regularised phase before a one-shot block selection (``ubpdsl prune --reweighted``).
+    """
+    from torch.nn import functional as F
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    was_training = model.training
+    model.train()
+    loss = None
+    for xb, yb in batches:
+        loss = F.cross_entropy(model(xb), yb) + regularizer()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.train(was_training)
+    if loss is None:
+        raise UbpError("reweighted training got no batches")
+    return float(loss.detach())
