@@ -60,7 +60,7 @@ def _parse_layer_sparsity(items: tuple[str, ...]) -> dict[str, float]:
     help="BLK-REW: first train with the reweighted block-group regulariser on the spec's data.",
 )
 @click.option("--reweighted-steps", type=click.IntRange(min=1), default=200, show_default=True, help="Its batches.")
-@click.option("--reweighted-lambda", type=float, default=1e-4, show_default=True, help="Its lambda.")
+@click.option("--reweighted-lambda", type=float, default=1e-3, show_default=True, help="Its lambda.")
 @click.option(
     "--activation-sparsity",
     type=float,
@@ -109,7 +109,7 @@ def prune(
     patterns: int = 8,
     reweighted: bool = False,
     reweighted_steps: int = 200,
-    reweighted_lambda: float = 1e-4,
+    reweighted_lambda: float = 1e-3,
     activation_sparsity: float | None = None,
     schemes_output: Path | None = None,
 ) -> None:
