@@ -352,7 +352,7 @@ def _cpu() -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="1 seed, 1,000 training images, 1-2 epochs: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 512 training images, 1-3 epochs: a smoke test")
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
     ap.add_argument("--no-gru", action="store_true", help="skip the recurrent part")
     args = ap.parse_args(argv)
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         s = replace(s, dense_epochs=1, ramp_updates=1, finetune_epochs=1, gru_dense_epochs=1)
         seeds = [0]
-        data = (data[0][:1000], data[1][:1000], data[2][:300], data[3][:300])
+        data = (data[0][:512], data[1][:512], data[2][:200], data[3][:200])
     t0 = time.perf_counter()
     runs, gru = [], []
     for seed in seeds:
