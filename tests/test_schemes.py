@@ -147,8 +147,14 @@ def test_bad_pattern_ids_and_file_rejected(tmp_path) -> None:
         load_schemes(tmp_path / "bad.npz")
     assert "\n" not in str(err.value)
     np.savez(tmp_path / "obj.npz", format=np.array("ubpdsl.schemes/1"), **{"c.pixel_keep": np.array([[1]], object)})
-    with pytest.raises(MaskError):
+    with pytest.raises(MaskError, match="Python objects"):
         load_schemes(tmp_path / "obj.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
+    with pytest.raises(MaskError, match="not a schemes.npz"):
+        load_schemes(tmp_path / "junk.npz")
+    np.savez(tmp_path / "two.npz", format=np.array("ubpdsl.schemes/1"), **{"c.pixel_keep": np.array([[2, 1]])})
+    with pytest.raises(MaskError, match="0 or 1"):
+        load_schemes(tmp_path / "two.npz")
 
 
 def test_pattern_sparsifier_rejects_non_3x3_config() -> None:

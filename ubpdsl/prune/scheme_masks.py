@@ -12,8 +12,8 @@ adds what a pattern kernel or an activation-sparse layer needs on top::
     <layer>.pattern_ids        int16[Cout, Cin] pattern of each kernel; -1 = kernel removed
     <layer>.pixel_keep         uint8[Ho, Wo]   1 = output position computed, 0 = dropped
 
-A layer may have pattern keys, a pixel mask, or both. Loading never unpickles
-(``allow_pickle=False``), checks each member's header (dtype, shape, size) before reading it, and
+A layer may have pattern keys, a pixel mask, or both. Loading never unpickles, reads
+each member through the masks loader's header check (dtype, shape, size) before its data, and
 every problem is a one-line :class:`~ubpdsl.errors.MaskError` naming the file and the layer.
 """
 
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ubpdsl.errors import MaskError
+from ubpdsl.masks import _ZIP_ERRORS, _Member
 
 __all__ = [
     "FORMAT",
@@ -163,29 +164,14 @@ def save_schemes(
         raise
 
 
-def _read(npz, key: str, where: str, kinds: str, ndim: int, max_items: int) -> np.ndarray:
-    """One member, its header checked before its data is read."""
-    try:
-        with npz.zip.open(key + ".npy") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise MaskError(f"{where}: unsupported .npy version {version}")
-    except MaskError:
-        raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise MaskError(f"{where}: corrupt array ({e})") from None
-    if dtype.hasobject or dtype.kind not in kinds:
-        raise MaskError(f"{where}: unexpected dtype {dtype}")
-    if len(shape) != ndim or int(np.prod(shape)) > max_items:
-        raise MaskError(f"{where}: unexpected shape {shape}")
-    try:
-        return np.asarray(npz[key])
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise MaskError(f"{where}: corrupt array ({e})") from None
+def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, kinds: str, ndim: int, max_items: int) -> np.ndarray:
+    """One member, its header checked (by the masks loader's :class:`_Member`) before its data is read."""
+    member = _Member(zf, info, where)
+    if member.dtype.kind not in kinds:
+        raise MaskError(f"{where}: unexpected dtype {member.dtype}")
+    if len(member.shape) != ndim or member.count > max_items:
+        raise MaskError(f"{where}: unexpected shape {member.shape}")
+    return member.read()
 
 
 def load_schemes(path: str | os.PathLike) -> tuple[dict[str, PatternMask], dict[str, np.ndarray]]:
@@ -194,26 +180,26 @@ def load_schemes(path: str | os.PathLike) -> tuple[dict[str, PatternMask], dict[
     if not path.is_file():
         raise MaskError(f"{path}: no such schemes file")
     try:
-        npz = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise MaskError(f"{path}: not a schemes.npz file ({e})") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise MaskError(f"{path}: not a schemes.npz file (a single array)")
-    with npz:
-        keys = list(npz.files)
-        if "format" not in keys:
+        zf = zipfile.ZipFile(path)
+    except _ZIP_ERRORS as e:
+        raise MaskError(f"{path}: not a schemes.npz file (not a valid zip/npz archive: {e})") from None
+    with zf:
+        members: dict[str, zipfile.ZipInfo] = {}
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy") or info.filename[:-4] in members:
+                raise MaskError(f"{path}: unexpected member {info.filename!r}: not a schemes.npz file")
+            members[info.filename[:-4]] = info
+        if "format" not in members:
             raise MaskError(f"{path}: missing 'format' key (expected {FORMAT!r})")
-        fmt = _read(npz, "format", f"{path}: key 'format'", "US", 0, 1).item()
+        fmt = _read(zf, members.pop("format"), f"{path}: key 'format'", "US", 0, 1).reshape(()).item()
         if fmt != FORMAT:
             raise MaskError(f"{path}: unsupported schemes format {fmt!r} (this ubpdsl reads {FORMAT!r})")
-        fields: dict[str, dict[str, str]] = {}
-        for key in keys:
-            if key == "format":
-                continue
+        fields: dict[str, dict[str, zipfile.ZipInfo]] = {}
+        for key, info in members.items():
             layer, dot, field = key.rpartition(".")
             if not dot or not layer or field not in _FIELDS:
                 raise MaskError(f"{path}: unexpected key {key!r} (fields: {', '.join(_FIELDS)})")
-            fields.setdefault(layer, {})[field] = key
+            fields.setdefault(layer, {})[field] = info
         patterns: dict[str, PatternMask] = {}
         pixels: dict[str, np.ndarray] = {}
         for layer, f in fields.items():
@@ -223,12 +209,12 @@ def load_schemes(path: str | os.PathLike) -> tuple[dict[str, PatternMask], dict[
                 raise MaskError(f"{where}: pattern keys need shape, library and ids together, got {pat}")
             try:
                 if pat:
-                    shape = _read(npz, f["pattern_shape"], where, "iu", 1, 4).tolist()
-                    lib = _read(npz, f["pattern_library"], where, "biu", 3, 9 * MAX_PATTERNS)
-                    ids = _read(npz, f["pattern_ids"], where, "iu", 2, MAX_PIXELS)
+                    shape = _read(zf, f["pattern_shape"], where, "iu", 1, 4).tolist()
+                    lib = _read(zf, f["pattern_library"], where, "biu", 3, 9 * MAX_PATTERNS)
+                    ids = _read(zf, f["pattern_ids"], where, "iu", 2, MAX_PIXELS)
                     patterns[layer] = PatternMask(layer, tuple(shape), lib, ids)
                 if "pixel_keep" in f:
-                    pixels[layer] = validate_pixel_mask(_read(npz, f["pixel_keep"], where, "biu", 2, MAX_PIXELS), layer)
+                    pixels[layer] = validate_pixel_mask(_read(zf, f["pixel_keep"], where, "biu", 2, MAX_PIXELS), layer)
             except MaskError as e:
                 msg = str(e)
                 raise MaskError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
