@@ -26,7 +26,7 @@ def test_experiment_quick(tmp_path, monkeypatch) -> None:
     saved = json.loads(out.read_text())
     assert {r["method"] for r in saved["runs"]} == {"dense", *module.METHODS}
     for r in result["runs"]:
-        expected_w = 0.75 if r["method"] not in ("dense", "act") else 0.0
+        expected_w = 0.75 if r["method"] not in ("dense", "dense+ft", "act") else 0.0
         assert r["conv2_weight_sparsity"] == pytest.approx(expected_w, abs=0.01)
         expected_px = 0.3 if r["method"] in ("act", "ubp+act") else 0.0
         assert r["conv2_pixel_sparsity"] == pytest.approx(expected_px, abs=0.01)

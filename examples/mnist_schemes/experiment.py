@@ -4,6 +4,7 @@ A small CNN (conv 1->8 3x3, max-pool, conv 8->16 3x3, max-pool, linear 784->10) 
 dense per seed; then, from that same dense checkpoint and with the same optimizer and number of
 epochs, conv2 (the 16 x 72 GEMM over 14 x 14 = 196 output positions) is sparsified by:
 
+* ``dense+ft``: no sparsity, the same extra epochs (the control for "more training");
 * ``ubp``: UBP, N = 4 blocks chosen by BED, 75 % of conv2's weights;
 * ``abp``: aligned N = 4 blocks, 75 %;
 * ``unstructured``: single weights, 75 %;
@@ -51,9 +52,10 @@ from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier
 from ubpdsl.prune.trainer import evaluate, fit
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("ubp", "abp", "unstructured", "pattern", "blkrew", "act", "ubp+act")
+METHODS = ("dense+ft", "ubp", "abp", "unstructured", "pattern", "blkrew", "act", "ubp+act")
 LABELS = {
     "dense": "dense",
+    "dense+ft": "dense, trained on as the others",
     "ubp": "UBP (BED, N=4)",
     "abp": "ABP (aligned, N=4)",
     "unstructured": "unstructured",
@@ -218,8 +220,10 @@ def prune_run(method: str, dense: dict, data, s: Settings, seed: int) -> dict:
             schedule=schedule,
             also=[pixels] if pixels else [],
         )
-    else:
+    elif pixels is not None:
         _train(model, data, epochs, s.prune_lr, s, 2000 + seed, sparsifier=pixels, schedule=act_schedule)
+    else:  # dense+ft: the same extra epochs without any sparsity (the control)
+        _train(model, data, epochs, s.prune_lr, s, 2000 + seed)
     seconds = time.perf_counter() - t
     acc = evaluate(model, data[2], data[3])
     conv2 = model.conv2.conv if pixels else model.conv2
@@ -248,12 +252,15 @@ def gru_runs(data, s: Settings, seed: int) -> list[dict]:
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     spe = len(data[1]) // s.batch_size
     out = [{"method": "dense", "seed": seed, "test_acc": dense_acc, "sparsity": 0.0}]
-    for method in ("ubp", "blkrew"):
+    for method in ("dense+ft", "ubp", "blkrew"):
         torch.manual_seed(1000 + seed)
         m = GemmGRU(hidden=s.gru_hidden)
         m.load_state_dict(dense)
         sp = UnalignedBlockSparsifier(s.weight_sparsity, block=s.block, method="bed", skip=["out"])
-        sp.prepare(m, config=None)
+        if method == "dense+ft":
+            _train(m, data, s.ramp_updates + 1 + s.finetune_epochs, s.prune_lr, s, 2000 + seed)
+        else:
+            sp.prepare(m, config=None)
         if method == "ubp":
             schedule = CubicSchedule(s.weight_sparsity, num_updates=s.ramp_updates, update_every=spe)
             _train(
@@ -266,7 +273,7 @@ def gru_runs(data, s: Settings, seed: int) -> list[dict]:
                 sparsifier=sp,
                 schedule=schedule,
             )
-        else:
+        elif method == "blkrew":
             reg = ReweightedGroupRegularizer(
                 m,
                 lam=s.reg_lambda,
@@ -330,7 +337,12 @@ def markdown(result: dict) -> str:
             "| scheme | ih/hh sparsity | test accuracy |",
             "|---|---|---|",
         ]
-        for method, label in (("dense", "dense"), ("ubp", "gradual BED"), ("blkrew", "BLK-REW + BED")):
+        for method, label in (
+            ("dense", "dense"),
+            ("dense+ft", "dense, trained on as the others"),
+            ("ubp", "gradual BED"),
+            ("blkrew", "BLK-REW + BED"),
+        ):
             rs = [r for r in gru if r["method"] == method]
             if rs:
                 sp = statistics.mean(r["sparsity"] for r in rs)
@@ -394,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         if not args.no_gru:
             gru += gru_runs(data, s, seed)
-            print("seed", seed, "GRU:", ", ".join(f"{r['method']} {100 * r['test_acc']:.2f} %" for r in gru[-3:]))
+            print("seed", seed, "GRU:", ", ".join(f"{r['method']} {100 * r['test_acc']:.2f} %" for r in gru[-4:]))
     result = {
         "settings": asdict(s),
         "seeds": seeds,
