@@ -325,3 +325,20 @@ def test_cli_pattern_reweighted_and_activation(tmp_path, capsys) -> None:
     code = main(["prune", "--model", "mobilenetv2", "--reweighted", "--sparsity", "0.5", "-o", str(tmp_path / "x.npz")])
     err = capsys.readouterr().err
     assert code == 1 and "error: --reweighted needs data" in err and "Traceback" not in err
+
+
+def test_fixed_library_is_kept_across_updates() -> None:
+    torch.manual_seed(1)
+    model = TwoConv()
+    sp = PatternSparsifier(sparsity_level=0.8, fixed_library=True, skip=["conv1"])
+    sp.prepare(model, config=None)
+    libs = []
+    for level in (0.3, 0.6, 0.8):
+        sp.groups[0]["sparsity_level"] = level
+        with torch.no_grad():
+            model.conv2.parametrizations.weight.original.add_(0.3 * torch.randn(24, 16, 3, 3))
+        sp.step()
+        libs.append(sp.state["conv2.weight"]["pattern_library"].clone())
+    assert all(torch.equal(libs[0], lib) for lib in libs)
+    used = set(sp.to_pattern_masks()["conv2"].ids[sp.to_pattern_masks()["conv2"].ids >= 0].tolist())
+    assert used <= set(range(8))

@@ -22,6 +22,7 @@ Training is a plain gradual magnitude schedule, not PatDNN's extended ADMM.
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -184,8 +185,6 @@ class PatternSparsifier(UnalignedBlockSparsifier):
             prunable, _ = find_prunable_layers(model, block=1)
             others = [p for p in prunable if not _is_3x3_conv(p.module)]
             convs = [p for p in prunable if _is_3x3_conv(p.module)]
-            import fnmatch
-
             for pattern in self.skip:
                 if not any(fnmatch.fnmatchcase(p.name, pattern) for p in prunable):
                     raise UbpError(f"--skip {pattern!r} matches no layer of the model")
