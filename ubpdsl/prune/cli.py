@@ -17,7 +17,7 @@ from ubpdsl.errors import UbpError
 
 __all__ = ["inspect", "prune"]
 
-_METHODS = ("bed", "optimal", "aligned", "unstructured")
+_METHODS = ("bed", "optimal", "aligned", "unstructured", "pattern")
 _IMPORTANCES = ("abs", "sq", "taylor")
 
 
@@ -39,7 +39,32 @@ def _parse_layer_sparsity(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--sparsity", type=float, required=True, help="Target fraction of zero weights, in [0, 1).")
 @click.option("--block", type=int, default=4, show_default=True, help="Block size N (rows per Nx1 block).")
 @click.option(
-    "--method", type=click.Choice(_METHODS), default="bed", show_default=True, help="Block selector."
+    "--method",
+    type=click.Choice(_METHODS),
+    default="bed",
+    show_default=True,
+    help="Block selector; pattern = PatDNN pattern + connectivity pruning of the 3x3 convs.",
+)
+@click.option(
+    "--patterns", type=click.IntRange(1, 56), default=8, show_default=True, help="Pattern library size (pattern)."
+)
+@click.option(
+    "--reweighted",
+    is_flag=True,
+    help="BLK-REW: first train with the reweighted block-group regulariser on the spec's data.",
+)
+@click.option("--reweighted-steps", type=click.IntRange(min=1), default=200, show_default=True, help="Its batches.")
+@click.option("--reweighted-lambda", type=float, default=1e-3, show_default=True, help="Its lambda.")
+@click.option(
+    "--activation-sparsity",
+    type=float,
+    metavar="S",
+    help="Also drop S of each conv's output positions (random static pixel masks, to the schemes sidecar).",
+)
+@click.option(
+    "--schemes-output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="schemes.npz sidecar for pattern ids / pixel masks [default: OUTPUT with .schemes.npz].",
 )
 @click.option(
     "--importance", type=click.Choice(_IMPORTANCES), default="abs", show_default=True, help="Weight score."
@@ -78,6 +103,12 @@ def prune(
     calibration_batches: int,
     seed: int,
     output: Path,
+    patterns: int = 8,
+    reweighted: bool = False,
+    reweighted_steps: int = 200,
+    reweighted_lambda: float = 1e-3,
+    activation_sparsity: float | None = None,
+    schemes_output: Path | None = None,
 ) -> None:
     """Prune a model's weights once and write the kept blocks and pruned weights to masks.npz.
 
@@ -92,6 +123,9 @@ def prune(
       ubpdsl prune --model mobilenetv2 --sparsity 0.75 --block 4 -o masks.npz
       ubpdsl prune --model mobilenetv2 --sparsity 0.9 --global --skip classifier.1 -o m.npz
       ubpdsl prune --model digits-cnn --weights cnn.pt --sparsity 0.5 --layer-sparsity fc=0.25 -o m.npz
+      ubpdsl prune --model digits-cnn --method pattern --sparsity 0.75 -o m.npz   # + m.schemes.npz
+      ubpdsl prune --model digits-cnn --reweighted --sparsity 0.75 -o m.npz
+      ubpdsl prune --model mobilenetv2 --sparsity 0.75 --activation-sparsity 0.3 -o m.npz
     """
     import torch
 
@@ -101,6 +135,9 @@ def prune(
         raise UbpError(f"--sparsity must be in [0, 1), got {sparsity}")
     from ubpdsl.masks import MAX_BLOCK
 
+    if activation_sparsity is not None and not 0.0 < activation_sparsity < 1.0:
+        raise UbpError(f"--activation-sparsity must be in (0, 1), got {activation_sparsity}")
+
     if not 1 <= block <= MAX_BLOCK:
         raise UbpError(f"--block must be in 1..{MAX_BLOCK}, got {block}")
     overrides = _parse_layer_sparsity(layer_sparsity)
@@ -109,22 +146,43 @@ def prune(
     model = loaded.model
     if importance == "taylor" and loaded.calibration is None:
         raise UbpError(f"--importance taylor needs data, and model {model_spec!r} has none built in")
+    if reweighted and loaded.calibration is None:
+        raise UbpError(f"--reweighted needs data, and model {model_spec!r} has none built in")
     if weights is None and loaded.builtin and not loaded.pretrained:
         click.echo(
             f"note: {model_spec} has no shipped weights; pruning its seed-{seed} initialisation", err=True
         )
 
-    sparsifier = UnalignedBlockSparsifier(
-        sparsity_level=sparsity,
-        block=block,
-        method=method,
-        importance=importance,
-        global_budget=global_budget,
-        skip=skip,
-        layer_sparsity=overrides,
-        progress=True,
-    )
+    if method == "pattern":
+        from ubpdsl.prune.pattern import PatternSparsifier
+
+        if global_budget:
+            raise UbpError("--global does not apply to --method pattern")
+        sparsifier = PatternSparsifier(
+            sparsity, num_patterns=patterns, importance=importance, skip=skip, layer_sparsity=overrides, progress=True
+        )
+    else:
+        sparsifier = UnalignedBlockSparsifier(
+            sparsity_level=sparsity,
+            block=block,
+            method=method,
+            importance=importance,
+            global_budget=global_budget,
+            skip=skip,
+            layer_sparsity=overrides,
+            progress=True,
+        )
     sparsifier.prepare(model, config=None)
+    if reweighted:
+        from ubpdsl.prune.reweighted import ReweightedGroupRegularizer, reweighted_train
+
+        names = [g["module_fqn"] for g in sparsifier.groups]
+        reg = ReweightedGroupRegularizer(
+            model, lam=reweighted_lambda, block=block, update_every=50, layers=names,
+            grouping="aligned" if method == "aligned" else "unaligned",
+        )
+        loss = reweighted_train(model, loaded.calibration(reweighted_steps), reg)
+        click.echo(f"reweighted training: {reweighted_steps} batches, last loss {loss:.4f}", err=True)
     if importance == "taylor":
         from tqdm import tqdm
 
@@ -166,7 +224,20 @@ def prune(
     dense = [g["module_fqn"] for g in sparsifier.groups if g["module_fqn"] not in layers]
     for name in dense:
         click.echo(f"dense   {name}: sparsity 0, not written")
-    n_eff = 1 if method == "unstructured" else block
+    if method == "pattern" or activation_sparsity is not None:
+        from ubpdsl.prune.scheme_masks import save_schemes
+
+        pats = sparsifier.to_pattern_masks() if method == "pattern" else None
+        pixels = None
+        if activation_sparsity is not None:
+            from ubpdsl.prune.activation import random_pixel_masks
+
+            shape = tuple(loaded.require_example().shape[1:])
+            pixels = random_pixel_masks(model, shape, activation_sparsity, seed=seed, skip=skip)
+        side = schemes_output or output.with_suffix(".schemes.npz")
+        save_schemes(side, pats, pixels)
+        click.echo(f"wrote {side}: {len(pats or {})} pattern layers, {len(pixels or {})} pixel masks")
+    n_eff = 1 if method in ("unstructured", "pattern") else block
     click.echo(
         f"wrote {output}: {len(layers)} layers, N={n_eff}, method {method}, "
         f"sparsity {1 - kept / max(1, total):.4f} over pruned layers"

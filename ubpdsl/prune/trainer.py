@@ -19,8 +19,9 @@ masks stay fixed and the remaining steps fine-tune the kept weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,14 +93,22 @@ def fit(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     progress: bool = False,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    also: Sequence[Any] = (),
 ) -> list[MaskUpdate]:
     """Train ``model`` for ``steps`` optimizer steps; with a sparsifier, prune gradually.
 
     ``sparsifier`` must already be prepared on ``model``. Each layer ramps along
     ``schedule`` to the ``sparsity_level`` it had when :func:`fit` was called (its
     target), so per-layer overrides keep their own targets; ``schedule.final_sparsity``
-    must equal the sparsifier's default level. Returns the mask updates made.
+    must equal the sparsifier's default level. ``regularizer()``, if given, is added to every
+    step's loss (e.g. :class:`~ubpdsl.prune.reweighted.ReweightedGroupRegularizer`). Returns the
+    mask updates made. ``also`` holds further prepared sparsifiers (e.g. an
+    :class:`~ubpdsl.prune.activation.ActivationSparsifier`) whose layers ramp along the same
+    schedule to their own targets; ``achieved`` in the updates counts ``sparsifier`` only.
     """
+    if also and sparsifier is None:
+        raise UbpError("fit(also=...) needs a sparsifier and a schedule")
     if (sparsifier is None) != (schedule is None):
         raise UbpError("fit() needs both a sparsifier and a schedule, or neither")
     if steps < 1:
@@ -113,7 +122,7 @@ def fit(
             raise UbpError(
                 f"the schedule's last mask update is at step {schedule.end_step}, but training has only {steps} steps"
             )
-        targets = {g["tensor_fqn"]: float(g["sparsity_level"]) for g in sparsifier.groups}
+        targets = {g["tensor_fqn"]: float(g["sparsity_level"]) for sp in (sparsifier, *also) for g in sp.groups}
         taylor = any(g["importance"] == "taylor" for g in sparsifier.groups)
     else:
         taylor = False
@@ -128,6 +137,8 @@ def fit(
         for step in bar:
             xb, yb = next(batches)
             loss = loss_fn(model(xb), yb)
+            if regularizer is not None:
+                loss = loss + regularizer()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if taylor:
@@ -137,9 +148,10 @@ def fit(
                 lr_scheduler.step()
             if sparsifier is not None and schedule.is_update_step(step):
                 level = schedule.sparsity_at(step)
-                for g in sparsifier.groups:
-                    g["sparsity_level"] = schedule.sparsity_at(step, final=targets[g["tensor_fqn"]])
-                sparsifier.step()
+                for sp in (sparsifier, *also):
+                    for g in sp.groups:
+                        g["sparsity_level"] = schedule.sparsity_at(step, final=targets[g["tensor_fqn"]])
+                    sp.step()
                 updates.append(MaskUpdate(step, level, _zero_fraction(sparsifier), float(loss.detach())))
                 bar.set_postfix(sparsity=f"{updates[-1].achieved:.3f}")
     model.eval()
