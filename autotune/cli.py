@@ -26,7 +26,7 @@ import numpy as np
 
 from ubpdsl.cli_common import load_model, model_options
 from ubpdsl.errors import MaskError, UbpError
-from ubpdsl.identity import content_file
+from ubpdsl.identity import atomic_copy, atomic_write, content_file
 from ubpdsl.runtime.targets import TARGET_NAMES
 
 __all__ = ["tune", "run_tune", "load_layers", "LayerSummary"]
@@ -176,9 +176,9 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
         tuner.close()
     manifest["machine"] = _machine()
     ensure_dir(out)
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     table = format_table(summaries, target)
-    _write_atomic(out / "summary.md", table + "\n")
+    atomic_write(out / "summary.md", table + "\n")
     echo(table)
     try:
         plot_history(results, out / "tuning_history.png", estimate=tuner.estimate,
@@ -199,11 +199,11 @@ def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, An
     ensure_dir(out)
     safe = file_stem(layer.name)
     files = {"so": out / f"{safe}.{tuner.target.name}.so", "header": out / f"{safe}.h"}
-    _copy_atomic(Path(best["so"]), files["so"])
-    _copy_atomic(Path(best["header"]), files["header"])
+    atomic_copy(Path(best["so"]), files["so"])
+    atomic_copy(Path(best["header"]), files["header"])
     if best.get("packed") and tuner.settings.weights:  # never ship packed random (synthetic) weights
         files["packed"] = out / f"{safe}.packed.bin"
-        _copy_atomic(Path(best["packed"]), files["packed"])
+        atomic_copy(Path(best["packed"]), files["packed"])
     dense_s = gflops = None
     if res.from_cache and res.final:  # unchanged layer: the numbers of the run that tuned it
         t_def, t_tuned, dense_s = res.final["default"], res.final["tuned"], res.final.get("dense")
@@ -333,18 +333,6 @@ def plot_history(results: list[Any], path: Path, estimate: bool = False,
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    tmp.replace(dst)
 
 
 def _machine() -> dict[str, Any]:

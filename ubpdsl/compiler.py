@@ -23,7 +23,6 @@ import hashlib
 import inspect
 import json
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ import ubpdsl
 from ubpdsl.dialects import lowering
 from ubpdsl.dialects.ubp import make_context
 from ubpdsl.errors import BuildError, DSLError, MaskError, TargetError, UbpError
-from ubpdsl.identity import blocks_hash, bytes_sha256, layer_hash
+from ubpdsl.identity import atomic_copy, atomic_write, blocks_hash, bytes_sha256, layer_hash
 from ubpdsl.language.core import PY_RANGE, KernelFunction
 from ubpdsl.language.frontend import KernelSpec, VectorShape, build_ubp_module
 from ubpdsl.names import file_stem
@@ -295,11 +294,11 @@ class CompiledKernel:
         so_name = self.manifest["soname"]
         layer = so_name[: -len(f".{self.target.name}.so")]
         files = {"so": out_dir / so_name, "header": out_dir / f"{layer}.h"}
-        shutil.copyfile(self.so, files["so"])
-        shutil.copyfile(self.header, files["header"])
+        atomic_copy(self.so, files["so"])  # a program may have the old one loaded: never rewrite it in place
+        atomic_copy(self.header, files["header"])
         if self.packed is not None:
             files["packed"] = out_dir / f"{layer}.packed.bin"
-            self.packed.tofile(files["packed"])
+            atomic_write(files["packed"], self.packed.tobytes())
         return files
 
 
