@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from test_autotune_util import run_tune
 
 from ubpdsl.compile_cli import random_problem
@@ -318,3 +319,18 @@ def test_rebuilding_a_loaded_kernel_in_place_runs_the_new_code(tmp_path):
         loaded.append(k)  # keep every library loaded
         np.testing.assert_allclose(k(x, ck.packed), float(scale) * (p.weight @ x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loaded[0](x, ck.packed), 2.0 * (p.weight @ x), rtol=1e-5, atol=1e-5)
+
+
+def test_one_vector_width_rule_for_compile_tune_and_export():
+    """compile --vector-bits, the tuner and export build the same code for the same width."""
+    from ubpdsl.compiler import resolve_target
+    from ubpdsl.config import KernelConfig
+    from ubpdsl.runtime.targets import get_target
+
+    host = get_target("host")
+    if host.arch != "x86_64" or host.vector_bits < 256:
+        pytest.skip("needs an AVX2 or AVX-512 x86-64 host")
+    via_config = KernelConfig("wros", {}, False, 256).target_for(host)
+    assert via_config == resolve_target("host", 256)
+    assert via_config.vector_bits == 256 and "+avx512f" not in via_config.features.split(",")
+    assert KernelConfig("wros").target_for(host) == host

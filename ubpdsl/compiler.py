@@ -17,7 +17,6 @@ build serves every mask of that shape.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import inspect
@@ -34,7 +33,7 @@ from mlir import ir
 import ubpdsl
 from ubpdsl.dialects import lowering
 from ubpdsl.dialects.ubp import make_context
-from ubpdsl.errors import BuildError, DSLError, MaskError, TargetError, UbpError
+from ubpdsl.errors import BuildError, DSLError, MaskError, UbpError
 from ubpdsl.identity import atomic_copy, atomic_write, blocks_hash, bytes_sha256, layer_hash
 from ubpdsl.language.core import PY_RANGE, KernelFunction
 from ubpdsl.language.frontend import KernelSpec, VectorShape, build_ubp_module
@@ -92,18 +91,7 @@ def resolve_target(target: str | Target, vector_bits: int | None = None) -> Targ
     also drops AVX (SSE code); on NEON only 128 bits exist; SVE's width is the hardware's.
     """
     tgt = target if isinstance(target, Target) else get_target(target)
-    if vector_bits is None or vector_bits == tgt.vector_bits:
-        return tgt
-    if tgt.scalable:
-        raise TargetError(f"target {tgt.name}: the vector length is the hardware's (scalable); "
-                          "vector_bits cannot be set")
-    if vector_bits not in (128, 256) or vector_bits > tgt.vector_bits or tgt.arch != "x86_64":
-        raise TargetError(f"target {tgt.name}: vector_bits must be 128 or 256 and at most {tgt.vector_bits} "
-                          f"(x86-64 only), got {vector_bits}")
-    drop = ("avx512",) if vector_bits == 256 else ("avx512", "avx", "fma", "f16c", "vaes", "vpclmulqdq")
-    feats = [f for f in tgt.features.split(",") if f and not any(f[1:].startswith(d) for d in drop)]
-    feats += [f"-{d}" for d in ("avx512f",) + (("avx", "fma") if vector_bits == 128 else ())]
-    return dataclasses.replace(tgt, name=tgt.name, features=",".join(feats), vector_bits=vector_bits)
+    return tgt.narrowed(vector_bits)
 
 
 def _spec(kernel: KernelFunction, problem: Problem, target: Target, constants: dict[str, Any] | None,
