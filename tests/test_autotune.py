@@ -15,7 +15,7 @@ from ubpdsl.autotune import space as sp
 from ubpdsl.autotune.mca import estimate_cycles, parse_loops
 from ubpdsl.autotune.measure import check_positions, make_x
 from ubpdsl.autotune.runner import LocalRunner
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.runtime.targets import get_target
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_autotune_util import run_tune
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.identity import file_sha256
 from ubpdsl.masks import LayerMask, save_masks
 from ubpdsl.runtime.loader import HostKernel

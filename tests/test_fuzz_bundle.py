@@ -25,7 +25,7 @@ from fuzz_support import COUNTS, assert_all_clean, c_verdict, record, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.errors import UbpError
 from ubpdsl.export import build_bundle_main, export_bundle, load_bundle
 from ubpdsl.masks import LayerMask

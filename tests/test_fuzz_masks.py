@@ -19,7 +19,7 @@ from fuzz_support import COUNTS, assert_all_clean, cli_verdict, record, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.errors import UbpError
 from ubpdsl.masks import LayerMask, load_masks, save_masks
 

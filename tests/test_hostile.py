@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.errors import MaskError, UbpError
 from ubpdsl.export import BundleError, build_bundle_main, export_bundle, load_bundle
 from ubpdsl.masks import LayerMask, save_masks

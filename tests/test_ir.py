@@ -8,8 +8,7 @@ import tempfile
 import pytest
 from mlir import ir
 
-from ubpdsl.compile_cli import random_problem
-from ubpdsl.compiler import emit
+from ubpdsl.compiler import emit, random_problem
 from ubpdsl.dialects.ubp import make_context
 from ubpdsl.kernels import VARIANTS
 from ubpdsl.runtime.toolchain import tool

@@ -84,6 +84,24 @@ class Problem:
                           layer=self.name)
 
 
+def random_problem(M: int, K: int, N: int, sparsity: float, seed: int = 0, *, aligned: bool = False,
+                   name: str | None = None) -> Problem:
+    """A reproducible random layer: Gaussian weights, blocks chosen by BED (unaligned) or by
+    aligned_select (ABP, the same number of blocks where M allows it)."""
+    from ubpdsl.prune.selectors import aligned_select, bed_select, blocks_to_mask, budget
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((M, K)).astype(np.float32)
+    m = budget(M, K, N, sparsity)
+    if aligned:
+        rows, cols = aligned_select(np.abs(w), min(m, K * (M // N)), N)
+    else:
+        rows, cols = bed_select(np.abs(w), m, N)
+    w = w * blocks_to_mask(rows, cols, M, K, N)
+    label = name or f"{'aligned' if aligned else 'random'}_{M}x{K}"
+    return Problem(label, M, K, N, rows, cols, w.astype(np.float32))
+
+
 def resolve_target(target: str | Target, vector_bits: int | None = None) -> Target:
     """The target, narrowed to ``vector_bits`` wide registers when asked (fixed-width targets).
 
