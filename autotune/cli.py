@@ -16,7 +16,6 @@ cached and stored in separate studies.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,11 @@ from ubpdsl.errors import MaskError, TargetError, UbpError
 __all__ = ["tune", "run_tune", "model_pixels", "load_layers", "LayerSummary"]
 
 TARGETS = ("host", "aarch64-neon", "aarch64-sve")
+
+#: Largest n (output pixels) accepted: a 4096x4096 image.
+MAX_PIXELS = 1 << 24
+#: Largest x plus y of one layer's timing problem, (K + M) * n float32 values.
+MAX_OPERAND_BYTES = 1 << 30
 
 #: Finished trials per layer by default: a MobileNetV2 masks.npz (36 layers) in < 10 min on 2 cores.
 DEFAULT_TRIALS = 12
@@ -64,15 +68,12 @@ def _pixel_map(pixels_map: str | None, model: str | None) -> dict[str, int]:
     if model:
         out.update(model_pixels(model))
     if pixels_map:
+        from ubpdsl.guard import read_json
+
         path = Path(pixels_map)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise UbpError(f"cannot read --pixels-map {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise UbpError(f"--pixels-map {path} is not JSON: {exc.msg} (line {exc.lineno})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, int) and v > 0 for v in data.values()):
-            raise UbpError(f"--pixels-map {path} must map layer names to positive integers")
+        data = read_json(path, f"--pixels-map {path}")
+        if not isinstance(data, dict) or not all(type(v) is int and 0 < v <= MAX_PIXELS for v in data.values()):
+            raise UbpError(f"--pixels-map {path} must map layer names to integers in 1..{MAX_PIXELS}")
         out.update(data)
     return out
 
@@ -83,6 +84,7 @@ def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int, pixel
     from ubpdsl.autotune.space import Layer
     from ubpdsl.compiler import Problem
     from ubpdsl.masks import load_masks
+    from ubpdsl.names import check_unique_stems
 
     if not Path(mask_path).is_file():
         raise MaskError(f"masks file {mask_path} does not exist")
@@ -94,10 +96,15 @@ def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int, pixel
         if missing:
             raise MaskError(f"{mask_path} has no layer {missing[0]!r}; layers: {', '.join(masks)}")
         masks = {n: masks[n] for n in layer_names}
-    if pixels < 1:
-        raise UbpError(f"--pixels must be >= 1, got {pixels}")
+    if not 1 <= pixels <= MAX_PIXELS:
+        raise UbpError(f"--pixels must be in 1..{MAX_PIXELS}, got {pixels}")
+    check_unique_stems(masks)
     layers = []
     for name, m in masks.items():
+        n = int(pixel_map.get(name, pixels))
+        if (m.R + m.C) * n * 4 > MAX_OPERAND_BYTES:
+            raise UbpError(f"layer {name}: n = {n} pixels makes x and y {(m.R + m.C) * n * 4 >> 20} MiB "
+                           f"(limit {MAX_OPERAND_BYTES >> 20} MiB); give a smaller --pixels / --pixels-map")
         if m.weight is None and need_weights:
             raise MaskError(f"layer {name}: {mask_path} has no weights, and tune needs them to build and deliver "
                             "the kernels (save the masks with weights, e.g. `ubpdsl prune` does, or pass "
@@ -109,7 +116,7 @@ def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int, pixel
             for i in range(problem.N):
                 w[problem.rows + i, problem.cols] = rng.uniform(0.5, 1.5, len(problem.rows))
             problem = Problem(problem.name, problem.M, problem.K, problem.N, problem.rows, problem.cols, w)
-        layers.append(Layer(problem, int(pixel_map.get(name, pixels))))
+        layers.append(Layer(problem, n))
     return layers
 
 
@@ -132,10 +139,6 @@ class LayerSummary:
     cache: str | None = None  # timing mode ("cold" / "warm"); None for estimates
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)
-
-
 def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIALS, storage: str | None = None,
              out_dir: str = "build", layer_names: tuple[str, ...] = (), pixels: int = 196,
              pixels_map: str | None = None, model: str | None = None, jobs: int = 2, timeout: float = 20.0,
@@ -145,6 +148,7 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
     """The ``tune`` command as a function (see :func:`tune`); returns the per-layer summary."""
     from ubpdsl.autotune.runner import get_runner
     from ubpdsl.autotune.study import CACHE_MODES, Tuner, TuneSettings
+    from ubpdsl.guard import ensure_dir
     from ubpdsl.runtime.targets import get_target
 
     # 1. validate everything before touching any study
@@ -156,6 +160,7 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
     if cache not in CACHE_MODES:
         raise UbpError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     layers = load_layers(mask_path, layer_names, pixels, _pixel_map(pixels_map, model), not synthetic_weights)
+    ensure_dir(out_dir)  # a file in the way is reported now, not after the tuning
     the_runner = get_runner(runner, ssh_options) if runner else None
     settings = TuneSettings(target=target, trials=trials, storage=storage,
                             cache_dir=Path(cache_dir) if cache_dir else None, jobs=jobs, timeout=timeout, seed=seed,
@@ -199,7 +204,7 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
             bar.close()
         tuner.close()
     manifest["machine"] = _machine()
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     table = format_table(summaries, target)
     _write_atomic(out / "summary.md", table + "\n")
@@ -214,10 +219,13 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
 
 def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, Any], dense: bool) -> LayerSummary:
     """Build the best config into ``out`` and measure default vs tuned (vs torch.mm) once more."""
+    from ubpdsl.guard import ensure_dir
+    from ubpdsl.names import file_stem
+
     best = tuner.compile(layer, res.best, final=True)
     default = tuner.compile(layer, res.default)
-    out.mkdir(parents=True, exist_ok=True)
-    safe = _safe(layer.name)
+    ensure_dir(out)
+    safe = file_stem(layer.name)
     files = {"so": out / f"{safe}.{tuner.target.name}.so", "header": out / f"{safe}.h"}
     _copy_atomic(Path(best["so"]), files["so"])
     _copy_atomic(Path(best["header"]), files["header"])

@@ -710,9 +710,9 @@ class Tuner:
 
 
 def _symbol(layer: str) -> str:
-    import re
+    from ubpdsl.names import kernel_symbol
 
-    return "ubp_" + re.sub(r"\W", "_", layer)
+    return kernel_symbol(layer)
 
 
 def geomean(values: Iterable[float]) -> float:

@@ -94,7 +94,9 @@ def test_bundle_layout_and_manifest(bundle, model_masks):
             assert (bundle / te["files"]["packed"]).is_file() and (bundle / te["files"]["header"]).is_file()
             assert te["config_source"] == "default"
     index = (bundle / "aarch64-neon" / "kernels.tsv").read_text().splitlines()
-    assert index[1].split("\t") == ["0", "ubp_0", "16", "27", "4", "0.aarch64-neon.so", "0.packed.bin"]
+    te = m["layers"]["0"]["targets"]["aarch64-neon"]
+    assert index[1].split("\t") == ["0", "ubp_0", "16", "27", "4", "0.aarch64-neon.so", "0.packed.bin",
+                                     te["sha256"]["so"], te["sha256"]["packed"]]
     assert (bundle / "masks.npz").is_file()
 
 

@@ -115,10 +115,6 @@ def _problems(mask_path: str, layer: str | None) -> list[Any]:
     return [Problem.from_mask(m) for m in layers.values()]
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)
-
-
 @click.command("compile")
 @click.option("--mask", "mask_path", required=True, type=click.Path(dir_okay=False), help="masks.npz (with weights)")
 @click.option("--layer", default=None, help="compile only this layer (default: all)")
@@ -140,17 +136,20 @@ def compile_cmd(mask_path: str, layer: str | None, target: str, variant: str, ke
     (data-driven kernels) and build/manifest.json.
     """
     from ubpdsl.compiler import compile_kernel
+    from ubpdsl.guard import ensure_dir
+    from ubpdsl.names import check_unique_stems, kernel_symbol
 
     kernel = load_kernel(variant, kernel_name)
     constants = parse_constants(consts)
     problems = _problems(mask_path, layer)
-    out = Path(out_dir)
+    check_unique_stems(p.name for p in problems)
+    out = ensure_dir(out_dir)
     manifest: dict[str, Any] = {"format": "ubpdsl.build/1", "target": target, "layers": {}}
     for p in problems:
         if p.weight is None:  # the packed blob (or the baked code) is made from the weights
             p.block_data(kernel.layout, kernel.aligned)
         ck = compile_kernel(kernel, p, target, constants=constants, specialize=specialize,
-                            symbol="ubp_" + _safe(p.name), vector_bits=vector_bits)
+                            symbol=kernel_symbol(p.name), vector_bits=vector_bits)
         files = ck.save(out)
         manifest["layers"][p.name] = {**ck.manifest, "files": {k: v.name for k, v in files.items()}}
         click.echo(f"{p.name}: {files['so']} ({'cached' if ck.cache_hit else 'built'})")

@@ -36,6 +36,7 @@ from ubpdsl.dialects.ubp import make_context
 from ubpdsl.errors import BuildError, DSLError, MaskError, TargetError, UbpError
 from ubpdsl.language.core import KernelFunction
 from ubpdsl.language.frontend import KernelSpec, VectorShape, build_ubp_module
+from ubpdsl.names import file_stem
 from ubpdsl.packing import BlockData, block_data, layout_description, pack
 from ubpdsl.runtime import build as rt_build
 from ubpdsl.runtime.cache import CompileCache
@@ -208,7 +209,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
     """Compile ``kernel`` for one layer and target into a cached, self-contained ``.so``."""
     problem = problem if isinstance(problem, Problem) else Problem.from_mask(problem)
     tgt = resolve_target(target, vector_bits)
-    safe_name = re.sub(r"\W", "_", problem.name)
+    safe_name = file_stem(problem.name)
     symbol = symbol or "ubp_" + safe_name
     soname = f"{safe_name}.{tgt.name}.so"  # the file name programs linked against it will look for
     spec, data = _spec(kernel, problem, tgt, constants, specialize, symbol)

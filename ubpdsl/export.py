@@ -34,10 +34,11 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
+import stat
 import struct
 import tempfile
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,6 +49,8 @@ import numpy as np
 
 import ubpdsl
 from ubpdsl.errors import MaskError, UbpError
+from ubpdsl.guard import ensure_dir, read_json
+from ubpdsl.names import check_layer_name, check_unique_stems, kernel_symbol
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -60,7 +63,6 @@ __all__ = [
     "export_bundle",
     "load_bundle",
     "load_tuned_configs",
-    "safe_name",
 ]
 
 BUNDLE_FORMAT = "ubpdsl.bundle/1"
@@ -69,6 +71,8 @@ DEFAULT_VARIANT = "wros"
 MANIFEST = "manifest.json"
 MASKS = "masks.npz"
 INDEX = "kernels.tsv"
+#: The tab-separated columns of kernels.tsv (the C reader, examples/embed_c/bundle_main.c, reads them in this order).
+INDEX_COLUMNS = ("layer", "symbol", "M", "K", "N", "so", "packed", "so_sha256", "packed_sha256")
 TARGETS = ("host", "aarch64-neon", "aarch64-sve")
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 _PACKED_MAGIC = 0x31504255
@@ -76,11 +80,6 @@ _PACKED_MAGIC = 0x31504255
 
 class BundleError(UbpError):
     """A bundle is missing, inconsistent with its manifest, or does not fit the model or machine."""
-
-
-def safe_name(layer: str) -> str:
-    """The file-name / C-symbol form of a layer name (``features.1.conv`` -> ``features_1_conv``)."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", layer)
 
 
 def _sha256(path: Path) -> str:
@@ -147,10 +146,7 @@ def load_tuned_configs(path: str | os.PathLike[str]) -> tuple[str, dict[str, Ker
         p = p / MANIFEST
     if not p.is_file():
         raise UbpError(f"tuned configurations {path}: no such file (give a `ubpdsl tune -o DIR` directory)")
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UbpError(f"tuned configurations {p}: not readable JSON ({exc})") from None
+    data = read_json(p, f"tuned configurations {p}")
     if not isinstance(data, dict) or data.get("format") != TUNED_FORMAT:
         fmt = data.get("format") if isinstance(data, dict) else None
         raise UbpError(f"tuned configurations {p}: format {fmt!r} is not {TUNED_FORMAT!r} "
@@ -233,10 +229,9 @@ def _module_info(model: Any, name: str, mask: Any) -> dict[str, Any]:
 
 
 def _write_index(target_dir: Path, rows: list[dict[str, Any]]) -> None:
-    lines = ["# ubpdsl bundle kernel index: layer symbol M K N so packed ('-': weights baked into the .so)"]
+    lines = [f"# ubpdsl bundle kernel index: {' '.join(INDEX_COLUMNS)} ('-': weights baked into the .so)"]
     for r in rows:
-        lines.append("\t".join(str(v) for v in (r["layer"], r["symbol"], r["M"], r["K"], r["N"], r["so"],
-                                                r["packed"] or "-")))
+        lines.append("\t".join(str(r[c]) if r[c] is not None else "-" for c in INDEX_COLUMNS))
     (target_dir / INDEX).write_text("\n".join(lines) + "\n")
 
 
@@ -284,17 +279,13 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
             raise UbpError(f"tuned configurations for target {t!r}, which is not exported (targets: "
                            f"{', '.join(targets)})")
     # Everything checkable is checked before the first compile.
-    safe_seen: dict[str, str] = {}
+    check_unique_stems(layer_masks)
     modules: dict[str, Any] = {}
     for name, mask in layer_masks.items():
         if mask.weight is None:
             raise MaskError(f"layer {name}: masks.npz has no weights; the kernels need them "
                             "(save the masks with weights, e.g. sparsifier.save_masks or `ubpdsl prune`)")
         mask.validate()
-        safe = safe_name(name)
-        if safe in safe_seen:
-            raise MaskError(f"layers {safe_seen[safe]!r} and {name!r} map to the same file name {safe!r}")
-        safe_seen[safe] = name
         if model is not None:
             modules[name] = _module_info(model, name, mask)
     configs = {t: configs_for(layer_masks, t, tuned.get(t)) for t in targets}
@@ -311,7 +302,7 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
         is_bundle = (out / MANIFEST).is_file() and _looks_like_bundle(out / MANIFEST)
         if any(out.iterdir()) and not is_bundle and not force:
             raise BundleError(f"{out} is a non-empty directory that is not a bundle; choose another -o (or --force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_masks(tmp / MASKS, layer_masks)
@@ -339,9 +330,9 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
             index = []
             for name, mask in layer_masks.items():
                 cfg = configs[t][name]
-                safe = safe_name(name)
                 ck = compile_kernel(VARIANTS[cfg.variant], Problem.from_mask(mask), _target_for(t, cfg),
-                                    constants=dict(cfg.constants), specialize=cfg.specialize, symbol="ubp_" + safe)
+                                    constants=dict(cfg.constants), specialize=cfg.specialize,
+                                    symbol=kernel_symbol(name))
                 files = ck.save(tdir)
                 rel = {k: f"{t}/{p.name}" for k, p in files.items()}
                 manifest["layers"][name]["targets"][t] = {
@@ -351,8 +342,10 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
                     "kernel": {k: ck.manifest[k] for k in ("triple", "cpu", "features", "cache_key", "mask_hash",
                                                            "variant", "soname")},
                 }
+                shas = manifest["layers"][name]["targets"][t]["sha256"]
                 index.append({"layer": name, "symbol": ck.symbol, "M": mask.R, "K": mask.C, "N": mask.block,
-                              "so": files["so"].name, "packed": files["packed"].name if "packed" in files else None})
+                              "so": files["so"].name, "packed": files["packed"].name if "packed" in files else None,
+                              "so_sha256": shas["so"], "packed_sha256": shas.get("packed")})
                 label = replace(cfg, constants=ck.constants).label()
                 say(f"{t:>12}  {name}: {label} ({'tuned' if cfg.source != 'default' else 'default'} config, "
                     f"{'cached' if ck.cache_hit else 'built'})")
@@ -479,16 +472,27 @@ def _fail(root: Path, msg: str) -> BundleError:
 
 
 def _inside(root: Path, rel: Any) -> Path:
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in Path(rel).parts:
+    """``root / rel`` if ``rel`` names a regular file inside the bundle, reached without any symlink."""
+    if (not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel
+            or any(part in ("", ".", "..") for part in rel.split("/"))
+            or any(unicodedata.category(ch) == "Cc" for ch in rel)):
         raise _fail(root, f"manifest names the file {rel!r}, which is not a relative path inside the bundle")
-    return root / rel
+    path = root / rel
+    try:
+        st = path.lstat()
+        real, top = path.resolve(strict=True), root.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise _fail(root, f"{rel} is listed in the manifest but missing") from None
+    if stat.S_ISLNK(st.st_mode) or real != top / rel or not real.is_relative_to(top):
+        raise _fail(root, f"{rel} is a symbolic link or lies behind one: a bundle holds only regular files")
+    if not stat.S_ISREG(st.st_mode):
+        raise _fail(root, f"{rel} is not a regular file")
+    return path
 
 
-def _check_file(root: Path, rel: str, sha: Any) -> Path:
+def _check_file(root: Path, rel: Any, sha: Any) -> Path:
     path = _inside(root, rel)
-    if not path.is_file():
-        raise _fail(root, f"{rel} is listed in the manifest but missing")
-    if _sha256(path) != sha:
+    if not isinstance(sha, str) or _sha256(path) != sha:
         raise _fail(root, f"{rel} does not match the manifest (sha256 differs): the file changed after export")
     return path
 
@@ -528,6 +532,62 @@ def _check_packed(root: Path, rel: str, M: int, K: int, N: int) -> None:
         raise _fail(root, f"{rel} is {(root / rel).stat().st_size} bytes, its header says {total}")
 
 
+def _check_layer_entry(root: Path, name: str, entry: Any, targets: dict[str, Any]) -> None:
+    """Every manifest field a reader relies on, with its type: a malformed entry is one line, no KeyError."""
+    try:
+        check_layer_name(name)
+    except MaskError as exc:
+        raise _fail(root, f"{MANIFEST}: {exc}") from None
+    if not isinstance(entry, dict) or not all(type(entry.get(k)) is int and entry[k] >= 1 for k in "MKN"):
+        raise _fail(root, f"{MANIFEST}: layer {name!r} needs positive integers M, K and N")
+    per_target = entry.get("targets")
+    if not isinstance(per_target, dict) or set(per_target) != set(targets):
+        have = set(per_target) if isinstance(per_target, dict) else set()
+        missing = sorted(set(targets) - have) or sorted(have - set(targets))
+        raise _fail(root, f"layer {name!r} has no kernel for {', '.join(missing) or '?'}")
+    symbol = kernel_symbol(name)
+    for t, te in per_target.items():
+        files, shas, kern = (te.get(k) if isinstance(te, dict) else None for k in ("files", "sha256", "kernel"))
+        if (not isinstance(files, dict) or not isinstance(shas, dict) or "so" not in files or "header" not in files
+                or not set(files) <= {"so", "header", "packed"}):
+            raise _fail(root, f"layer {name!r} ({t}): the manifest lists no .so or header")
+        if te.get("symbol") != symbol:
+            raise _fail(root, f"layer {name!r} ({t}): kernel symbol {te.get('symbol')!r}, expected {symbol!r}")
+        if not isinstance(kern, dict) or not all(isinstance(kern.get(k), str) for k in ("features", "triple")):
+            raise _fail(root, f"layer {name!r} ({t}): the manifest's 'kernel' entry needs features and triple")
+        for rel in files.values():
+            if not isinstance(rel, str) or not rel.startswith(f"{t}/") or "/" in rel[len(t) + 1:]:
+                raise _fail(root, f"layer {name!r} ({t}): file {rel!r} is not a relative path inside the "
+                                  f"bundle's {t}/ directory")
+
+
+def _check_index(root: Path, target: str, path: Path, layers: dict[str, Any]) -> None:
+    """kernels.tsv (read by C programs) must have one well-formed row per layer, agreeing with the manifest."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(root, f"{target}/{INDEX}: unreadable ({exc})") from None
+    seen = set()
+    for no, line in enumerate(text.split("\n"), 1):
+        if not line or line.startswith("#"):
+            continue
+        cells = line.split("\t")
+        entry = layers.get(cells[0])
+        if len(cells) != len(INDEX_COLUMNS) or entry is None or cells[0] in seen:
+            raise _fail(root, f"{target}/{INDEX}:{no}: malformed row (expected {len(INDEX_COLUMNS)} tab-separated "
+                              f"fields naming a layer of the manifest once)")
+        seen.add(cells[0])
+        te = entry["targets"][target]
+        files, shas = te["files"], te["sha256"]
+        want = [cells[0], te.get("symbol"), str(entry["M"]), str(entry["K"]), str(entry["N"]),
+                Path(files["so"]).name, Path(files["packed"]).name if "packed" in files else "-",
+                shas.get("so"), shas.get("packed", "-")]
+        if cells != want:
+            raise _fail(root, f"{target}/{INDEX}:{no}: row of layer {cells[0]!r} disagrees with {MANIFEST}")
+    if seen != set(layers):
+        raise _fail(root, f"{target}/{INDEX} lacks layer {sorted(set(layers) - seen)[0]!r}")
+
+
 def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = False) -> Bundle:
     """Open and fully verify a bundle; with ``check_host``, also that its host kernels run here."""
     if isinstance(path, Bundle):
@@ -537,13 +597,8 @@ def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = Fal
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"bundle {root} does not exist (create one with `ubpdsl export`)")
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise _fail(root, f"no {MANIFEST}: not a bundle")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(root, f"{MANIFEST} is not readable JSON ({exc})") from None
+    _inside(root, MANIFEST)  # a regular file, not a symlink out of the bundle
+    manifest = read_json(root / MANIFEST, f"bundle {root}: {MANIFEST}", error=BundleError)
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
         raise _fail(root, f"{MANIFEST} has format {fmt!r}, expected {BUNDLE_FORMAT!r}")
@@ -551,30 +606,28 @@ def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = Fal
     if not isinstance(targets, dict) or not isinstance(layers, dict) or not isinstance(masks, dict) or not layers:
         raise _fail(root, f"{MANIFEST} needs non-empty 'targets', 'layers' and 'masks' objects")
     for t, info in targets.items():
-        if t not in TARGETS or not isinstance(info, dict) or not isinstance(info.get("triple"), str):
-            raise _fail(root, f"{MANIFEST}: unknown or malformed target {t!r}")
-    _check_file(root, masks.get("file"), masks.get("sha256"))
-    try:
-        for idx in (manifest.get("indexes") or {}).values():
-            _check_file(root, idx.get("file"), idx.get("sha256"))
-        for name, entry in layers.items():
-            M, K, N = int(entry["M"]), int(entry["K"]), int(entry["N"])
-            if set(entry["targets"]) != set(targets):
-                missing = sorted(set(targets) - set(entry["targets"]))
-                raise _fail(root, f"layer {name!r} has no kernel for {', '.join(missing) or '?'}")
-            for t, te in entry["targets"].items():
-                files, shas = te["files"], te["sha256"]
-                if "so" not in files or "header" not in files:
-                    raise _fail(root, f"layer {name!r} ({t}): the manifest lists no .so or header")
-                for kind, rel in files.items():
-                    _check_file(root, rel, shas.get(kind))
-                _check_so(root, files["so"], t, targets[t]["triple"], te["symbol"])
-                if "packed" in files:
-                    _check_packed(root, files["packed"], M, K, N)
-                elif not te.get("specialized"):
-                    raise _fail(root, f"layer {name!r} ({t}): a data-driven kernel without packed weights")
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise _fail(root, f"{MANIFEST} is malformed ({type(exc).__name__}: {exc})") from None
+        if t not in TARGETS or not isinstance(info, dict) or not all(
+                isinstance(info.get(k), str) for k in ("triple", "cpu", "features")):
+            raise _fail(root, f"{MANIFEST}: unknown or malformed target {t!r} (needs triple, cpu and features)")
+    if masks.get("file") != MASKS:
+        raise _fail(root, f"{MANIFEST}: the masks file must be {MASKS!r}, got {masks.get('file')!r}")
+    _check_file(root, MASKS, masks.get("sha256"))
+    indexes = manifest.get("indexes") or {}
+    if not isinstance(indexes, dict):
+        raise _fail(root, f"{MANIFEST}: 'indexes' must be an object")
+    for name, entry in layers.items():
+        _check_layer_entry(root, name, entry, targets)
+    for name, entry in layers.items():
+        M, K, N = entry["M"], entry["K"], entry["N"]
+        for t, te in entry["targets"].items():
+            files, shas = te["files"], te["sha256"]
+            for kind, rel in files.items():
+                _check_file(root, rel, shas.get(kind))
+            _check_so(root, files["so"], t, targets[t]["triple"], te["symbol"])
+            if "packed" in files:
+                _check_packed(root, files["packed"], M, K, N)
+            elif not te.get("specialized"):
+                raise _fail(root, f"layer {name!r} ({t}): a data-driven kernel without packed weights")
     bundle = Bundle(root, manifest)
     try:
         stored = bundle.masks()
@@ -586,6 +639,10 @@ def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = Fal
     for name, mask in stored.items():
         if mask.content_hash() != layers[name].get("mask_sha256"):
             raise _fail(root, f"layer {name!r}: {MASKS} does not match the manifest's mask hash")
+    for t, idx in indexes.items():
+        if t not in targets or not isinstance(idx, dict):
+            raise _fail(root, f"{MANIFEST}: index of unknown target {t!r}")
+        _check_index(root, t, _check_file(root, idx.get("file"), idx.get("sha256")), layers)
     if check_host:
         bundle.check_runs_here("host")
     return bundle

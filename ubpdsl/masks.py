@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ubpdsl.errors import MaskError
+from ubpdsl.names import check_layer_name
 
 __all__ = ["FORMAT", "LayerMask", "validate_blocks", "save_masks", "load_masks"]
 
@@ -42,6 +43,7 @@ FIELDS = ("shape", "block", "rows", "cols", "weight")
 REQUIRED = ("shape", "block", "rows", "cols")
 MAX_ELEMENTS = 2**31 - 1  # largest R*C accepted (int32 indexing)
 MAX_NDIM = 8
+MAX_BLOCK = 64  # tallest block (N) accepted: kernels keep N accumulators per block
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,8 +57,7 @@ def validate_blocks(rows, cols, R: int, C: int, N: int, layer: str = "?") -> Non
     Raises :class:`MaskError` naming ``layer`` and the first offending block (its index in the given
     order, its row and column).
     """
-    if int(N) != N or N < 1:
-        raise MaskError(f"layer {layer!r}: block size N must be >= 1, got {N}")
+    _check_block(N, R, layer)
     rows = np.asarray(rows)
     cols = np.asarray(cols)
     if rows.ndim != 1 or cols.ndim != 1:
@@ -109,6 +110,14 @@ def _index_array(x, what: str, layer: str) -> np.ndarray:
     return a.astype(np.int32)
 
 
+def _check_block(N, R: int, layer: str) -> int:
+    """``N`` as an int if it is a usable block height for a layer of ``R`` rows (1 <= N <= min(R, 64))."""
+    if isinstance(N, bool) or not isinstance(N, int | np.integer) or not 1 <= N <= min(R, MAX_BLOCK):
+        raise MaskError(f"layer {layer!r}: block size N must be an integer >= 1 and <= {min(R, MAX_BLOCK)} "
+                        f"(at most the weight's {R} rows and at most {MAX_BLOCK}), got {N!r}")
+    return int(N)
+
+
 def _check_shape(shape, layer: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in shape)
@@ -142,12 +151,9 @@ class LayerMask:
     weight: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or "\0" in self.name:
-            raise MaskError(f"layer name must be a non-empty string without NUL, got {self.name!r}")
+        check_layer_name(self.name)
         self.shape = _check_shape(self.shape, self.name)
-        if isinstance(self.block, bool) or int(self.block) != self.block or int(self.block) < 1:
-            raise MaskError(f"layer {self.name!r}: block size N must be an integer >= 1, got {self.block!r}")
-        self.block = int(self.block)
+        self.block = _check_block(self.block, self.R, self.name)
         self.rows = _index_array(self.rows, "rows", self.name)
         self.cols = _index_array(self.cols, "cols", self.name)
         if self.weight is not None:
@@ -422,8 +428,9 @@ def _load_layer(zf: zipfile.ZipFile, path: Path, layer: str, fields: dict[str, z
     if m["block"].count != 2:
         raise MaskError(f"{m['block'].where}: must be [N, 1], got shape {m['block'].shape}")
     N, one = (int(x) for x in m["block"].read())
-    if N < 1 or one != 1:
-        raise MaskError(f"{path}: layer {layer!r}: block must be [N, 1] with N >= 1, got [{N}, {one}]")
+    if one != 1 or not 1 <= N <= min(R, MAX_BLOCK):
+        raise MaskError(f"{path}: layer {layer!r}: block must be [N, 1] with N >= 1 and N <= {min(R, MAX_BLOCK)} "
+                        f"(the weight's {R} rows, at most {MAX_BLOCK}), got [{N}, {one}]")
 
     max_blocks = (R // N) * C
     for f in ("rows", "cols"):

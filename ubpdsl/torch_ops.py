@@ -252,7 +252,7 @@ class SparseLinear(_KernelModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, layer={self.layer!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise UbpError(f"layer {self.layer}: expected input [..., {self.in_features}], got {list(x.shape)}")
         if x.dim() == 2:
             y = self.gemm(x.t()).t()

@@ -103,8 +103,10 @@ def prune(
 
     if not 0.0 <= sparsity < 1.0:
         raise UbpError(f"--sparsity must be in [0, 1), got {sparsity}")
-    if block < 1:
-        raise UbpError(f"--block must be >= 1, got {block}")
+    from ubpdsl.masks import MAX_BLOCK
+
+    if not 1 <= block <= MAX_BLOCK:
+        raise UbpError(f"--block must be in 1..{MAX_BLOCK}, got {block}")
     overrides = _parse_layer_sparsity(layer_sparsity)
     spec = get_spec(model_spec)
     if importance == "taylor" and spec.calibration is None:
@@ -147,9 +149,10 @@ def prune(
     layers = sparsifier.to_layer_masks(include_weights=True)
     if not layers:
         raise UbpError("nothing pruned: every selected layer has sparsity 0")
+    from ubpdsl.guard import ensure_dir
     from ubpdsl.masks import save_masks
 
-    output.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(output.parent)
     save_masks(output, layers)
 
     kept = sum(lm.nnz for lm in layers.values())
