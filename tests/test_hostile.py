@@ -7,19 +7,21 @@ correct result (checked against numpy) -- never a traceback, a signal or a silen
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ubpdsl.compile_cli import random_problem
-from ubpdsl.errors import MaskError
+from ubpdsl.errors import MaskError, UbpError
 from ubpdsl.export import BundleError, build_bundle_main, export_bundle, load_bundle
 from ubpdsl.masks import LayerMask, save_masks
 
@@ -291,3 +293,126 @@ def test_embed_c_example_without_its_blob_does_not_crash(tmp_path):
     proc = subprocess.run(["bash", "-uc", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 1 and "packed" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+
+
+# ------------------------------------------------------------------ class 5: bombs, hangs, limits
+
+
+def forge_masks(path: Path, arrays: dict[str, np.ndarray], *, compress: bool = True) -> Path:
+    """A masks.npz written with plain numpy (no validation): whatever the arrays say."""
+    (np.savez_compressed if compress else np.savez)(path, format=np.array("ubpdsl.masks/1"), **arrays)
+    return path
+
+
+def set_zip_flag(path: Path, bit: int) -> None:
+    """Set a general-purpose flag bit (1: encrypted) on every member, in local and central headers."""
+    data = bytearray(path.read_bytes())
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = data.find(sig)
+        while i >= 0:
+            data[i + at] |= bit
+            i = data.find(sig, i + 4)
+    path.write_bytes(bytes(data))
+
+
+def deflate_bomb(path: Path, side: int = 5120) -> Path:
+    """A masks.npz whose [side, side] weight member inflates ~1000:1 (a real deflate stream of zeros)."""
+    R = C = side
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (R, C)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for key, arr in (("format", np.array("ubpdsl.masks/1")), ("L.shape", np.array([R, C])),
+                         ("L.block", np.array([4, 1])), ("L.rows", np.zeros(0, np.int32)),
+                         ("L.cols", np.zeros(0, np.int32))):
+            b = io.BytesIO()
+            np.save(b, arr)
+            z.writestr(key + ".npy", b.getvalue())
+        with z.open("L.weight.npy", "w", force_zip64=True) as f:
+            f.write(header.getvalue())
+            zeros = bytes(1 << 22)
+            for _ in range(R * C * 4 // len(zeros)):
+                f.write(zeros)
+    return path
+
+
+def test_deflate_bomb_is_refused_before_allocating(tmp_path):
+    bomb = deflate_bomb(tmp_path / "bomb.npz")
+    assert bomb.stat().st_size < 1 << 20
+    for cmd in (["inspect", str(bomb)], ["compile", "--mask", str(bomb), "-o", str(tmp_path / "o")]):
+        proc = cli(*cmd, timeout=60)
+        assert_one_line_error(proc, "deflate bomb")
+
+
+def test_declared_size_limit_is_checked_before_reading(tmp_path):
+    path = tmp_path / "m.npz"
+    save_masks(path, [layer("big", 64, 64)])
+    proc = cli("inspect", str(path), env={**os.environ, "UBPDSL_MAX_MASK_BYTES": "1000"})
+    assert_one_line_error(proc, "declares more than 1000 bytes")
+    assert cli("inspect", str(path)).returncode == 0
+
+
+def test_encrypted_member_is_one_line_error(tmp_path):
+    path = tmp_path / "m.npz"
+    save_masks(path, [layer("fc")])
+    set_zip_flag(path, 0x1)
+    assert_one_line_error(cli("inspect", str(path)), "encrypted")
+
+
+@pytest.mark.parametrize("N", [10**9, 3, 65])
+def test_block_taller_than_the_layer_is_refused_at_load(tmp_path, N):
+    """N = 10**9 on a 2x8 layer hung inspect and compile; N > rows or N > 64 is now refused at load."""
+    M = 2 if N != 65 else 80
+    path = forge_masks(tmp_path / "m.npz", {"L.shape": np.array([M, 8]), "L.block": np.array([N, 1]),
+                                            "L.rows": np.zeros(0, np.int32), "L.cols": np.zeros(0, np.int32)})
+    for cmd in (["inspect", str(path)], ["compile", "--mask", str(path), "-o", str(tmp_path / "o")]):
+        assert_one_line_error(cli(*cmd, timeout=60), "block must be \\[N, 1\\] with N >= 1 and N <= ")
+
+
+def test_pixel_map_values_are_bounded(tmp_path):
+    path = tmp_path / "m.npz"
+    save_masks(path, [layer("fc")])
+    pm = tmp_path / "pixels.json"
+    for content, pattern in ((json.dumps({"fc": 10**11}), "integers in 1..16777216"),
+                             ("[" * 50_000 + "]" * 50_000, "nested deeper"),
+                             (json.dumps({"fc": 1.5}), "integers in"),
+                             ("\xff\xfe", "not readable JSON")):
+        pm.write_text(content, encoding="latin-1")
+        proc = cli("tune", "--mask", str(path), "--pixels-map", str(pm), "--no-progress", "-o", str(tmp_path / "o"))
+        assert_one_line_error(proc, pattern)
+    assert_one_line_error(cli("tune", "--mask", str(path), "--pixels", str(10**11), "-o", str(tmp_path / "o")),
+                          "--pixels must be in")
+
+
+# ------------------------------------------------------------------------- class 6: tracebacks
+
+
+def test_output_under_a_regular_file_is_one_line_error(tmp_path):
+    path = tmp_path / "m.npz"
+    save_masks(path, [layer("fc")])
+    blocker = tmp_path / "file"
+    blocker.write_text("I am a file")
+    under = str(blocker / "sub")
+    for cmd in (["compile", "--mask", str(path), "-o", under],
+                ["tune", "--mask", str(path), "--trials", "1", "--no-progress", "-o", under],
+                ["export", "--mask", str(path), "-o", under],
+                ["prune", "--model", "digits-cnn", "--sparsity", "0.5", "-o", str(blocker / "m.npz")]):
+        assert_one_line_error(cli(*cmd), "is a file, not a directory|exists and is not a directory")
+    assert blocker.read_text() == "I am a file"
+
+
+def test_sparse_linear_on_a_0d_tensor_is_one_line_error(small_bundle):
+    import torch
+    from torch import nn
+
+    from ubpdsl.torch_ops import swap_to_kernels
+
+    bundle, masks, _ = small_bundle
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(16, 10, bias=False))
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.from_numpy(masks["fc"].weight))
+    swap_to_kernels(model, bundle, layers=["fc"])
+    with pytest.raises(UbpError, match="expected input"):
+        model(torch.tensor(1.0))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model(x), x @ torch.from_numpy(masks["fc"].weight).t(), rtol=1e-5, atol=1e-5)

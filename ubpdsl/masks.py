@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -303,7 +304,40 @@ def save_masks(path: str | os.PathLike, layers: Mapping[str, LayerMask] | Iterab
 # Load
 # --------------------------------------------------------------------------------------------------
 
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError,
+               struct.error, OverflowError, TypeError, SyntaxError, KeyError, AttributeError)
+
+#: Most uncompressed bytes one masks.npz may declare in total (env ``UBPDSL_MAX_MASK_BYTES`` raises it).
+MAX_LOAD_BYTES = 1 << 30
+#: A member larger than this whose compression ratio exceeds MAX_RATIO is refused as a deflate bomb (real
+#: pruned weights compress far less: 99.9 % zeros compress about 360:1).
+BOMB_MIN_BYTES = 64 << 20
+MAX_RATIO = 600
+
+
+def _max_load_bytes() -> int:
+    try:
+        return max(1, int(os.environ.get("UBPDSL_MAX_MASK_BYTES", MAX_LOAD_BYTES)))
+    except ValueError:
+        return MAX_LOAD_BYTES
+
+
+def _check_sizes(zf: zipfile.ZipFile, path: Path) -> None:
+    """Refuse encrypted members, unknown compression and declared sizes past the limits, before any read."""
+    total, limit = 0, _max_load_bytes()
+    for info in zf.infolist():
+        if info.flag_bits & 0x1:
+            raise MaskError(f"{path}: member {info.filename!r} is encrypted; masks.npz files are never encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise MaskError(f"{path}: member {info.filename!r} uses compression method {info.compress_type}; "
+                            "masks.npz uses deflate (np.savez_compressed) or none")
+        total += info.file_size
+        if total > limit:
+            raise MaskError(f"{path}: declares more than {limit} bytes of arrays (limit; set UBPDSL_MAX_MASK_BYTES "
+                            "to load larger files)")
+        if info.file_size > BOMB_MIN_BYTES and info.file_size > MAX_RATIO * max(1, info.compress_size):
+            raise MaskError(f"{path}: member {info.filename!r} inflates {info.compress_size} bytes to "
+                            f"{info.file_size} (ratio > {MAX_RATIO}): a deflate bomb, not a masks file")
 
 
 class _Member:
@@ -337,15 +371,23 @@ class _Member:
             )
 
     def read(self) -> np.ndarray:
+        """The array, read in bounded chunks into one buffer of the size the header declared."""
+        out = np.empty(self.nbytes, np.uint8)
+        got = 0
         try:
             with self.zf.open(self.info) as f:
                 f.seek(self.offset)
-                data = f.read()
+                while got < self.nbytes:
+                    chunk = f.read(min(1 << 22, self.nbytes - got))
+                    if not chunk:
+                        break
+                    out[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                    got += len(chunk)
         except _ZIP_ERRORS as e:
             raise MaskError(f"{self.where}: corrupt array ({e})") from None
-        if len(data) != self.nbytes:
-            raise MaskError(f"{self.where}: truncated data ({len(data)} of {self.nbytes} bytes)")
-        arr = np.frombuffer(data, dtype=self.dtype)
+        if got != self.nbytes:
+            raise MaskError(f"{self.where}: truncated data ({got} of {self.nbytes} bytes)")
+        arr = out.view(self.dtype)
         return arr.reshape(self.shape, order="F" if self.fortran else "C")
 
 
@@ -370,7 +412,11 @@ def load_masks(path: str | os.PathLike) -> dict[str, LayerMask]:
     except _ZIP_ERRORS as e:
         raise MaskError(f"{path}: not a masks.npz file (not a valid zip/npz archive: {e})") from None
     with zf:
-        return _load_from_zip(zf, path)
+        _check_sizes(zf, path)
+        try:
+            return _load_from_zip(zf, path)
+        except MemoryError:
+            raise MaskError(f"{path}: not enough memory to load it") from None
 
 
 def _load_from_zip(zf: zipfile.ZipFile, path: Path) -> dict[str, LayerMask]:
