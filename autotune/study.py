@@ -242,7 +242,10 @@ class _Compiler:
 
     def _get_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+            from ubpdsl.guard import die_with_parent  # workers must not outlive a killed tune
+
+            self._pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=die_with_parent, initargs=(os.getpid(),))
         return self._pool
 
     def submit(self, jobs: list[dict[str, Any]]) -> list[cf.Future[dict[str, Any]]]:

@@ -12,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -416,3 +418,50 @@ def test_sparse_linear_on_a_0d_tensor_is_one_line_error(small_bundle):
         model(torch.tensor(1.0))
     x = torch.randn(3, 16)
     torch.testing.assert_close(model(x), x @ torch.from_numpy(masks["fc"].weight).t(), rtol=1e-5, atol=1e-5)
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.add(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_of_tune_leaves_no_compile_worker(tmp_path):
+    path = tmp_path / "m.npz"
+    save_masks(path, [layer("big", 96, 64)])
+    env = {**os.environ, "UBPDSL_CACHE_DIR": str(tmp_path / "cache")}  # cold cache: real compiles
+    proc = subprocess.Popen([sys.executable, "-m", "ubpdsl.cli", "tune", "--mask", str(path), "--trials", "40",
+                             "-j", "2", "--no-progress", "-o", str(tmp_path / "o")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
+            time.sleep(0.2)
+            workers |= {c for c in _children(proc.pid) if "multiprocessing" in
+                        (Path("/proc") / str(c) / "cmdline").read_bytes().decode(errors="replace")}
+        assert len(workers) >= 1, "tune started no compile worker"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # do not leave them running if the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"compile workers {left} outlived the killed tune"

@@ -100,13 +100,15 @@ def _watch_parent(parent: int) -> None:
             os._exit(1)
 
 
-def die_with_parent() -> None:
-    """Exit this (worker) process when its parent dies; call it first thing in a pool initializer.
+def die_with_parent(parent: int | None = None) -> None:
+    """Exit this (worker) process when its parent dies; use it as a pool initializer.
 
-    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` -- the kernel kills us the moment the parent thread
+    ``parent``: the pid of the process that started the pool (pass ``os.getpid()`` as ``initargs``):
+    a parent that died while this worker was still starting is noticed too. Linux:
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` -- the kernel kills us the moment the thread that started us
     goes away. Elsewhere (and as a second line of defence) a daemon thread polls the parent pid.
     """
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     if sys.platform.startswith("linux"):
         try:
             import ctypes
