@@ -463,7 +463,27 @@ class Tuner:
     # -- the loop ---------------------------------------------------------------------------------
 
     def tune_layer(self, layer: sp.Layer) -> LayerResult:
-        """Tune ``layer`` up to the trial budget (resuming its study), or answer from the cache."""
+        """Tune ``layer`` up to the trial budget (resuming its study), or answer from the cache.
+
+        Two tuners on this machine never work on one study at once: the second waits for the
+        first (a per-study file lock) and then answers from the cache or tops the study up.
+        """
+        import hashlib
+        import sys
+
+        from ubpdsl.guard import exclusive_lock
+
+        name = study_name(layer, self.target, self.key(layer), self.cache_mode)
+
+        def waiting() -> None:
+            print(f"note: layer {layer.name}: another tune is working on study {name}; waiting for it",
+                  file=sys.stderr, flush=True)
+
+        lock = hashlib.sha256(name.encode()).hexdigest()[:32]  # layer names may be long or non-ASCII
+        with exclusive_lock(self.cache_root / "autotune" / "locks" / f"{lock}.lock", on_wait=waiting):
+            return self._tune_layer(layer)
+
+    def _tune_layer(self, layer: sp.Layer) -> LayerResult:
         import optuna
         from optuna.trial import TrialState
 
@@ -526,10 +546,13 @@ class Tuner:
                 for trial, config, fut in inflight:
                     value = self._evaluate(layer, trial, config, self.compiler.result(fut), ref_entry, ref_y,
                                            ref_cost)
-                    if value is None:
-                        study.tell(trial, state=TrialState.FAIL)
-                    else:
-                        study.tell(trial, value)
+                    try:
+                        if value is None:
+                            study.tell(trial, state=TrialState.FAIL)
+                        else:
+                            study.tell(trial, value)
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        pass  # another process (on another machine) declared the trial abandoned
                     self._notify(layer, value)
                 inflight = [(t, c, f) for (t, c), f in zip(new, futures, strict=True)]
         except BaseException:

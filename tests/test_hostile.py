@@ -465,3 +465,32 @@ def test_kill_9_of_tune_leaves_no_compile_worker(tmp_path):
     for w in left:  # do not leave them running if the test fails
         os.kill(w, signal.SIGKILL)
     assert not left, f"compile workers {left} outlived the killed tune"
+
+
+def test_two_tunes_on_one_study_both_succeed_and_keep_every_trial(tmp_path):
+    import optuna
+
+    path = tmp_path / "m.npz"
+    lm = layer("fc", 48, 40)
+    save_masks(path, [lm])
+    env = {**os.environ, "UBPDSL_CACHE_DIR": str(tmp_path / "cache")}
+    argv = [sys.executable, "-m", "ubpdsl.cli", "tune", "--mask", str(path), "--trials", "6", "-j", "1",
+            "--no-progress", "--no-dense", "--pixels", "16"]
+    procs = [subprocess.Popen([*argv, "-o", str(tmp_path / f"o{i}")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+    storage = f"sqlite:///{tmp_path / 'cache' / 'autotune' / 'studies.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) >= 6 and not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    for i in range(2):  # both outputs hold a correct kernel
+        from ubpdsl.runtime.loader import HostKernel
+
+        files = json.loads((tmp_path / f"o{i}" / "manifest.json").read_text())["layers"]["fc"]["files"]
+        blob = np.fromfile(tmp_path / f"o{i}" / files["packed"], np.uint8) if "packed" in files else None
+        x = np.random.default_rng(i).standard_normal((lm.C, 7)).astype(np.float32)
+        y = HostKernel(tmp_path / f"o{i}" / files["so"], "ubp_fc", lm.R, lm.C)(x, blob)
+        np.testing.assert_allclose(y, lm.weight @ x, rtol=1e-5, atol=1e-5)

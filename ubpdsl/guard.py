@@ -5,23 +5,27 @@
   never a ``RecursionError`` or a ``MemoryError``.
 * :func:`ensure_dir` creates an output directory or says in one line why it cannot (a regular file
   in the way, no permission), instead of a ``FileExistsError`` traceback.
+* :func:`exclusive_lock` serialises processes on one machine that would change the same thing
+  (two ``tune`` runs on one study): the second waits, then finds the first one's result.
 * :func:`die_with_parent` makes a worker process exit when the process that started it dies, even by
   ``kill -9`` (Linux ``prctl(PR_SET_PDEATHSIG)``, plus a parent-pid watchdog thread elsewhere).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ubpdsl.errors import UbpError
 
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "die_with_parent", "ensure_dir", "read_json"]
+__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "die_with_parent", "ensure_dir", "exclusive_lock", "read_json"]
 
 #: Largest JSON file read (a bundle manifest of a few hundred layers is well under 1 MiB).
 MAX_JSON_BYTES = 64 << 20
@@ -121,3 +125,27 @@ def die_with_parent(parent: int | None = None) -> None:
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="ubpdsl-parent-watch").start()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str], on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block.
+
+    If another process holds it, ``on_wait()`` is called once and this one blocks until it is
+    released (the kernel releases it when the holder exits, even by ``kill -9``).
+    """
+    import fcntl
+
+    p = Path(path)
+    ensure_dir(p.parent, "lock directory")
+    fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
