@@ -1,7 +1,8 @@
 """The ``ubpdsl`` command line: prune, inspect, compile, emit, tune, bench.
 
 Each subcommand lives beside the code it drives and is attached here; user errors
-(:class:`ubpdsl.errors.UbpError`) become a one-line ``error: ...`` and exit code 1.
+(:class:`ubpdsl.errors.UbpError`) become a one-line ``error: ...`` and exit code 1, and so,
+as a last resort, do file system errors (``OSError``) and ``MemoryError``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except UbpError as exc:
         click.echo(f"error: {exc}", err=True)
+        return 1
+    except OSError as exc:  # last resort: a file system problem no check above anticipated
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        return 1
+    except MemoryError:
+        click.echo("error: out of memory (the input is too large for this machine)", err=True)
         return 1
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

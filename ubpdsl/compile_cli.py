@@ -62,11 +62,11 @@ def load_kernel(spec: str, name: str | None = None):  # noqa: ANN201 - KernelFun
         raise
     except SyntaxError as exc:
         raise DSLError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
-    except Exception as exc:  # a user's file: report where it failed, without a traceback
+    except (Exception, SystemExit) as exc:  # a user's file: report where it failed, without a traceback
         tb = exc.__traceback__
         line = "?"
         while tb is not None:
-            if tb.tb_frame.f_code.co_filename == str(path):
+            if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
                 line = str(tb.tb_lineno)
             tb = tb.tb_next
         raise DSLError(f"{path}:{line}: {type(exc).__name__}: {exc}") from None
