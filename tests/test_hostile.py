@@ -7,7 +7,6 @@ correct result (checked against numpy) -- never a traceback, a signal or a silen
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -16,11 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fuzz_support import deflate_bomb, set_zip_flag
 
 from ubpdsl.compile_cli import random_problem
 from ubpdsl.errors import MaskError, UbpError
@@ -265,6 +264,16 @@ def _readme_blocks() -> list[str]:
     return re.findall(r"```sh\n(.*?)```", text, re.S)
 
 
+def _run_readme_script(tmp_path: Path, script: str) -> tuple[LayerMask, subprocess.CompletedProcess]:
+    """Run ``script`` (bash -e) from a directory laid out like the repository root, masks.npz with conv1."""
+    lm = layer("conv1", 16, 12)
+    save_masks(tmp_path / "masks.npz", [lm])
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    return lm, subprocess.run(["bash", "-euc", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+
+
 @pytest.mark.parametrize("which", ["host", "aarch64"])
 def test_embed_c_readme_commands_run_as_written(tmp_path, which):
     """The README's sh blocks, extracted verbatim, build and run main.c; y matches numpy."""
@@ -273,12 +282,7 @@ def test_embed_c_readme_commands_run_as_written(tmp_path, which):
     script = blocks[0] if which == "host" else blocks[1]
     if which == "aarch64" and not qemu_ready():
         pytest.skip("needs qemu-user and libc6-arm64-cross")
-    lm = layer("conv1", 16, 12)
-    save_masks(tmp_path / "masks.npz", [lm])
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-euc", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    lm, proc = _run_readme_script(tmp_path, script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln and not ln.startswith(("conv1:", "wrote"))]
     y = np.array(" ".join(lines).split(), np.float32).reshape(lm.R, 5)
@@ -288,12 +292,7 @@ def test_embed_c_readme_commands_run_as_written(tmp_path, which):
 def test_embed_c_example_without_its_blob_does_not_crash(tmp_path):
     """main.c refuses to call a data-driven kernel without its packed weights (exit 1, no signal)."""
     script = _readme_blocks()[0].replace("./embed conv1.packed.bin 5", "./embed")
-    lm = layer("conv1", 16, 12)
-    save_masks(tmp_path / "masks.npz", [lm])
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-uc", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    _, proc = _run_readme_script(tmp_path, script)
     assert proc.returncode == 1 and "packed" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
 
 
@@ -303,37 +302,6 @@ def test_embed_c_example_without_its_blob_does_not_crash(tmp_path):
 def forge_masks(path: Path, arrays: dict[str, np.ndarray], *, compress: bool = True) -> Path:
     """A masks.npz written with plain numpy (no validation): whatever the arrays say."""
     (np.savez_compressed if compress else np.savez)(path, format=np.array("ubpdsl.masks/1"), **arrays)
-    return path
-
-
-def set_zip_flag(path: Path, bit: int) -> None:
-    """Set a general-purpose flag bit (1: encrypted) on every member, in local and central headers."""
-    data = bytearray(path.read_bytes())
-    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        i = data.find(sig)
-        while i >= 0:
-            data[i + at] |= bit
-            i = data.find(sig, i + 4)
-    path.write_bytes(bytes(data))
-
-
-def deflate_bomb(path: Path, side: int = 5120) -> Path:
-    """A masks.npz whose [side, side] weight member inflates ~1000:1 (a real deflate stream of zeros)."""
-    R = C = side
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (R, C)})
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for key, arr in (("format", np.array("ubpdsl.masks/1")), ("L.shape", np.array([R, C])),
-                         ("L.block", np.array([4, 1])), ("L.rows", np.zeros(0, np.int32)),
-                         ("L.cols", np.zeros(0, np.int32))):
-            b = io.BytesIO()
-            np.save(b, arr)
-            z.writestr(key + ".npy", b.getvalue())
-        with z.open("L.weight.npy", "w", force_zip64=True) as f:
-            f.write(header.getvalue())
-            zeros = bytes(1 << 22)
-            for _ in range(R * C * 4 // len(zeros)):
-                f.write(zeros)
     return path
 
 
