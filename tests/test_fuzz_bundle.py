@@ -325,7 +325,7 @@ def test_fuzz_layer_names_map_to_safe_files_or_are_refused(name):
     try:
         stem = file_stem(name)
     except MaskError:
-        unsafe = (not name or len(name) > 200 or any(c in name for c in "/\\\n\t\r\0")
+        unsafe = (not name or len(name) > 200 or name.startswith("#") or any(c in name for c in "/\\\n\t\r\0")
                   or any(ord(c) < 32 or 0x7f <= ord(c) < 0xa0 for c in name)
                   or any(c in "\u2028\u2029" or 0xd800 <= ord(c) < 0xe000 for c in name))
         why = None if unsafe else "refused a safe name"

@@ -59,7 +59,7 @@ def qemu_ready() -> bool:
 # ------------------------------------------------------------------------------- class 4: names
 
 
-@pytest.mark.parametrize("bad", ["a\nb", "a\tb", "x/y", "nul\0", "cr\r", ""])
+@pytest.mark.parametrize("bad", ["a\nb", "a\tb", "x/y", "nul\0", "cr\r", "", "#comment", "x" * 201])
 def test_layer_names_with_control_characters_or_slashes_are_refused(bad):
     with pytest.raises(MaskError):
         LayerMask(bad, (8, 4), 4, [0], [0])
@@ -449,6 +449,8 @@ def test_two_tunes_on_one_study_both_succeed_and_keep_every_trial(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+    # they really met on one study: one of them waited for the other (the per-study lock)
+    assert any("another tune is working on study" in err for _, err in outs), [e[-500:] for _, e in outs]
     storage = f"sqlite:///{tmp_path / 'cache' / 'autotune' / 'studies.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
@@ -462,3 +464,20 @@ def test_two_tunes_on_one_study_both_succeed_and_keep_every_trial(tmp_path):
         x = np.random.default_rng(i).standard_normal((lm.C, 7)).astype(np.float32)
         y = HostKernel(tmp_path / f"o{i}" / files["so"], "ubp_fc", lm.R, lm.C)(x, blob)
         np.testing.assert_allclose(y, lm.weight @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_exclusive_lock_makes_a_second_process_wait(tmp_path):
+    """guard.exclusive_lock: a second holder is told it waits and gets the lock only after the first."""
+    from ubpdsl.guard import exclusive_lock
+
+    lock = tmp_path / "locks" / "study.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ubpdsl.guard import exclusive_lock\n"
+                               f"with exclusive_lock({str(lock)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(2)\n"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    waited: list[float] = []
+    start = time.monotonic()
+    with exclusive_lock(lock, on_wait=lambda: waited.append(time.monotonic())):
+        got = time.monotonic()
+    holder.wait(timeout=30)
+    assert waited and got - start > 0.5 and holder.returncode == 0
