@@ -338,6 +338,21 @@ def test_block_taller_than_the_layer_is_refused_at_load(tmp_path, N):
         assert_one_line_error(cli(*cmd, timeout=60), "block must be \\[N, 1\\] with N >= 1 and N <= ")
 
 
+def test_inspect_of_a_huge_empty_layer_needs_no_r_by_c_memory(tmp_path):
+    """A 200-byte file may declare a 2**16 x (2**15 - 1) layer with no blocks: inspect answers under 2 GiB of memory."""
+    from fuzz_support import run
+
+    R, C = 2**16, 2**15 - 1
+    path = forge_masks(tmp_path / "m.npz", {"L.shape": np.array([R, C]), "L.block": np.array([4, 1]),
+                                            "L.rows": np.zeros(0, np.int32), "L.cols": np.zeros(0, np.int32)})
+    r = run([sys.executable, "-m", "ubpdsl.cli", "inspect", str(path)], timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = next(ln.split() for ln in r.stdout.splitlines() if ln.startswith("L "))
+    assert row[4] == "0" and row[7] == str(R)  # blocks, empty_rows
+    r = run([sys.executable, "-m", "ubpdsl.cli", "inspect", str(path), "--plot", str(tmp_path / "p.png")], timeout=120)
+    assert r.returncode == 1 and "too many to draw" in r.stderr, r.stderr
+
+
 def test_pixel_map_values_are_bounded(tmp_path):
     path = tmp_path / "m.npz"
     save_masks(path, [layer("fc")])
