@@ -32,7 +32,7 @@ TARGETS = ("host", "aarch64-neon", "aarch64-sve")
 
 #: Largest n (output pixels) accepted: a 4096x4096 image.
 MAX_PIXELS = 1 << 24
-#: Largest x plus y of one layer's timing problem, (K + M) * n float32 values.
+#: Largest x plus y of one layer's timing problem, (K + M) * n float32 values, and largest dense weight.
 MAX_OPERAND_BYTES = 1 << 30
 
 #: Finished trials per layer by default: a MobileNetV2 masks.npz (36 layers) in < 10 min on 2 cores.
@@ -102,6 +102,9 @@ def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int, pixel
     layers = []
     for name, m in masks.items():
         n = int(pixel_map.get(name, pixels))
+        if m.R * m.C * 4 > MAX_OPERAND_BYTES:
+            raise UbpError(f"layer {name}: a {m.R}x{m.C} weight is {m.R * m.C * 4 >> 20} MiB, more than tune "
+                           f"handles ({MAX_OPERAND_BYTES >> 20} MiB)")
         if (m.R + m.C) * n * 4 > MAX_OPERAND_BYTES:
             raise UbpError(f"layer {name}: n = {n} pixels makes x and y {(m.R + m.C) * n * 4 >> 20} MiB "
                            f"(limit {MAX_OPERAND_BYTES >> 20} MiB); give a smaller --pixels / --pixels-map")

@@ -351,6 +351,9 @@ def test_inspect_of_a_huge_empty_layer_needs_no_r_by_c_memory(tmp_path):
     assert row[4] == "0" and row[7] == str(R)  # blocks, empty_rows
     r = run([sys.executable, "-m", "ubpdsl.cli", "inspect", str(path), "--plot", str(tmp_path / "p.png")], timeout=120)
     assert r.returncode == 1 and "too many to draw" in r.stderr, r.stderr
+    r = run([sys.executable, "-m", "ubpdsl.cli", "tune", "--mask", str(path), "--synthetic-weights", "--no-progress",
+             "-o", str(tmp_path / "o")], timeout=120)
+    assert r.returncode == 1 and "more than tune handles" in r.stderr, r.stderr
 
 
 def test_pixel_map_values_are_bounded(tmp_path):
