@@ -32,7 +32,7 @@ from ubpdsl.runtime.targets import TARGET_NAMES
 __all__ = ["tune", "run_tune", "load_layers", "LayerSummary"]
 
 
-#: Largest x plus y of one layer's timing problem, (K + M) * n float32 values.
+#: Largest x plus y of one layer's timing problem, (K + M) * n float32 values, and largest dense weight.
 MAX_OPERAND_BYTES = 1 << 30
 
 #: Finished trials per layer by default: a MobileNetV2 masks.npz (36 layers) in < 10 min on 2 cores.
@@ -61,6 +61,9 @@ def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int | None
         masks = {n: masks[n] for n in layer_names}
     check_unique_stems(masks)
     for name, m in masks.items():
+        if m.R * m.C * 4 > MAX_OPERAND_BYTES:
+            raise UbpError(f"layer {name}: a {m.R}x{m.C} weight is {m.R * m.C * 4 >> 20} MiB, more than tune "
+                           f"handles ({MAX_OPERAND_BYTES >> 20} MiB)")
         if m.weight is None and need_weights:
             raise MaskError(f"layer {name}: {mask_path} has no weights, and tune needs them to build and deliver "
                             "the kernels (save the masks with weights, e.g. `ubpdsl prune` does, or pass "
