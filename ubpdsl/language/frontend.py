@@ -39,6 +39,8 @@ MAX_UNROLL = 256
 #: Most kernel statements one compilation may emit (unrolled copies counted): a bound on
 #: compile time and code size, checked as the statements are emitted.
 MAX_STATEMENTS = 1 << 18
+#: Largest ubl.tiles tile, in vector registers (a machine has 16 or 32; more only spills).
+MAX_TILE_REGISTERS = 64
 
 
 @dataclass(frozen=True)
@@ -405,8 +407,8 @@ class CodeGen:
         if tail_mode not in ("overlap", "mask"):
             raise self.error(f"ubl.tiles: tail= must be 'overlap' or 'mask', got {tail_mode!r}", st)
         tile = self._static_int(tile, st, "the tile size of ubl.tiles")
-        if tile < 1:
-            raise self.error(f"the tile size must be >= 1 vector register, got {tile}", st)
+        if not 1 <= tile <= MAX_TILE_REGISTERS:
+            raise self.error(f"the tile size must be 1..{MAX_TILE_REGISTERS} vector registers, got {tile}", st)
         vs = self.spec.vector
         width = tile * vs.lanes
         vec_type = ir.VectorType.get([width], self.f32, scalable=[vs.scalable])
