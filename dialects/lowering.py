@@ -238,9 +238,13 @@ class _Lowering:
         accs = list(op.operands)[3:]
         if len(accs) != rec.block:
             raise BuildError(f"ubp.block_fma: needs {rec.block} accumulators, got {len(accs)}")
+        # One vector load of the block's N weights, each lane broadcast from it: AArch64 then
+        # loads the block with one ldr q and FMAs by element (not N scalar loads).
+        wvec = vector.load(ir.VectorType.get([rec.block], ir.F32Type.get()), rec.values,
+                           [arith.muli(b, _i(rec.block))])
         out = []
         for lane, acc in enumerate(accs):
-            w = vector.broadcast(x.type, self._weight(rec, b, lane))
+            w = vector.broadcast(x.type, vector.extract(wvec, [], [lane]))
             out.append(vector.fma(w, x, acc))
         return out
 
