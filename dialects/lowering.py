@@ -62,6 +62,10 @@ class _Weights:
     layout: str
 
 
+def _i64_attr(value: int) -> ir.IntegerAttr:
+    return ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)
+
+
 def _i(value: int, ty: str = "index") -> ir.Value:
     return arith.constant(ir.Type.parse(ty), value)
 
@@ -263,11 +267,27 @@ class _Lowering:
                                     scalable=vec_ty.scalable_dims)
         return vector.create_mask(mask_ty, [arith.subi(limit, col)])
 
+    @staticmethod
+    def _row_start(src: ir.Value, row: ir.Value, col: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """``src`` as a flat memref and the element index of (row, col), with row * n formed in bytes.
+
+        The element offset is ``(row * (4 n)) >> 2`` (an exact shift): LLVM folds the shift into
+        the 4-byte element scale, so the address is one multiply-add by the loop-invariant 4n
+        (AArch64 ``madd``), not a multiply, a shift and an add per data-dependent row.
+        """
+        mr = ir.MemRefType(src.type)
+        flat = memref.collapse_shape(ir.MemRefType.get([ir.ShapedType.get_dynamic_size()], mr.element_type),
+                                     src, ir.ArrayAttr.get([ir.ArrayAttr.get([_i64_attr(0), _i64_attr(1)])]))
+        n4 = arith.muli(memref.dim(src, _i(1)), _i(4))
+        start = arith.shrsi(arith.muli(row, n4), _i(2), is_exact=True)
+        return flat, arith.addi(start, col)
+
     def load_tile(self, op: ir.Operation) -> list[ir.Value]:
         src, row, col = op.operands[0], op.operands[1], op.operands[2]
         vec_ty = ir.VectorType(op.results[0].type)
         if len(op.operands) == 3:
-            return [vector.load(vec_ty, src, [row, col])]
+            flat, at = self._row_start(src, row, col)
+            return [vector.load(vec_ty, flat, [at])]
         zero = arith.constant(vec_ty, ir.DenseElementsAttr.get_splat(vec_ty, ir.FloatAttr.get_f32(0.0)))
         mask = self._mask(vec_ty, col, op.operands[3])
         return [vector.maskedload(vec_ty, src, [row, col], mask, zero)]
@@ -287,9 +307,10 @@ class _Lowering:
         floats_per_line = 16  # 64-byte cache lines
         lines = max(1, (_int_attr(op, "width") + floats_per_line - 1) // floats_per_line)
         write = "ubp.write" in op.attributes
+        flat, at = self._row_start(src, row, col)
         for i in range(lines):
-            c = col if i == 0 else arith.addi(col, _i(i * floats_per_line))
-            memref.prefetch(src, [row, c], is_write=write, locality_hint=3, is_data_cache=True)
+            c = at if i == 0 else arith.addi(at, _i(i * floats_per_line))
+            memref.prefetch(flat, [c], is_write=write, locality_hint=3, is_data_cache=True)
         return []
 
     def materialize_weights(self) -> None:
@@ -370,7 +391,7 @@ CLEANUP = "canonicalize,cse,loop-invariant-code-motion,canonicalize,cse"
 TO_LLVM = (
     "convert-vector-to-scf,lower-affine,convert-scf-to-cf,"
     "convert-vector-to-llvm,"
-    "finalize-memref-to-llvm,convert-arith-to-llvm,convert-index-to-llvm,"
+    "expand-strided-metadata,finalize-memref-to-llvm,convert-arith-to-llvm,convert-index-to-llvm,"
     "convert-func-to-llvm,convert-cf-to-llvm,reconcile-unrealized-casts,canonicalize,cse"
 )
 
