@@ -296,7 +296,8 @@ class _Lowering:
         dst, row, col, val = (op.operands[i] for i in range(4))
         if len(op.operands) == 4:
             nontemporal = "ubp.nontemporal" in op.attributes
-            vector.store(val, dst, [row, col], nontemporal=True if nontemporal else None)
+            flat, at = self._row_start(dst, row, col)
+            vector.store(val, flat, [at], nontemporal=True if nontemporal else None)
         else:
             mask = self._mask(ir.VectorType(val.type), col, op.operands[4])
             vector.maskedstore(dst, [row, col], mask, val)

@@ -62,7 +62,8 @@ def test_lowered_host_has_vector_fmas():
     text = emit(VARIANTS["wros"], PROBLEM, "host", "lowered", constants={"TILE": 2})
     filecheck(text, """
 CHECK-NOT: "ubp.
-CHECK: func.func @ubp_kernel(%{{.*}}: !llvm.ptr, %{{.*}}: !llvm.ptr, %{{.*}}: i64, %{{.*}}: !llvm.ptr) -> i32
+CHECK: func.func @ubp_kernel(%{{.*}}: !llvm.ptr {llvm.noalias}, %{{.*}}: !llvm.ptr {llvm.noalias}, %{{.*}}: i64,
+CHECK-SAME: %{{.*}}: !llvm.ptr {llvm.noalias}) -> i32
 CHECK: scf.for
 CHECK: scf.for {{.*}} iter_args({{.*}}) -> (vector<32xf32>, vector<32xf32>, vector<32xf32>, vector<32xf32>)
 CHECK: vector.load {{.*}} vector<32xf32>
