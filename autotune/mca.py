@@ -31,7 +31,8 @@ from pathlib import Path
 
 from ubpdsl.errors import BuildError
 
-__all__ = ["MCA_CPU", "Loop", "parse_loops", "block_loops", "mca_cycles", "estimate_cycles", "estimate_label"]
+__all__ = ["MCA_CPU", "Loop", "parse_loops", "split_tile_loop", "block_loops", "mca_cycles", "estimate_cycles",
+           "estimate_label"]
 
 #: -mcpu given to llvm-mca per target.
 MCA_CPU = {"aarch64-neon": "cortex-a76", "aarch64-sve": "neoverse-v1"}
@@ -57,6 +58,10 @@ class Loop:
 
 
 def estimate_label(target: str) -> str:
+    from ubpdsl.runtime.qemu import qemu_available
+
+    if qemu_available():  # the tuner's objective is then ubpdsl.armcost.call_cost
+        return f"estimate (qemu instruction count x llvm-mca -mcpu={MCA_CPU.get(target, '?')} cycles/instruction)"
     return f"estimate (llvm-mca -mcpu={MCA_CPU.get(target, '?')})"
 
 
@@ -141,7 +146,7 @@ def mca_cycles(instructions: list[str], target: str, triple: str = "aarch64", cp
     return int(m.group(1)) / int(it.group(1))
 
 
-def _split_tile_loop(loops: dict[str, Loop]) -> tuple[Loop, list[Loop], list[Loop], list[Loop]]:
+def split_tile_loop(loops: dict[str, Loop]) -> tuple[Loop, list[Loop], list[Loop], list[Loop]]:
     """The main tile loop, its loop tree, its block loops (deepest leaves) and row loops (other leaves)."""
     tops = [lp for lp in loops.values() if lp.depth == 1]
     if not tops:
@@ -164,7 +169,7 @@ def _split_tile_loop(loops: dict[str, Loop]) -> tuple[Loop, list[Loop], list[Loo
 
 def block_loops(asm: str) -> list[Loop]:
     """The block loops (innermost loops of the main tile loop) of a kernel's assembly; [] if unrolled."""
-    return _split_tile_loop(parse_loops(asm)[0])[2]
+    return split_tile_loop(parse_loops(asm)[0])[2]
 
 
 def estimate_cycles(asm: str, target: str, *, M: int, N: int, blocks: int, n: int, tile: int, unroll: int,
@@ -173,7 +178,7 @@ def estimate_cycles(asm: str, target: str, *, M: int, N: int, blocks: int, n: in
     loops, _ = parse_loops(asm)
     lanes = MCA_LANES[target]
     tiles = math.ceil(n / (max(1, tile) * lanes))
-    main, tree, blks, row_loops = _split_tile_loop(loops)
+    main, tree, blks, row_loops = split_tile_loop(loops)
     if not blks:
         per_tile = mca_cycles(main.body, target)
         return {"cycles": tiles * per_tile, "tiles": tiles, "per_tile": per_tile}

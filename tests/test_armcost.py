@@ -44,3 +44,26 @@ def test_arm_bench_quick(tmp_path, target, vl):
 def test_arm_bench_rejects_vl_on_neon(tmp_path):
     res = _cli("bench", "--target", "aarch64-neon", "--vl", "256", "--out", str(tmp_path))
     assert res.returncode == 1 and "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_tuner_objective_counts_fewer_instructions_without_prefetch(compile_cache):
+    """The AArch64 tuning objective (qemu count x mca CPI) sees the prefetch instructions it costs."""
+    import numpy as np
+
+    from ubpdsl.armcost import call_cost
+    from ubpdsl.benchsuite import make_case
+    from ubpdsl.compiler import compile_kernel, emit
+    from ubpdsl.kernels import VARIANTS
+
+    w = np.random.default_rng(5).standard_normal((64, 48)).astype(np.float32)
+    case = make_case("t", "t", w, 64, 4, 0.75, "random")
+    costs = {}
+    for pf in (0, 8):
+        consts = {"PREFETCH": pf, "YPREFETCH": 0}
+        ck = compile_kernel(VARIANTS["wros"], case.unaligned, "aarch64-neon", constants=consts, cache=compile_cache)
+        asm = emit(VARIANTS["wros"], case.unaligned, "aarch64-neon", "asm", constants=consts)
+        costs[pf] = call_cost(ck.obj, ck.symbol, case.x, ck.packed, 64, asm, "aarch64-neon", cache=compile_cache)
+    tiles = math.ceil(64 / 16)
+    # every block of every tile issues one prefetch (PREFETCH=8): at least B*tiles more instructions
+    assert costs[8]["insns"] - costs[0]["insns"] >= case.blocks * tiles
+    assert all(c["cpi"] > 0 and c["cycles"] == c["insns"] * c["cpi"] for c in costs.values())

@@ -32,8 +32,8 @@ from ubpdsl.kernels import VARIANTS
 from ubpdsl.runtime.cache import CompileCache
 from ubpdsl.runtime.insncount import CLASSES, count_call
 
-__all__ = ["ARM_TARGETS", "MCA_CPUS", "KERNELS", "ArmRow", "LoopCost", "inner_loop_cost", "measure_case",
-           "run_cases", "write_csv", "summary", "render_markdown"]
+__all__ = ["ARM_TARGETS", "MCA_CPUS", "KERNELS", "ArmRow", "LoopCost", "inner_loop_cost", "call_cost",
+           "measure_case", "run_cases", "write_csv", "summary", "render_markdown"]
 
 #: Vector lengths (bits) counted per target (None: NEON, fixed 128-bit).
 ARM_TARGETS: dict[str, tuple[int | None, ...]] = {"aarch64-neon": (None,), "aarch64-sve": (128, 256, 512)}
@@ -72,6 +72,23 @@ def inner_loop_cost(asm: str, target: str, cpus: Sequence[tuple[str, int]]) -> L
         return None
     cyc = {cpu: mca_cycles(loop.body, target, cpu=cpu) / (nf * bits // 32) for cpu, bits in cpus}
     return LoopCost(len(loop.body), nf, cyc)
+
+
+def call_cost(obj: Path, symbol: str, x: Any, packed: Any, M: int, asm: str, target: str, *,
+              sve_bits: int | None = None, cache: CompileCache | None = None) -> dict[str, float]:
+    """The autotuner's AArch64 objective without a device: a *count* scaled by an *estimate*.
+
+    Executed instructions of one call under qemu (:func:`count_call`, SVE at ``sve_bits``) times
+    the llvm-mca cycles per instruction of the inner block loop on the target's default core
+    (the whole tile loop when the kernel has no block loop): predicted cycles of the call.
+    """
+    from ubpdsl.autotune.mca import parse_loops, split_tile_loop
+
+    counts, _ = count_call(obj, symbol, x, packed, M, sve_bits=sve_bits, cache=cache)
+    main, _tree, blks, _rows = split_tile_loop(parse_loops(asm)[0])
+    body = max(blks, key=lambda lp: len(lp.body)).body if blks else main.body
+    cpi = mca_cycles(body, target) / max(1, len(body))
+    return {"insns": float(counts.total), "cpi": cpi, "cycles": counts.total * cpi}
 
 
 @dataclass
