@@ -7,6 +7,8 @@ for ``aarch64-neon`` or ``aarch64-sve``, runs one call under qemu with our count
 
 * executed instructions per *useful lane* (one kept weight times one pixel: ``B * N * n``),
   in total and by class (FMA, load, store, prefetch, other): **counts**, deterministic;
+* kernel constants are the kernel's defaults except TILE, which is chosen per block size from
+  the 32 vector registers (:func:`register_tile`), unless given;
 * llvm-mca cycles per useful lane of the kernel's inner (block) loop for several cores
   (NEON: Cortex-A76, Cortex-A55, Neoverse-V1; SVE: Neoverse-V1 with its 256-bit vectors):
   **estimates** of steady-state throughput, not times (no caches, no loop overhead outside).
@@ -32,8 +34,8 @@ from ubpdsl.kernels import VARIANTS
 from ubpdsl.runtime.cache import CompileCache
 from ubpdsl.runtime.insncount import CLASSES, count_call
 
-__all__ = ["ARM_TARGETS", "MCA_CPUS", "KERNELS", "ArmRow", "LoopCost", "inner_loop_cost", "call_cost",
-           "measure_case", "run_cases", "write_csv", "summary", "render_markdown"]
+__all__ = ["ARM_TARGETS", "MCA_CPUS", "KERNELS", "VECTOR_REGISTERS", "register_tile", "ArmRow", "LoopCost",
+           "inner_loop_cost", "call_cost", "measure_case", "run_cases", "write_csv", "summary", "render_markdown"]
 
 #: Vector lengths (bits) counted per target (None: NEON, fixed 128-bit).
 ARM_TARGETS: dict[str, tuple[int | None, ...]] = {"aarch64-neon": (None,), "aarch64-sve": (128, 256, 512)}
@@ -46,6 +48,20 @@ MCA_CPUS: dict[str, tuple[tuple[str, int], ...]] = {
 KERNELS: tuple[tuple[str, str, str], ...] = (("ubp", "wros", "unaligned"), ("abp", "aligned_rows", "aligned"))
 
 _FMA_MNEMONICS = ("fmla", "fmad", "fmadd", "fmls", "fmsb", "fmsub")
+#: Vector registers of AArch64 (V0-V31 for NEON, Z0-Z31 for SVE).
+VECTOR_REGISTERS = 32
+
+
+def register_tile(N: int, registers: int = VECTOR_REGISTERS, reserved: int = 2) -> int:
+    """The largest power-of-two TILE whose register tile fits: N x TILE accumulators, TILE X vectors
+    and the block's N weights (one register per 4 lanes), ``reserved`` left for addresses/spills.
+
+    NEON/SVE (32 registers): N=2 -> 8, N=4 -> 4, N=8 -> 2 (TILE=4 at N=8 needs 32 accumulators).
+    """
+    tile = 1
+    while N * 2 * tile + 2 * tile + -(-N // 4) <= registers - reserved:
+        tile *= 2
+    return tile
 
 
 @dataclass(frozen=True)
@@ -135,7 +151,8 @@ def measure_case(case: Case, target: str, *, vls: Sequence[int | None] | None = 
     for label, variant, which in kernels:
         problem = getattr(case, which)
         kernel = VARIANTS[variant]
-        consts = {k: v for k, v in (constants or {}).items() if k in kernel.constexprs}
+        consts = {"TILE": register_tile(case.N)} if "TILE" in kernel.constexprs else {}
+        consts.update({k: v for k, v in (constants or {}).items() if k in kernel.constexprs})
         ck = compile_kernel(kernel, problem, target, constants=consts, cache=cache)
         key = (variant, problem.M, problem.K, problem.N, target, tuple(sorted(consts.items())))
         if key not in asm_cache:
