@@ -212,8 +212,12 @@ def write_csv(rows: Sequence[ArmRow], path: Path) -> None:
 
 
 def _geo(vals: Iterable[float]) -> float:
-    vals = [v for v in vals if v > 0]
-    return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else float("nan")
+    vals = list(vals)
+    if not vals:
+        return float("nan")
+    if min(vals) <= 0:  # a class that never executes (e.g. no prefetch): its geomean is 0
+        return 0.0
+    return math.exp(sum(map(math.log, vals)) / len(vals))
 
 
 def summary(rows: Sequence[ArmRow]) -> list[dict[str, Any]]:
