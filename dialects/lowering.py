@@ -242,6 +242,9 @@ class _Lowering:
         accs = list(op.operands)[3:]
         if len(accs) != rec.block:
             raise BuildError(f"ubp.block_fma: needs {rec.block} accumulators, got {len(accs)}")
+        xt = ir.VectorType(x.type)
+        if xt.scalable and rec.block % 4 == 0 and xt.shape[0] % 4 == 0:
+            return self._sve_block_fma(rec, b, x, accs)
         # One vector load of the block's N weights, each lane broadcast from it: AArch64 then
         # loads the block with one ldr q and FMAs by element (not N scalar loads).
         wvec = vector.load(ir.VectorType.get([rec.block], ir.F32Type.get()), rec.values,
@@ -250,6 +253,30 @@ class _Lowering:
         for lane, acc in enumerate(accs):
             w = vector.broadcast(x.type, vector.extract(wvec, [], [lane]))
             out.append(vector.fma(w, x, acc))
+        return out
+
+    def _sve_block_fma(self, rec: _Weights, b: ir.Value, x: ir.Value, accs: list[ir.Value]) -> list[ir.Value]:
+        """SVE: each 4 weights replicated to every 128-bit segment (``dupq``) and FMAed by index
+        (``fmla z.s, z.s, z.s[i]``), not broadcast lane by lane; x and the accumulators are
+        handled as their ``vector<[4]xf32>`` registers."""
+        f32, i32, i64 = ir.F32Type.get(), ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+        reg = ir.VectorType.get([4], f32, scalable=[True])
+        parts = ir.VectorType(x.type).shape[0] // 4
+        xs = [vector.scalable_extract(reg, x, 4 * k) for k in range(parts)]
+        out = []
+        for lane, acc in enumerate(accs):
+            if lane % 4 == 0:
+                wq = vector.load(ir.VectorType.get([4], f32), rec.values,
+                                 [arith.addi(arith.muli(b, _i(rec.block)), _i(lane))])
+                ins = vector.scalable_insert(wq, llvm.mlir_poison(reg), 0)
+                wdup = llvm.call_intrinsic(reg, "llvm.aarch64.sve.dupq.lane.nxv4f32",
+                                           [ins, llvm.mlir_constant(ir.IntegerAttr.get(i64, 0))], [], [])
+            idx = llvm.mlir_constant(ir.IntegerAttr.get(i32, lane % 4))
+            for k in range(parts):
+                a = vector.scalable_extract(reg, acc, 4 * k)
+                r = llvm.call_intrinsic(reg, "llvm.aarch64.sve.fmla.lane.nxv4f32", [a, xs[k], wdup, idx], [], [])
+                acc = vector.scalable_insert(r, acc, 4 * k)
+            out.append(acc)
         return out
 
     # -- tiles ------------------------------------------------------------------------------
