@@ -142,6 +142,10 @@ class CodeGen:
         with ir.InsertionPoint(module.body):
             fn = func.FuncOp(spec.symbol, ir.FunctionType.get([ptr, ptr, i64, ptr], [i32]))
             fn.attributes["ubp.kernel"] = ir.StringAttr.get(self.k.name)
+            # C ABI contract: y does not overlap x or packed_w, so loads of the block metadata
+            # may be reused across stores to y (noalias on every pointer argument).
+            noalias = ir.DictAttr.get({"llvm.noalias": ir.UnitAttr.get()})
+            fn.arg_attrs = ir.ArrayAttr.get([noalias, noalias, ir.DictAttr.get({}), noalias])
             entry = fn.add_entry_block()
         with ir.InsertionPoint(entry):
             xp, yp, n64, wp = entry.arguments
