@@ -10,7 +10,15 @@
  *
  * Public symbols (new; the per-layer kernel ABI is unchanged):
  *   int64_t ubp_model_workspace_bytes(const void *plan);
- *   int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn);
+ *   int32_t ubp_model_shape(const void *plan, int64_t *shape) {
+    if (!plan || !check_header(plan)) return E_HEADER;
+    const int64_t *h = header(plan);
+    shape[0] = h[H_BATCH], shape[1] = h[H_CIN], shape[2] = h[H_HIN], shape[3] = h[H_WIN], shape[4] = h[H_COUT];
+    return 0;
+}
+
+int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn);
+ *   int32_t ubp_model_shape(const void *plan, int64_t shape[5]);   -> B, C_in, H_in, W_in, C_out
  *   int32_t ubp_model_run(const void *plan, const float *x, float *y, void *workspace);
  *   int32_t ubp_model_run_profiled(const void *plan, const float *x, float *y, void *workspace,
  *                                  double *seconds_per_kind);
@@ -57,6 +65,13 @@ static int check_header(const void *plan) {
 int64_t ubp_model_workspace_bytes(const void *plan) {
     if (!plan || !check_header(plan)) return -1;
     return header(plan)[H_WS_BYTES];
+}
+
+int32_t ubp_model_shape(const void *plan, int64_t *shape) {
+    if (!plan || !check_header(plan)) return E_HEADER;
+    const int64_t *h = header(plan);
+    shape[0] = h[H_BATCH], shape[1] = h[H_CIN], shape[2] = h[H_HIN], shape[3] = h[H_WIN], shape[4] = h[H_COUT];
+    return 0;
 }
 
 int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn) {
