@@ -151,13 +151,18 @@ def _shim() -> ctypes.CDLL:
     return _SHIM
 
 
-def register_plan(plan_id: int, runner: ModelRunner, *, executorch: bool = True) -> None:
-    """Make ``runner``'s plan callable as ``ubpdsl::subgraph(x, plan_id)`` (torch, and ExecuTorch)."""
+def register_plan(plan_id: int, runner: ModelRunner | None, *, executorch: bool = True) -> None:
+    """Make ``runner``'s plan callable as ``ubpdsl::subgraph(x, plan_id)`` (torch, and ExecuTorch
+    unless ``executorch`` is False); ``None`` unregisters ``plan_id``."""
     if not 0 <= plan_id < MAX_PLANS:
         raise UbpError(f"plan id must be in 0..{MAX_PLANS - 1}, got {plan_id}")
-    _RUNNERS[plan_id] = runner
+    if runner is None:
+        _RUNNERS.pop(plan_id, None)
+    else:
+        _RUNNERS[plan_id] = runner
     if executorch:
-        rc = _shim().ubp_et_register_plan(plan_id, runner.plan_address, runner.workspace_address)
+        plan, ws = (None, None) if runner is None else (runner.plan_address, runner.workspace_address)
+        rc = _shim().ubp_et_register_plan(plan_id, plan, ws)
         if rc != 0:
             raise RunError(f"ubp_et_register_plan({plan_id}) failed with code {rc}")
 
