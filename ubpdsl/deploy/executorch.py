@@ -216,8 +216,9 @@ class EtProgram:
 
         _shim()  # our operator must be registered before the program's methods are loaded
         pl._unsafe_reset_threadpool(threads)
+        self._buf = bytes(buf)  # the runtime reads from this buffer for as long as the program lives
         try:
-            self._mod = pl._load_for_executorch_from_buffer(buf)
+            self._mod = pl._load_for_executorch_from_buffer(self._buf)
         except RuntimeError as exc:
             raise RunError(f"ExecuTorch cannot load the program: {str(exc).splitlines()[0]}") from None
 
