@@ -95,6 +95,23 @@ def test_standalone_subgraph_matches_masked_model(pruned, batch):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("band_bytes", [1, 4096, 1 << 30])  # one output row, a few rows, the whole plane
+def test_fused_expand_depthwise_bands_match(pruned, band_bytes):
+    from ubpdsl.deploy.native import ModelRunner
+    from ubpdsl.deploy.plan import build_plan
+
+    model, _, dep = pruned
+    stem, _, _ = split_mobilenet(model)
+    with torch.no_grad():
+        s = stem(torch.randn(2, 3, 32, 32)).contiguous()
+    packed = {n: k.packed for n, k in dep.kernels.items()}
+    plan = build_plan(dep.sub, packed, 2, (16, 16), fuse_min_bytes=0, band_bytes=band_bytes)
+    n_ops = int(plan.blob[:128].view("<i8")[2])
+    ops = plan.blob[128:128 * (1 + n_ops)].view("<i8").reshape(-1, 16)[:, 0]
+    assert (ops == 5).sum() == 2  # both expanding blocks fused
+    torch.testing.assert_close(ModelRunner(plan, dep.kernels)(s), _subgraph_ref(model, s), rtol=1e-4, atol=1e-5)
+
+
 def test_runner_rejects_wrong_input_shape(pruned):
     _, _, dep = pruned
     with pytest.raises(UbpError, match="shape"):

@@ -26,7 +26,7 @@ __all__ = ["NATIVE_DIR", "build_model_lib", "compile_model_object", "ModelRunner
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 MODEL_C = NATIVE_DIR / "ubp_model.c"
 #: what ubp_model_run_profiled accumulates, in this order
-PROFILE_KINDS = ("input layout", "sparse kernels", "epilogues", "depthwise", "pool")
+PROFILE_KINDS = ("input layout", "sparse kernels", "epilogues", "depthwise", "pool", "fused expand + depthwise")
 ERRORS = {10: "plan header mismatch", 11: "a kernel slot is not bound", 12: "bad op in the plan"}
 
 
@@ -120,7 +120,7 @@ class ModelRunner:
                            f"got {x.dtype} {list(x.shape)}")
 
     def run_into(self, x: torch.Tensor, y: torch.Tensor, profile: np.ndarray | None = None) -> None:
-        """``y = subgraph(x)``; ``profile`` (float64[5], optional) accumulates seconds per kind."""
+        """``y = subgraph(x)``; ``profile`` (float64[len(PROFILE_KINDS)], optional) accumulates seconds per kind."""
         self._check(x)
         if profile is None:
             rc = self._lib.ubp_model_run(self.plan_address, x.data_ptr(), y.data_ptr(), self.workspace_address)

@@ -10,7 +10,8 @@ Plan blob (little-endian; read by ``native/ubp_model.c``)::
 
     int64 header[16]   magic "UBPM", version 1, n_ops, batch, C_in, H_in, W_in, C_out,
                        workspace bytes, n_kernels, kernel table offset, total bytes, scratch offset
-    int64 ops[n_ops][16]   kind (1 sparse 1x1, 2 depthwise, 3 pool, 4 input to channel-major),
+    int64 ops[n_ops][16]   kind (1 sparse 1x1, 2 depthwise, 3 pool, 4 input to channel-major,
+                       5 expand + depthwise fused in bands of output rows),
                        src, dst, C, M, HW, kernel slot, packed offset, bias offset, residual,
                        H, W, stride, weights offset, pre-bias offset, clamp (0 none, 1 ReLU, 2 ReLU6)
     payload            biases, depthwise weights [C, 9], packed sparse weights (64-byte aligned)
@@ -38,7 +39,11 @@ __all__ = ["Block", "Subgraph", "PlanBlob", "fold_bn", "extract_subgraph", "buil
 MAGIC = 0x4D504255
 VERSION = 1
 REC = 16
-OP_PW, OP_DW, OP_POOL, OP_INPUT = 1, 2, 3, 4
+OP_PW, OP_DW, OP_POOL, OP_INPUT, OP_EXPAND_DW = 1, 2, 3, 4, 5
+#: blocks whose expanded tensor is larger than this run expand + depthwise fused in bands
+FUSE_MIN_BYTES = 1 << 20
+#: target size of one band's expanded buffer (stays in L2 between the kernel and the depthwise)
+BAND_BYTES = 400 << 10
 NO_RES = -3
 ALIGN = 64
 
@@ -179,10 +184,22 @@ def _aligned_bytes(size: int) -> np.ndarray:
     return buf[start:start + size]
 
 
-def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: int, hw: tuple[int, int]) -> PlanBlob:
+def _band_rows(hidden: int, H: int, W: int, stride: int, budget: int) -> int:
+    """Output rows per band of a fused expand + depthwise so one band's expanded rows fit ``budget``."""
+    ho = (H - 1) // stride + 1
+    band = 1
+    while band < ho and hidden * 4 * W * (band * stride + 3 - stride) <= budget:
+        band += 1
+    return max(1, band - 1) if band < ho else ho
+
+
+def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: int, hw: tuple[int, int], *,
+               fuse_min_bytes: int | None = FUSE_MIN_BYTES, band_bytes: int = BAND_BYTES) -> PlanBlob:
     """The plan blob for ``sub`` at ``batch`` and input ``hw`` (the stem's output size, e.g. 112x112).
 
-    ``packed``: each sparse layer's packed weights (None for a mask-specialised kernel).
+    ``packed``: each sparse layer's packed weights (None for a mask-specialised kernel). Blocks whose
+    expanded tensor (batch included) exceeds ``fuse_min_bytes`` run expand + depthwise fused in
+    bands of about ``band_bytes`` (None: never fuse).
     """
     if batch < 1:
         raise PlanError(f"batch must be >= 1, got {batch}")
@@ -213,6 +230,17 @@ def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: in
     X = [alloc(f * io), alloc(f * io)]
     E, D = alloc(f * e), alloc(f * d)
     scratch = alloc(4 * sc)
+    # fused blocks: output rows per band, and the band buffers' sizes (floats)
+    bands: dict[int, int] = {}
+    xb = eb = 0
+    h, w = H, W
+    for i, b in enumerate(sub.blocks):
+        if b.expand is not None and fuse_min_bytes is not None and 4 * batch * b.hidden * h * w > fuse_min_bytes:
+            bands[i] = _band_rows(b.hidden, h, w, b.stride, band_bytes)
+            rows = min(h, bands[i] * b.stride + 3 - b.stride)
+            xb, eb = max(xb, b.cin * rows * w), max(eb, b.hidden * rows * w)
+        h, w = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
+    XB, EB = (alloc(4 * xb), alloc(4 * eb)) if bands else (-1, -1)
 
     n_ops_max = 4 * len(sub.blocks) + 4
     head_bytes = 8 * REC * (1 + n_ops_max)
@@ -243,16 +271,25 @@ def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: in
         op(kind=OP_INPUT, dst=X[0], C=sub.cin, HW=H * W)
         cur = X[0]
     h, w = H, W
-    for b in sub.blocks:
+    for i, b in enumerate(sub.blocks):
         src = cur
         pre = -1
-        if b.expand is not None:
-            sparse(b.expand, src, E, b.hidden, h * w)
-            pre = pay.add(f32(b.expand_bias))
-            src = E
         ho, wo = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
-        op(kind=OP_DW, src=src, dst=D, C=b.hidden, H=h, W=w, stride=b.stride, weights=pay.add(f32(b.dw_weight)),
-           bias=pay.add(f32(b.dw_bias)), pre_bias=pre)
+        if i in bands:
+            p = packed.get(b.expand)
+            slots.append(b.expand)
+            # fields reused by OP_EXPAND_DW: HW = output rows per band, res / clamp = band buffers
+            op(kind=OP_EXPAND_DW, src=src, dst=D, C=b.hidden, M=b.cin, HW=bands[i], kernel=len(slots) - 1,
+               packed=-1 if p is None else pay.add(np.ascontiguousarray(p, np.uint8)), H=h, W=w, stride=b.stride,
+               weights=pay.add(f32(b.dw_weight)), bias=pay.add(f32(b.dw_bias)),
+               pre_bias=pay.add(f32(b.expand_bias)), res=XB, clamp=EB)
+        else:
+            if b.expand is not None:
+                sparse(b.expand, src, E, b.hidden, h * w)
+                pre = pay.add(f32(b.expand_bias))
+                src = E
+            op(kind=OP_DW, src=src, dst=D, C=b.hidden, H=h, W=w, stride=b.stride,
+               weights=pay.add(f32(b.dw_weight)), bias=pay.add(f32(b.dw_bias)), pre_bias=pre)
         out = X[1] if cur == X[0] else X[0]
         sparse(b.project, D, out, b.cout, ho * wo, bias=pay.add(f32(b.project_bias)),
                res=cur if b.residual else NO_RES, clamp=0)
