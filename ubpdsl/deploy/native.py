@@ -53,26 +53,23 @@ def _cached(name: str, parts: dict, build) -> Path:
     return entry / name
 
 
-def compile_model_object(target: str = "host") -> Path:
-    """``ubp_model.o`` (position independent) for ``target`` -- for linking into a shim."""
+def _zig_build(name: str, target: str, mode: str) -> Path:
     from ubpdsl.runtime.toolchain import run_tool, zig_cmd
 
-    src = MODEL_C.read_bytes()
-    flags = _flags(target)
-    return _cached("ubp_model.o", {"src": hashlib.sha256(src).hexdigest(), "flags": flags},
-                   lambda out: run_tool([*zig_cmd(), "cc", *flags, "-c", str(MODEL_C), "-o", str(out)],
-                                        what="zig cc (ubp_model)"))
+    flags = [*_flags(target), mode]
+    return _cached(name, {"src": hashlib.sha256(MODEL_C.read_bytes()).hexdigest(), "flags": flags},
+                   lambda out: run_tool([*zig_cmd(), "cc", *flags, str(MODEL_C), "-o", str(out)],
+                                        what=f"zig cc ({name})"))
+
+
+def compile_model_object(target: str = "host") -> Path:
+    """``ubp_model.o`` (position independent) for ``target`` -- for linking into a shim (cached)."""
+    return _zig_build("ubp_model.o", target, "-c")
 
 
 def build_model_lib(target: str = "host") -> Path:
     """``libubp_model.so`` for ``target`` (cached)."""
-    from ubpdsl.runtime.toolchain import run_tool, zig_cmd
-
-    src = MODEL_C.read_bytes()
-    flags = _flags(target)
-    return _cached("libubp_model.so", {"src": hashlib.sha256(src).hexdigest(), "flags": flags},
-                   lambda out: run_tool([*zig_cmd(), "cc", *flags, "-shared", str(MODEL_C), "-o", str(out)],
-                                        what="zig cc (libubp_model)"))
+    return _zig_build("libubp_model.so", target, "-shared")
 
 
 def _load(path: Path, mode: int = os.RTLD_LOCAL) -> ctypes.CDLL:
