@@ -35,8 +35,8 @@ class TinyMobileNet(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             ConvBNReLU(3, 16, stride=2),
-            InvertedResidual(16, 16, 1, 1),   # no expansion, residual
-            InvertedResidual(16, 24, 2, 6),   # stride 2
+            InvertedResidual(16, 8, 1, 1),    # no expansion: batch > 1 reads the NCHW input directly
+            InvertedResidual(8, 24, 2, 6),    # stride 2
             InvertedResidual(24, 24, 1, 6),   # residual
             ConvBNReLU(24, 64, kernel=1),
         )

@@ -13,7 +13,8 @@ Plan blob (little-endian; read by ``native/ubp_model.c``)::
     int64 ops[n_ops][16]   kind (1 sparse 1x1, 2 depthwise, 3 pool, 4 input to channel-major,
                        5 expand + depthwise fused in bands of output rows),
                        src, dst, C, M, HW, kernel slot, packed offset, bias offset, residual,
-                       H, W, stride, weights offset, pre-bias offset, clamp (0 none, 1 ReLU, 2 ReLU6)
+                       H, W, stride, weights offset, pre-bias offset, clamp (0 none, 1 ReLU, 2 ReLU6;
+                       for a depthwise op: 1 = its source is the model input in [B, C, H, W])
     payload            biases, depthwise weights [C, 9], packed sparse weights (64-byte aligned)
     void *kernels[n_kernels]   filled by ubp_model_bind() once the kernels are loaded
 
@@ -267,7 +268,11 @@ def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: in
 
     f32 = lambda a: np.ascontiguousarray(a, "<f4")  # noqa: E731
     cur = -1
-    if batch > 1:
+    first = sub.blocks[0]
+    # [B, C, H, W] -> [C, B, H, W]: not needed at batch 1, nor when the first block starts with its
+    # depthwise (it reads planes in either layout) and has no residual.
+    src_nchw = batch > 1 and first.expand is None and not first.residual
+    if batch > 1 and not src_nchw:
         op(kind=OP_INPUT, dst=X[0], C=sub.cin, HW=H * W)
         cur = X[0]
     h, w = H, W
@@ -289,7 +294,8 @@ def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: in
                 pre = pay.add(f32(b.expand_bias))
                 src = E
             op(kind=OP_DW, src=src, dst=D, C=b.hidden, H=h, W=w, stride=b.stride,
-               weights=pay.add(f32(b.dw_weight)), bias=pay.add(f32(b.dw_bias)), pre_bias=pre)
+               weights=pay.add(f32(b.dw_weight)), bias=pay.add(f32(b.dw_bias)), pre_bias=pre,
+               clamp=int(src_nchw and i == 0))  # clamp field = "source is [B, C, H, W]" for OP_DW
         out = X[1] if cur == X[0] else X[0]
         sparse(b.project, D, out, b.cout, ho * wo, bias=pay.add(f32(b.project_bias)),
                res=cur if b.residual else NO_RES, clamp=0)

@@ -42,6 +42,8 @@ enum { F_KIND, F_SRC, F_DST, F_C, F_M, F_HW, F_KERNEL, F_PACKED, F_BIAS, F_RES, 
 /* OP_EXPAND_DW reuses three fields: output rows per band, and the workspace offsets of its
  * input and expanded band buffers */
 enum { F_BAND = F_HW, F_XB = F_RES, F_EB = F_CLAMP };
+/* OP_DW: F_CLAMP != 0 means its source is in [B, C, H, W] (the model input) */
+enum { F_SRC_NCHW = F_CLAMP };
 /* clamp codes: 0 none, 1 ReLU (>= 0), 2 ReLU6 */
 /* buffer ids: -1 model input, -2 model output, >= 0 byte offset into the workspace */
 
@@ -245,10 +247,11 @@ static void depthwise(const int64_t *op, const void *plan, const float *src, flo
     const float *wts = cbuf(plan, op[F_WEIGHTS]);
     const float *bias = cbuf(plan, op[F_BIAS]);
     const float *pre = op[F_PRE_BIAS] >= 0 ? cbuf(plan, op[F_PRE_BIAS]) : 0;
+    const int nchw = op[F_SRC_NCHW] != 0; /* src is the model input [B, C, H, W]: no layout pass needed */
     for (int64_t c = 0; c < C; ++c)
         for (int64_t bi = 0; bi < B; ++bi)
-            dw_band(src + (c * B + bi) * H * W, 0, H, W, stride, 0, Ho, wts + 9 * c, bias[c], pre ? pre[c] : 0.0f,
-                    pre != 0, dst + (c * B + bi) * Ho * Wo, scratch);
+            dw_band(src + (nchw ? bi * C + c : c * B + bi) * H * W, 0, H, W, stride, 0, Ho, wts + 9 * c, bias[c],
+                    pre ? pre[c] : 0.0f, pre != 0, dst + (c * B + bi) * Ho * Wo, scratch);
 }
 
 /* Expand (sparse 1x1) + bias + ReLU6 + depthwise, in bands of output rows: per image and band,
