@@ -65,6 +65,7 @@ def main_executorch(args, argv: list[str]) -> int:
 
     tuned: dict = {}
     how = "default kernels (wros)"
+    args.trials = 3 if args.trials is None else args.trials
     if not args.no_tune:
         from ubpdsl.deploy.plan import extract_subgraph
 

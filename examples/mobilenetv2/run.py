@@ -96,7 +96,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("build/mobilenetv2"))
     ap.add_argument("--sparsity", type=float, default=0.75)
-    ap.add_argument("--trials", type=int, default=3, help="tuning trials per layer")
+    ap.add_argument("--trials", type=int, default=None, help="tuning trials per layer (default 3; "
+                    "--runtime executorch --quick: no tuning unless given)")
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--aarch64", action="store_true", help="also export AArch64 NEON and SVE kernels")
     ap.add_argument("--rounds", type=int, default=21, help="interleaved timing rounds")
@@ -108,9 +109,12 @@ def main() -> int:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.runtime == "executorch":
+        if args.quick and args.trials is None:
+            args.no_tune = True
         from et_bench import main_executorch
 
         return main_executorch(args, sys.argv[1:])
+    args.trials = 3 if args.trials is None else args.trials
     t0 = time.perf_counter()
 
     dense = build_model("mobilenetv2")  # pretrained ImageNet weights, eval mode
