@@ -41,7 +41,7 @@ MAGIC = 0x4D504255
 VERSION = 1
 REC = 16
 OP_PW, OP_DW, OP_POOL, OP_INPUT, OP_EXPAND_DW = 1, 2, 3, 4, 5
-#: blocks whose expanded tensor is larger than this run expand + depthwise fused in bands
+#: blocks whose expanded tensor (per image) is larger than this run expand + depthwise fused in bands
 FUSE_MIN_BYTES = 1 << 20
 #: target size of one band's expanded buffer (stays in L2 between the kernel and the depthwise)
 BAND_BYTES = 400 << 10
@@ -199,8 +199,9 @@ def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: in
     """The plan blob for ``sub`` at ``batch`` and input ``hw`` (the stem's output size, e.g. 112x112).
 
     ``packed``: each sparse layer's packed weights (None for a mask-specialised kernel). Blocks whose
-    expanded tensor (batch included) exceeds ``fuse_min_bytes`` run expand + depthwise fused in
-    bands of about ``band_bytes`` (None: never fuse).
+    expanded tensor (per image) exceeds ``fuse_min_bytes`` run expand + depthwise fused in bands of
+    about ``band_bytes``, one image at a time (None: never fuse). Smaller blocks are not fused: at
+    batch > 1 they gain more from one kernel call over the whole batch.
     """
     if batch < 1:
         raise PlanError(f"batch must be >= 1, got {batch}")
@@ -236,7 +237,7 @@ def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: in
     xb = eb = 0
     h, w = H, W
     for i, b in enumerate(sub.blocks):
-        if b.expand is not None and fuse_min_bytes is not None and 4 * batch * b.hidden * h * w > fuse_min_bytes:
+        if b.expand is not None and fuse_min_bytes is not None and 4 * b.hidden * h * w > fuse_min_bytes:
             bands[i] = _band_rows(b.hidden, h, w, b.stride, band_bytes)
             rows = min(h, bands[i] * b.stride + 3 - b.stride)
             xb, eb = max(xb, b.cin * rows * w), max(eb, b.hidden * rows * w)
