@@ -61,6 +61,11 @@ class NativeKernel:
         self.packed = files.packed_weights()
         self._packed_ptr = None if self.packed is None else self.packed.ctypes.data
 
+    @property
+    def address(self) -> int:
+        """The kernel function's address (for C callers such as :mod:`ubpdsl.deploy`)."""
+        return int(ctypes.cast(self._fn, ctypes.c_void_p).value)
+
     def __repr__(self) -> str:
         return f"NativeKernel({self.name!r}, M={self.M}, K={self.K}, so={self.files.so.name!r})"
 
