@@ -24,6 +24,7 @@ shares the loaded library and registers its own id.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import weakref
