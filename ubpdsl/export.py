@@ -523,62 +523,6 @@ def _check_index(root: Path, target: str, path: Path, layers: dict[str, Any]) ->
         raise _fail(root, f"{target}/{INDEX} lacks layer {sorted(set(layers) - seen)[0]!r}")
 
 
-def _check_layer_entry(root: Path, name: str, entry: Any, targets: dict[str, Any]) -> None:
-    """Every manifest field a reader relies on, with its type: a malformed entry is one line, no KeyError."""
-    try:
-        check_layer_name(name)
-    except MaskError as exc:
-        raise _fail(root, f"{MANIFEST}: {exc}") from None
-    if not isinstance(entry, dict) or not all(type(entry.get(k)) is int and entry[k] >= 1 for k in "MKN"):
-        raise _fail(root, f"{MANIFEST}: layer {name!r} needs positive integers M, K and N")
-    per_target = entry.get("targets")
-    if not isinstance(per_target, dict) or set(per_target) != set(targets):
-        have = set(per_target) if isinstance(per_target, dict) else set()
-        missing = sorted(set(targets) - have) or sorted(have - set(targets))
-        raise _fail(root, f"layer {name!r} has no kernel for {', '.join(missing) or '?'}")
-    symbol = kernel_symbol(name)
-    for t, te in per_target.items():
-        files, shas, kern = (te.get(k) if isinstance(te, dict) else None for k in ("files", "sha256", "kernel"))
-        if (not isinstance(files, dict) or not isinstance(shas, dict) or "so" not in files or "header" not in files
-                or not set(files) <= {"so", "header", "packed"}):
-            raise _fail(root, f"layer {name!r} ({t}): the manifest lists no .so or header")
-        if te.get("symbol") != symbol:
-            raise _fail(root, f"layer {name!r} ({t}): kernel symbol {te.get('symbol')!r}, expected {symbol!r}")
-        if not isinstance(kern, dict) or not all(isinstance(kern.get(k), str) for k in ("features", "triple")):
-            raise _fail(root, f"layer {name!r} ({t}): the manifest's 'kernel' entry needs features and triple")
-        for rel in files.values():
-            if not isinstance(rel, str) or not rel.startswith(f"{t}/") or "/" in rel[len(t) + 1:]:
-                raise _fail(root, f"layer {name!r} ({t}): file {rel!r} is not a relative path inside the "
-                                  f"bundle's {t}/ directory")
-
-
-def _check_index(root: Path, target: str, path: Path, layers: dict[str, Any]) -> None:
-    """kernels.tsv (read by C programs) must have one well-formed row per layer, agreeing with the manifest."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(root, f"{target}/{INDEX}: unreadable ({exc})") from None
-    seen = set()
-    for no, line in enumerate(text.split("\n"), 1):
-        if not line or line.startswith("#"):
-            continue
-        cells = line.split("\t")
-        entry = layers.get(cells[0])
-        if len(cells) != len(INDEX_COLUMNS) or entry is None or cells[0] in seen:
-            raise _fail(root, f"{target}/{INDEX}:{no}: malformed row (expected {len(INDEX_COLUMNS)} tab-separated "
-                              f"fields naming a layer of the manifest once)")
-        seen.add(cells[0])
-        te = entry["targets"][target]
-        files, shas = te["files"], te["sha256"]
-        want = [cells[0], te.get("symbol"), str(entry["M"]), str(entry["K"]), str(entry["N"]),
-                Path(files["so"]).name, Path(files["packed"]).name if "packed" in files else "-",
-                shas.get("so"), shas.get("packed", "-")]
-        if cells != want:
-            raise _fail(root, f"{target}/{INDEX}:{no}: row of layer {cells[0]!r} disagrees with {MANIFEST}")
-    if seen != set(layers):
-        raise _fail(root, f"{target}/{INDEX} lacks layer {sorted(set(layers) - seen)[0]!r}")
-
-
 def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = False) -> Bundle:
     """Open and fully verify a bundle; with ``check_host``, also that its host kernels run here."""
     if isinstance(path, Bundle):
