@@ -426,6 +426,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _cmdline(pid: int) -> str:
+    """A process's command line, or '' once it has exited (it may between listing and reading)."""
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_kill_9_of_tune_leaves_no_compile_worker(tmp_path):
     path = tmp_path / "m.npz"
     save_masks(path, [layer("big", 96, 64)])
@@ -438,8 +446,7 @@ def test_kill_9_of_tune_leaves_no_compile_worker(tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
             time.sleep(0.2)
-            workers |= {c for c in _children(proc.pid) if "multiprocessing" in
-                        (Path("/proc") / str(c) / "cmdline").read_bytes().decode(errors="replace")}
+            workers |= {c for c in _children(proc.pid) if "multiprocessing" in _cmdline(c)}
         assert len(workers) >= 1, "tune started no compile worker"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
