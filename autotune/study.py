@@ -87,6 +87,7 @@ class TuneSettings:
     budget_s: float = 0.15
     rounds: int = 11
     cache: str = "cold"  # timing mode, one of CACHE_MODES (ignored by llvm-mca estimates)
+    variants: tuple[str, ...] = ()  # variant names searched (shipped or /abs/FILE.py:name); () = shipped
 
 
 @dataclass
@@ -385,12 +386,13 @@ class Tuner:
     def key(self, layer: sp.Layer) -> str:
         """The tuned-config cache key of ``layer`` (also names its study); includes the timing mode."""
         from ubpdsl.compiler import compiler_fingerprint
-        from ubpdsl.kernels import VARIANTS
+        from ubpdsl.kernels import VARIANTS, variant_identities
         from ubpdsl.runtime.toolchain import toolchain_versions
 
         return tuned_key(mask=layer.problem.blocks_hash(), shape=[layer.problem.M, layer.problem.K, layer.problem.N],
                          n=layer.n, target=self.target.cache_key(), toolchain=toolchain_versions(),
-                         compiler=compiler_fingerprint(), kernels={k: v.source for k, v in VARIANTS.items()},
+                         compiler=compiler_fingerprint(),
+                         kernels=variant_identities(self.settings.variants or VARIANTS),
                          runner=self.runner.name, estimate=self.estimate, weights=self.settings.weights,
                          cache=self.cache_mode)
 
@@ -506,8 +508,12 @@ class Tuner:
             # warm start: the best configs of the layers tuned before in this run
             seeds += [c for c in self.recent[-3:] if c not in seeds
                       and sp.infeasible(c, layer, self.target, s.weights) is None]
+            if s.variants:  # a restricted search: each searched kernel at its defaults, then the seeds in it
+                seeds = [sp.default_config(self.target, v) for v in s.variants] + seeds
+                seeds = [c for i, c in enumerate(seeds) if c.variant in s.variants and c not in seeds[:i]
+                         and sp.infeasible(c, layer, self.target, s.weights) is None]
             for c in seeds:
-                study.enqueue_trial(sp.trial_params(c, self.target), user_attrs={"seed": True},
+                study.enqueue_trial(sp.trial_params(c, self.target, s.variants), user_attrs={"seed": True},
                                     skip_if_exists=True)
 
         ref_built = self.compile(layer, default)
@@ -612,7 +618,7 @@ class Tuner:
         trial.set_user_attr("pid", os.getpid())
         if self._heartbeat is not None:
             self._heartbeat.add(trial._trial_id)
-        config = sp.suggest(trial, layer, self.target, s.weights)
+        config = sp.suggest(trial, layer, self.target, s.weights, s.variants)
         trial.set_user_attr("config", config.key())
         trial.set_user_attr("label", config.label())
         why = sp.infeasible(config, layer, self.target, s.weights)

@@ -63,6 +63,8 @@ def _ints(text: str, what: str, allowed: set[int] | None = None) -> list[int]:
               "--model nor --pixels-map gives one.")
 @click.option("--pixels-map", default=None, type=click.Path(dir_okay=False), help="JSON {layer: n} for --mask.")
 @model_options(what="With --mask: each layer's n comes from running its example input once (with --batch).")
+@click.option("--variant", default="wros", show_default=True, metavar="NAME|FILE.py:NAME",
+              help="the kernel of our unaligned runner: a shipped variant or your own @ubl.kernel (docs/dsl.md)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.csv, report.md and the plot.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
@@ -70,7 +72,8 @@ def _ints(text: str, what: str, allowed: set[int] | None = None) -> list[int]:
 def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str | None, block: str | None,
           quick: bool, threads: str | None, tuner: str | None, trials: int, min_time: float | None,
           cache: str, pixels: int | None, pixels_map: str | None, model_spec: str | None, weights: Path | None,
-          input_shape: str | None, input_dtype: str | None, batch: int, out_dir: str, plot_path: str | None) -> None:
+          input_shape: str | None, input_dtype: str | None, batch: int, variant: str, out_dir: str,
+          plot_path: str | None) -> None:
     """Time ubpdsl's kernels beside dense torch.mm, numpy, scipy, torch and MLIR sparse.
 
     Every runner's output is checked against dense torch first (a wrong one is reported, not
@@ -82,8 +85,12 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
       ubpdsl bench --suite mobilenetv2 --quick --out bench-out
       ubpdsl bench --shapes r18_2,fc_1 --sparsity 0.9 --block 4 --threads 1
       ubpdsl bench --mask masks.npz --model mobilenetv2 --plot masks.png
+      ubpdsl bench --variant mykernels.py:my_kernel --quick --shapes fc_2
     """
     from ubpdsl import benchsuite as bs
+    from ubpdsl.kernels import variant_name
+
+    variant = variant_name(variant)  # loads (and checks) a user kernel before anything runs
 
     sps = _floats(sparsity, "sparsity") if sparsity else ([0.75] if quick else list(bs.SPARSITIES))
     bad = [s for s in sps if not 0 <= s < 1]
@@ -151,7 +158,7 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
         click.echo(msg + f"  ({time.perf_counter() - t0:.0f}s)", err=True)
 
     results = bs.run_suite(specs, tuner=tuner_fn, threads=nts, min_time=mt, progress=progress, bandwidth=bw,
-                           cache=cache)
+                           cache=cache, variant=variant)
     csv_path = out / "results.csv"
     bs.write_csv(results, csv_path)
     bs.plot_speedups(results, plot)
