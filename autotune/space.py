@@ -214,8 +214,8 @@ def suggest(trial: Any, layer: Layer, target: Target, weights: bool, variants: A
     the sampled kernel's own ``tune=`` space leaves that knob at its default."""
     names = sorted(variants or VARIANTS)
     variant = trial.suggest_categorical("variant", names)
-    constants: dict[str, Any] = {}
     kernel = get_variant(variant)
+    constants: dict[str, Any] = dict(kernel.defaults)  # undeclared knobs: explicit defaults (one canonical key)
     choices = knob_choices(names)
     for name in sorted(choices):
         value = trial.suggest_categorical(name, choices[name])

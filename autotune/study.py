@@ -379,6 +379,11 @@ class Tuner:
             self._heartbeat.stop()
 
     @property
+    def default_config(self) -> sp.Config:
+        """The reference config: wros at its defaults, or the first searched kernel's (``--variant``)."""
+        return sp.default_config(self.target, *self.settings.variants[:1])
+
+    @property
     def cache_mode(self) -> str | None:
         """The timing mode ("cold" or "warm"), or None when configs are costed by llvm-mca (no caches)."""
         return None if self.estimate else self.settings.cache
@@ -486,7 +491,7 @@ class Tuner:
         from optuna.trial import TrialState
 
         s = self.settings
-        default = sp.default_config(self.target)
+        default = self.default_config
         key = self.key(layer)
         if not s.force:
             cached = self.cached_result(layer, key)
@@ -574,7 +579,7 @@ class Tuner:
         hit_cache = hit.get("cache", None if hit.get("estimate") else "warm")
         if hit_cache != self.cache_mode:
             return None
-        return LayerResult(layer.name, layer.n, sp.Config.from_json(hit["best"]), sp.default_config(self.target),
+        return LayerResult(layer.name, layer.n, sp.Config.from_json(hit["best"]), self.default_config,
                            float(hit["best_value"]), int(hit["trials"]), int(hit.get("failed", 0)), True,
                            bool(hit.get("estimate")), [tuple(h) for h in hit.get("history", [])],
                            hit.get("study", ""), key, hit.get("final"), hit_cache)
@@ -646,7 +651,7 @@ class Tuner:
         if "error" in built:
             trial.set_user_attr("fail_reason", built["error"][:500])
             return None
-        is_default = config.key() == sp.default_config(self.target).key()  # the reference: 1.0 by definition
+        is_default = config.key() == self.default_config.key()  # the reference: 1.0 by definition
         if self.estimate:
             try:
                 cycles = self.estimate_cost(layer, config, built)
