@@ -113,6 +113,15 @@ def test_tune_and_bench_a_user_kernel_from_the_cli(tmp_path):
     y = ubpdsl.run_kernel(spec, m, x, constants=best["constants"])
     np.testing.assert_allclose(y, w @ x, rtol=1e-4, atol=1e-4)
 
+    # export builds the bundle from the tuned config: the user's kernel, its tuned constants
+    env = dict(os.environ, UBPDSL_CACHE_DIR=str(cache))
+    re_ = subprocess.run([sys.executable, "-m", "ubpdsl.cli", "export", "--mask", str(masks), "--tuned", str(out),
+                          "-o", str(tmp_path / "bundle")], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=ROOT)
+    assert re_.returncode == 0, re_.stderr
+    bundle = (tmp_path / "bundle" / "manifest.json").read_text()
+    assert '"variant": "scaled_stream"' in bundle or "mykernels.py:scaled_stream" in bundle
+
     # unchanged: from the tuned cache; a changed kernel (a global it reads: 1.0 -> 1) is tuned again
     assert "cached" in run_tune(args, cache).stdout
     _write(tmp_path, 1)  # type: ignore[arg-type]
@@ -129,7 +138,6 @@ def test_tune_and_bench_a_user_kernel_from_the_cli(tmp_path):
     # bench: our runner uses the user's kernel, checked against dense torch before it is timed
     _write(tmp_path, 3.0)
     bout = tmp_path / "bench"
-    env = dict(os.environ, UBPDSL_CACHE_DIR=str(cache))
     rb = subprocess.run([sys.executable, "-m", "ubpdsl.cli", "bench", "--variant", spec, "--quick", "--shapes",
                          "fc_2", "--min-time", "0.02", "--out", str(bout)], capture_output=True, text=True,
                         env=env, timeout=600, cwd=ROOT)

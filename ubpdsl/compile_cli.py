@@ -144,7 +144,7 @@ def emit_cmd(kernel_spec: str, stage: str, target: str, kernel_name: str | None,
 
     \b
     KERNEL is a shipped variant (block_stream, wros, wros_unrolled, aligned_rows)
-    or a Python file with @ubl.kernel functions. Example:
+    or a Python file with @ubl.kernel functions, FILE.py[:NAME] (docs/dsl.md). Example:
       ubpdsl emit wros --stage lowered --target aarch64-sve --shape 64,64,4
     """
     from ubpdsl.compiler import emit
