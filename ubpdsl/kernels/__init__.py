@@ -95,7 +95,7 @@ def get_variant(spec: str, name: str | None = None) -> KernelFunction:
         return VARIANTS[spec]
     path, inner = _split(spec)
     if path.suffix != ".py":
-        raise UbpError(f"unknown kernel variant {spec!r}{did_you_mean(spec, VARIANTS)} (shipped: "
+        raise UbpError(f"unknown kernel {spec!r}{did_you_mean(spec, VARIANTS)} (shipped variants: "
                        f"{', '.join(VARIANTS)}; or a kernel file FILE.py:NAME)")
     return load_kernel_file(path, name or inner)
 
