@@ -26,13 +26,13 @@ import numpy as np
 
 from ubpdsl.cli_common import load_model, model_options
 from ubpdsl.errors import MaskError, UbpError
-from ubpdsl.identity import content_file
+from ubpdsl.identity import atomic_copy, atomic_write, content_file
 from ubpdsl.runtime.targets import TARGET_NAMES
 
 __all__ = ["tune", "run_tune", "load_layers", "LayerSummary"]
 
 
-#: Largest x plus y of one layer's timing problem, (K + M) * n float32 values.
+#: Largest x plus y of one layer's timing problem, (K + M) * n float32 values, and largest dense weight.
 MAX_OPERAND_BYTES = 1 << 30
 
 #: Finished trials per layer by default: a MobileNetV2 masks.npz (36 layers) in < 10 min on 2 cores.
@@ -61,6 +61,9 @@ def load_layers(mask_path: str, layer_names: tuple[str, ...], pixels: int | None
         masks = {n: masks[n] for n in layer_names}
     check_unique_stems(masks)
     for name, m in masks.items():
+        if m.R * m.C * 4 > MAX_OPERAND_BYTES:
+            raise UbpError(f"layer {name}: a {m.R}x{m.C} weight is {m.R * m.C * 4 >> 20} MiB, more than tune "
+                           f"handles ({MAX_OPERAND_BYTES >> 20} MiB)")
         if m.weight is None and need_weights:
             raise MaskError(f"layer {name}: {mask_path} has no weights, and tune needs them to build and deliver "
                             "the kernels (save the masks with weights, e.g. `ubpdsl prune` does, or pass "
@@ -181,9 +184,9 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
         tuner.close()
     manifest["machine"] = _machine()
     ensure_dir(out)
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     table = format_table(summaries, target)
-    _write_atomic(out / "summary.md", table + "\n")
+    atomic_write(out / "summary.md", table + "\n")
     echo(table)
     try:
         plot_history(results, out / "tuning_history.png", estimate=tuner.estimate,
@@ -204,11 +207,11 @@ def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, An
     ensure_dir(out)
     safe = file_stem(layer.name)
     files = {"so": out / f"{safe}.{tuner.target.name}.so", "header": out / f"{safe}.h"}
-    _copy_atomic(Path(best["so"]), files["so"])
-    _copy_atomic(Path(best["header"]), files["header"])
+    atomic_copy(Path(best["so"]), files["so"])
+    atomic_copy(Path(best["header"]), files["header"])
     if best.get("packed") and tuner.settings.weights:  # never ship packed random (synthetic) weights
         files["packed"] = out / f"{safe}.packed.bin"
-        _copy_atomic(Path(best["packed"]), files["packed"])
+        atomic_copy(Path(best["packed"]), files["packed"])
     dense_s = gflops = None
     if res.from_cache and res.final:  # unchanged layer: the numbers of the run that tuned it
         t_def, t_tuned, dense_s = res.final["default"], res.final["tuned"], res.final.get("dense")
@@ -338,18 +341,6 @@ def plot_history(results: list[Any], path: Path, estimate: bool = False,
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    tmp.replace(dst)
 
 
 def _machine() -> dict[str, Any]:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from ubpdsl.errors import BuildError, UbpError
 
-__all__ = ["Loop", "parse_loops", "mca_cycles", "estimate_cycles", "estimate_label"]
+__all__ = ["Loop", "parse_loops", "split_tile_loop", "block_loops", "mca_cycles", "estimate_cycles",
+           "estimate_label"]
 
 
 
@@ -63,10 +64,14 @@ class Loop:
 
 
 def estimate_label(target: str) -> str:
+    from ubpdsl.runtime.qemu import qemu_available
+
     try:
         cpu = _model(target)[0]
     except UbpError:
         cpu = "?"
+    if qemu_available():  # the tuner's objective is then ubpdsl.armcost.call_cost
+        return f"estimate (qemu instruction count x llvm-mca -mcpu={cpu} cycles/instruction)"
     return f"estimate (llvm-mca -mcpu={cpu})"
 
 
@@ -124,13 +129,16 @@ def parse_loops(asm: str) -> tuple[dict[str, Loop], list[str]]:
     return loops, outside
 
 
-def mca_cycles(instructions: list[str], target: str, triple: str = "aarch64") -> float:
-    """Steady-state cycles per iteration of ``instructions`` (llvm-mca, 100 iterations)."""
+def mca_cycles(instructions: list[str], target: str, triple: str = "aarch64", cpu: str | None = None) -> float:
+    """Steady-state cycles per iteration of ``instructions`` (llvm-mca, 100 iterations).
+
+    ``cpu`` overrides the target's default ``-mcpu`` (e.g. ``cortex-a55`` for a NEON build).
+    """
     if not instructions:
         return 0.0
     from ubpdsl.runtime.toolchain import tool
 
-    cpu = _model(target)[0]
+    cpu = cpu or _model(target)[0]
     with tempfile.TemporaryDirectory(prefix="ubp-mca-") as tmp:
         src = Path(tmp) / "body.s"
         src.write_text("\n".join(instructions) + "\n")
@@ -148,12 +156,8 @@ def mca_cycles(instructions: list[str], target: str, triple: str = "aarch64") ->
     return int(m.group(1)) / int(it.group(1))
 
 
-def estimate_cycles(asm: str, target: str, *, M: int, N: int, blocks: int, n: int, tile: int, unroll: int,
-                    output_stationary: bool) -> dict[str, float]:
-    """Predicted cycles of one kernel call on ``target`` for a layer (see the module docstring)."""
-    loops, _ = parse_loops(asm)
-    lanes = _model(target)[1]
-    tiles = math.ceil(n / (max(1, tile) * lanes))
+def split_tile_loop(loops: dict[str, Loop]) -> tuple[Loop, list[Loop], list[Loop], list[Loop]]:
+    """The main tile loop, its loop tree, its block loops (deepest leaves) and row loops (other leaves)."""
     tops = [lp for lp in loops.values() if lp.depth == 1]
     if not tops:
         raise BuildError("no tile loop found in the kernel assembly")
@@ -168,13 +172,28 @@ def estimate_cycles(asm: str, target: str, *, M: int, N: int, blocks: int, n: in
     tree = subtree(main)
     leaves = [lp for lp in tree if not lp.children and lp is not main]
     if not leaves:
+        return main, tree, [], []
+    deepest = max(lp.depth for lp in leaves)
+    return main, tree, [lp for lp in leaves if lp.depth == deepest], [lp for lp in leaves if lp.depth < deepest]
+
+
+def block_loops(asm: str) -> list[Loop]:
+    """The block loops (innermost loops of the main tile loop) of a kernel's assembly; [] if unrolled."""
+    return split_tile_loop(parse_loops(asm)[0])[2]
+
+
+def estimate_cycles(asm: str, target: str, *, M: int, N: int, blocks: int, n: int, tile: int, unroll: int,
+                    output_stationary: bool) -> dict[str, float]:
+    """Predicted cycles of one kernel call on ``target`` for a layer (see the module docstring)."""
+    loops, _ = parse_loops(asm)
+    lanes = _model(target)[1]
+    tiles = math.ceil(n / (max(1, tile) * lanes))
+    main, tree, blks, row_loops = split_tile_loop(loops)
+    if not blks:
         per_tile = mca_cycles(main.body, target)
         return {"cycles": tiles * per_tile, "tiles": tiles, "per_tile": per_tile}
-    deepest = max(lp.depth for lp in leaves)
-    block_loops = [lp for lp in leaves if lp.depth == deepest]
-    row_loops = [lp for lp in leaves if lp.depth < deepest]
     mids = [lp for lp in tree if lp.children and lp is not main]
-    c_blk = sum(mca_cycles(lp.body, target) for lp in block_loops) / len(block_loops)
+    c_blk = sum(mca_cycles(lp.body, target) for lp in blks) / len(blks)
     c_rows = sum(mca_cycles(lp.body, target) for lp in row_loops)
     c_mid = sum(mca_cycles(lp.body, target) for lp in mids)
     c_tile = mca_cycles(main.body, target)

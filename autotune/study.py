@@ -451,11 +451,23 @@ class Tuner:
         return self.runner.run(request, timeout=self.settings.timeout)
 
     def estimate_cost(self, layer: sp.Layer, config: sp.Config, built: dict[str, Any]) -> float:
+        """AArch64 without a device: instructions counted under qemu x llvm-mca cycles per instruction
+        of the inner loop (:func:`ubpdsl.armcost.call_cost`); the static llvm-mca model without qemu."""
         from ubpdsl.autotune.mca import estimate_cycles
         from ubpdsl.runtime import build as rt_build
+        from ubpdsl.runtime import qemu
 
         target = config.target_for(self.target)
         asm = rt_build.emit_asm(Path(built["ll"]).read_text(), target)
+        if qemu.qemu_available():
+            from ubpdsl.armcost import call_cost
+            from ubpdsl.autotune.measure import make_x
+
+            x = np.frombuffer(make_x(layer.problem.K, layer.n), np.float32).reshape(layer.problem.K, layer.n)
+            packed = np.fromfile(built["packed"], np.uint8) if built.get("packed") else None
+            sve_bits = 256 if target.scalable else None  # Neoverse V1, the SVE core of the mca model
+            return call_cost(Path(built["obj"]), built["symbol"], x, packed, layer.problem.M, asm, self.target.name,
+                             sve_bits=sve_bits)["cycles"]
         k = config.kernel
         est = estimate_cycles(asm, self.target.name, M=layer.problem.M, N=layer.problem.N, blocks=layer.blocks,
                               n=layer.n, tile=int(config.constants.get("TILE", 1)),

@@ -11,11 +11,10 @@ so an interrupted run never leaves a half-written entry.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ubpdsl.identity import atomic_write
 from ubpdsl.runtime.cache import CompileCache, default_cache_dir
 
 __all__ = ["SPACE_VERSION", "TunedCache", "tuned_key"]
@@ -50,15 +49,5 @@ class TunedCache:
     def put(self, key: str, entry: dict[str, Any]) -> Path:
         """Write ``entry`` atomically (readers see the old entry or the new one, never half)."""
         final = self.path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=final.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(entry, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(final, json.dumps(entry, indent=2, sort_keys=True))
         return final

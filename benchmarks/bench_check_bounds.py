@@ -17,8 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 from common import interleaved_medians, machine_header  # noqa: E402
 
-from ubpdsl.compile_cli import random_problem  # noqa: E402
-from ubpdsl.compiler import compile_kernel  # noqa: E402
+from ubpdsl.compiler import (
+    compile_kernel,  # noqa: E402
+    random_problem,  # noqa: E402
+)
 from ubpdsl.kernels import VARIANTS  # noqa: E402
 from ubpdsl.runtime.loader import HostKernel, aligned_copy, aligned_empty  # noqa: E402
 

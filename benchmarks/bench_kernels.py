@@ -23,8 +23,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import SUITE, geomean, interleaved_medians, machine_header  # noqa: E402
 
-from ubpdsl.compile_cli import random_problem  # noqa: E402
-from ubpdsl.compiler import compile_kernel  # noqa: E402
+from ubpdsl.compiler import (
+    compile_kernel,  # noqa: E402
+    random_problem,  # noqa: E402
+)
 from ubpdsl.kernels import VARIANTS  # noqa: E402
 from ubpdsl.runtime.loader import aligned_copy, aligned_empty  # noqa: E402
 

@@ -52,8 +52,7 @@ def main() -> int:
     from ubpdsl.autotune import space as sp
     from ubpdsl.autotune.measure import machine_info
     from ubpdsl.autotune.study import Tuner, TuneSettings, geomean
-    from ubpdsl.compile_cli import random_problem
-    from ubpdsl.compiler import Problem
+    from ubpdsl.compiler import Problem, random_problem
     from ubpdsl.runtime.toolchain import toolchain_versions
 
     torch.set_num_threads(1)

@@ -56,6 +56,10 @@ class _Weights:
     layout: str
 
 
+def _i64_attr(value: int) -> ir.IntegerAttr:
+    return ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)
+
+
 def _i(value: int, ty: str = "index") -> ir.Value:
     return arith.constant(ir.Type.parse(ty), value)
 
@@ -284,10 +288,41 @@ class _Lowering:
         accs = list(op.operands)[3:]
         if len(accs) != rec.block:
             raise BuildError(f"ubp.block_fma: needs {rec.block} accumulators, got {len(accs)}")
+        xt = ir.VectorType(x.type)
+        if xt.scalable and rec.block % 4 == 0 and xt.shape[0] % 4 == 0:
+            return self._sve_block_fma(rec, b, x, accs)
+        # One vector load of the block's N weights, each lane broadcast from it: AArch64 then
+        # loads the block with one ldr q and FMAs by element (not N scalar loads).
+        wvec = vector.load(ir.VectorType.get([rec.block], ir.F32Type.get()), rec.values,
+                           [arith.muli(b, _i(rec.block))])
         out = []
         for lane, acc in enumerate(accs):
-            w = vector.broadcast(x.type, self._weight(rec, b, lane))
+            w = vector.broadcast(x.type, vector.extract(wvec, [], [lane]))
             out.append(vector.fma(w, x, acc))
+        return out
+
+    def _sve_block_fma(self, rec: _Weights, b: ir.Value, x: ir.Value, accs: list[ir.Value]) -> list[ir.Value]:
+        """SVE: each 4 weights replicated to every 128-bit segment (``dupq``) and FMAed by index
+        (``fmla z.s, z.s, z.s[i]``), not broadcast lane by lane; x and the accumulators are
+        handled as their ``vector<[4]xf32>`` registers."""
+        f32, i32, i64 = ir.F32Type.get(), ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+        reg = ir.VectorType.get([4], f32, scalable=[True])
+        parts = ir.VectorType(x.type).shape[0] // 4
+        xs = [vector.scalable_extract(reg, x, 4 * k) for k in range(parts)]
+        out = []
+        for lane, acc in enumerate(accs):
+            if lane % 4 == 0:
+                wq = vector.load(ir.VectorType.get([4], f32), rec.values,
+                                 [arith.addi(arith.muli(b, _i(rec.block)), _i(lane))])
+                ins = vector.scalable_insert(wq, llvm.mlir_poison(reg), 0)
+                wdup = llvm.call_intrinsic(reg, "llvm.aarch64.sve.dupq.lane.nxv4f32",
+                                           [ins, llvm.mlir_constant(ir.IntegerAttr.get(i64, 0))], [], [])
+            idx = llvm.mlir_constant(ir.IntegerAttr.get(i32, lane % 4))
+            for k in range(parts):
+                a = vector.scalable_extract(reg, acc, 4 * k)
+                r = llvm.call_intrinsic(reg, "llvm.aarch64.sve.fmla.lane.nxv4f32", [a, xs[k], wdup, idx], [], [])
+                acc = vector.scalable_insert(r, acc, 4 * k)
+            out.append(acc)
         return out
 
     # -- tiles ------------------------------------------------------------------------------
@@ -305,11 +340,27 @@ class _Lowering:
                                     scalable=vec_ty.scalable_dims)
         return vector.create_mask(mask_ty, [arith.subi(limit, col)])
 
+    @staticmethod
+    def _row_start(src: ir.Value, row: ir.Value, col: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """``src`` as a flat memref and the element index of (row, col), with row * n formed in bytes.
+
+        The element offset is ``(row * (4 n)) >> 2`` (an exact shift): LLVM folds the shift into
+        the 4-byte element scale, so the address is one multiply-add by the loop-invariant 4n
+        (AArch64 ``madd``), not a multiply, a shift and an add per data-dependent row.
+        """
+        mr = ir.MemRefType(src.type)
+        flat = memref.collapse_shape(ir.MemRefType.get([ir.ShapedType.get_dynamic_size()], mr.element_type),
+                                     src, ir.ArrayAttr.get([ir.ArrayAttr.get([_i64_attr(0), _i64_attr(1)])]))
+        n4 = arith.muli(memref.dim(src, _i(1)), _i(4))
+        start = arith.shrsi(arith.muli(row, n4), _i(2), is_exact=True)
+        return flat, arith.addi(start, col)
+
     def load_tile(self, op: ir.Operation) -> list[ir.Value]:
         src, row, col = op.operands[0], op.operands[1], op.operands[2]
         vec_ty = ir.VectorType(op.results[0].type)
         if len(op.operands) == 3:
-            return [vector.load(vec_ty, src, [row, col])]
+            flat, at = self._row_start(src, row, col)
+            return [vector.load(vec_ty, flat, [at])]
         zero = arith.constant(vec_ty, ir.DenseElementsAttr.get_splat(vec_ty, ir.FloatAttr.get_f32(0.0)))
         mask = self._mask(vec_ty, col, op.operands[3])
         return [vector.maskedload(vec_ty, src, [row, col], mask, zero)]
@@ -318,7 +369,8 @@ class _Lowering:
         dst, row, col, val = (op.operands[i] for i in range(4))
         if len(op.operands) == 4:
             nontemporal = "ubp.nontemporal" in op.attributes
-            vector.store(val, dst, [row, col], nontemporal=True if nontemporal else None)
+            flat, at = self._row_start(dst, row, col)
+            vector.store(val, flat, [at], nontemporal=True if nontemporal else None)
         else:
             mask = self._mask(ir.VectorType(val.type), col, op.operands[4])
             vector.maskedstore(dst, [row, col], mask, val)
@@ -329,9 +381,10 @@ class _Lowering:
         floats_per_line = 16  # 64-byte cache lines
         lines = max(1, (_int_attr(op, "width") + floats_per_line - 1) // floats_per_line)
         write = "ubp.write" in op.attributes
+        flat, at = self._row_start(src, row, col)
         for i in range(lines):
-            c = col if i == 0 else arith.addi(col, _i(i * floats_per_line))
-            memref.prefetch(src, [row, c], is_write=write, locality_hint=3, is_data_cache=True)
+            c = at if i == 0 else arith.addi(at, _i(i * floats_per_line))
+            memref.prefetch(flat, [c], is_write=write, locality_hint=3, is_data_cache=True)
         return []
 
     def materialize_weights(self) -> None:
@@ -412,7 +465,7 @@ CLEANUP = "canonicalize,cse,loop-invariant-code-motion,canonicalize,cse"
 TO_LLVM = (
     "convert-vector-to-scf,lower-affine,convert-scf-to-cf,"
     "convert-vector-to-llvm,"
-    "finalize-memref-to-llvm,convert-arith-to-llvm,convert-index-to-llvm,"
+    "expand-strided-metadata,finalize-memref-to-llvm,convert-arith-to-llvm,convert-index-to-llvm,"
     "convert-func-to-llvm,convert-cf-to-llvm,reconcile-unrealized-casts,canonicalize,cse"
 )
 

@@ -69,6 +69,8 @@ class ElfInfo:
     defined: list[str] = field(default_factory=list)
     undefined: list[str] = field(default_factory=list)
     exported_functions: list[str] = field(default_factory=list)
+    #: defined symbol -> (address, size) from the symbol table read (see ``read_elf(symtab=)``)
+    addresses: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def _cstr(table: bytes, offset: int) -> str:
@@ -76,15 +78,19 @@ def _cstr(table: bytes, offset: int) -> str:
     return table[offset:end].decode("utf-8", errors="replace")
 
 
-def read_elf(path: Path) -> ElfInfo:
-    """Parse the section headers, symbol table and dynamic section of an ELF64 LE file."""
+def read_elf(path: Path, *, symtab: bool = False) -> ElfInfo:
+    """Parse the section headers, symbol table and dynamic section of an ELF64 LE file.
+
+    ``symtab=True`` reads ``.symtab`` even for linked files (e.g. a static executable's
+    function addresses, for counting the instructions of one function under qemu).
+    """
     try:
-        return _read_elf(Path(path))
+        return _read_elf(Path(path), symtab)
     except (struct.error, ValueError, IndexError, ZeroDivisionError) as exc:
         raise BuildError(f"{path}: malformed ELF file ({exc})") from exc
 
 
-def _read_elf(path: Path) -> ElfInfo:
+def _read_elf(path: Path, symtab: bool = False) -> ElfInfo:
     data = path.read_bytes()
     if len(data) < 64 or data[:4] != b"\x7fELF":
         raise BuildError(f"{path}: not an ELF file")
@@ -107,14 +113,14 @@ def _read_elf(path: Path) -> ElfInfo:
         machine=_EM_NAMES.get(e_machine, f"e_machine={e_machine}"),
         elf_type={1: "rel", 2: "exec", 3: "dyn"}.get(e_type, f"e_type={e_type}"),
     )
-    sht_wanted = 11 if e_type in (2, 3) else 2  # SHT_DYNSYM for linked files, SHT_SYMTAB for .o
+    sht_wanted = 11 if e_type in (2, 3) and not symtab else 2  # SHT_DYNSYM for linked files, SHT_SYMTAB for .o
     for idx, section in enumerate(sections):
         sh_type, sh_link, entsize = section[1], section[6], section[9]
         if sh_type == sht_wanted:
             strtab = body(sh_link)
             raw = body(idx)
             for k in range(1, len(raw) // entsize):  # entry 0 is the null symbol
-                st_name, st_info, st_other, st_shndx, _v, _s = struct.unpack_from(
+                st_name, st_info, st_other, st_shndx, st_value, st_size = struct.unpack_from(
                     "<IBBHQQ", raw, k * entsize
                 )
                 bind, stype, visibility = st_info >> 4, st_info & 0xF, st_other & 0x3
@@ -125,6 +131,7 @@ def _read_elf(path: Path) -> ElfInfo:
                     info.undefined.append(name)
                 else:
                     info.defined.append(name)
+                    info.addresses[name] = (st_value, st_size)
                     if stype == 2 and visibility in (0, 3):  # STT_FUNC, default/protected
                         info.exported_functions.append(name)
         elif sh_type == 6:  # SHT_DYNAMIC

@@ -1,5 +1,11 @@
 """Loading a kernel ``.so`` and binding its entry point: the one ctypes loader.
 
+The library is loaded from a private copy named by the sha256 of its bytes (in a per-process
+temporary directory). The dynamic loader hands back an already-loaded library when the same
+path is opened again, even after the file was replaced: rebuilding ``build/fc.host.so`` and
+loading it again in one process would otherwise run the old code, and rewriting a file that
+is mapped crashes the process. A private, content-named copy can do neither.
+
 Standard library only, and no imports from ubpdsl: the timing worker
 (:mod:`ubpdsl.autotune.measure`) runs as a bare ``python -S`` script, here or on a remote
 runner, with this file beside it. :class:`ubpdsl.runtime.loader.HostKernel` (numpy) and
@@ -8,14 +14,38 @@ runner, with this file beside it. :class:`ubpdsl.runtime.loader.HostKernel` (num
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import hashlib
 import os
+import shutil
+import tempfile
 from typing import Any
 
 __all__ = ["load_symbol", "KERNEL_ARGTYPES"]
 
 #: ``int32_t <symbol>(const float *x, float *y, int64_t n, const void *packed_w)``
 KERNEL_ARGTYPES = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
+
+
+_private_dir: str | None = None
+
+
+def _private_copy(path: str) -> str:
+    """``path``'s bytes in this process's private directory, named by their sha256."""
+    global _private_dir
+    with open(path, "rb") as f:
+        data = f.read()
+    if _private_dir is None:
+        _private_dir = tempfile.mkdtemp(prefix="ubp-loaded-")
+        atexit.register(shutil.rmtree, _private_dir, True)
+    dest = os.path.join(_private_dir, hashlib.sha256(data).hexdigest() + ".so")
+    if not os.path.exists(dest):
+        tmp = dest + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+    return dest
 
 
 def load_symbol(so: str | os.PathLike[str], symbol: str) -> tuple[ctypes.CDLL, Any]:
@@ -29,6 +59,10 @@ def load_symbol(so: str | os.PathLike[str], symbol: str) -> tuple[ctypes.CDLL, A
     if not os.path.isfile(path):
         raise OSError(f"kernel library not found: {os.fspath(so)}")
     mode = getattr(os, "RTLD_LOCAL", 0) | getattr(os, "RTLD_NOW", 2)
+    try:
+        path = _private_copy(path)
+    except OSError:
+        pass  # no room for a copy: load the file itself
     try:
         lib = ctypes.CDLL(path, mode=mode)
     except OSError as exc:

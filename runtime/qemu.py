@@ -50,6 +50,8 @@ __all__ = [
     "build_harness",
     "run_aarch64",
     "run_qemu",
+    "write_input",
+    "read_output",
 ]
 
 SVE_MAX_BITS = 2048
@@ -107,15 +109,17 @@ def run_qemu(
     sysroot: Path | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    qemu_args: Sequence[str] = (),
 ) -> subprocess.CompletedProcess:
     """Run an AArch64 executable (``argv[0]``) under qemu-aarch64; return the finished process.
 
     ``sysroot`` is passed as ``-L`` (the ELF interpreter and libraries of a dynamically linked
-    executable); ``env`` entries are set in the guest with ``-E``. Raises RunError on a
+    executable); ``env`` entries are set in the guest with ``-E``; ``qemu_args`` go to qemu
+    before the program (e.g. ``-plugin``). Raises RunError on a
     timeout or when the guest was killed by a signal (a crash), never hangs. A non-zero
     exit status is returned to the caller, not raised.
     """
-    cmd: list[str] = [qemu_binary(), *qemu_cpu_args(sve_bits)]
+    cmd: list[str] = [qemu_binary(), *qemu_cpu_args(sve_bits), *qemu_args]
     if sysroot is not None:
         cmd += ["-L", str(sysroot)]
     for key, value in (env or {}).items():
@@ -182,7 +186,7 @@ def build_harness(obj: Path, symbol: str, *, cache: CompileCache | None = None) 
         return cache.put(key, {"harness": exe}) / "harness"
 
 
-def _write_input(path: Path, M: int, K: int, x: np.ndarray, packed: np.ndarray | None) -> None:
+def write_input(path: Path, M: int, K: int, x: np.ndarray, packed: np.ndarray | None) -> None:
     n = x.shape[1]
     packed_bytes = b"" if packed is None else packed.tobytes()
     packed_len = -1 if packed is None else len(packed_bytes)
@@ -218,12 +222,19 @@ def run_aarch64(
     exe = build_harness(Path(obj), symbol, cache=cache)
     with tempfile.TemporaryDirectory(prefix="ubpdsl-qemu-") as tmp:
         inp, out = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
-        _write_input(inp, M, K, x, packed)
+        write_input(inp, M, K, x, packed)
         proc = run_qemu([exe, inp, out], sve_bits=sve_bits, timeout=timeout, cwd=tmp)
         if proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).decode(errors="replace").strip()
             raise RunError(f"kernel {symbol}: harness exited with status {proc.returncode}: {detail}")
         data = out.read_bytes()
+    return read_output(data, symbol, M, x.shape[1], sve_bits)
+
+
+def read_output(data: bytes, symbol: str, M: int, n: int, sve_bits: int | None) -> np.ndarray:
+    """``y`` [M, n] from the harness's output file; RunError on a kernel error or bad y writes."""
+    if len(data) < _OUT_HEADER.size:
+        raise RunError(f"kernel {symbol}: harness wrote a malformed output file")
     magic, rc, flags, _ = _OUT_HEADER.unpack_from(data)
     if magic != b"UBPO":
         raise RunError(f"kernel {symbol}: harness wrote a malformed output file")
@@ -234,6 +245,5 @@ def run_aarch64(
         raise RunError(f"kernel {symbol} wrote past the end of y (qemu, {where})")
     if flags & 1:
         raise RunError(f"kernel {symbol} left elements of y unwritten (qemu, {where})")
-    n = x.shape[1]
     y = np.frombuffer(data, dtype="<f4", count=M * n, offset=_OUT_HEADER.size)
     return y.astype(np.float32).reshape(M, n)

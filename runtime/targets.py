@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ubpdsl.errors import TargetError
@@ -77,6 +77,26 @@ class Target:
     def cache_key(self) -> dict[str, object]:
         """A JSON-serialisable dict identifying the generated code's target (not how it is run)."""
         return {k: v for k, v in asdict(self).items() if k not in _RUN_FIELDS}
+
+    def narrowed(self, vector_bits: int | None) -> Target:
+        """This target with ``vector_bits`` wide registers (the one rule, for compile, tune and export).
+
+        On x86-64 a 256-bit build drops the AVX-512 features (AVX2 + FMA code, runs on AVX2-only
+        CPUs), a 128-bit build also drops AVX (SSE code); NEON has only 128 bits; SVE's width is
+        the hardware's. The name stays, so artifacts keep their file names.
+        """
+        if vector_bits is None or vector_bits == self.vector_bits:
+            return self
+        if self.scalable:
+            raise TargetError(f"target {self.name}: the vector length is the hardware's (scalable); "
+                              "vector_bits cannot be set")
+        if vector_bits not in (128, 256) or vector_bits > self.vector_bits or self.arch != "x86_64":
+            raise TargetError(f"target {self.name}: vector_bits must be 128 or 256 and at most {self.vector_bits} "
+                              f"(x86-64 only), got {vector_bits}")
+        drop = ("avx512",) if vector_bits == 256 else ("avx512", "avx", "fma", "f16c", "vaes", "vpclmulqdq")
+        feats = [f for f in self.features.split(",") if f and not any(f[1:].startswith(d) for d in drop)]
+        feats += [f"-{d}" for d in ("avx512f",) + (("avx", "fma") if vector_bits == 128 else ())]
+        return replace(self, features=",".join(feats), vector_bits=vector_bits)
 
 
 #: Fields of :class:`Target` that say how kernels are run or costed, not how code is generated.

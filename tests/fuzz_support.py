@@ -121,3 +121,67 @@ def assert_all_clean(cls: str) -> None:
     line = report(cls)
     assert COUNTS[cls]["tried"] > 0, f"no {cls} case ran"
     assert not FAILURES[cls], line + "\n" + "\n".join(FAILURES[cls][:20])
+
+
+# --------------------------------------------------------------------------- hostile file builders
+
+BYTE_DAMAGE = ("flip", "truncate", "append", "zero-run")
+
+
+def damage_bytes(draw, buf: bytearray, kind: str) -> None:
+    """Damage ``buf`` in place: ``kind`` one of :data:`BYTE_DAMAGE`; ``draw`` is hypothesis' ``data.draw``."""
+    from hypothesis import strategies as st
+
+    if kind == "flip":
+        for pos in draw(st.lists(st.integers(0, len(buf) - 1), min_size=1, max_size=8)):
+            buf[pos] ^= draw(st.integers(1, 255))
+    elif kind == "truncate":
+        del buf[draw(st.integers(0, len(buf) - 1)):]
+    elif kind == "append":
+        buf += draw(st.binary(min_size=1, max_size=256))
+    else:
+        at, n = draw(st.integers(0, len(buf) - 1)), draw(st.integers(1, 64))
+        buf[at:at + n] = bytes(len(buf[at:at + n]))
+
+
+def set_zip_flag(path: Path, bit: int) -> None:
+    """Set a general-purpose flag bit (1: encrypted) on every member, in local and central headers."""
+    data = bytearray(path.read_bytes())
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = data.find(sig)
+        while i >= 0:
+            data[i + at] |= bit
+            i = data.find(sig, i + 4)
+    path.write_bytes(bytes(data))
+
+
+def npy(arr) -> bytes:
+    import io
+
+    import numpy as np
+
+    b = io.BytesIO()
+    np.save(b, arr)
+    return b.getvalue()
+
+
+def deflate_bomb(path: Path, side: int = 5120) -> Path:
+    """A ~100 KB masks.npz whose [side, side] float32 weight inflates ~1000:1 (a real deflate stream)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (side, side)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for key, arr in (("format", np.array("ubpdsl.masks/1")), ("L.shape", np.array([side, side])),
+                         ("L.block", np.array([4, 1])), ("L.rows", np.zeros(0, np.int32)),
+                         ("L.cols", np.zeros(0, np.int32))):
+            z.writestr(key + ".npy", npy(arr))
+        with z.open("L.weight.npy", "w", force_zip64=True) as f:
+            f.write(header.getvalue())
+            zeros = bytes(1 << 22)
+            for _ in range(side * side * 4 // len(zeros)):
+                f.write(zeros)
+    return path

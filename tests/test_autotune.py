@@ -15,7 +15,7 @@ from ubpdsl.autotune import space as sp
 from ubpdsl.autotune.mca import estimate_cycles, parse_loops
 from ubpdsl.autotune.measure import check_positions, make_x
 from ubpdsl.autotune.runner import LocalRunner
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.runtime.targets import get_target
 
 
@@ -208,7 +208,7 @@ def test_synthetic_weights_and_estimate_target(tmp_path):
     r = run_tune(["--mask", str(masks), "--trials", "4", "--synthetic-weights", "--target", "aarch64-neon",
                   "-o", str(tmp_path / "out"), "--pixels", "49"], tmp_path / "cache")
     assert r.returncode == 0, r.stderr
-    assert "estimate (llvm-mca -mcpu=cortex-a76)" in r.stdout
+    assert "estimate (" in r.stdout and "llvm-mca -mcpu=cortex-a76" in r.stdout
     assert (tmp_path / "out" / "layer0.aarch64-neon.so").is_file()
     assert not (tmp_path / "out" / "layer0.packed.bin").exists()
 

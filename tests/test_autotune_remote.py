@@ -19,7 +19,7 @@ from test_autotune_util import make_masks, run_tune
 from ubpdsl.autotune import space as sp
 from ubpdsl.autotune.remote import RunnerError, SshRunner
 from ubpdsl.autotune.study import Tuner, TuneSettings
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 
 SSHD = "/usr/sbin/sshd"
 

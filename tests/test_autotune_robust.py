@@ -13,7 +13,7 @@ from test_autotune_util import ROOT, make_masks, sqlite_trials, tune_cmd
 
 from ubpdsl.autotune import space as sp
 from ubpdsl.autotune.study import TUNE_SYMBOL, Tuner, TuneSettings, compile_job
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.runtime.toolchain import zig_cmd
 
 _BAD_C = {

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.masks import LayerMask, save_masks
 
 ROOT = Path(__file__).resolve().parents[1]

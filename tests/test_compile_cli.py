@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.kernels import VARIANTS
 from ubpdsl.masks import LayerMask, save_masks
 from ubpdsl.runtime import build as rt_build

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from test_autotune_util import run_tune
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.identity import file_sha256
 from ubpdsl.masks import LayerMask, save_masks
 from ubpdsl.runtime.loader import HostKernel
@@ -297,3 +298,39 @@ def test_one_feasibility_rule_for_tuner_and_sweep_on_every_target():
     neon = get_target("aarch64-neon")
     assert benchsuite.feasible(p, "wros", {"TILE": 4}, 256, neon)  # 4 x 4 + 4 = 20 of NEON's 32 registers
     assert not benchsuite.feasible(p, "wros", {"TILE": 8}, 256, neon)  # 40 > 32: would spill
+
+
+def test_rebuilding_a_loaded_kernel_in_place_runs_the_new_code(tmp_path):
+    """Save a kernel, load it, rebuild it with another global into the same file, load again in the
+    same process: the new code runs (the loader opens a content-named private copy; the file is
+    replaced, not rewritten under the old mapping, which crashed the process)."""
+    from ubpdsl.compiler import compile_kernel
+    from ubpdsl.runtime.cache import CompileCache
+
+    cache = CompileCache(tmp_path / "cache")
+    p = random_problem(12, 10, 2, 0.5, seed=5)
+    x = np.random.default_rng(1).standard_normal((10, 7)).astype(np.float32)
+    loaded = []
+    for scale in ("2.0", "3.0", "2.0"):
+        kernel, _ = _user_kernel(tmp_path, scale)
+        ck = compile_kernel(kernel, p, "host", cache=cache)
+        files = ck.save(tmp_path / "out")
+        k = HostKernel(files["so"], ck.symbol, p.M, p.K)
+        loaded.append(k)  # keep every library loaded
+        np.testing.assert_allclose(k(x, ck.packed), float(scale) * (p.weight @ x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loaded[0](x, ck.packed), 2.0 * (p.weight @ x), rtol=1e-5, atol=1e-5)
+
+
+def test_one_vector_width_rule_for_compile_tune_and_export():
+    """compile --vector-bits, the tuner and export build the same code for the same width."""
+    from ubpdsl.compiler import resolve_target
+    from ubpdsl.config import KernelConfig
+    from ubpdsl.runtime.targets import get_target
+
+    host = get_target("host")
+    if host.arch != "x86_64" or host.vector_bits < 256:
+        pytest.skip("needs an AVX2 or AVX-512 x86-64 host")
+    via_config = KernelConfig("wros", {}, False, 256).target_for(host)
+    assert via_config == resolve_target("host", 256)
+    assert via_config.vector_bits == 256 and "+avx512f" not in via_config.features.split(",")
+    assert KernelConfig("wros").target_for(host) == host

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 import ubpdsl.language as ubl
-from ubpdsl.compile_cli import random_problem
-from ubpdsl.compiler import compile_kernel, emit
+from ubpdsl.compiler import compile_kernel, emit, random_problem
 from ubpdsl.errors import DSLError
 
 

@@ -319,3 +319,37 @@ def test_demo_quick_run(tmp_path, capsys):
     assert set(load_bundle(tmp_path / "demo" / "bundle").targets) == {"host", "aarch64-neon", "aarch64-sve"}
     if _qemu_ready():
         assert all("(ok)" in v for v in res["aarch64"].values()), res["aarch64"]
+
+
+@pytest.mark.parametrize("sve_bits, chosen", [(None, "aarch64-neon"), (256, "aarch64-sve")])
+def test_c_program_picks_sve_or_neon_from_the_cpu(bundle, model_masks, tmp_path, sve_bits, chosen):
+    """TARGET aarch64: SVE kernels on a CPU with SVE, NEON kernels without (qemu -cpu models), same y."""
+    if not _qemu_ready():
+        pytest.skip("needs Debian's qemu-user and libc6-arm64-cross (make test installs both)")
+    import subprocess
+
+    from ubpdsl.export import build_bundle_main
+    from ubpdsl.runtime import qemu
+
+    model, _ = model_masks
+    img = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    cols = F.unfold(img, 3, padding=1, stride=2)[0]
+    with torch.no_grad():
+        want = (model[0](img)[0] - model[0].bias.view(-1, 1, 1)).reshape(16, -1).numpy()
+    np.testing.assert_allclose(run_bundle_main(bundle, "aarch64", "0", cols.numpy(), sve_bits=sve_bits), want,
+                               rtol=1e-4, atol=1e-5)
+    exe = build_bundle_main("aarch64", tmp_path / "bundle_main")
+    run = [qemu.qemu_binary(), *qemu.qemu_cpu_args(sve_bits), "-L", str(qemu.aarch64_sysroot()), str(exe),
+           str(bundle)]
+    r = subprocess.run([*run, "aarch64", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"target {chosen}" in r.stderr, r.stderr
+    if sve_bits is None:  # an explicit SVE request on a NEON-only CPU: a clear refusal, not SIGILL
+        r = subprocess.run([*run, "aarch64-sve", "0"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "has no SVE" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_python_side_picks_neon_without_sve(bundle):
+    b = load_bundle(bundle)
+    assert b.pick_target("x86_64") == "host"
+    assert b.pick_target("aarch64", {"fp", "asimd", "sve"}) == "aarch64-sve"
+    assert b.pick_target("aarch64", {"fp", "asimd"}) == "aarch64-neon"

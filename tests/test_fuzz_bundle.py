@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fuzz_support import COUNTS, assert_all_clean, c_verdict, record, run
+from fuzz_support import BYTE_DAMAGE, COUNTS, assert_all_clean, c_verdict, damage_bytes, record, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.errors import UbpError
 from ubpdsl.export import build_bundle_main, export_bundle, load_bundle
 from ubpdsl.masks import LayerMask
@@ -128,16 +128,11 @@ def test_fuzz_c_reader_damaged_blob_with_updated_sha(work, data):
     stem = name.replace(".", "_")
     path = root / "host" / f"{stem}.packed.bin"
     blob = bytearray(path.read_bytes())
-    kind = data.draw(st.sampled_from(["flip header", "flip anywhere", "truncate", "append", "int32 set"]))
-    if kind == "flip header":
+    kind = data.draw(st.sampled_from([*BYTE_DAMAGE, "flip header", "int32 set"]))
+    if kind in BYTE_DAMAGE:
+        damage_bytes(data.draw, blob, kind)
+    elif kind == "flip header":
         blob[data.draw(st.integers(0, 47))] ^= data.draw(st.integers(1, 255))
-    elif kind == "flip anywhere":
-        for pos in data.draw(st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=6)):
-            blob[pos] ^= data.draw(st.integers(1, 255))
-    elif kind == "truncate":
-        del blob[data.draw(st.integers(0, len(blob) - 1)):]
-    elif kind == "append":
-        blob += bytes(data.draw(st.integers(1, 256)))
     else:  # one int32 word anywhere set to an edge value
         word = data.draw(st.integers(0, len(blob) // 4 - 1))
         value = data.draw(st.sampled_from([-1, 0, 1, 2**31 - 1, -(2**31), lm.R, lm.C, lm.R + 4, 64, 10**6]))
@@ -318,8 +313,39 @@ def test_fuzz_load_bundle_index_edits_with_updated_sha(work, data):
     assert why is None, why
 
 
+@settings(max_examples=400, derandomize=True, deadline=None, database=None)
+@given(name=st.text(max_size=220))
+def test_fuzz_layer_names_map_to_safe_files_or_are_refused(name):
+    """Any text is refused as a layer name (MaskError) or maps to an ASCII file stem and C symbol."""
+    import re
+
+    from ubpdsl.errors import MaskError
+    from ubpdsl.names import check_unique_stems, file_stem, kernel_symbol
+
+    try:
+        stem = file_stem(name)
+    except MaskError:
+        unsafe = (not name or len(name) > 200 or name.startswith("#") or any(c in name for c in "/\\\n\t\r\0")
+                  or any(ord(c) < 32 or 0x7f <= ord(c) < 0xa0 for c in name)
+                  or any(c in "\u2028\u2029" or 0xd800 <= ord(c) < 0xe000 for c in name))
+        why = None if unsafe else "refused a safe name"
+    else:
+        ok = (re.fullmatch(r"[A-Za-z0-9_]{1,200}", stem)
+              and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", kernel_symbol(name))
+              and not any(c in name for c in "\t\n/"))
+        why = None if ok else f"unsafe stem {stem!r}"
+        if why is None and stem != name:
+            try:
+                check_unique_stems([name, stem])
+                why = "a name and its stem were not reported as a collision"
+            except MaskError:
+                pass
+    record("names", "text", why)
+    assert why is None, (name, why)
+
+
 def test_fuzz_bundle_report():
     """Counts of the classes above (each case asserted itself)."""
-    for cls in (C_CLASS, PY_CLASS):
+    for cls in (C_CLASS, PY_CLASS, "names"):
         if COUNTS[cls]["tried"]:
             assert_all_clean(cls)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from fuzz_support import assert_all_clean, cli_verdict, record, run, run_cli
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.masks import LayerMask, save_masks
 
 CLASS = "compile cache"

@@ -65,13 +65,13 @@ def _line_deletions(seed: int, count: int) -> dict[str, str]:
 
 def test_fuzz_kernel_files_through_emit(tmp_path):
     sources = {name: BASE.replace(a, b, 1) for name, (a, b) in EDITS.items()}
-    sources.update(_line_deletions(seed=10, count=6))
+    sources.update(_line_deletions(seed=10, count=4))
 
     def one(item: tuple[str, str]) -> None:
         name, src = item
         path = tmp_path / f"k{abs(hash(name)) % 10**8}.py"
         path.write_bytes(src.encode("utf-8", "surrogateescape"))
-        r = run_cli("emit", str(path), "--stage", "llvm", "--shape", "16,24,4", timeout=45)
+        r = run_cli("emit", str(path), "--stage", "llvm", "--shape", "16,24,4", timeout=30)
         why = cli_verdict(r, lambda r: "llvm.func @ubp_" in r.stdout)  # exit 0: the kernel in the LLVM dialect
         record(CLASS, name, why)
 

@@ -15,11 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fuzz_support import COUNTS, assert_all_clean, cli_verdict, record, run_cli
+from fuzz_support import (
+    BYTE_DAMAGE,
+    COUNTS,
+    assert_all_clean,
+    cli_verdict,
+    damage_bytes,
+    deflate_bomb,
+    npy,
+    record,
+    run_cli,
+    set_zip_flag,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.errors import UbpError
 from ubpdsl.masks import LayerMask, load_masks, save_masks
 
@@ -59,17 +70,8 @@ def _load_verdict(path: Path, hashes: dict[str, str]) -> str | None:
 def test_fuzz_masks_byte_damage_in_process(good, tmp_path, data):
     raw, hashes = good
     buf = bytearray(raw)
-    kind = data.draw(st.sampled_from(["flip", "truncate", "append", "zero-run"]))
-    if kind == "flip":
-        for pos in data.draw(st.lists(st.integers(0, len(buf) - 1), min_size=1, max_size=8)):
-            buf[pos] ^= data.draw(st.integers(1, 255))
-    elif kind == "truncate":
-        del buf[data.draw(st.integers(0, len(buf) - 1)):]
-    elif kind == "append":
-        buf += data.draw(st.binary(min_size=1, max_size=64))
-    else:
-        at, n = data.draw(st.integers(0, len(buf) - 1)), data.draw(st.integers(1, 64))
-        buf[at:at + n] = bytes(len(buf[at:at + n]))
+    kind = data.draw(st.sampled_from(BYTE_DAMAGE))
+    damage_bytes(data.draw, buf, kind)
     path = tmp_path / "damaged.npz"
     path.write_bytes(bytes(buf))
     why = _load_verdict(path, hashes)
@@ -77,34 +79,22 @@ def test_fuzz_masks_byte_damage_in_process(good, tmp_path, data):
     assert why is None, why
 
 
-def _npy(arr: np.ndarray) -> bytes:
-    b = io.BytesIO()
-    np.save(b, arr)
-    return b.getvalue()
-
-
 def _zip(path: Path, members: dict[str, bytes], *, flags: int = 0) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         for name, data in members.items():
             z.writestr(name, data)
     if flags:
-        data = bytearray(path.read_bytes())
-        for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-            i = data.find(sig)
-            while i >= 0:
-                data[i + at] |= flags
-                i = data.find(sig, i + 4)
-        path.write_bytes(bytes(data))
+        set_zip_flag(path, flags)
     return path
 
 
 def _layer_members(shape=(12, 9), block=(4, 1), rows=None, cols=None, weight=None, name="L") -> dict[str, bytes]:
     rows = np.array([0, 4], np.int32) if rows is None else rows
     cols = np.array([1, 2], np.int32) if cols is None else cols
-    m = {"format.npy": _npy(np.array("ubpdsl.masks/1")), f"{name}.shape.npy": _npy(np.asarray(shape)),
-         f"{name}.block.npy": _npy(np.asarray(block)), f"{name}.rows.npy": _npy(rows), f"{name}.cols.npy": _npy(cols)}
+    m = {"format.npy": npy(np.array("ubpdsl.masks/1")), f"{name}.shape.npy": npy(np.asarray(shape)),
+         f"{name}.block.npy": npy(np.asarray(block)), f"{name}.rows.npy": npy(rows), f"{name}.cols.npy": npy(cols)}
     if weight is not None:
-        m[f"{name}.weight.npy"] = _npy(weight)
+        m[f"{name}.weight.npy"] = npy(weight)
     return m
 
 
@@ -112,19 +102,6 @@ def _huge_header(shape, descr="<f4") -> bytes:
     b = io.BytesIO()
     np.lib.format.write_array_header_1_0(b, {"descr": descr, "fortran_order": False, "shape": shape})
     return b.getvalue() + b"\0" * 64
-
-
-def _bomb(path: Path) -> Path:
-    R = C = 5120
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in _layer_members(shape=(R, C), rows=np.zeros(0, np.int32), cols=np.zeros(0, np.int32)).items():
-            z.writestr(name, data)
-        with z.open("L.weight.npy", "w", force_zip64=True) as f:
-            f.write(_huge_header((R, C))[:-64])
-            zeros = bytes(1 << 22)
-            for _ in range(R * C * 4 // len(zeros)):
-                f.write(zeros)
-    return path
 
 
 def _forged_cases(tmp: Path) -> dict[str, Path]:
@@ -152,14 +129,14 @@ def _forged_cases(tmp: Path) -> dict[str, Path]:
         "weight int": _layer_members(weight=np.zeros((12, 9), np.int32)),
         "weight NaN": _layer_members(weight=np.where(np.ones_like(w, bool), np.nan, w)),
         "weight outside blocks": _layer_members(weight=np.ones((12, 9), np.float32)),
-        "weight object": {**_layer_members(), "L.weight.npy": _npy(np.array([None, 1], dtype=object))},
+        "weight object": {**_layer_members(), "L.weight.npy": npy(np.array([None, 1], dtype=object))},
         "weight header claims 2**31 elements": {**_layer_members(), "L.weight.npy": _huge_header((2**16, 2**15))},
         "weight header claims shape of the layer, data short": {**_layer_members(), "L.weight.npy":
                                                                 _huge_header((12, 9))},
         "no format": {k: v for k, v in _layer_members().items() if k != "format.npy"},
-        "format wrong": {**_layer_members(), "format.npy": _npy(np.array("ubpdsl.masks/2"))},
-        "format huge string": {**_layer_members(), "format.npy": _npy(np.array("x" * 100_000))},
-        "unknown field": {**_layer_members(), "L.bias.npy": _npy(np.zeros(3))},
+        "format wrong": {**_layer_members(), "format.npy": npy(np.array("ubpdsl.masks/2"))},
+        "format huge string": {**_layer_members(), "format.npy": npy(np.array("x" * 100_000))},
+        "unknown field": {**_layer_members(), "L.bias.npy": npy(np.zeros(3))},
         "not .npy member": {**_layer_members(), "evil.sh": b"rm -rf /"},
         "bad npy magic": {**_layer_members(), "L.rows.npy": b"\x93NUMPX" + b"\0" * 100},
         "npy version 3": {**_layer_members(), "L.rows.npy": b"\x93NUMPY\x03\x00" + b"\0" * 100},
@@ -171,7 +148,7 @@ def _forged_cases(tmp: Path) -> dict[str, Path]:
     }
     out = {name: _zip(tmp / f"case{i}.npz", members) for i, (name, members) in enumerate(cases.items())}
     out["encrypted"] = _zip(tmp / "enc.npz", _layer_members(), flags=0x1)
-    out["deflate bomb"] = _bomb(tmp / "bomb.npz")
+    out["deflate bomb"] = deflate_bomb(tmp / "bomb.npz")
     (tmp / "notzip.npz").write_bytes(b"PK\x03\x04 not really a zip" * 10)
     out["not a zip"] = tmp / "notzip.npz"
     (tmp / "empty.npz").write_bytes(b"")

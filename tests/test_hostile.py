@@ -7,7 +7,6 @@ correct result (checked against numpy) -- never a traceback, a signal or a silen
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -16,13 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fuzz_support import deflate_bomb, set_zip_flag
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.errors import MaskError, UbpError
 from ubpdsl.export import BundleError, build_bundle_main, export_bundle, load_bundle
 from ubpdsl.masks import LayerMask, save_masks
@@ -60,7 +59,7 @@ def qemu_ready() -> bool:
 # ------------------------------------------------------------------------------- class 4: names
 
 
-@pytest.mark.parametrize("bad", ["a\nb", "a\tb", "x/y", "nul\0", "cr\r", ""])
+@pytest.mark.parametrize("bad", ["a\nb", "a\tb", "x/y", "nul\0", "cr\r", "", "#comment", "x" * 201])
 def test_layer_names_with_control_characters_or_slashes_are_refused(bad):
     with pytest.raises(MaskError):
         LayerMask(bad, (8, 4), 4, [0], [0])
@@ -265,6 +264,16 @@ def _readme_blocks() -> list[str]:
     return re.findall(r"```sh\n(.*?)```", text, re.S)
 
 
+def _run_readme_script(tmp_path: Path, script: str) -> tuple[LayerMask, subprocess.CompletedProcess]:
+    """Run ``script`` (bash -e) from a directory laid out like the repository root, masks.npz with conv1."""
+    lm = layer("conv1", 16, 12)
+    save_masks(tmp_path / "masks.npz", [lm])
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    return lm, subprocess.run(["bash", "-euc", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+
+
 @pytest.mark.parametrize("which", ["host", "aarch64"])
 def test_embed_c_readme_commands_run_as_written(tmp_path, which):
     """The README's sh blocks, extracted verbatim, build and run main.c; y matches numpy."""
@@ -273,12 +282,7 @@ def test_embed_c_readme_commands_run_as_written(tmp_path, which):
     script = blocks[0] if which == "host" else blocks[1]
     if which == "aarch64" and not qemu_ready():
         pytest.skip("needs qemu-user and libc6-arm64-cross")
-    lm = layer("conv1", 16, 12)
-    save_masks(tmp_path / "masks.npz", [lm])
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-euc", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    lm, proc = _run_readme_script(tmp_path, script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln and not ln.startswith(("conv1:", "wrote"))]
     y = np.array(" ".join(lines).split(), np.float32).reshape(lm.R, 5)
@@ -288,12 +292,7 @@ def test_embed_c_readme_commands_run_as_written(tmp_path, which):
 def test_embed_c_example_without_its_blob_does_not_crash(tmp_path):
     """main.c refuses to call a data-driven kernel without its packed weights (exit 1, no signal)."""
     script = _readme_blocks()[0].replace("./embed conv1.packed.bin 5", "./embed")
-    lm = layer("conv1", 16, 12)
-    save_masks(tmp_path / "masks.npz", [lm])
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-uc", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    _, proc = _run_readme_script(tmp_path, script)
     assert proc.returncode == 1 and "packed" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
 
 
@@ -303,37 +302,6 @@ def test_embed_c_example_without_its_blob_does_not_crash(tmp_path):
 def forge_masks(path: Path, arrays: dict[str, np.ndarray], *, compress: bool = True) -> Path:
     """A masks.npz written with plain numpy (no validation): whatever the arrays say."""
     (np.savez_compressed if compress else np.savez)(path, format=np.array("ubpdsl.masks/1"), **arrays)
-    return path
-
-
-def set_zip_flag(path: Path, bit: int) -> None:
-    """Set a general-purpose flag bit (1: encrypted) on every member, in local and central headers."""
-    data = bytearray(path.read_bytes())
-    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        i = data.find(sig)
-        while i >= 0:
-            data[i + at] |= bit
-            i = data.find(sig, i + 4)
-    path.write_bytes(bytes(data))
-
-
-def deflate_bomb(path: Path, side: int = 5120) -> Path:
-    """A masks.npz whose [side, side] weight member inflates ~1000:1 (a real deflate stream of zeros)."""
-    R = C = side
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (R, C)})
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for key, arr in (("format", np.array("ubpdsl.masks/1")), ("L.shape", np.array([R, C])),
-                         ("L.block", np.array([4, 1])), ("L.rows", np.zeros(0, np.int32)),
-                         ("L.cols", np.zeros(0, np.int32))):
-            b = io.BytesIO()
-            np.save(b, arr)
-            z.writestr(key + ".npy", b.getvalue())
-        with z.open("L.weight.npy", "w", force_zip64=True) as f:
-            f.write(header.getvalue())
-            zeros = bytes(1 << 22)
-            for _ in range(R * C * 4 // len(zeros)):
-                f.write(zeros)
     return path
 
 
@@ -368,6 +336,24 @@ def test_block_taller_than_the_layer_is_refused_at_load(tmp_path, N):
                                             "L.rows": np.zeros(0, np.int32), "L.cols": np.zeros(0, np.int32)})
     for cmd in (["inspect", str(path)], ["compile", "--mask", str(path), "-o", str(tmp_path / "o")]):
         assert_one_line_error(cli(*cmd, timeout=60), "block must be \\[N, 1\\] with N >= 1 and N <= ")
+
+
+def test_inspect_of_a_huge_empty_layer_needs_no_r_by_c_memory(tmp_path):
+    """A 200-byte file may declare a 2**16 x (2**15 - 1) layer with no blocks: inspect answers under 2 GiB of memory."""
+    from fuzz_support import run
+
+    R, C = 2**16, 2**15 - 1
+    path = forge_masks(tmp_path / "m.npz", {"L.shape": np.array([R, C]), "L.block": np.array([4, 1]),
+                                            "L.rows": np.zeros(0, np.int32), "L.cols": np.zeros(0, np.int32)})
+    r = run([sys.executable, "-m", "ubpdsl.cli", "inspect", str(path)], timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = next(ln.split() for ln in r.stdout.splitlines() if ln.startswith("L "))
+    assert row[4] == "0" and row[7] == str(R)  # blocks, empty_rows
+    r = run([sys.executable, "-m", "ubpdsl.cli", "inspect", str(path), "--plot", str(tmp_path / "p.png")], timeout=120)
+    assert r.returncode == 1 and "too many to draw" in r.stderr, r.stderr
+    r = run([sys.executable, "-m", "ubpdsl.cli", "tune", "--mask", str(path), "--synthetic-weights", "--no-progress",
+             "--pixels", "16", "-o", str(tmp_path / "o")], timeout=120)
+    assert r.returncode == 1 and "more than tune handles" in r.stderr, r.stderr
 
 
 def test_pixel_map_values_are_bounded(tmp_path):
@@ -481,6 +467,8 @@ def test_two_tunes_on_one_study_both_succeed_and_keep_every_trial(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+    # they really met on one study: one of them waited for the other (the per-study lock)
+    assert any("another tune is working on study" in err for _, err in outs), [e[-500:] for _, e in outs]
     storage = f"sqlite:///{tmp_path / 'cache' / 'autotune' / 'studies.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
@@ -494,3 +482,20 @@ def test_two_tunes_on_one_study_both_succeed_and_keep_every_trial(tmp_path):
         x = np.random.default_rng(i).standard_normal((lm.C, 7)).astype(np.float32)
         y = HostKernel(tmp_path / f"o{i}" / files["so"], "ubp_fc", lm.R, lm.C)(x, blob)
         np.testing.assert_allclose(y, lm.weight @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_exclusive_lock_makes_a_second_process_wait(tmp_path):
+    """guard.exclusive_lock: a second holder is told it waits and gets the lock only after the first."""
+    from ubpdsl.guard import exclusive_lock
+
+    lock = tmp_path / "locks" / "study.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ubpdsl.guard import exclusive_lock\n"
+                               f"with exclusive_lock({str(lock)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(2)\n"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    waited: list[float] = []
+    start = time.monotonic()
+    with exclusive_lock(lock, on_wait=lambda: waited.append(time.monotonic())):
+        got = time.monotonic()
+    holder.wait(timeout=30)
+    assert waited and got - start > 0.5 and holder.returncode == 0

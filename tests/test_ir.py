@@ -8,8 +8,7 @@ import tempfile
 import pytest
 from mlir import ir
 
-from ubpdsl.compile_cli import random_problem
-from ubpdsl.compiler import emit
+from ubpdsl.compiler import emit, random_problem
 from ubpdsl.dialects.ubp import make_context
 from ubpdsl.kernels import VARIANTS
 from ubpdsl.runtime.toolchain import tool
@@ -62,7 +61,8 @@ def test_lowered_host_has_vector_fmas():
     text = emit(VARIANTS["wros"], PROBLEM, "host", "lowered", constants={"TILE": 2})
     filecheck(text, """
 CHECK-NOT: "ubp.
-CHECK: func.func @ubp_kernel(%{{.*}}: !llvm.ptr, %{{.*}}: !llvm.ptr, %{{.*}}: i64, %{{.*}}: !llvm.ptr) -> i32
+CHECK: func.func @ubp_kernel(%{{.*}}: !llvm.ptr {llvm.noalias}, %{{.*}}: !llvm.ptr {llvm.noalias}, %{{.*}}: i64,
+CHECK-SAME: %{{.*}}: !llvm.ptr {llvm.noalias}) -> i32
 CHECK: scf.for
 CHECK: scf.for {{.*}} iter_args({{.*}}) -> (vector<32xf32>, vector<32xf32>, vector<32xf32>, vector<32xf32>)
 CHECK: vector.load {{.*}} vector<32xf32>
@@ -76,7 +76,8 @@ def test_lowered_sve_uses_vscale_and_scalable_vectors():
     filecheck(text, """
 CHECK: vector.vscale
 CHECK: vector.load {{.*}} vector<[8]xf32>
-CHECK: vector.fma {{.*}} : vector<[8]xf32>
+CHECK: llvm.call_intrinsic "llvm.aarch64.sve.dupq.lane.nxv4f32"
+CHECK: llvm.call_intrinsic "llvm.aarch64.sve.fmla.lane.nxv4f32"
 CHECK: vector.create_mask {{.*}} : vector<[8]xi1>
 """)
     llvm_ir = emit(VARIANTS["wros"], PROBLEM, "aarch64-sve", "llvm-ir", constants={"TILE": 2})
@@ -88,7 +89,9 @@ CHECK: <vscale x 8 x float>
 
 
 def test_asm_per_target():
-    filecheck(emit(VARIANTS["wros"], PROBLEM, "aarch64-sve", "asm"), "CHECK: fmla z{{[0-9]+}}.s\n")
+    # N=4: the weights replicated per 128-bit segment, FMAs by index
+    sve_fmla = "CHECK: fmla z{{[0-9]+}}.s, z{{[0-9]+}}.s, z{{[0-9]+}}.s[{{[0-3]}}]\n"
+    filecheck(emit(VARIANTS["wros"], PROBLEM, "aarch64-sve", "asm"), sve_fmla)
     filecheck(emit(VARIANTS["wros"], PROBLEM, "aarch64-neon", "asm"), "CHECK: fmla v{{[0-9]+}}.4s\n")
     filecheck(emit(VARIANTS["wros"], PROBLEM, "host", "asm"), "CHECK: vfmadd{{[0-9]+}}ps\n")
 

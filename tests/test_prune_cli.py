@@ -167,7 +167,7 @@ def test_prune_rejects_bad_options(tmp_path, capsys):
         (["--sparsity", "0.5", "--layer-sparsity", "fc"], "NAME=S"),
         (["--sparsity", "0.5", "--layer-sparsity", "fc=1.5"], "[0, 1)"),
         (["--sparsity", "0.5", "--skip", "nope"], "matches no layer"),
-        (["--sparsity", "0.5", "--block", "128"], "no layer to prune"),
+        (["--sparsity", "0.5", "--block", "128"], "--block must be in 1..64"),
     ]:
         code, out, err = run(capsys, *base, *args)
         assert_one_line_error(code, out, err, needle)

@@ -13,6 +13,7 @@ import click
 
 from ubpdsl.cli_common import load_model, model_options
 from ubpdsl.errors import UbpError
+from ubpdsl.runtime.targets import TARGET_NAMES
 
 __all__ = ["bench"]
 
@@ -41,6 +42,46 @@ def _ints(text: str, what: str, allowed: set[int] | None = None) -> list[int]:
     return vals
 
 
+def _arm_bench(target: str, shapes: str | None, sparsity: str | None, block: str | None, quick: bool,
+               vl: str | None, consts: tuple[str, ...], out_dir: str) -> None:
+    """``--target aarch64-*``: instruction counts under qemu and llvm-mca estimates (ubpdsl.armcost)."""
+    import shlex
+    import sys
+
+    from ubpdsl import armcost
+    from ubpdsl import benchsuite as bs
+    from ubpdsl.compile_cli import parse_constants
+
+    sps = _floats(sparsity, "sparsity") if sparsity else ([0.75] if quick else [0.75, 0.9])
+    blocks = _ints(block, "block", {2, 4, 8}) if block else ([4] if quick else list(bs.BLOCKS))
+    names = [s.strip() for s in shapes.split(",") if s.strip()] if shapes else (
+        ["mbv2_3", "fc_2"] if quick else list(bs.SUITE))
+    vls: list[int | None] | None = None
+    if target == "aarch64-sve":
+        vls = list(_ints(vl, "vl", {128, 256, 512})) if vl else ([256] if quick else None)
+    elif vl:
+        raise UbpError("--vl applies to --target aarch64-sve only")
+    constants = parse_constants(consts)
+    specs = bs.shape_cases(names, sps, blocks, pretrained=False)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def progress(case, rows) -> None:
+        msg = ", ".join(f"{r.kernel} VL{r.vl_bits} {r.per_lane:.3f}" for r in rows)
+        click.echo(f"{case.label}: insns/lane {msg}  ({time.perf_counter() - t0:.0f}s)", err=True)
+
+    rows = armcost.run_cases(specs, target, vls=vls, constants=constants, progress=progress)
+    stem = f"arm_counts_{target.split('-')[1]}"
+    armcost.write_csv(rows, out / f"{stem}.csv")
+    command = "ubpdsl bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    (out / f"{stem}.md").write_text(armcost.render_markdown(rows, command))
+    for it in armcost.summary(rows):
+        click.echo(f"{it['target']} VL {it['vl_bits']} N={it['N']} {it['sparsity']:.0%} {it['kernel']}: "
+                   f"{it['insns_per_lane']:.3f} instructions per useful lane (count)")
+    click.echo(f"wrote {out / (stem + '.csv')}, {out / (stem + '.md')} in {time.perf_counter() - t0:.0f}s", err=True)
+
+
 @click.command("bench")
 @click.option("--suite", type=click.Choice(["shapes", "mobilenetv2"]), default="shapes", show_default=True,
               help="shapes: the 13-shape suite (random weights; mbv2_* also with the pretrained layer); "
@@ -67,13 +108,18 @@ def _ints(text: str, what: str, allowed: set[int] | None = None) -> list[int]:
               help="the kernel of our unaligned runner: a shipped variant or your own @ubl.kernel (docs/dsl.md)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.csv, report.md and the plot.")
+@click.option("--target", type=click.Choice(TARGET_NAMES), default="host",
+              show_default=True, help="aarch64-*: no timing; executed-instruction counts per useful lane under "
+                                      "qemu and llvm-mca cycle estimates, UBP (wros) beside ABP (aligned_rows).")
+@click.option("--vl", default=None, help="SVE vector lengths to count, comma-separated bits [128,256,512; quick 256].")
+@click.option("--const", "consts", multiple=True, help="KEY=VALUE kernel constant for --target aarch64-* runs.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG plot path [default: OUT/speedup.png].")
 def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str | None, block: str | None,
           quick: bool, threads: str | None, tuner: str | None, trials: int, min_time: float | None,
           cache: str, pixels: int | None, pixels_map: str | None, model_spec: str | None, weights: Path | None,
-          input_shape: str | None, input_dtype: str | None, batch: int, variant: str, out_dir: str,
-          plot_path: str | None) -> None:
+          input_shape: str | None, input_dtype: str | None, batch: int, variant: str, out_dir: str, target: str,
+          vl: str | None, consts: tuple[str, ...], plot_path: str | None) -> None:
     """Time ubpdsl's kernels beside dense torch.mm, numpy, scipy, torch and MLIR sparse.
 
     Every runner's output is checked against dense torch first (a wrong one is reported, not
@@ -86,7 +132,15 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
       ubpdsl bench --shapes r18_2,fc_1 --sparsity 0.9 --block 4 --threads 1
       ubpdsl bench --mask masks.npz --model mobilenetv2 --plot masks.png
       ubpdsl bench --variant mykernels.py:my_kernel --quick --shapes fc_2
+      ubpdsl bench --target aarch64-neon --block 4 --out docs
     """
+    if target != "host":
+        if variant != "wros":
+            raise UbpError("--variant is for host timing runs; --target aarch64-* counts wros and aligned_rows")
+        if mask_path or suite != "shapes":
+            raise UbpError("--target aarch64-* runs the shape suite only (use --shapes to subset)")
+        _arm_bench(target, shapes, sparsity, block, quick, vl, consts, out_dir)
+        return
     from ubpdsl import benchsuite as bs
     from ubpdsl.kernels import variant_name
 

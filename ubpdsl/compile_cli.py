@@ -7,7 +7,6 @@ import re
 from typing import Any
 
 import click
-import numpy as np
 
 from ubpdsl.config import DEFAULT_VARIANT
 from ubpdsl.errors import MaskError, UbpError
@@ -40,25 +39,6 @@ def load_kernel(spec: str, name: str | None = None):  # noqa: ANN201 - KernelFun
     from ubpdsl.kernels import get_variant
 
     return get_variant(spec, name)
-
-
-def random_problem(M: int, K: int, N: int, sparsity: float, seed: int = 0, *, aligned: bool = False,
-                   name: str | None = None):  # noqa: ANN201 - Problem
-    """A reproducible random layer: Gaussian weights, blocks chosen by BED (unaligned) or by
-    aligned_select (ABP, the same number of blocks where M allows it)."""
-    from ubpdsl.compiler import Problem
-    from ubpdsl.prune.selectors import aligned_select, bed_select, blocks_to_mask, budget
-
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((M, K)).astype(np.float32)
-    m = budget(M, K, N, sparsity)
-    if aligned:
-        rows, cols = aligned_select(np.abs(w), min(m, K * (M // N)), N)
-    else:
-        rows, cols = bed_select(np.abs(w), m, N)
-    w = w * blocks_to_mask(rows, cols, M, K, N)
-    label = name or f"{'aligned' if aligned else 'random'}_{M}x{K}"
-    return Problem(label, M, K, N, rows, cols, w.astype(np.float32))
 
 
 def _problems(mask_path: str, layer: str | None) -> list[Any]:
@@ -147,7 +127,7 @@ def emit_cmd(kernel_spec: str, stage: str, target: str, kernel_name: str | None,
     or a Python file with @ubl.kernel functions, FILE.py[:NAME] (docs/dsl.md). Example:
       ubpdsl emit wros --stage lowered --target aarch64-sve --shape 64,64,4
     """
-    from ubpdsl.compiler import emit
+    from ubpdsl.compiler import emit, random_problem
 
     kernel = load_kernel(kernel_spec, kernel_name)
     if mask_path is not None:

@@ -17,13 +17,11 @@ build serves every mask of that shape.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import inspect
 import json
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +33,8 @@ from mlir import ir
 import ubpdsl
 from ubpdsl.dialects import lowering
 from ubpdsl.dialects.ubp import make_context
-from ubpdsl.errors import BuildError, DSLError, MaskError, TargetError, UbpError
-from ubpdsl.identity import blocks_hash, bytes_sha256, layer_hash
+from ubpdsl.errors import BuildError, DSLError, MaskError, UbpError
+from ubpdsl.identity import atomic_copy, atomic_write, blocks_hash, bytes_sha256, layer_hash
 from ubpdsl.language.core import PY_RANGE, KernelFunction
 from ubpdsl.language.frontend import KernelSpec, VectorShape, build_ubp_module
 from ubpdsl.names import file_stem
@@ -86,6 +84,24 @@ class Problem:
                           layer=self.name)
 
 
+def random_problem(M: int, K: int, N: int, sparsity: float, seed: int = 0, *, aligned: bool = False,
+                   name: str | None = None) -> Problem:
+    """A reproducible random layer: Gaussian weights, blocks chosen by BED (unaligned) or by
+    aligned_select (ABP, the same number of blocks where M allows it)."""
+    from ubpdsl.prune.selectors import aligned_select, bed_select, blocks_to_mask, budget
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((M, K)).astype(np.float32)
+    m = budget(M, K, N, sparsity)
+    if aligned:
+        rows, cols = aligned_select(np.abs(w), min(m, K * (M // N)), N)
+    else:
+        rows, cols = bed_select(np.abs(w), m, N)
+    w = w * blocks_to_mask(rows, cols, M, K, N)
+    label = name or f"{'aligned' if aligned else 'random'}_{M}x{K}"
+    return Problem(label, M, K, N, rows, cols, w.astype(np.float32))
+
+
 def resolve_target(target: str | Target, vector_bits: int | None = None) -> Target:
     """The target, narrowed to ``vector_bits`` wide registers when asked (fixed-width targets).
 
@@ -93,18 +109,7 @@ def resolve_target(target: str | Target, vector_bits: int | None = None) -> Targ
     also drops AVX (SSE code); on NEON only 128 bits exist; SVE's width is the hardware's.
     """
     tgt = target if isinstance(target, Target) else get_target(target)
-    if vector_bits is None or vector_bits == tgt.vector_bits:
-        return tgt
-    if tgt.scalable:
-        raise TargetError(f"target {tgt.name}: the vector length is the hardware's (scalable); "
-                          "vector_bits cannot be set")
-    if vector_bits not in (128, 256) or vector_bits > tgt.vector_bits or tgt.arch != "x86_64":
-        raise TargetError(f"target {tgt.name}: vector_bits must be 128 or 256 and at most {tgt.vector_bits} "
-                          f"(x86-64 only), got {vector_bits}")
-    drop = ("avx512",) if vector_bits == 256 else ("avx512", "avx", "fma", "f16c", "vaes", "vpclmulqdq")
-    feats = [f for f in tgt.features.split(",") if f and not any(f[1:].startswith(d) for d in drop)]
-    feats += [f"-{d}" for d in ("avx512f",) + (("avx", "fma") if vector_bits == 128 else ())]
-    return dataclasses.replace(tgt, name=tgt.name, features=",".join(feats), vector_bits=vector_bits)
+    return tgt.narrowed(vector_bits)
 
 
 def _spec(kernel: KernelFunction, problem: Problem, target: Target, constants: dict[str, Any] | None,
@@ -295,11 +300,11 @@ class CompiledKernel:
         so_name = self.manifest["soname"]
         layer = so_name[: -len(f".{self.target.name}.so")]
         files = {"so": out_dir / so_name, "header": out_dir / f"{layer}.h"}
-        shutil.copyfile(self.so, files["so"])
-        shutil.copyfile(self.header, files["header"])
+        atomic_copy(self.so, files["so"])  # a program may have the old one loaded: never rewrite it in place
+        atomic_copy(self.header, files["header"])
         if self.packed is not None:
             files["packed"] = out_dir / f"{layer}.packed.bin"
-            self.packed.tofile(files["packed"])
+            atomic_write(files["packed"], self.packed.tobytes())
         return files
 
 

@@ -8,7 +8,6 @@ own). Its JSON form (:meth:`KernelConfig.to_json`) is what ``ubpdsl tune`` write
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,7 +76,5 @@ class KernelConfig:
         return get_variant(self.variant)
 
     def target_for(self, target: Target) -> Target:
-        """``target`` planned for this config's vector width (same name: artifacts keep their file names)."""
-        if self.vector_bits is None or self.vector_bits == target.vector_bits:
-            return target
-        return dataclasses.replace(target, vector_bits=self.vector_bits)
+        """``target`` narrowed to this config's vector width (:meth:`Target.narrowed`, the one rule)."""
+        return target.narrowed(self.vector_bits)

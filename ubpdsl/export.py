@@ -387,6 +387,25 @@ class Bundle:
                            self.root / files["header"], self.root / files["packed"] if "packed" in files else None,
                            t["kernel"]["features"], t["kernel"]["triple"])
 
+    def pick_target(self, machine: str | None = None, cpu_flags: set[str] | None = None) -> str:
+        """The bundle target this machine runs natively: ``host`` on x86-64; on AArch64 ``aarch64-sve``
+        when the CPU has SVE and the bundle has SVE kernels, else ``aarch64-neon`` (an SVE kernel on a
+        CPU without SVE dies with SIGILL). ``machine``/``cpu_flags`` default to this machine's."""
+        from ubpdsl.runtime.targets import _cpuinfo_flags
+
+        here = (machine or platform.machine()).lower()
+        here = {"amd64": "x86_64", "arm64": "aarch64"}.get(here, here)
+        if here != "aarch64":
+            wanted = ["host"]
+        else:
+            flags = _cpuinfo_flags() if cpu_flags is None else cpu_flags
+            wanted = (["aarch64-sve"] if "sve" in flags else []) + ["aarch64-neon", "host"]
+        for t in wanted:
+            if t in self.manifest["targets"]:
+                return t
+        raise BundleError(f"bundle {self.root} has no kernels for this {here} machine (targets: "
+                          f"{', '.join(self.targets)})")
+
     def check_runs_here(self, target: str = "host") -> None:
         """BundleError unless this machine can run the bundle's ``target`` kernels natively."""
         if target not in self.manifest["targets"]:
@@ -397,6 +416,9 @@ class Bundle:
         if arch != here:
             raise BundleError(f"bundle {self.root}: the {target} kernels are {arch} code; this machine is {here} "
                               + ("(run them under qemu, or re-export for host)" if arch == "aarch64" else ""))
+        if target == "aarch64-sve" and self.pick_target() != "aarch64-sve":
+            raise BundleError(f"bundle {self.root}: this CPU has no SVE, so the aarch64-sve kernels would die "
+                              "with SIGILL; use the aarch64-neon kernels (Bundle.pick_target() chooses)")
         if target == "host":
             from ubpdsl.runtime.targets import host_target
 
@@ -589,34 +611,45 @@ def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = Fal
 BUNDLE_MAIN_C = Path(__file__).resolve().parents[1] / "examples" / "embed_c" / "bundle_main.c"
 
 
+#: ``run_bundle_main``'s target that lets the C program pick the AArch64 variant the CPU runs.
+AARCH64_DISPATCH = "aarch64"
+
+
+def _is_aarch64(target: str) -> bool:
+    from ubpdsl.runtime.targets import get_target
+
+    return target == AARCH64_DISPATCH or get_target(target).is_aarch64
+
+
 def build_bundle_main(target: str, out: Path, source: Path = BUNDLE_MAIN_C) -> Path:
     """Compile ``bundle_main.c`` with zig for ``target`` (AArch64: a dynamic glibc program); returns it."""
-    from ubpdsl.runtime.targets import get_target
     from ubpdsl.runtime.toolchain import run_tool, zig_cmd
 
     if not source.is_file():
         raise UbpError(f"{source} not found: the C example lives in the source tree (examples/embed_c)")
-    triple = ["-target", "aarch64-linux-gnu.2.17"] if get_target(target).is_aarch64 else []
+    triple = ["-target", "aarch64-linux-gnu.2.17"] if _is_aarch64(target) else []
     out.parent.mkdir(parents=True, exist_ok=True)
     run_tool([*zig_cmd(), "cc", *triple, "-O2", str(source), "-ldl", "-o", str(out)], what="zig cc (bundle_main)")
     return out
 
 
 def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer: str, x: np.ndarray, *,
-                    exe: Path | None = None, sve_bits: int = 256, timeout: float = 120) -> np.ndarray:
+                    exe: Path | None = None, sve_bits: int | None = 256, timeout: float = 120) -> np.ndarray:
     """Run ``layer``'s ``target`` kernel from the bundle through the C program; returns y [M, n].
 
     AArch64 targets run under qemu-user with Debian's AArch64 glibc (``libc6-arm64-cross``); SVE
-    kernels with a ``sve_bits`` vector length. ``exe``: an already built ``bundle_main``.
+    kernels with a ``sve_bits`` vector length. ``target`` :data:`AARCH64_DISPATCH` (``"aarch64"``)
+    lets the program pick SVE or NEON from the CPU's capabilities: it runs on an SVE CPU of
+    ``sve_bits`` bits, or on a NEON-only CPU when ``sve_bits`` is None. ``exe``: an already built
+    ``bundle_main``.
     """
     import subprocess
 
     from ubpdsl.errors import RunError
     from ubpdsl.runtime import qemu
-    from ubpdsl.runtime.targets import get_target
 
     b = load_bundle(bundle)
-    files = b.kernel(layer, target)
+    files = b.kernel(layer, "aarch64-neon" if target == AARCH64_DISPATCH else target)
     x = np.ascontiguousarray(x, dtype="<f4")
     if x.ndim != 2 or x.shape[0] != files.K:
         raise UbpError(f"layer {layer}: x must be [K={files.K}, n], got {list(x.shape)}")
@@ -625,11 +658,11 @@ def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer:
         xfile = Path(tmp) / "x.f32"
         x.tofile(xfile)
         argv = [str(prog), str(b.root), target, layer, str(xfile), str(x.shape[1])]
-        if get_target(target).is_aarch64:
+        if _is_aarch64(target):
             sysroot = qemu.aarch64_sysroot()
             if sysroot is None:
                 raise RunError("no AArch64 glibc for qemu: install Debian's libc6-arm64-cross")
-            bits = sve_bits if target == "aarch64-sve" else None
+            bits = sve_bits if target in ("aarch64-sve", AARCH64_DISPATCH) else None
             argv = [qemu.qemu_binary(), *qemu.qemu_cpu_args(bits), "-L", str(sysroot), *argv]
         try:
             res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)

@@ -9,6 +9,8 @@
 * :func:`bytes_sha256` / :func:`file_sha256` -- raw content digests.
 * :func:`content_file` -- a content-addressed file in a work directory (its name is the sha256 of
   its bytes), so two different blobs can never share one file and a damaged file is rewritten.
+* :func:`atomic_write` / :func:`atomic_copy` -- replace a file as a whole: readers (and processes
+  that have it mapped, such as a loaded ``.so``) see the old file or the new one, never a mix.
 
 Both layer hashes are persisted in manifests written by older versions: their definitions are
 frozen (a change would make every stored bundle look stale).
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["blocks_hash", "layer_hash", "weights_hash", "bytes_sha256", "file_sha256", "content_file"]
+__all__ = ["blocks_hash", "layer_hash", "weights_hash", "bytes_sha256", "file_sha256", "content_file", "atomic_write",
+           "atomic_copy"]
 
 #: First bytes hashed by :func:`layer_hash` (the masks.npz format it was defined with; frozen).
 _LAYER_TAG = b"ubpdsl.masks/1\0"
@@ -92,8 +96,27 @@ def content_file(directory: str | os.PathLike[str], data: bytes | np.ndarray, su
     path = Path(directory) / f"{bytes_sha256(raw)}{suffix}"
     if path.is_file() and path.stat().st_size == len(raw) and file_sha256(path) == path.name[:64]:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(raw)
-    os.replace(tmp, path)
+    atomic_write(path, raw)
     return path
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Write ``data`` (str: UTF-8) to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Copy ``src`` to ``dst`` with :func:`atomic_write` (never rewrites ``dst`` in place)."""
+    return atomic_write(dst, Path(src).read_bytes())

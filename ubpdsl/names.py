@@ -5,7 +5,8 @@ A layer name comes from a masks.npz, a model or a tune/export manifest and ends 
 and in the tab-separated ``kernels.tsv`` of a bundle. This module is the one owner of that rule:
 
 * :func:`check_layer_name` refuses names that cannot be carried safely: empty, longer than
-  :data:`MAX_NAME_CHARS`, or holding a control character (newline, tab, NUL, ...), ``/`` or ``\\``.
+  :data:`MAX_NAME_CHARS`, starting with ``#`` (a comment in ``kernels.tsv``), or holding a control
+  character (newline, tab, NUL, ...), ``/`` or ``\\``.
 * :func:`file_stem` maps every character outside ``[A-Za-z0-9_]`` (dots, dashes, non-ASCII
   letters) to ``_``: ``features.1.conv`` -> ``features_1_conv``, ``schicht.ä`` -> ``schicht__``.
   The mapping is ASCII-only and the same everywhere (compile, tune, export, the compile cache).
@@ -35,6 +36,8 @@ def check_layer_name(name: object) -> str:
         raise MaskError(f"a layer name must be a non-empty string, got {name!r}")
     if len(name) > MAX_NAME_CHARS:
         raise MaskError(f"layer name {name[:40]!r}... is {len(name)} characters long (limit {MAX_NAME_CHARS})")
+    if name.startswith("#"):
+        raise MaskError(f"layer name {name!r} starts with '#', which marks a comment in a bundle's kernels.tsv")
     for ch in name:
         if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ch in "/\\":
             raise MaskError(f"layer name {name!r} contains {ch!r}: control characters, line breaks, tabs, "

@@ -24,6 +24,7 @@ shares the loaded library and registers its own id.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import weakref
@@ -60,6 +61,11 @@ class NativeKernel:
         self._fn = fn
         self.packed = files.packed_weights()
         self._packed_ptr = None if self.packed is None else self.packed.ctypes.data
+
+    @property
+    def address(self) -> int:
+        """The kernel function's address (for C callers such as :mod:`ubpdsl.deploy`)."""
+        return int(ctypes.cast(self._fn, ctypes.c_void_p).value)
 
     def __repr__(self) -> str:
         return f"NativeKernel({self.name!r}, M={self.M}, K={self.K}, so={self.files.so.name!r})"

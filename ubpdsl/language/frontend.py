@@ -48,6 +48,8 @@ MAX_UNROLL = 256
 #: Most kernel statements one compilation may emit (unrolled copies counted): a bound on
 #: compile time and code size, checked as the statements are emitted.
 MAX_STATEMENTS = 1 << 18
+#: Largest ubl.tiles tile, in vector registers (a machine has 16 or 32; more only spills).
+MAX_TILE_REGISTERS = 64
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,10 @@ class CodeGen:
         with ir.InsertionPoint(module.body):
             fn = func.FuncOp(spec.symbol, ir.FunctionType.get([ptr, ptr, i64, ptr], [i32]))
             fn.attributes["ubp.kernel"] = ir.StringAttr.get(self.k.name)
+            # C ABI contract: y does not overlap x or packed_w, so loads of the block metadata
+            # may be reused across stores to y (noalias on every pointer argument).
+            noalias = ir.DictAttr.get({"llvm.noalias": ir.UnitAttr.get()})
+            fn.arg_attrs = ir.ArrayAttr.get([noalias, noalias, ir.DictAttr.get({}), noalias])
             entry = fn.add_entry_block()
         with ir.InsertionPoint(entry):
             xp, yp, n64, wp = entry.arguments
@@ -414,8 +420,8 @@ class CodeGen:
         if tail_mode not in ("overlap", "mask"):
             raise self.error(f"ubl.tiles: tail= must be 'overlap' or 'mask', got {tail_mode!r}", st)
         tile = self._static_int(tile, st, "the tile size of ubl.tiles")
-        if tile < 1:
-            raise self.error(f"the tile size must be >= 1 vector register, got {tile}", st)
+        if not 1 <= tile <= MAX_TILE_REGISTERS:
+            raise self.error(f"the tile size must be 1..{MAX_TILE_REGISTERS} vector registers, got {tile}", st)
         vs = self.spec.vector
         width = tile * vs.lanes
         vec_type = ir.VectorType.get([width], self.f32, scalable=[vs.scalable])

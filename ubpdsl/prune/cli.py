@@ -19,6 +19,7 @@ __all__ = ["inspect", "prune"]
 
 _METHODS = ("bed", "optimal", "aligned", "unstructured", "pattern")
 _IMPORTANCES = ("abs", "sq", "taylor")
+_MAX_PLOT_ELEMENTS = 1 << 26  # one R x C byte image per layer in --plot
 
 
 def _parse_layer_sparsity(items: tuple[str, ...]) -> dict[str, float]:
@@ -247,10 +248,12 @@ def prune(
 def _layer_rows(layers: dict) -> list[tuple[str, ...]]:
     rows = []
     for lm in layers.values():
-        mask = lm.dense_mask()
         n = int(lm.block)
         aligned = float(np.mean(np.asarray(lm.rows) % n == 0)) if lm.num_blocks else float("nan")
-        empty_rows = int(np.count_nonzero(~mask.any(axis=1)))
+        covered = np.zeros(lm.R, dtype=bool)  # O(R + blocks): a huge declared shape costs no R x C mask
+        for i in range(n):
+            covered[np.asarray(lm.rows, dtype=np.int64) + i] = True
+        empty_rows = int(lm.R - np.count_nonzero(covered))
         rows.append(
             (
                 lm.name,
@@ -290,6 +293,10 @@ def _plot_block_map(layers: dict, path: Path) -> None:
     from matplotlib.patches import Patch
 
     items = list(layers.values())
+    for lm in items:
+        if lm.R * lm.C > _MAX_PLOT_ELEMENTS:
+            raise UbpError(f"layer {lm.name} has {lm.R * lm.C} weights, too many to draw (limit {_MAX_PLOT_ELEMENTS}); "
+                           "choose smaller layers with --layer")
     ncols = min(4, len(items))
     nrows = (len(items) + ncols - 1) // ncols
     fig = Figure(figsize=(4 * ncols, 3.2 * nrows + 0.6), layout="constrained")

@@ -1,0 +1,69 @@
+"""``ubpdsl bench --target aarch64-*``: counts per useful lane from qemu, llvm-mca estimates, CSV/report."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+
+import pytest
+
+from ubpdsl.runtime import qemu
+
+pytestmark = pytest.mark.skipif(not qemu.qemu_available(), reason="qemu-aarch64 not installed")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ubpdsl.cli", *args], capture_output=True, text=True, timeout=900,
+                          check=False)
+
+
+@pytest.mark.parametrize(("target", "vl"), [("aarch64-neon", None), ("aarch64-sve", "512")])
+def test_arm_bench_quick(tmp_path, target, vl):
+    args = ["bench", "--target", target, "--quick", "--shapes", "mbv2_4", "--const", "TILE=2", "--out", str(tmp_path)]
+    if vl:
+        args += ["--vl", vl]
+    res = _cli(*args)
+    assert res.returncode == 0, res.stderr
+    stem = f"arm_counts_{target.split('-')[1]}"
+    rows = list(csv.DictReader(open(tmp_path / f"{stem}.csv")))
+    assert {r["kernel"] for r in rows} == {"ubp", "abp"}
+    for r in rows:
+        n, N, B, bits = int(r["n"]), int(r["N"]), int(r["blocks"]), int(r["vl_bits"])
+        assert int(r["useful_lanes"]) == B * N * n
+        # whole tiles of TILE=2 registers cover n (the tail tile overlaps): the analytical FMA count
+        assert int(r["fma"]) == B * N * math.ceil(n / (2 * bits // 32)) * 2
+        parts = sum(int(r[c]) for c in ("fma", "load", "store", "prefetch", "other"))
+        assert parts == int(r["total"]) > int(r["fma"])
+        mca = [float(v) for k, v in r.items() if k.startswith("mca_") and v]
+        assert mca and all(v > 0 for v in mca)
+    assert "estimate" in (tmp_path / f"{stem}.md").read_text().lower()
+
+
+def test_arm_bench_rejects_vl_on_neon(tmp_path):
+    res = _cli("bench", "--target", "aarch64-neon", "--vl", "256", "--out", str(tmp_path))
+    assert res.returncode == 1 and "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_tuner_objective_counts_fewer_instructions_without_prefetch(compile_cache):
+    """The AArch64 tuning objective (qemu count x mca CPI) sees the prefetch instructions it costs."""
+    import numpy as np
+
+    from ubpdsl.armcost import call_cost
+    from ubpdsl.benchsuite import make_case
+    from ubpdsl.compiler import compile_kernel, emit
+    from ubpdsl.kernels import VARIANTS
+
+    w = np.random.default_rng(5).standard_normal((64, 48)).astype(np.float32)
+    case = make_case("t", "t", w, 64, 4, 0.75, "random")
+    costs = {}
+    for pf in (0, 8):
+        consts = {"PREFETCH": pf, "YPREFETCH": 0}
+        ck = compile_kernel(VARIANTS["wros"], case.unaligned, "aarch64-neon", constants=consts, cache=compile_cache)
+        asm = emit(VARIANTS["wros"], case.unaligned, "aarch64-neon", "asm", constants=consts)
+        costs[pf] = call_cost(ck.obj, ck.symbol, case.x, ck.packed, 64, asm, "aarch64-neon", cache=compile_cache)
+    tiles = math.ceil(64 / 16)
+    # every block of every tile issues one prefetch (PREFETCH=8): at least B*tiles more instructions
+    assert costs[8]["insns"] - costs[0]["insns"] >= case.blocks * tiles
+    assert all(c["cpi"] > 0 and c["cycles"] == c["insns"] * c["cpi"] for c in costs.values())

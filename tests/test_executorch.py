@@ -1,0 +1,165 @@
+"""The channel-major subgraph (ubpdsl.deploy) standalone and inside ExecuTorch vs the masked torch model.
+
+A small MobileNetV2 (stem, three inverted-residual blocks: t = 1, stride 2 with expansion, a
+residual one; final 1x1 conv; classifier) with random BatchNorm statistics, its 1x1 convs pruned
+with BED: the C runtime and the ExecuTorch program (XNNPACK for stem and classifier, our operator
+for the rest) must reproduce the masked model. ExecuTorch tests are skipped only when the
+optional ``executorch`` extra is missing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ubpdsl.deploy.pipeline import prepare_subgraph
+from ubpdsl.deploy.plan import PlanError, extract_subgraph, split_mobilenet
+from ubpdsl.errors import UbpError
+from ubpdsl.models import ConvBNReLU, InvertedResidual
+from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier
+
+try:
+    from ubpdsl.deploy import executorch as det
+
+    HAVE_ET = det.et_available()
+except ImportError:  # pragma: no cover - torch.library missing pieces
+    HAVE_ET = False
+
+needs_et = pytest.mark.skipif(not HAVE_ET, reason="executorch (optional extra) is not installed")
+
+
+class TinyMobileNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            ConvBNReLU(3, 16, stride=2),
+            InvertedResidual(16, 8, 1, 1),    # no expansion: batch > 1 reads the NCHW input directly
+            InvertedResidual(8, 24, 2, 6),    # stride 2
+            InvertedResidual(24, 24, 1, 6),   # residual
+            ConvBNReLU(24, 64, kernel=1),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(x)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TinyMobileNet()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics so folding matters
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    layers = [n for n, m in model.named_modules()
+              if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1]
+    sp = UnalignedBlockSparsifier(0.75, block=4, method="bed")
+    sp.prepare(model, config=[{"tensor_fqn": f"{n}.weight"} for n in layers])
+    sp.step()
+    sp.squash_mask()
+    masks = sp.to_layer_masks()
+    dep = prepare_subgraph(model, masks, tmp_path_factory.mktemp("deploy"), hw=(16, 16))
+    return model, masks, dep
+
+
+def _subgraph_ref(model: nn.Module, s: torch.Tensor) -> torch.Tensor:
+    _, mods, _ = split_mobilenet(model)
+    with torch.no_grad():
+        return nn.functional.adaptive_avg_pool2d(nn.Sequential(*mods)(s), 1).flatten(1)
+
+
+def test_folded_masks_keep_the_block_pattern(pruned):
+    model, masks, dep = pruned
+    assert set(dep.sub.masks) == set(masks)
+    for name, m in dep.sub.masks.items():
+        m.validate()  # nonzeros only inside kept blocks
+        assert np.array_equal(m.rows, masks[name].rows) and np.array_equal(m.cols, masks[name].cols)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_standalone_subgraph_matches_masked_model(pruned, batch):
+    model, _, dep = pruned
+    stem, _, _ = split_mobilenet(model)
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.no_grad():
+        s = stem(x).contiguous()
+    ref = _subgraph_ref(model, s)
+    got = dep.runner(batch)(s)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("band_bytes", [1, 4096, 1 << 30])  # one output row, a few rows, the whole plane
+def test_fused_expand_depthwise_bands_match(pruned, band_bytes):
+    from ubpdsl.deploy.native import ModelRunner
+    from ubpdsl.deploy.plan import build_plan
+
+    model, _, dep = pruned
+    stem, _, _ = split_mobilenet(model)
+    with torch.no_grad():
+        s = stem(torch.randn(2, 3, 32, 32)).contiguous()
+    packed = {n: k.packed for n, k in dep.kernels.items()}
+    plan = build_plan(dep.sub, packed, 2, (16, 16), fuse_min_bytes=0, band_bytes=band_bytes)
+    n_ops = int(plan.blob[:128].view("<i8")[2])
+    ops = plan.blob[128:128 * (1 + n_ops)].view("<i8").reshape(-1, 16)[:, 0]
+    assert (ops == 5).sum() == 2  # both expanding blocks fused
+    torch.testing.assert_close(ModelRunner(plan, dep.kernels)(s), _subgraph_ref(model, s), rtol=1e-4, atol=1e-5)
+
+
+def test_runner_rejects_wrong_input_shape(pruned):
+    _, _, dep = pruned
+    with pytest.raises(UbpError, match="shape"):
+        dep.runner(1)(torch.zeros(1, 16, 8, 8))
+
+
+def test_planner_refuses_other_models():
+    with pytest.raises(PlanError):
+        extract_subgraph(nn.Sequential(nn.Conv2d(1, 4, 1)).eval(), {})
+
+
+@needs_et
+@pytest.mark.parametrize("batch", [1, 2])
+def test_executorch_program_matches_masked_model(pruned, batch):
+    model, _, dep = pruned
+    plan_id = 40 + batch
+    det.register_plan(plan_id, dep.runner(batch))
+    stem, _, classifier = split_mobilenet(model)
+    ours = det.DeployedMobileNet(stem, plan_id, classifier).eval()
+    x = torch.randn(batch, 3, 32, 32)
+    buf = det.export_pte(ours, x)
+    prog = det.load_pte(buf)
+    with torch.no_grad():
+        ref = model(x)
+        eager = ours(x)
+    got = prog(x)
+    torch.testing.assert_close(eager, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # the pruned subgraph is our operator, not XNNPACK's: the program fails when its plan is gone
+    det.register_plan(plan_id, None)
+    with pytest.raises(Exception):  # noqa: B017 - ExecuTorch raises its own RuntimeError
+        prog(x)
+    det.register_plan(plan_id, dep.runner(batch))
+    torch.testing.assert_close(prog(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unregistered_plan_is_an_error():
+    from ubpdsl.deploy.executorch import SubgraphModule
+
+    with pytest.raises(UbpError, match="not registered"):
+        SubgraphModule(63)(torch.zeros(1, 16, 16, 16))
+
+
+@needs_et
+def test_shim_cross_compiles_for_aarch64(tmp_path):
+    from ubpdsl.runtime.build import read_elf
+
+    info = read_elf(det.build_et_shim_aarch64(tmp_path))
+    assert info.machine == "aarch64" and info.elf_type == "rel"
+    assert "ubp_et_register_plan" in info.defined and "ubp_model_run" in info.undefined
+

@@ -1,0 +1,400 @@
+/* ubp_model: run a planned channel-major subgraph (sparse 1x1 convs on ubpdsl kernels, depthwise
+ * 3x3, epilogues, global average pool) with one call and no allocation.
+ *
+ * A plan is a little-endian blob made by ubpdsl.deploy.plan (the format is documented there):
+ *   int64 header[16], int64 ops[n_ops][16], then float/byte payload (biases, depthwise weights,
+ *   packed sparse weights), then n_kernels function-pointer slots filled by ubp_model_bind().
+ * Activations inside the subgraph are [C, B, H, W] (channel-major over the batch), so one sparse
+ * kernel call covers the whole batch (n = B * H * W). The model input is [B, C, H, W] (NCHW),
+ * the output [B, C_out] (pooled).
+ *
+ * Public symbols (new; the per-layer kernel ABI is unchanged):
+ *   int64_t ubp_model_workspace_bytes(const void *plan);
+ *   int32_t ubp_model_shape(const void *plan, int64_t *shape) {
+    if (!plan || !check_header(plan)) return E_HEADER;
+    const int64_t *h = header(plan);
+    shape[0] = h[H_BATCH], shape[1] = h[H_CIN], shape[2] = h[H_HIN], shape[3] = h[H_WIN], shape[4] = h[H_COUT];
+    return 0;
+}
+
+int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn);
+ *   int32_t ubp_model_shape(const void *plan, int64_t shape[5]);   -> B, C_in, H_in, W_in, C_out
+ *   int32_t ubp_model_run(const void *plan, const float *x, float *y, void *workspace);
+ *   int32_t ubp_model_run_profiled(const void *plan, const float *x, float *y, void *workspace,
+ *                                  double *seconds_per_kind);
+ */
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+typedef int32_t (*ubp_kernel_fn)(const float *x, float *y, int64_t n, const void *packed_w);
+
+#define UBP_MODEL_MAGIC 0x4d504255LL /* "UBPM" */
+#define UBP_MODEL_VERSION 1
+#define REC 16
+
+enum { H_MAGIC, H_VERSION, H_NOPS, H_BATCH, H_CIN, H_HIN, H_WIN, H_COUT, H_WS_BYTES, H_NKERNELS,
+       H_KERNELS_OFF, H_TOTAL_BYTES, H_SCRATCH_OFF };
+enum { OP_PW = 1, OP_DW = 2, OP_POOL = 3, OP_INPUT = 4, OP_EXPAND_DW = 5 };
+/* op record fields */
+enum { F_KIND, F_SRC, F_DST, F_C, F_M, F_HW, F_KERNEL, F_PACKED, F_BIAS, F_RES, F_H, F_W, F_STRIDE,
+       F_WEIGHTS, F_PRE_BIAS, F_CLAMP };
+/* OP_EXPAND_DW reuses three fields: output rows per band, and the workspace offsets of its
+ * input and expanded band buffers */
+enum { F_BAND = F_HW, F_XB = F_RES, F_EB = F_CLAMP };
+/* OP_DW: F_CLAMP != 0 means its source is in [B, C, H, W] (the model input) */
+enum { F_SRC_NCHW = F_CLAMP };
+/* clamp codes: 0 none, 1 ReLU (>= 0), 2 ReLU6 */
+/* buffer ids: -1 model input, -2 model output, >= 0 byte offset into the workspace */
+
+/* error codes */
+#define E_HEADER 10
+#define E_UNBOUND 11
+#define E_OP 12
+#define E_KERNEL_BASE 100 /* + the kernel's own return code */
+
+static inline float clampf(float v, int64_t mode) {
+    if (mode == 0) return v;
+    v = v > 0.0f ? v : 0.0f;
+    if (mode == 2) v = v < 6.0f ? v : 6.0f;
+    return v;
+}
+
+static const int64_t *header(const void *plan) { return (const int64_t *)plan; }
+
+static int check_header(const void *plan) {
+    const int64_t *h = header(plan);
+    return h[H_MAGIC] == UBP_MODEL_MAGIC && h[H_VERSION] == UBP_MODEL_VERSION;
+}
+
+int64_t ubp_model_workspace_bytes(const void *plan) {
+    if (!plan || !check_header(plan)) return -1;
+    return header(plan)[H_WS_BYTES];
+}
+
+int32_t ubp_model_shape(const void *plan, int64_t *shape) {
+    if (!plan || !check_header(plan)) return E_HEADER;
+    const int64_t *h = header(plan);
+    shape[0] = h[H_BATCH], shape[1] = h[H_CIN], shape[2] = h[H_HIN], shape[3] = h[H_WIN], shape[4] = h[H_COUT];
+    return 0;
+}
+
+int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn) {
+    if (!plan || !check_header(plan)) return E_HEADER;
+    const int64_t *h = header(plan);
+    if (slot < 0 || slot >= h[H_NKERNELS]) return E_OP;
+    ubp_kernel_fn *table = (ubp_kernel_fn *)((char *)plan + h[H_KERNELS_OFF]);
+    table[slot] = fn;
+    return 0;
+}
+
+static const float *cbuf(const void *plan, int64_t off) { return (const float *)((const char *)plan + off); }
+
+static float *buf(int64_t id, const float *x, float *y, void *ws) {
+    if (id == -1) return (float *)x;
+    if (id == -2) return y;
+    return (float *)((char *)ws + id);
+}
+
+/* Depthwise 3x3, pad 1, stride 1 or 2, bias + ReLU6 fused, over C channels x B planes.
+ *
+ * Each plane is first staged into scratch with its zero padding, applying the producer's epilogue
+ * (bias + ReLU6 of the expand conv) on the fly: stride 1 as one padded plane [(H+2) x (W+2)];
+ * stride 2 as its four row/column phases [(Ho+1) x (Wo+1)] each, so every tap reads unit-stride.
+ * The 9-tap sum then runs as one flat loop over the staged width (a few junk columns per row,
+ * dropped when the rows are copied out): long vectors even for 7x7 planes. */
+/* Staging reads a band: rows y0.. of an H-row plane (``s`` points at row y0); staged row r is
+ * input row iy_lo + r, zero outside 0..H-1 (the padding). */
+static inline void stage_row_s1(const float *restrict sr, float *restrict r, int64_t W, float pb, int pre) {
+    r[0] = 0.0f;
+    r[W + 1] = 0.0f;
+    if (pre) {
+        for (int64_t x = 0; x < W; ++x) {
+            float v = sr[x] + pb;
+            v = v > 0.0f ? v : 0.0f;
+            r[x + 1] = v < 6.0f ? v : 6.0f;
+        }
+    } else {
+        memcpy(r + 1, sr, W * sizeof(float));
+    }
+}
+
+static void stage_plane_s1(const float *restrict s, int64_t y0, int64_t H, int64_t W, int64_t iy_lo, int64_t rows,
+                           float *restrict p, float pb, int pre) {
+    const int64_t Wp = W + 2;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t iy = iy_lo + r;
+        if (iy < 0 || iy >= H) {
+            for (int64_t x = 0; x < Wp; ++x) p[r * Wp + x] = 0.0f;
+        } else {
+            stage_row_s1(s + (iy - y0) * W, p + r * Wp, W, pb, pre);
+        }
+    }
+}
+
+/* phase (a, b)[i][j] = padded[2i + a][2j + b], padded row pr = iy - iy_lo, padded column
+ * px = x + 1: source column x goes to b = (x + 1) & 1, j = (x + 1) >> 1. */
+static void stage_plane_s2(const float *restrict s, int64_t y0, int64_t H, int64_t W, int64_t iy_lo, int64_t rows,
+                           int64_t Hq, int64_t Wq, float *restrict p, float pb, int pre) {
+    const int64_t plane = Hq * Wq;
+    for (int64_t k = 0; k < 4 * plane; ++k) p[k] = 0.0f; /* borders; interior overwritten below */
+    for (int64_t pr = 0; pr < rows; ++pr) {
+        const int64_t iy = iy_lo + pr;
+        if (iy < 0 || iy >= H) continue;
+        const int64_t a = pr & 1, i = pr >> 1;
+        float *restrict e = p + (2 * a + 1) * plane + i * Wq; /* b = 1: s[2j] at j */
+        float *restrict o = p + (2 * a) * plane + i * Wq + 1;  /* b = 0: s[2j + 1] at j + 1 */
+        const float *restrict sr = s + (iy - y0) * W;
+        const int64_t pairs = W / 2;
+        if (pre) {
+            for (int64_t j = 0; j < pairs; ++j) {
+                float v0 = sr[2 * j] + pb, v1 = sr[2 * j + 1] + pb;
+                v0 = v0 > 0.0f ? v0 : 0.0f;
+                v1 = v1 > 0.0f ? v1 : 0.0f;
+                e[j] = v0 < 6.0f ? v0 : 6.0f;
+                o[j] = v1 < 6.0f ? v1 : 6.0f;
+            }
+            if (W & 1) e[pairs] = clampf(sr[W - 1] + pb, 2);
+        } else {
+            for (int64_t j = 0; j < pairs; ++j) {
+                e[j] = sr[2 * j];
+                o[j] = sr[2 * j + 1];
+            }
+            if (W & 1) e[pairs] = sr[W - 1];
+        }
+    }
+}
+
+/* t[i] = relu6(bias + sum_k w[k] * in_k[i]) for i < len, the nine taps given as base pointers. */
+static void taps9(float *restrict t, const float *const in[9], const float *w, float bias, int64_t len) {
+    const float *restrict i0 = in[0], *restrict i1 = in[1], *restrict i2 = in[2], *restrict i3 = in[3];
+    const float *restrict i4 = in[4], *restrict i5 = in[5], *restrict i6 = in[6], *restrict i7 = in[7];
+    const float *restrict i8 = in[8];
+    const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
+    for (int64_t i = 0; i < len; ++i) {
+        float acc = bias + w0 * i0[i] + w1 * i1[i] + w2 * i2[i] + w3 * i3[i] + w4 * i4[i] + w5 * i5[i] +
+                    w6 * i6[i] + w7 * i7[i] + w8 * i8[i];
+        acc = acc > 0.0f ? acc : 0.0f;
+        t[i] = acc < 6.0f ? acc : 6.0f;
+    }
+}
+
+/* Stride 1, two output rows per pass: the four staged input rows they need are loaded once
+ * (12 loads for 18 FMAs instead of 18). */
+static void rows2_s1(float *restrict o0, float *restrict o1, const float *restrict r0, int64_t Ws, const float *w,
+                     float bias, int64_t Wo) {
+    const float *restrict r1 = r0 + Ws, *restrict r2 = r1 + Ws, *restrict r3 = r2 + Ws;
+    const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
+    for (int64_t x = 0; x < Wo; ++x) {
+        const float a0 = r0[x], a1 = r0[x + 1], a2 = r0[x + 2];
+        const float b0 = r1[x], b1 = r1[x + 1], b2 = r1[x + 2];
+        const float c0 = r2[x], c1 = r2[x + 1], c2 = r2[x + 2];
+        const float d0 = r3[x], d1 = r3[x + 1], d2 = r3[x + 2];
+        float u = bias + w0 * a0 + w1 * a1 + w2 * a2 + w3 * b0 + w4 * b1 + w5 * b2 + w6 * c0 + w7 * c1 + w8 * c2;
+        float v = bias + w0 * b0 + w1 * b1 + w2 * b2 + w3 * c0 + w4 * c1 + w5 * c2 + w6 * d0 + w7 * d1 + w8 * d2;
+        u = u > 0.0f ? u : 0.0f;
+        v = v > 0.0f ? v : 0.0f;
+        o0[x] = u < 6.0f ? u : 6.0f;
+        o1[x] = v < 6.0f ? v : 6.0f;
+    }
+}
+
+/* Output rows oy0..oy1-1 of one channel plane. ``band`` holds input rows y0.. (as many as those
+ * output rows need, see band_rows()); ``out`` points at output row oy0. */
+static void dw_band(const float *band, int64_t y0, int64_t H, int64_t W, int64_t stride, int64_t oy0, int64_t oy1,
+                    const float *w, float bias, float pb, int pre, float *out, float *scratch) {
+    const int64_t Ho = oy1 - oy0, Wo = (W - 1) / stride + 1;
+    const int64_t Ws = stride == 1 ? W + 2 : Wo + 1, Hq = Ho + 1;
+    const int64_t staged = stride == 1 ? (Ho + 2) * Ws : 4 * Hq * Ws;
+    float *stage = scratch;
+    float *tmp = scratch + ((staged + 15) & ~(int64_t)15);
+    const int64_t iy_lo = oy0 * stride - 1;
+    const float *in[9];
+    if (stride == 1) {
+        stage_plane_s1(band, y0, H, W, iy_lo, Ho + 2, stage, pb, pre);
+        for (int k = 0; k < 9; ++k) in[k] = stage + (k / 3) * Ws + (k % 3);
+    } else {
+        stage_plane_s2(band, y0, H, W, iy_lo, 2 * Ho + 1, Hq, Ws, stage, pb, pre);
+        for (int k = 0; k < 9; ++k) {
+            const int dy = k / 3, dx = k % 3;
+            in[k] = stage + (2 * (dy & 1) + (dx & 1)) * Hq * Ws + (dy >> 1) * Ws + (dx >> 1);
+        }
+    }
+    if (stride == 1 && Wo >= 16) { /* wide rows: straight into the output, two rows at a time */
+        int64_t y = 0;
+        for (; y + 1 < Ho; y += 2) rows2_s1(out + y * Wo, out + (y + 1) * Wo, stage + y * Ws, Ws, w, bias, Wo);
+        if (y < Ho) {
+            const float *last[9];
+            for (int k = 0; k < 9; ++k) last[k] = in[k] + y * Ws;
+            taps9(out + y * Wo, last, w, bias, Wo);
+        }
+    } else if (Wo >= 16) {
+        for (int64_t y = 0; y < Ho; ++y) {
+            const float *row[9];
+            for (int k = 0; k < 9; ++k) row[k] = in[k] + y * Ws;
+            taps9(out + y * Wo, row, w, bias, Wo);
+        }
+    } else {
+        taps9(tmp, in, w, bias, (Ho - 1) * Ws + Wo);
+        for (int64_t y = 0; y < Ho; ++y) memcpy(out + y * Wo, tmp + y * Ws, Wo * sizeof(float));
+    }
+}
+
+/* Depthwise 3x3, pad 1, stride 1 or 2, bias + ReLU6 fused, over C channels x B planes. */
+static void depthwise(const int64_t *op, const void *plan, const float *src, float *dst, float *scratch) {
+    const int64_t C = op[F_C], H = op[F_H], W = op[F_W], stride = op[F_STRIDE], B = header(plan)[H_BATCH];
+    const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+    const float *wts = cbuf(plan, op[F_WEIGHTS]);
+    const float *bias = cbuf(plan, op[F_BIAS]);
+    const float *pre = op[F_PRE_BIAS] >= 0 ? cbuf(plan, op[F_PRE_BIAS]) : 0;
+    const int nchw = op[F_SRC_NCHW] != 0; /* src is the model input [B, C, H, W]: no layout pass needed */
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t bi = 0; bi < B; ++bi)
+            dw_band(src + (nchw ? bi * C + c : c * B + bi) * H * W, 0, H, W, stride, 0, Ho, wts + 9 * c, bias[c],
+                    pre ? pre[c] : 0.0f, pre != 0, dst + (c * B + bi) * Ho * Wo, scratch);
+}
+
+/* Expand (sparse 1x1) + bias + ReLU6 + depthwise, in bands of output rows: per image and band,
+ * the input rows the band needs are copied to a small [K, rows * W] buffer, the kernel expands
+ * them into [hidden, rows * W] (cache resident), and the depthwise consumes that at once, so
+ * the expanded tensor never goes to memory. Halo rows (one above and below) are recomputed. */
+static int32_t fused_expand_dw(const int64_t *op, const void *plan, ubp_kernel_fn fn, const float *src, float *dst,
+                               void *ws, float *scratch) {
+    const int64_t hidden = op[F_C], K = op[F_M], band = op[F_BAND], H = op[F_H], W = op[F_W];
+    const int64_t stride = op[F_STRIDE], B = header(plan)[H_BATCH];
+    const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+    const float *wts = cbuf(plan, op[F_WEIGHTS]);
+    const float *bias = cbuf(plan, op[F_BIAS]);
+    const float *pre = cbuf(plan, op[F_PRE_BIAS]);
+    const void *packed = op[F_PACKED] >= 0 ? (const char *)plan + op[F_PACKED] : 0;
+    float *xb = (float *)((char *)ws + op[F_XB]);
+    float *eb = (float *)((char *)ws + op[F_EB]);
+    for (int64_t bi = 0; bi < B; ++bi) {
+        for (int64_t oy0 = 0; oy0 < Ho; oy0 += band) {
+            const int64_t oy1 = oy0 + band < Ho ? oy0 + band : Ho;
+            int64_t y0 = oy0 * stride - 1, y1 = (oy1 - 1) * stride + 2;
+            if (y0 < 0) y0 = 0;
+            if (y1 > H) y1 = H;
+            const int64_t n = (y1 - y0) * W;
+            for (int64_t k = 0; k < K; ++k)
+                memcpy(xb + k * n, src + (k * B + bi) * H * W + y0 * W, n * sizeof(float));
+            const int32_t rc = fn(xb, eb, n, packed);
+            if (rc != 0) return rc;
+            for (int64_t c = 0; c < hidden; ++c)
+                dw_band(eb + c * n, y0, H, W, stride, oy0, oy1, wts + 9 * c, bias[c], pre[c], 1,
+                        dst + (c * B + bi) * Ho * Wo + oy0 * Wo, scratch);
+        }
+    }
+    return 0;
+}
+
+/* y[r, :] = clamp(y[r, :] + bias[r] (+ res[r, :])) over M rows of n. */
+static void epilogue(float *y, const float *bias, const float *res, int64_t M, int64_t n, int64_t clamp) {
+    for (int64_t r = 0; r < M; ++r) {
+        float *yr = y + r * n;
+        const float b = bias[r];
+        if (res) {
+            const float *rr = res + r * n;
+            for (int64_t j = 0; j < n; ++j) yr[j] = clampf(yr[j] + b + rr[j], clamp);
+        } else if (clamp) {
+            for (int64_t j = 0; j < n; ++j) yr[j] = clampf(yr[j] + b, clamp);
+        } else {
+            for (int64_t j = 0; j < n; ++j) yr[j] += b;
+        }
+    }
+}
+
+/* out[b, c] = mean over the plane of clamp(src[c, b, :] + bias[c]). */
+static void pool(const int64_t *op, const void *plan, const float *src, float *out) {
+    const int64_t C = op[F_C], HW = op[F_HW], B = header(plan)[H_BATCH], clamp = op[F_CLAMP];
+    const float *bias = op[F_BIAS] >= 0 ? cbuf(plan, op[F_BIAS]) : 0;
+    const float inv = 1.0f / (float)HW;
+    for (int64_t c = 0; c < C; ++c) {
+        const float b = bias ? bias[c] : 0.0f;
+        for (int64_t bi = 0; bi < B; ++bi) {
+            const float *s = src + (c * B + bi) * HW;
+            float acc = 0.0f;
+            for (int64_t j = 0; j < HW; ++j) acc += clampf(s[j] + b, clamp);
+            out[bi * C + c] = acc * inv;
+        }
+    }
+}
+
+/* [B, C, HW] -> [C, B, HW] */
+static void to_channel_major(const float *x, float *dst, int64_t B, int64_t C, int64_t HW) {
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t b = 0; b < B; ++b) memcpy(dst + (c * B + b) * HW, x + (b * C + c) * HW, HW * sizeof(float));
+}
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts); /* robust to other processes sharing the core */
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+/* seconds_per_kind (optional, 6 doubles, accumulated): input, sparse kernels, epilogues,
+ * depthwise, pool, fused expand + depthwise. */
+int32_t ubp_model_run_profiled(const void *plan, const float *x, float *y, void *workspace, double *prof) {
+    if (!plan || !check_header(plan)) return E_HEADER;
+
+    const int64_t *h = header(plan);
+    const int64_t *ops = h + REC;
+    const ubp_kernel_fn *table = (const ubp_kernel_fn *)((const char *)plan + h[H_KERNELS_OFF]);
+    const int64_t B = h[H_BATCH];
+    float *scratch = (float *)((char *)workspace + h[H_SCRATCH_OFF]);
+    for (int64_t i = 0; i < h[H_NOPS]; ++i) {
+        const int64_t *op = ops + REC * i;
+        double t0 = prof ? now() : 0.0;
+        int kind = 0;
+        switch (op[F_KIND]) {
+        case OP_INPUT:
+            to_channel_major(x, buf(op[F_DST], x, y, workspace), B, op[F_C], op[F_HW]);
+            kind = 0;
+            break;
+        case OP_PW: {
+            ubp_kernel_fn fn = table[op[F_KERNEL]];
+            if (!fn) return E_UNBOUND;
+            const void *packed = op[F_PACKED] >= 0 ? (const char *)plan + op[F_PACKED] : 0;
+            float *dst = buf(op[F_DST], x, y, workspace);
+            int64_t n = B * op[F_HW];
+            int32_t rc = fn(buf(op[F_SRC], x, y, workspace), dst, n, packed);
+            if (rc != 0) return E_KERNEL_BASE + rc;
+            if (prof) {
+                double t1 = now();
+                prof[1] += t1 - t0;
+                t0 = t1;
+            }
+            if (op[F_BIAS] >= 0)
+                epilogue(dst, cbuf(plan, op[F_BIAS]), op[F_RES] != -3 ? buf(op[F_RES], x, y, workspace) : 0,
+                         op[F_M], n, op[F_CLAMP]);
+            kind = 2;
+            break;
+        }
+        case OP_EXPAND_DW: {
+            ubp_kernel_fn fn = table[op[F_KERNEL]];
+            if (!fn) return E_UNBOUND;
+            int32_t rc = fused_expand_dw(op, plan, fn, buf(op[F_SRC], x, y, workspace),
+                                         buf(op[F_DST], x, y, workspace), workspace, scratch);
+            if (rc != 0) return E_KERNEL_BASE + rc;
+            kind = 5;
+            break;
+        }
+        case OP_DW:
+            depthwise(op, plan, buf(op[F_SRC], x, y, workspace), buf(op[F_DST], x, y, workspace), scratch);
+            kind = 3;
+            break;
+        case OP_POOL:
+            pool(op, plan, buf(op[F_SRC], x, y, workspace), buf(op[F_DST], x, y, workspace));
+            kind = 4;
+            break;
+        default:
+            return E_OP;
+        }
+        if (prof) prof[kind] += now() - t0;
+    }
+    return 0;
+}
+
+int32_t ubp_model_run(const void *plan, const float *x, float *y, void *workspace) {
+    return ubp_model_run_profiled(plan, x, y, workspace, 0);
+}
