@@ -138,19 +138,19 @@ def test_tune_and_bench_a_user_kernel_from_the_cli(tmp_path):
     # bench: our runner uses the user's kernel, checked against dense torch before it is timed
     _write(tmp_path, 3.0)
     bout = tmp_path / "bench"
-    rb = subprocess.run([sys.executable, "-m", "ubpdsl.cli", "bench", "--variant", spec, "--quick", "--shapes",
-                         "fc_2", "--min-time", "0.02", "--out", str(bout)], capture_output=True, text=True,
-                        env=env, timeout=600, cwd=ROOT)
-    assert rb.returncode == 0, rb.stderr
-    rows = {row["runner"]: row for row in csv.DictReader(open(bout / "results.csv"))}
+
+    def bench() -> dict[str, dict[str, str]]:
+        rb = subprocess.run([sys.executable, "-m", "ubpdsl.cli", "bench", "--variant", spec, "--quick", "--shapes",
+                             "fc_2", "--min-time", "0.02", "--out", str(bout)], capture_output=True, text=True,
+                            env=env, timeout=600, cwd=ROOT)
+        assert rb.returncode == 0, rb.stderr
+        return {row["runner"]: row for row in csv.DictReader(open(bout / "results.csv"))}
+
+    rows = bench()
     # SCALE = 3 now: the reference is W @ x, so the kernel must be reported wrong, not timed
     assert rows["ubp"]["status"] == "wrong" and "scaled_stream" in rows["ubp"]["label"]
     _write(tmp_path, 1.0)
-    rb = subprocess.run([sys.executable, "-m", "ubpdsl.cli", "bench", "--variant", spec, "--quick", "--shapes",
-                         "fc_2", "--min-time", "0.02", "--out", str(bout)], capture_output=True, text=True,
-                        env=env, timeout=600, cwd=ROOT)
-    assert rb.returncode == 0, rb.stderr
-    rows = {row["runner"]: row for row in csv.DictReader(open(bout / "results.csv"))}
+    rows = bench()
     assert rows["ubp"]["status"] == "ok" and "scaled_stream" in rows["ubp"]["label"]
     assert float(rows["ubp"]["speedup"]) > 0
 
