@@ -112,11 +112,13 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
              pixels_map: str | None = None, model: Any = None, jobs: int = 2, timeout: float = 20.0,
              runner: str | None = None, ssh_options: tuple[str, ...] = (), force: bool = False,
              synthetic_weights: bool = False, seed: int = 0, cache_dir: str | None = None, dense: bool = True,
-             progress: bool = True, cache: str = "cold", echo: Any = click.echo) -> list[LayerSummary]:
+             progress: bool = True, cache: str = "cold", echo: Any = click.echo,
+             variants: tuple[str, ...] = ()) -> list[LayerSummary]:
     """The ``tune`` command as a function (see :func:`tune`); returns the per-layer summary.
 
     ``model``: a :class:`~ubpdsl.models.LoadedModel` (or a built-in spec name) whose example input
-    gives every layer's n.
+    gives every layer's n. ``variants``: search only these kernels (shipped names or user kernel
+    files ``FILE.py:name``; default: the shipped variants).
     """
     from ubpdsl.autotune.runner import get_runner
     from ubpdsl.autotune.study import CACHE_MODES, Tuner, TuneSettings
@@ -133,12 +135,15 @@ def run_tune(mask_path: str, *, target: str = "host", trials: int = DEFAULT_TRIA
         from ubpdsl.models import resolve_model
 
         model = resolve_model(model, pretrained=False)
+    from ubpdsl.kernels import variant_name
+
+    variants = tuple(dict.fromkeys(variant_name(v) for v in variants))  # loads (and checks) each kernel now
     layers = load_layers(mask_path, layer_names, pixels, pixels_map, not synthetic_weights, loaded=model)
     ensure_dir(out_dir)  # a file in the way is reported now, not after the tuning
     the_runner = get_runner(runner, ssh_options) if runner else None
     settings = TuneSettings(target=target, trials=trials, storage=storage,
                             cache_dir=Path(cache_dir) if cache_dir else None, jobs=jobs, timeout=timeout, seed=seed,
-                            force=force, weights=not synthetic_weights, cache=cache)
+                            force=force, weights=not synthetic_weights, cache=cache, variants=variants)
     warnings.filterwarnings("ignore", module="optuna")
     bar = None
     if progress:
@@ -372,6 +377,9 @@ def _machine() -> dict[str, Any]:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--no-dense", is_flag=True, help="skip the dense torch.mm comparison")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option("--variant", "variants", multiple=True, metavar="NAME|FILE.py:NAME",
+              help="search only these kernels (repeatable): shipped variants or your own @ubl.kernel with "
+              "its tune= knobs (docs/dsl.md); default: every shipped variant")
 @click.option("--cache", "cache", default="cold", show_default=True, metavar="cold|warm",
               help="timing mode. cold: the caches are scrubbed (8 MiB copied) before every timed call, because "
               "a layer in a network runs after other layers and its operands are not in cache; configs that "
@@ -382,7 +390,7 @@ def tune(mask_path: str, target: str, trials: int, storage: str | None, out_dir:
          pixels: int | None, pixels_map: str | None, model_spec: str | None, weights: Path | None,
          input_shape: str | None, input_dtype: str | None, batch: int, jobs: int, timeout: float, runner: str | None,
          ssh_options: tuple[str, ...], force: bool, synthetic_weights: bool, seed: int, no_dense: bool,
-         no_progress: bool, cache: str) -> None:
+         no_progress: bool, cache: str, variants: tuple[str, ...]) -> None:
     """Tune the kernel of every layer of a masks.npz and write the fastest .so files.
 
     \b
@@ -390,6 +398,7 @@ def tune(mask_path: str, target: str, trials: int, storage: str | None, out_dir:
       ubpdsl tune --mask masks.npz --model mobilenetv2 -o build/
       ubpdsl tune --mask masks.npz --model mynet.py:TinyResNet --input-shape 3,32,32 --batch 8
       ubpdsl tune --mask masks.npz --target aarch64-sve          # llvm-mca estimate
+      ubpdsl tune --mask masks.npz --pixels 196 --variant mykernels.py:my_kernel --variant wros
       ubpdsl tune --mask masks.npz --storage postgresql://tuner@db/ubp --trials 64
     Interrupted runs resume where they stopped; unchanged layers come from the cache.
     """
@@ -401,4 +410,4 @@ def tune(mask_path: str, target: str, trials: int, storage: str | None, out_dir:
     run_tune(mask_path, target=target, trials=trials, storage=storage, out_dir=out_dir, layer_names=layer_names,
              pixels=pixels, pixels_map=pixels_map, model=loaded, jobs=jobs, timeout=timeout, runner=runner,
              ssh_options=ssh_options, force=force, synthetic_weights=synthetic_weights, seed=seed,
-             dense=not no_dense, progress=not no_progress, cache=cache)
+             dense=not no_dense, progress=not no_progress, cache=cache, variants=variants)

@@ -2,7 +2,8 @@
 
 A point of the space is a :class:`Config`: kernel variant (from the DSL library), its
 compile-time constants (``TILE``: tile width over n in vector registers, ``UNROLL``: unroll
-of the block loop, and any other knob a kernel declares that :data:`KNOB_CHOICES` knows),
+of the block loop, and any other knob the kernel declares in ``@ubl.kernel(tune=...)``;
+:data:`KNOB_CHOICES` is their union),
 data-driven vs mask-specialised, and the vector width where the target allows a choice
 (x86 hosts with AVX-512 can also plan for 256-bit vectors).
 
@@ -22,7 +23,8 @@ import numpy as np
 
 from ubpdsl.compiler import Problem
 from ubpdsl.config import DEFAULT_VARIANT, KernelConfig
-from ubpdsl.kernels import VARIANTS
+from ubpdsl.errors import UbpError
+from ubpdsl.kernels import VARIANTS, get_variant
 from ubpdsl.runtime.targets import Target
 
 __all__ = [
@@ -33,21 +35,25 @@ __all__ = [
     "default_config",
     "seed_configs",
     "infeasible",
+    "knob_choices",
     "suggest",
     "vector_bits_choices",
 ]
 
-#: Values tried for constexpr knobs, by name. A kernel's constexpr not listed here stays at
-#: its default. Future kernel knobs (a prefetch distance, a row-group size) only need an entry.
-KNOB_CHOICES: dict[str, list[int]] = {
-    "TILE": [1, 2, 4, 8],  # powers of two: LLVM shuffles vector<48xf32> element by element (TILE=3: 15x slower)
-    "UNROLL": [1, 2, 4],
-    "PREFETCH": [0, 1, 2, 4, 8, 16],
-    "STREAM": [False, True],
-    "PANEL": [0, 8, 16, 32, 64],
-    "ROWS": [1, 2, 4],
-    "YPREFETCH": [0, 4, 8, 16],  # prefetch-for-write of the Y row that many rows ahead (0: off)
-}
+def knob_choices(variants: Any = None) -> dict[str, list[Any]]:
+    """Values tried per constexpr knob: the union of the ``@ubl.kernel(tune=...)`` spaces the
+    variants declare (default: the shipped ones), in a fixed order (Optuna needs the same
+    choices in every trial of a study). A kernel's constexpr it does not declare stays at its default."""
+    out: dict[str, list[Any]] = {}
+    for name in sorted(variants or VARIANTS):
+        for knob, values in get_variant(name).tune.items():
+            have = out.setdefault(knob, [])
+            have += [v for v in values if not any(type(v) is type(h) and v == h for h in have)]
+    return out
+
+
+#: The shipped variants' knobs (see :func:`knob_choices`).
+KNOB_CHOICES: dict[str, list[Any]] = knob_choices()
 
 #: Fully unrolled (mask-baked) kernels grow with the number of blocks: compile time is about
 #: 20-60 ms per block and TILE (LLVM 22, this machine), and the code leaves the i-cache. Above
@@ -102,16 +108,16 @@ def vector_bits_choices(target: Target) -> list[int]:
 
 def _canonical(variant: str, constants: dict[str, Any], specialize: bool, vector_bits: int | None,
                target: Target) -> Config:
-    kernel = VARIANTS[variant]
+    kernel = get_variant(variant)
     consts = {k: v for k, v in constants.items() if k in kernel.constexprs}
     spec = bool(specialize or kernel.needs_specialized)
     vb = None if vector_bits in (None, target.vector_bits) else vector_bits
     return Config(variant, consts, spec, vb)
 
 
-def default_config(target: Target) -> Config:
-    """What ``ubpdsl compile`` builds without options: wros with its default constants."""
-    return _canonical(DEFAULT_VARIANT, VARIANTS[DEFAULT_VARIANT].resolve_constants(None), False, None, target)
+def default_config(target: Target, variant: str = DEFAULT_VARIANT) -> Config:
+    """What ``ubpdsl compile`` builds without options: wros (or ``variant``) with its default constants."""
+    return _canonical(variant, dict(get_variant(variant).defaults), False, None, target)
 
 
 #: Output size (bytes) above which non-temporal stores of Y are worth seeding.
@@ -160,9 +166,10 @@ def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
 
 def infeasible(config: Config, layer: Layer, target: Target, weights: bool) -> str | None:
     """Why ``config`` cannot (or should not) be built for ``layer``, or None when it is fine."""
-    if config.variant not in VARIANTS:
-        return f"unknown variant {config.variant}"
-    kernel = config.kernel
+    try:
+        kernel = config.kernel
+    except UbpError as exc:
+        return str(exc)
     N = layer.problem.N
     if kernel.aligned and not layer.aligned:
         return f"{config.variant} needs blocks at multiples of N={N}; this mask is unaligned"
@@ -200,15 +207,19 @@ def infeasible(config: Config, layer: Layer, target: Target, weights: bool) -> s
     return None
 
 
-def suggest(trial: Any, layer: Layer, target: Target, weights: bool) -> Config:
-    """Sample a config from an Optuna trial (the same parameter names for every layer)."""
-    variants = sorted(VARIANTS)
-    variant = trial.suggest_categorical("variant", variants)
-    constants: dict[str, Any] = {}
-    kernel = VARIANTS[variant]
-    for name in sorted(KNOB_CHOICES):
-        value = trial.suggest_categorical(name, KNOB_CHOICES[name])
-        if name in kernel.constexprs:
+def suggest(trial: Any, layer: Layer, target: Target, weights: bool, variants: Any = None) -> Config:
+    """Sample a config from an Optuna trial (the same parameter names for every layer).
+
+    ``variants``: the variant names searched (default: the shipped ones); a knob value outside
+    the sampled kernel's own ``tune=`` space leaves that knob at its default."""
+    names = sorted(variants or VARIANTS)
+    variant = trial.suggest_categorical("variant", names)
+    kernel = get_variant(variant)
+    constants: dict[str, Any] = dict(kernel.defaults)  # undeclared knobs: explicit defaults (one canonical key)
+    choices = knob_choices(names)
+    for name in sorted(choices):
+        value = trial.suggest_categorical(name, choices[name])
+        if value in kernel.tune.get(name, ()):
             constants[name] = value
     specialize = trial.suggest_categorical("specialize", [False, True])
     vbs = vector_bits_choices(target)
@@ -216,10 +227,10 @@ def suggest(trial: Any, layer: Layer, target: Target, weights: bool) -> Config:
     return _canonical(variant, constants, specialize, vector_bits, target)
 
 
-def trial_params(config: Config, target: Target) -> dict[str, Any]:
+def trial_params(config: Config, target: Target, variants: Any = None) -> dict[str, Any]:
     """The Optuna parameters that :func:`suggest` maps to ``config`` (for ``enqueue_trial``)."""
     params: dict[str, Any] = {"variant": config.variant, "specialize": config.specialize,
                               "vector_bits": config.vector_bits or target.vector_bits}
-    for name, choices in KNOB_CHOICES.items():
+    for name, choices in knob_choices(variants).items():
         params[name] = config.constants.get(name, choices[0])
     return params

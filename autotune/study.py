@@ -87,6 +87,7 @@ class TuneSettings:
     budget_s: float = 0.15
     rounds: int = 11
     cache: str = "cold"  # timing mode, one of CACHE_MODES (ignored by llvm-mca estimates)
+    variants: tuple[str, ...] = ()  # variant names searched (shipped or /abs/FILE.py:name); () = shipped
 
 
 @dataclass
@@ -378,6 +379,11 @@ class Tuner:
             self._heartbeat.stop()
 
     @property
+    def default_config(self) -> sp.Config:
+        """The reference config: wros at its defaults, or the first searched kernel's (``--variant``)."""
+        return sp.default_config(self.target, *self.settings.variants[:1])
+
+    @property
     def cache_mode(self) -> str | None:
         """The timing mode ("cold" or "warm"), or None when configs are costed by llvm-mca (no caches)."""
         return None if self.estimate else self.settings.cache
@@ -385,12 +391,13 @@ class Tuner:
     def key(self, layer: sp.Layer) -> str:
         """The tuned-config cache key of ``layer`` (also names its study); includes the timing mode."""
         from ubpdsl.compiler import compiler_fingerprint
-        from ubpdsl.kernels import VARIANTS
+        from ubpdsl.kernels import VARIANTS, variant_identities
         from ubpdsl.runtime.toolchain import toolchain_versions
 
         return tuned_key(mask=layer.problem.blocks_hash(), shape=[layer.problem.M, layer.problem.K, layer.problem.N],
                          n=layer.n, target=self.target.cache_key(), toolchain=toolchain_versions(),
-                         compiler=compiler_fingerprint(), kernels={k: v.source for k, v in VARIANTS.items()},
+                         compiler=compiler_fingerprint(),
+                         kernels=variant_identities(self.settings.variants or VARIANTS),
                          runner=self.runner.name, estimate=self.estimate, weights=self.settings.weights,
                          cache=self.cache_mode)
 
@@ -496,7 +503,7 @@ class Tuner:
         from optuna.trial import TrialState
 
         s = self.settings
-        default = sp.default_config(self.target)
+        default = self.default_config
         key = self.key(layer)
         if not s.force:
             cached = self.cached_result(layer, key)
@@ -518,8 +525,12 @@ class Tuner:
             # warm start: the best configs of the layers tuned before in this run
             seeds += [c for c in self.recent[-3:] if c not in seeds
                       and sp.infeasible(c, layer, self.target, s.weights) is None]
+            if s.variants:  # a restricted search: each searched kernel at its defaults, then the seeds in it
+                seeds = [sp.default_config(self.target, v) for v in s.variants] + seeds
+                seeds = [c for i, c in enumerate(seeds) if c.variant in s.variants and c not in seeds[:i]
+                         and sp.infeasible(c, layer, self.target, s.weights) is None]
             for c in seeds:
-                study.enqueue_trial(sp.trial_params(c, self.target), user_attrs={"seed": True},
+                study.enqueue_trial(sp.trial_params(c, self.target, s.variants), user_attrs={"seed": True},
                                     skip_if_exists=True)
 
         ref_built = self.compile(layer, default)
@@ -580,7 +591,7 @@ class Tuner:
         hit_cache = hit.get("cache", None if hit.get("estimate") else "warm")
         if hit_cache != self.cache_mode:
             return None
-        return LayerResult(layer.name, layer.n, sp.Config.from_json(hit["best"]), sp.default_config(self.target),
+        return LayerResult(layer.name, layer.n, sp.Config.from_json(hit["best"]), self.default_config,
                            float(hit["best_value"]), int(hit["trials"]), int(hit.get("failed", 0)), True,
                            bool(hit.get("estimate")), [tuple(h) for h in hit.get("history", [])],
                            hit.get("study", ""), key, hit.get("final"), hit_cache)
@@ -624,7 +635,7 @@ class Tuner:
         trial.set_user_attr("pid", os.getpid())
         if self._heartbeat is not None:
             self._heartbeat.add(trial._trial_id)
-        config = sp.suggest(trial, layer, self.target, s.weights)
+        config = sp.suggest(trial, layer, self.target, s.weights, s.variants)
         trial.set_user_attr("config", config.key())
         trial.set_user_attr("label", config.label())
         why = sp.infeasible(config, layer, self.target, s.weights)
@@ -652,7 +663,7 @@ class Tuner:
         if "error" in built:
             trial.set_user_attr("fail_reason", built["error"][:500])
             return None
-        is_default = config.key() == sp.default_config(self.target).key()  # the reference: 1.0 by definition
+        is_default = config.key() == self.default_config.key()  # the reference: 1.0 by definition
         if self.estimate:
             try:
                 cycles = self.estimate_cost(layer, config, built)

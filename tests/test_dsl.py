@@ -76,6 +76,14 @@ BAD = {
                        "tail= must be 'overlap' or 'mask', got 'wrap'", "tail='wrap'"),
     "write prefetch of input": ("        ubl.prefetch(X, 0, j, write=True)\n",
                                 "write=True needs the ubl.Output operand, X is an input", "ubl.prefetch(X"),
+    # "did you mean": ubl.*, operand attributes, kernel-body names
+    "ubl typo": ("        x = ubl.lod(X, 0, j)\n", "ubl has no 'lod'; did you mean 'load'?", "ubl.lod"),
+    "W attribute typo": ("        r = W.rowz\n", "has no attribute 'rowz'; did you mean 'rows'?", "W.rowz"),
+    "X attribute typo": ("        m = X.nn\n", "has no attribute 'nn'; did you mean 'n'?", "X.nn"),
+    "tile attribute typo": ("        s = j.strat\n", "has no attribute 'strat'; did you mean 'start'?", "j.strat"),
+    "name typo": ("        t = TILLE + 1\n", "name 'TILLE' is not defined; did you mean 'TILE'?", "TILLE"),
+    "num_blocks data-driven": ("        m = W.num_blocks\n", "W.num_blocks is a compile-time int only in "
+                               "mask-specialised kernels", "W.num_blocks"),
     # resource limits: each ends at once, before any code is emitted for the loop
     "static_range bomb": ("        for i in ubl.static_range(1000000000):\n            pass\n",
                           "ubl.static_range unrolls 1000000000 iterations, more than 65536", "1000000000"),
@@ -191,3 +199,46 @@ def test_cli_emit_check_bounds():
     assert plain.returncode == 0 and checked.returncode == 0, checked.stderr
     assert "memref.alloca" in checked.stdout and "memref.alloca" not in plain.stdout
     assert checked.stdout.count("scf.if") > plain.stdout.count("scf.if")
+
+
+def test_help_shows_builtin_signatures_and_docs():
+    import inspect
+    import pydoc
+
+    from ubpdsl.language.core import BUILTINS
+
+    for name in BUILTINS:
+        fn = getattr(ubl, name)
+        assert fn.__ubp_builtin__ == name
+        assert fn.__doc__ and len(fn.__doc__) > 40, name
+        assert "args" not in str(inspect.signature(fn)) or name in ("range", "static_range", "zeros"), name
+    text = pydoc.render_doc(ubl.tiles, renderer=pydoc.plaintext)
+    assert "tiles(n: 'Any', tile: 'int', *, tail: 'str' = 'overlap')" in text
+    assert "tail" in inspect.signature(ubl.tiles).parameters
+    w_doc = pydoc.render_doc(ubl.BlockSparse, renderer=pydoc.plaintext)
+    for member in ("row_blocks", "block_col", "weight", "lookahead", "rows", "cols", "block"):
+        assert member in w_doc
+    with pytest.raises(DSLError, match=r"ubl.load\(\) can only be used inside a @ubl.kernel"):
+        ubl.load(None, 0, None)
+
+
+def test_module_attribute_typo_suggests():
+    with pytest.raises(AttributeError, match="ubl has no 'lod'; did you mean 'load'\\?"):
+        ubl.lod  # noqa: B018
+    with pytest.raises(AttributeError, match="ubl has no 'stor'; did you mean 'store'\\?"):
+        ubl.stor  # noqa: B018
+
+
+def test_unknown_constexpr_suggests():
+    from ubpdsl.kernels import wros
+
+    with pytest.raises(DSLError, match="no constexpr parameter\\(s\\) TILLE; did you mean 'TILE'\\?"):
+        wros.resolve_constants({"TILLE": 2})
+
+
+def test_const_typo_from_cli(capsys):
+    from ubpdsl.cli import main
+
+    assert main(["emit", "wros", "--const", "UNROL=2", "--shape", "8,8,4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "did you mean 'UNROLL'?" in err, err

@@ -104,6 +104,8 @@ def _arm_bench(target: str, shapes: str | None, sparsity: str | None, block: str
               "--model nor --pixels-map gives one.")
 @click.option("--pixels-map", default=None, type=click.Path(dir_okay=False), help="JSON {layer: n} for --mask.")
 @model_options(what="With --mask: each layer's n comes from running its example input once (with --batch).")
+@click.option("--variant", default="wros", show_default=True, metavar="NAME|FILE.py:NAME",
+              help="the kernel of our unaligned runner: a shipped variant or your own @ubl.kernel (docs/dsl.md)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.csv, report.md and the plot.")
 @click.option("--target", type=click.Choice(TARGET_NAMES), default="host",
@@ -116,8 +118,8 @@ def _arm_bench(target: str, shapes: str | None, sparsity: str | None, block: str
 def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str | None, block: str | None,
           quick: bool, threads: str | None, tuner: str | None, trials: int, min_time: float | None,
           cache: str, pixels: int | None, pixels_map: str | None, model_spec: str | None, weights: Path | None,
-          input_shape: str | None, input_dtype: str | None, batch: int, out_dir: str, target: str, vl: str | None,
-          consts: tuple[str, ...], plot_path: str | None) -> None:
+          input_shape: str | None, input_dtype: str | None, batch: int, variant: str, out_dir: str, target: str,
+          vl: str | None, consts: tuple[str, ...], plot_path: str | None) -> None:
     """Time ubpdsl's kernels beside dense torch.mm, numpy, scipy, torch and MLIR sparse.
 
     Every runner's output is checked against dense torch first (a wrong one is reported, not
@@ -129,14 +131,20 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
       ubpdsl bench --suite mobilenetv2 --quick --out bench-out
       ubpdsl bench --shapes r18_2,fc_1 --sparsity 0.9 --block 4 --threads 1
       ubpdsl bench --mask masks.npz --model mobilenetv2 --plot masks.png
+      ubpdsl bench --variant mykernels.py:my_kernel --quick --shapes fc_2
       ubpdsl bench --target aarch64-neon --block 4 --out docs
     """
     if target != "host":
+        if variant != "wros":
+            raise UbpError("--variant is for host timing runs; --target aarch64-* counts wros and aligned_rows")
         if mask_path or suite != "shapes":
             raise UbpError("--target aarch64-* runs the shape suite only (use --shapes to subset)")
         _arm_bench(target, shapes, sparsity, block, quick, vl, consts, out_dir)
         return
     from ubpdsl import benchsuite as bs
+    from ubpdsl.kernels import variant_name
+
+    variant = variant_name(variant)  # loads (and checks) a user kernel before anything runs
 
     sps = _floats(sparsity, "sparsity") if sparsity else ([0.75] if quick else list(bs.SPARSITIES))
     bad = [s for s in sps if not 0 <= s < 1]
@@ -204,7 +212,7 @@ def bench(suite: str, mask_path: str | None, shapes: str | None, sparsity: str |
         click.echo(msg + f"  ({time.perf_counter() - t0:.0f}s)", err=True)
 
     results = bs.run_suite(specs, tuner=tuner_fn, threads=nts, min_time=mt, progress=progress, bandwidth=bw,
-                           cache=cache)
+                           cache=cache, variant=variant)
     csv_path = out / "results.csv"
     bs.write_csv(results, csv_path)
     bs.plot_speedups(results, plot)

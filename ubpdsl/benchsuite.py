@@ -355,12 +355,12 @@ _POOL: Any = None
 
 
 def _compile_job(args: tuple[str, Problem, dict[str, Any], bool, int | None]) -> CompiledKernel:
-    from ubpdsl.kernels import VARIANTS
     from ubpdsl.runtime.targets import get_target
 
     variant, problem, constants, specialize, vbits = args
-    target = KernelConfig(variant, constants, specialize, vbits).target_for(get_target("host"))
-    return compile_kernel(VARIANTS[variant], problem, target, constants=constants, specialize=specialize)
+    config = KernelConfig(variant, constants, specialize, vbits)
+    return compile_kernel(config.kernel, problem, config.target_for(get_target("host")), constants=constants,
+                          specialize=specialize)
 
 
 def _compile_many(jobs: list[tuple[str, Problem, dict[str, Any], bool, int | None]], workers: int = 2
@@ -435,9 +435,9 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, ca
     every call). ``quick``: the variant's default constants only (labelled "default")."""
 
     def tune(problem: Problem, x: np.ndarray, variant: str) -> Tuned:
-        from ubpdsl.kernels import VARIANTS
+        from ubpdsl.kernels import get_variant
 
-        kern = VARIANTS[variant]
+        kern = get_variant(variant)
         n = x.shape[1]
         if quick:
             ck = _compile_many([(variant, problem, {}, False, None)], 1)[0]
@@ -449,6 +449,7 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, ca
         y = aligned_empty((problem.M, n))
 
         def best_of(cfgs: list[dict[str, Any]]) -> tuple[dict[str, Any], CompiledKernel] | None:
+            cfgs = [{k: v for k, v in c.items() if k in knobs} for c in cfgs]  # knobs the kernel has
             cfgs = [dict(c) for c in {tuple(sorted(c.items())): c for c in cfgs}.values()]  # drop repeats
             cks = _compile_many([(variant, problem, c, False, None) for c in cfgs], workers)
             fns: dict[int, Callable[[], object]] = {}
@@ -501,20 +502,24 @@ def default_tuner() -> Tuner:
 def autotune_tuner(trials: int = 8) -> Tuner:
     """``ubpdsl.autotune``'s Optuna study (persistent, cached) with a small trial budget.
 
-    The tuner searches every variant it may use on the mask; for the aligned-kernel runner the
-    search is not constrained to aligned_rows, so that runner keeps the sweep.
+    For wros the tuner searches every shipped variant it may use on the mask, for a user kernel
+    (``FILE.py:name``) that kernel's own ``tune=`` space; for the aligned-kernel runner the search
+    is not constrained to aligned_rows, so that runner keeps the sweep.
     """
     from ubpdsl.autotune import space as sp
     from ubpdsl.autotune.study import Tuner as OptunaTuner
     from ubpdsl.autotune.study import TuneSettings
 
-    tuner = OptunaTuner(TuneSettings(trials=trials, jobs=2))
+    tuners: dict[str, OptunaTuner] = {}
     sweep = sweep_tuner()
 
     def tune(problem: Problem, x: np.ndarray, variant: str) -> Tuned:
-        if variant != "wros":
+        if variant == "aligned_rows":
             return sweep(problem, x, variant)
-        res = tuner.tune_layer(sp.Layer(problem, x.shape[1]))
+        if variant not in tuners:  # wros: every shipped variant; a user kernel: its own tune= space
+            tuners[variant] = OptunaTuner(TuneSettings(trials=trials, jobs=2,
+                                                       variants=() if variant == "wros" else (variant,)))
+        res = tuners[variant].tune_layer(sp.Layer(problem, x.shape[1]))
         c = res.best
         got = _compile_many([(c.variant, problem, dict(c.constants), c.specialize, c.vector_bits)], 1)[0]
         if isinstance(got, UbpError):
@@ -522,7 +527,7 @@ def autotune_tuner(trials: int = 8) -> Tuner:
         return Tuned(got, c.variant, dict(c.constants), f"autotuned ({res.trials} trials)", c.specialize,
                      c.vector_bits)
 
-    tune.close = tuner.close  # type: ignore[attr-defined]
+    tune.close = lambda: [t.close() for t in tuners.values()]  # type: ignore[attr-defined]
     return tune
 
 
@@ -542,12 +547,16 @@ def _kernel_runner(tuned: Tuned, problem: Problem, x: np.ndarray, mask: str) -> 
                     keep=[ck])
 
 
-def ours_peers(tuner: Tuner) -> list[Peer]:
-    """Our three runners (see the module docstring), tuned by ``tuner`` once per case."""
+def ours_peers(tuner: Tuner, variant: str = "wros") -> list[Peer]:
+    """Our three runners (see the module docstring), tuned by ``tuner`` once per case; ``variant``
+    is the kernel of the unaligned runner (a shipped name or a user kernel ``/abs/FILE.py:name``)."""
+    from ubpdsl.kernels import get_variant
+
     memo: dict[int, Tuned] = {}
+    short = get_variant(variant).name
 
     def ubp(case: Case, threads: int) -> Prepared:
-        t = tuner(case.unaligned, case.x, "wros")
+        t = tuner(case.unaligned, case.x, variant)
         memo.clear()
         memo[id(case)] = t
         return _kernel_runner(t, case.unaligned, case.x, "unaligned")
@@ -557,7 +566,7 @@ def ours_peers(tuner: Tuner) -> list[Peer]:
         return _kernel_runner(t, case.aligned, case.x, "aligned")
 
     def wros_aligned(case: Case, threads: int) -> Prepared:
-        t = memo.get(id(case)) or tuner(case.unaligned, case.x, "wros")
+        t = memo.get(id(case)) or tuner(case.unaligned, case.x, variant)
         got = _compile_many([(t.variant, case.aligned, t.constants, t.specialize, t.vector_bits)], 1)[0]
         if isinstance(got, UbpError):
             raise got
@@ -565,9 +574,9 @@ def ours_peers(tuner: Tuner) -> list[Peer]:
         return _kernel_runner(same, case.aligned, case.x, "aligned")
 
     return [
-        Peer("ubp", "ours: unaligned kernel (wros, tuned)", ubp, 1, "ours"),
+        Peer("ubp", f"ours: unaligned kernel ({short}, tuned)", ubp, 1, "ours"),
         Peer("ubp_abp", "ours: aligned kernel (aligned_rows, tuned)", abp, 1, "ours"),
-        Peer("ubp_wros_aligned", "ours: wros on the aligned mask", wros_aligned, 1, "ours"),
+        Peer("ubp_wros_aligned", f"ours: {short} on the aligned mask", wros_aligned, 1, "ours"),
     ]
 
 
@@ -666,11 +675,11 @@ def run_case(case: Case, peers: Sequence[Peer], threads: Sequence[int] = (1,), m
 def run_suite(cases: Iterable[Case | CaseSpec], *, tuner: Tuner | None = None, threads: Sequence[int] = (1,),
               min_time: float = 0.3, peers: Sequence[Peer] | None = None,
               progress: Callable[[int, Case, list[Result]], None] | None = None,
-              bandwidth: float | None = None, cache: str = "cold") -> list[Result]:
+              bandwidth: float | None = None, cache: str = "cold", variant: str = "wros") -> list[Result]:
     """Run every case (see :func:`run_case`) in the ``cache`` state (see :func:`interleaved_medians`);
-    ``progress(i, case, results)`` after each one."""
+    ``progress(i, case, results)`` after each one; ``variant``: our unaligned runner's kernel."""
     setup_process()
-    runners = list(peers if peers is not None else PEERS) + ours_peers(tuner or sweep_tuner(cache=cache))
+    runners = list(peers if peers is not None else PEERS) + ours_peers(tuner or sweep_tuner(cache=cache), variant)
     out: list[Result] = []
     try:
         for i, spec in enumerate(cases):

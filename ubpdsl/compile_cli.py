@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
 from ubpdsl.config import DEFAULT_VARIANT
-from ubpdsl.errors import DSLError, MaskError, UbpError
+from ubpdsl.errors import MaskError, UbpError
 from ubpdsl.runtime.targets import TARGET_NAMES
 
 
@@ -38,47 +35,10 @@ def parse_constants(items: tuple[str, ...]) -> dict[str, Any]:
 
 
 def load_kernel(spec: str, name: str | None = None):  # noqa: ANN201 - KernelFunction
-    """A shipped variant by name, or a @ubl.kernel function from a user's Python file."""
-    from ubpdsl.kernels import VARIANTS
-    from ubpdsl.language.core import KernelFunction
+    """A shipped variant by name, or a @ubl.kernel function from a user's file (``FILE.py[:NAME]``)."""
+    from ubpdsl.kernels import get_variant
 
-    if spec in VARIANTS:
-        return VARIANTS[spec]
-    path = Path(spec)
-    if not path.suffix == ".py":
-        raise UbpError(f"unknown kernel {spec!r}: give a shipped variant ({', '.join(VARIANTS)}) or a .py file")
-    if not path.is_file():
-        raise UbpError(f"kernel file {spec} does not exist")
-    mod_name = f"ubpdsl_user_kernel_{abs(hash(str(path.resolve())))}"
-    loader_spec = importlib.util.spec_from_file_location(mod_name, path)
-    if loader_spec is None or loader_spec.loader is None:
-        raise UbpError(f"cannot load kernel file {spec}")
-    module = importlib.util.module_from_spec(loader_spec)
-    sys.modules[mod_name] = module
-    try:
-        loader_spec.loader.exec_module(module)
-    except DSLError:
-        raise
-    except SyntaxError as exc:
-        raise DSLError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
-    except (Exception, SystemExit) as exc:  # a user's file: report where it failed, without a traceback
-        tb = exc.__traceback__
-        line = "?"
-        while tb is not None:
-            if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
-                line = str(tb.tb_lineno)
-            tb = tb.tb_next
-        raise DSLError(f"{path}:{line}: {type(exc).__name__}: {exc}") from None
-    kernels = {k: v for k, v in vars(module).items() if isinstance(v, KernelFunction)}
-    if not kernels:
-        raise DSLError(f"{path}:1: no @ubl.kernel function found")
-    if name is None:
-        if len(kernels) > 1:
-            raise UbpError(f"{path} defines several kernels ({', '.join(kernels)}); choose one with --kernel")
-        return next(iter(kernels.values()))
-    if name not in kernels:
-        raise UbpError(f"{path} has no kernel {name!r}; it defines {', '.join(kernels)}")
-    return kernels[name]
+    return get_variant(spec, name)
 
 
 def _problems(mask_path: str, layer: str | None) -> list[Any]:
@@ -99,7 +59,8 @@ def _problems(mask_path: str, layer: str | None) -> list[Any]:
 @click.option("--mask", "mask_path", required=True, type=click.Path(dir_okay=False), help="masks.npz (with weights)")
 @click.option("--layer", default=None, help="compile only this layer (default: all)")
 @click.option("--target", type=click.Choice(TARGET_NAMES), default="host", show_default=True)
-@click.option("--variant", default=DEFAULT_VARIANT, show_default=True, help="shipped variant or a kernel .py file")
+@click.option("--variant", default=DEFAULT_VARIANT, show_default=True,
+              help="shipped variant, or a user kernel FILE.py:NAME (docs/dsl.md)")
 @click.option("--kernel", "kernel_name", default=None, help="kernel name inside a .py file with several")
 @click.option("--const", "consts", multiple=True, metavar="NAME=VALUE", help="compile-time constant (repeatable)")
 @click.option("--specialize", is_flag=True, help="bake the mask and weights into the .so")
@@ -163,7 +124,7 @@ def emit_cmd(kernel_spec: str, stage: str, target: str, kernel_name: str | None,
 
     \b
     KERNEL is a shipped variant (block_stream, wros, wros_unrolled, aligned_rows)
-    or a Python file with @ubl.kernel functions. Example:
+    or a Python file with @ubl.kernel functions, FILE.py[:NAME] (docs/dsl.md). Example:
       ubpdsl emit wros --stage lowered --target aarch64-sve --shape 64,64,4
     """
     from ubpdsl.compiler import emit, random_problem

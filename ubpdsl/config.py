@@ -70,12 +70,10 @@ class KernelConfig:
 
     @property
     def kernel(self) -> KernelFunction:
-        """The variant's DSL kernel (:class:`UbpError` for an unknown variant)."""
-        from ubpdsl.kernels import VARIANTS
+        """The variant's DSL kernel: shipped, or ``FILE.py:name`` (:class:`UbpError` for an unknown one)."""
+        from ubpdsl.kernels import get_variant
 
-        if self.variant not in VARIANTS:
-            raise UbpError(f"unknown kernel variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        return VARIANTS[self.variant]
+        return get_variant(self.variant)
 
     def target_for(self, target: Target) -> Target:
         """``target`` narrowed to this config's vector width (:meth:`Target.narrowed`, the one rule)."""

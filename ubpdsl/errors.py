@@ -39,3 +39,17 @@ class RunError(UbpError):
 class UbpWarning(UserWarning):
     """Something was wrong but has been repaired (a damaged cache entry rebuilt); the CLI prints
     it as one line ``warning: ...``."""
+
+
+def did_you_mean(word: str, choices: object) -> str:
+    """``"; did you mean 'load'?"`` for the closest of ``choices`` to ``word`` (difflib), or ``""``.
+
+    The one owner of "did you mean" suggestions (DSL names, ``ubl.*``, ``--const`` names).
+    """
+    import difflib
+
+    names = sorted({str(c) for c in choices})  # type: ignore[attr-defined]
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    if not close:
+        close = [c for c in names if c.lower() == word.lower()]
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -191,7 +191,6 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
     directory only with ``force``.
     """
     from ubpdsl.compiler import Problem, compile_kernel
-    from ubpdsl.kernels import VARIANTS
     from ubpdsl.masks import load_masks, save_masks
     from ubpdsl.runtime.targets import get_target
     from ubpdsl.runtime.toolchain import toolchain_versions
@@ -232,9 +231,10 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
     configs = {t: configs_for(layer_masks, t, tuned.get(t)) for t in targets}
     for t, per_layer in configs.items():
         for name, cfg in per_layer.items():
-            if cfg.variant not in VARIANTS:
-                raise UbpError(f"layer {name}: unknown kernel variant {cfg.variant!r} for {t} "
-                               f"(known: {', '.join(VARIANTS)})")
+            try:
+                cfg.kernel  # noqa: B018 - a shipped variant or a user kernel file (FILE.py:NAME) that loads
+            except UbpError as exc:
+                raise UbpError(f"layer {name} ({t}): {exc}") from None
 
     out = Path(out_dir)
     if out.exists():
@@ -271,7 +271,7 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
             index = []
             for name, mask in layer_masks.items():
                 cfg = configs[t][name]
-                ck = compile_kernel(VARIANTS[cfg.variant], Problem.from_mask(mask), cfg.target_for(get_target(t)),
+                ck = compile_kernel(cfg.kernel, Problem.from_mask(mask), cfg.target_for(get_target(t)),
                                     constants=dict(cfg.constants), specialize=cfg.specialize,
                                     symbol=kernel_symbol(name))
                 files = ck.save(tdir)

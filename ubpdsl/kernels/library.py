@@ -17,8 +17,18 @@ from __future__ import annotations
 
 import ubpdsl.language as ubl
 
+# The search spaces the variants declare (``@ubl.kernel(tune=...)``); the tuner's knob table
+# (ubpdsl.autotune.space.KNOB_CHOICES) is their union.
+#: Tile widths in vector registers: powers of two (LLVM shuffles vector<48xf32> element by
+#: element; TILE=3 measured 15x slower).
+TILES = [1, 2, 4, 8]
+UNROLLS = [1, 2, 4]
+PREFETCHES = [0, 1, 2, 4, 8, 16]  # X look-ahead in blocks (0: off)
+PANELS = [0, 8, 16, 32, 64]  # row panel height (0: no panels)
+YPREFETCHES = [0, 4, 8, 16]  # prefetch-for-write of the Y row that many rows ahead (0: off)
 
-@ubl.kernel(layout="plain")
+
+@ubl.kernel(layout="plain", tune={"TILE": TILES, "UNROLL": UNROLLS})
 def block_stream(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 2,
                  UNROLL: ubl.constexpr = 1):
     """Block streaming: each block FMAs its N rows into the Y tile held in memory."""
@@ -33,7 +43,8 @@ def block_stream(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.cons
                     ubl.store(Y, r + i, j, ubl.fma(W.weight(b, i), x, ubl.load(Y, r + i, j)))
 
 
-@ubl.kernel(layout="rotated")
+@ubl.kernel(layout="rotated", tune={"TILE": TILES, "UNROLL": UNROLLS, "PREFETCH": PREFETCHES,
+                                     "STREAM": [False, True], "PANEL": PANELS, "YPREFETCH": YPREFETCHES})
 def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4,
          UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 8, STREAM: ubl.constexpr = False,
          PANEL: ubl.constexpr = 0, YPREFETCH: ubl.constexpr = 8):
@@ -78,7 +89,7 @@ def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 
                         ubl.store(Y, p0 + P + q, j, acc[q])
 
 
-@ubl.kernel(layout="rotated", specialized=True)
+@ubl.kernel(layout="rotated", specialized=True, tune={"TILE": TILES})
 def wros_unrolled(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4):
     """WROS with the block structure baked into straight-line code."""
     N = W.block
@@ -92,7 +103,8 @@ def wros_unrolled(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.con
             acc[r % N] = 0.0
 
 
-@ubl.kernel(layout="plain", aligned=True)
+@ubl.kernel(layout="plain", aligned=True, tune={"TILE": TILES, "UNROLL": UNROLLS, "PREFETCH": PREFETCHES,
+                                                "PANEL": PANELS, "YPREFETCH": YPREFETCHES})
 def aligned_rows(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 4,
                  UNROLL: ubl.constexpr = 1, PREFETCH: ubl.constexpr = 8, PANEL: ubl.constexpr = 0,
                  YPREFETCH: ubl.constexpr = 8):

@@ -42,6 +42,9 @@ Inside a kernel:
   writes with non-temporal (cache-bypassing) stores where the tile is full.
 * ``ubl.zeros(j)`` is a zero tile; ``ubl.zeros(N, j)`` is N of them (a register tile, indexed
   with compile-time integers: ``acc[p]``, ``acc[p] = 0.0``).
+See docs/dsl.md for the reference (each construct with an example); ``help(ubl.tiles)`` etc.
+document each builtin.
+
 * ``W.rows``, ``W.cols``, ``W.block`` are compile-time ints (and ``W.lookahead``: how far
   past a block ``W.block_col`` may look, the padding of the packed block columns); ``W.row_blocks(r)`` gives the
   range of blocks starting at row r; ``W.block_row(b)``, ``W.block_col(b)``, ``W.weight(b, i)``
@@ -53,11 +56,15 @@ Inside a kernel:
 
 from __future__ import annotations
 
+from typing import Any
+
+from ubpdsl.errors import did_you_mean
 from ubpdsl.language.core import (
     BlockSparse,
     Input,
     KernelFunction,
     Output,
+    Tile,
     block_fma,
     constexpr,
     fma,
@@ -85,6 +92,18 @@ __all__ = [
     "range",
     "static_range",
     "store",
+    "Tile",
     "tiles",
     "zeros",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``ubl.lod`` -> AttributeError "ubl has no 'lod'; did you mean 'load'?" (also in kernels)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    raise AttributeError(f"ubl has no {name!r}{did_you_mean(name, __all__)}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

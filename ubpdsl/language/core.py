@@ -10,55 +10,219 @@ import ast
 import builtins
 import inspect
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from ubpdsl.errors import DSLError
+from ubpdsl.errors import DSLError, did_you_mean
 
 
 class _ParamKind:
     """Base of the annotation markers of kernel parameters."""
 
 
+def _outside(what: str) -> DSLError:
+    return DSLError(f"{what} can only be used inside a @ubl.kernel function (the body is compiled, not run)")
+
+
+def _attr(name: str, doc: str) -> property:
+    """A documented attribute of a kernel operand (read by the front end; raises if read in Python)."""
+
+    def get(self: Any) -> Any:
+        raise _outside(f"{type(self).__name__}.{name}")
+
+    return property(get, doc=doc)
+
+
 class Input(_ParamKind):
-    """Dense activations X[K, n] (row-major, read only)."""
+    """Dense activations X[K, n] (row-major, read only): ``X: ubl.Input``.
+
+    In a kernel: ``X.n`` is the number of columns n (a run-time value, the ``n`` argument of the
+    C function), ``X.rows`` is K (a compile-time int); tiles of X are read with
+    ``ubl.load(X, row, j)`` and prefetched with ``ubl.prefetch(X, row, j)``.
+    """
+
+    n = _attr("n", "int (run time): the number of columns n of X and Y.")
+    rows = _attr("rows", "int (compile time): the rows of the operand (K for X, M for Y).")
 
 
 class Output(_ParamKind):
-    """Dense result Y[M, n] (row-major); a kernel must write every element."""
+    """Dense result Y[M, n] (row-major): ``Y: ubl.Output``; a kernel must write every element.
+
+    ``Y.rows`` is M and ``Y.n`` is n; tiles are written with ``ubl.store(Y, row, j, v)``. A body
+    that also reads Y (``ubl.load(Y, ...)``) gets a masked tail (see :func:`tiles`).
+    """
+
+    n = _attr("n", "int (run time): the number of columns n of X and Y.")
+    rows = _attr("rows", "int (compile time): the rows of the operand (K for X, M for Y).")
 
 
 class BlockSparse(_ParamKind):
-    """The block-sparse weight operand W[M, K]: N x 1 blocks starting at any row."""
+    """The block-sparse weight operand W[M, K]: ``W: ubl.BlockSparse``.
+
+    W is made of N x 1 blocks (N = ``W.block`` rows, one column) that may start at any row. The
+    blocks are sorted by their first row: ``W.row_blocks(r)`` is the range [lo, hi) of the blocks
+    starting at row r; block b covers rows ``W.block_row(b) .. + N - 1`` of column
+    ``W.block_col(b)`` with the weights ``W.weight(b, 0..N-1)``. Lane i of a block is row
+    start + i (``layout="plain"``) or the row r of the block with r mod N == i
+    (``layout="rotated"``). When the kernel is compiled mask-specialised, calls with
+    compile-time arguments return compile-time constants.
+    """
+
+    rows = _attr("rows", "int (compile time): M, the output rows.")
+    cols = _attr("cols", "int (compile time): K, the input rows (columns of W).")
+    block = _attr("block", "int (compile time): N, the rows of one block.")
+    lookahead = _attr("lookahead", "int (compile time): how far past the last block W.block_col(b) may look "
+                                   "(the padding of the packed block columns; for prefetching ahead).")
+    num_blocks = _attr("num_blocks", "int (compile time, mask-specialised kernels only): the number of blocks.")
+
+    def row_blocks(self, r: int) -> tuple[int, int]:
+        """``lo, hi = W.row_blocks(r)``: the blocks starting at row r are lo .. hi - 1 (0 <= r < M + N)."""
+        raise _outside("W.row_blocks()")
+
+    def block_row(self, b: int) -> int:
+        """The first row of block b."""
+        raise _outside("W.block_row()")
+
+    def block_col(self, b: int) -> int:
+        """The column (row of X) of block b; valid up to ``b + W.lookahead`` for prefetching."""
+        raise _outside("W.block_col()")
+
+    def weight(self, b: int, lane: int) -> float:
+        """The weight of lane ``lane`` (0 .. N-1, a compile-time int) of block b (a scalar f32)."""
+        raise _outside("W.weight()")
 
 
 class constexpr(_ParamKind):  # noqa: N801 - named like Triton's tl.constexpr
-    """A compile-time constant parameter (ints, floats, bools, strings)."""
+    """A compile-time constant parameter: ``TILE: ubl.constexpr = 4``.
 
+    Ints, floats, bools or strings; folded by the front end (``if TILE > 1:`` picks a branch at
+    compile time). Set per build with ``constants={"TILE": 2}`` or ``--const TILE=2``; the tuner
+    searches the values the kernel declares in ``@ubl.kernel(tune={...})``.
+    """
+
+
+class Tile(_ParamKind):
+    """A tile over n, the loop variable of ``for j in ubl.tiles(X.n, TILE)`` (not a parameter type).
+
+    It covers TILE vector registers of columns, starting at ``j.start``; ``j.width`` is its width in
+    f32 lanes (a run-time value on SVE). Pass it to :func:`load`, :func:`store`, :func:`prefetch`
+    and :func:`zeros`.
+    """
+
+    start = _attr("start", "index (run time): the first column of the tile.")
+    width = _attr("width", "int or index: the number of columns (TILE x the vector lanes).")
+
+
+#: Public members of the operand types, for "did you mean" on unknown attributes (front end).
+OPERAND_ATTRS = {
+    "Input": ("n", "rows"),
+    "Output": ("n", "rows"),
+    "BlockSparse": ("rows", "cols", "block", "lookahead", "num_blocks", "row_blocks", "block_row",
+                    "block_col", "weight"),
+    "Tile": ("start", "width"),
+}
 
 _KINDS = {"Input": Input, "Output": Output, "BlockSparse": BlockSparse, "constexpr": constexpr}
 
-
-def _builtin(name: str) -> Callable[..., Any]:
-    def marker(*args: Any, **kwargs: Any) -> Any:
-        raise DSLError(f"ubl.{name}() can only be used inside a @ubl.kernel function")
-
-    marker.__name__ = name
-    marker.__qualname__ = name
-    marker.__ubp_builtin__ = name  # type: ignore[attr-defined]
-    return marker
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
-tiles = _builtin("tiles")
-static_range = _builtin("static_range")
-range = _builtin("range")  # noqa: A001 - the DSL's unrollable range
-zeros = _builtin("zeros")
-load = _builtin("load")
-store = _builtin("store")
-fma = _builtin("fma")
-block_fma = _builtin("block_fma")
-prefetch = _builtin("prefetch")
+def _builtin(fn: _F) -> _F:
+    """Mark ``fn`` as a DSL builtin: the front end recognises it by ``__ubp_builtin__``."""
+    fn.__ubp_builtin__ = fn.__name__  # type: ignore[attr-defined]
+    return fn
+
+
+@_builtin
+def tiles(n: Any, tile: int, *, tail: str = "overlap") -> Iterator[Tile]:
+    """``for j in ubl.tiles(X.n, TILE):`` walk the n columns in tiles of ``tile`` vector registers.
+
+    ``tile`` must be a compile-time int >= 1. The tail (n not a multiple of the tile width) gives
+    the same result on every target: if the loop body loads from the ``ubl.Output`` (a
+    read-modify-write of Y), the tail always runs masked on the leftover columns; otherwise, with
+    ``tail="overlap"`` (the default), it may rerun the body on the last whole tile ending at n
+    (masked only when n is smaller than one tile). ``tail="mask"`` asks for the masked tail in
+    any case. On x86-64 the tail is always masked (cheap masked loads and stores).
+    """
+    raise _outside("ubl.tiles()")
+
+
+@_builtin
+def range(*bounds: int, unroll: int = 1) -> Iterator[int]:  # noqa: A001 - the DSL's unrollable range
+    """``for b in ubl.range(lo, hi[, step], unroll=U):`` a loop in the generated code, unrolled U times.
+
+    Like Python's ``range`` (``scf.for``), with an unrolled main loop of U copies and a
+    remainder loop; U is a compile-time int in 1..``frontend.MAX_UNROLL``. Plain ``range()`` in a
+    kernel is the same with U = 1.
+    """
+    raise _outside("ubl.range()")
+
+
+@_builtin
+def static_range(*bounds: int) -> Iterator[int]:
+    """``for i in ubl.static_range(lo, hi[, step]):`` unrolled fully by the front end.
+
+    The bounds must be compile-time ints; the loop variable is a compile-time int in every copy
+    (so ``acc[i]``, ``W.weight(b, i)`` work). At most ``frontend.MAX_STATIC_TRIPS`` iterations.
+    """
+    raise _outside("ubl.static_range()")
+
+
+@_builtin
+def zeros(*shape: Any) -> Any:
+    """``ubl.zeros(j)``: a zero vector tile over tile j; ``ubl.zeros(R, j)``: a register tile of R of them.
+
+    A register tile (R a compile-time int in 1..64) is indexed with compile-time ints:
+    ``acc[p]`` reads row p, ``acc[p] = 0.0`` resets it; it lives in R x TILE vector registers.
+    """
+    raise _outside("ubl.zeros()")
+
+
+@_builtin
+def load(operand: Any, row: Any, tile: Tile) -> Any:
+    """``x = ubl.load(X, row, j)``: the vector tile of ``operand`` (X or Y) at ``row``, columns of j.
+
+    ``row`` is an int or an index value; a compile-time row outside the operand is a compile-time
+    error, a run-time one is only checked in ``check_bounds`` builds.
+    """
+    raise _outside("ubl.load()")
+
+
+@_builtin
+def store(operand: Any, row: Any, tile: Tile, value: Any, *, streaming: bool = False) -> None:
+    """``ubl.store(Y, row, j, v)``: write the vector tile v to the ``ubl.Output`` at ``row``, columns of j.
+
+    A scalar ``value`` is broadcast. ``streaming=True`` (compile-time) writes full tiles with
+    non-temporal (cache-bypassing) stores.
+    """
+    raise _outside("ubl.store()")
+
+
+@_builtin
+def prefetch(operand: Any, row: Any, tile: Tile, *, write: bool = False) -> None:
+    """``ubl.prefetch(X, row, j)``: prefetch a tile of X (or of Y with ``write=True``, intent to write)."""
+    raise _outside("ubl.prefetch()")
+
+
+@_builtin
+def fma(a: Any, b: Any, c: Any) -> Any:
+    """``ubl.fma(a, b, c)`` = a * b + c, fused; scalars (``W.weight(b, i)``, numbers) are broadcast."""
+    raise _outside("ubl.fma()")
+
+
+@_builtin
+def block_fma(W: BlockSparse, b: Any, x: Any, acc: Any) -> Any:
+    """``acc = ubl.block_fma(W, b, x, acc)``: acc[i] += W.weight(b, i) * x for every lane i of block b.
+
+    ``acc`` is a register tile of ``W.block`` rows (``ubl.zeros(W.block, j)``), ``x`` the X tile of
+    the block's column (``ubl.load(X, W.block_col(b), j)``); returns the updated tile.
+    """
+    raise _outside("ubl.block_fma()")
+
+
+#: Every builtin, by name (``ubl.*`` functions the front end compiles).
+BUILTINS = ("tiles", "range", "static_range", "zeros", "load", "store", "prefetch", "fma", "block_fma")
 
 
 @dataclass
@@ -78,6 +242,7 @@ class KernelFunction:
     needs_specialized: bool = False
     doc: str = ""
     globals: dict[str, Any] = field(default_factory=dict)
+    tune: dict[str, list[Any]] = field(default_factory=dict)  # the kernel's own search space, by knob
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise DSLError(f"kernel {self.name!r} is compiled, not called: use ubpdsl.compile_kernel()")
@@ -91,8 +256,9 @@ class KernelFunction:
         constants = dict(constants or {})
         unknown = sorted(set(constants) - set(self.constexprs))
         if unknown:
-            raise DSLError(f"kernel {self.name!r} has no constexpr parameter(s) {', '.join(unknown)}; "
-                           f"it takes {', '.join(self.constexprs) or 'none'}")
+            raise DSLError(f"kernel {self.name!r} has no constexpr parameter(s) {', '.join(unknown)}"
+                           f"{did_you_mean(unknown[0], self.constexprs)} (it takes "
+                           f"{', '.join(self.constexprs) or 'none'})")
         out = {}
         for p in self.constexprs:
             if p in constants:
@@ -108,7 +274,25 @@ def _where(filename: str, line: int) -> str:
     return f"{filename}:{line}"
 
 
-def _parse(fn: Callable[..., Any], layout: str, aligned: bool, needs_specialized: bool) -> KernelFunction:
+def _tune_space(tune: Mapping[str, Sequence[Any]] | None, params: dict[str, type[_ParamKind]],
+                where: str) -> dict[str, list[Any]]:
+    """Check a kernel's ``tune={...}`` space: constexpr names to non-empty lists of scalars."""
+    out: dict[str, list[Any]] = {}
+    names = [p for p, k in params.items() if k is constexpr]
+    for knob, values in (tune or {}).items():
+        if knob not in names:
+            raise DSLError(f"{where}: tune= names {knob!r}, which is not a constexpr parameter"
+                           f"{did_you_mean(str(knob), names)}")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise DSLError(f"{where}: tune[{knob!r}] must be a non-empty list of values, got {values!r}")
+        if not all(isinstance(v, (bool, int, float, str)) for v in values):
+            raise DSLError(f"{where}: tune[{knob!r}] values must be ints, floats, bools or strings")
+        out[knob] = list(dict.fromkeys(values))
+    return out
+
+
+def _parse(fn: Callable[..., Any], layout: str, aligned: bool, needs_specialized: bool,
+           tune: Mapping[str, Sequence[Any]] | None = None) -> KernelFunction:
     try:
         lines, first = inspect.getsourcelines(fn)
         filename = inspect.getsourcefile(fn) or "<kernel>"
@@ -150,22 +334,30 @@ def _parse(fn: Callable[..., Any], layout: str, aligned: bool, needs_specialized
     return KernelFunction(fn=fn, name=fdef.name, tree=fdef, filename=filename, first_line=first,
                           source=source, params=params, defaults=defaults, layout=layout, aligned=aligned,
                           needs_specialized=needs_specialized, doc=inspect.getdoc(fn) or "",
-                          globals=fn.__globals__)
+                          globals=fn.__globals__, tune=_tune_space(tune, params, _where(filename, fdef.lineno)))
 
 
 def kernel(fn: Callable[..., Any] | None = None, *, layout: str = "rotated", aligned: bool = False,
-           specialized: bool = False) -> Any:
-    """Declare a DSL kernel.
+           specialized: bool = False, tune: Mapping[str, Sequence[Any]] | None = None) -> Any:
+    """Declare a DSL kernel: ``@ubl.kernel`` or ``@ubl.kernel(layout=..., tune={...})``.
 
     ``layout`` is how block weights are stored: ``"plain"`` (lane i = row start + i) or
     ``"rotated"`` (lane i = the row r of the block with r mod N == i, so an output-stationary
     kernel's accumulators never move). ``aligned=True`` declares an ABP kernel (blocks must
     start at multiples of N). ``specialized=True`` declares a kernel that only compiles with
     the mask baked in (it unrolls over the block structure).
+
+    ``tune`` is the kernel's search space, beside its code: ``{"TILE": [1, 2, 4], "UNROLL": [1, 2]}``
+    maps constexpr parameters to the values ``ubpdsl tune`` tries (the others stay at their
+    defaults). Example::
+
+        @ubl.kernel(layout="plain", tune={"TILE": [1, 2, 4]})
+        def my_kernel(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 2):
+            ...
     """
 
     def wrap(f: Callable[..., Any]) -> KernelFunction:
-        return _parse(f, layout, aligned, specialized)
+        return _parse(f, layout, aligned, specialized, tune)
 
     return wrap(fn) if fn is not None else wrap
 

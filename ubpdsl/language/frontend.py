@@ -28,8 +28,17 @@ from mlir.dialects import arith, func, memref, scf, vector
 
 from ubpdsl import abi
 from ubpdsl.dialects import ubp as ubp_dialect
-from ubpdsl.errors import DSLError
-from ubpdsl.language.core import PY_RANGE, BlockSparse, Input, KernelFunction, Output, constexpr, is_builtin
+from ubpdsl.errors import DSLError, did_you_mean
+from ubpdsl.language.core import (
+    OPERAND_ATTRS,
+    PY_RANGE,
+    BlockSparse,
+    Input,
+    KernelFunction,
+    Output,
+    constexpr,
+    is_builtin,
+)
 from ubpdsl.packing import COL_PAD, BlockData
 
 #: Most iterations one ``ubl.static_range`` loop may unroll to.
@@ -530,7 +539,8 @@ class CodeGen:
                 return PY_RANGE
             if node.id in ("min", "max", "len", "print"):
                 return {"min": min, "max": max, "len": len, "print": print}[node.id]
-            raise self.error(f"name {node.id!r} is not defined")
+            known = [*self.env, *self.k.globals, "range", "min", "max", "len", "print"]
+            raise self.error(f"name {node.id!r} is not defined{did_you_mean(node.id, known)}")
         if isinstance(node, ast.Attribute):
             return self.attribute(self.expr(node.value), node.attr, node)
         if isinstance(node, ast.Tuple):
@@ -596,7 +606,10 @@ class CodeGen:
                 return {"rows": base.M, "cols": base.K, "block": base.N, "lookahead": COL_PAD}[attr]
             if attr in ("row_blocks", "block_row", "block_col", "weight"):
                 return _BoundMethod(base, attr)
-            if attr == "num_blocks" and base.baked is not None:
+            if attr == "num_blocks":
+                if base.baked is None:
+                    raise self.error("W.num_blocks is a compile-time int only in mask-specialised kernels; "
+                                     "walk the blocks with W.row_blocks(r)", node)
                 return base.baked.num_blocks
         elif isinstance(base, Tile):
             if attr == "start":
@@ -606,9 +619,16 @@ class CodeGen:
         elif not isinstance(base, (ir.Value, RegTile, int, float)):
             try:
                 return getattr(base, attr)
-            except AttributeError:
-                pass
-        raise self.error(f"{_describe(base)} has no attribute {attr!r}", node)
+            except AttributeError as exc:
+                if getattr(base, "__name__", None) == "ubpdsl.language":  # "ubl has no 'lod'; did you mean ..."
+                    raise self.error(str(exc), node) from None
+                raise self.error(f"{_describe(base)} has no attribute {attr!r}"
+                                 f"{did_you_mean(attr, [a for a in dir(base) if not a.startswith('_')])}",
+                                 node) from None
+        kind = {Dense: "Output" if getattr(base, "output", False) else "Input", Weights: "BlockSparse",
+                Tile: "Tile"}.get(type(base))
+        hint = did_you_mean(attr, OPERAND_ATTRS[kind]) if kind else ""
+        raise self.error(f"{_describe(base)} has no attribute {attr!r}{hint}", node)
 
     def call(self, node: ast.Call) -> Any:
         fn = self.expr(node.func)
