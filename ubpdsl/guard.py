@@ -7,6 +7,8 @@
   in the way, no permission), instead of a ``FileExistsError`` traceback.
 * :func:`exclusive_lock` serialises processes on one machine that would change the same thing
   (two ``tune`` runs on one study): the second waits, then finds the first one's result.
+* :func:`import_user_file` runs a user's Python file (a model factory, a kernel file) as a module;
+  whatever it raises becomes one ``file:line: Type: message`` error.
 * :func:`die_with_parent` makes a worker process exit when the process that started it dies, even by
   ``kill -9`` (Linux ``prctl(PR_SET_PDEATHSIG)``, plus a parent-pid watchdog thread elsewhere).
 """
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -25,7 +28,8 @@ from typing import Any
 
 from ubpdsl.errors import UbpError
 
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "die_with_parent", "ensure_dir", "exclusive_lock", "read_json"]
+__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "die_with_parent", "ensure_dir", "exclusive_lock",
+           "import_user_file", "read_json"]
 
 #: Largest JSON file read (a bundle manifest of a few hundred layers is well under 1 MiB).
 MAX_JSON_BYTES = 64 << 20
@@ -149,3 +153,36 @@ def exclusive_lock(path: str | os.PathLike[str], on_wait: Callable[[], None] | N
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def import_user_file(path: str | os.PathLike[str], module_name: str, *,
+                     error: type[UbpError] = UbpError) -> Any:
+    """Import the Python file ``path`` as module ``module_name`` (registered in ``sys.modules``).
+
+    A syntax error or any exception the file raises while it runs (``SystemExit`` included)
+    becomes ``error("<path>:<line>: <Type>: <message>")``, the line being the deepest one in that
+    file (an ``error`` it raises passes unchanged); the user's code is run, as importing it asks,
+    but never shown as a traceback.
+    """
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise error(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        sys.modules.pop(module_name, None)
+        raise error(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
+    except (Exception, SystemExit) as exc:
+        sys.modules.pop(module_name, None)
+        if isinstance(exc, error):  # already one line naming its place (e.g. a DSLError file:line)
+            raise
+        tb, line = exc.__traceback__, "?"
+        while tb is not None:
+            if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
+                line = str(tb.tb_lineno)
+            tb = tb.tb_next
+        raise error(f"{path}:{line}: {type(exc).__name__}: {exc}") from None
+    return module

@@ -393,7 +393,6 @@ def _import_factory(spec: str) -> Callable[[], Any]:
     """The object named by ``file.py:name`` or ``package.module:name`` (user code is imported, i.e. run)."""
     import importlib
     import importlib.util
-    import sys
 
     where, _, attr = spec.rpartition(":")
     if not where or not attr.isidentifier():
@@ -402,17 +401,12 @@ def _import_factory(spec: str) -> Callable[[], Any]:
         path = Path(where)
         if not path.is_file():
             raise UbpError(f"model spec {spec!r}: no such file {path}")
-        mod_name = f"_ubpdsl_user_model_{abs(hash(str(path.resolve())))}"
-        mspec = importlib.util.spec_from_file_location(mod_name, path)
-        if mspec is None or mspec.loader is None:
-            raise UbpError(f"model spec {spec!r}: cannot import {path}")
-        module = importlib.util.module_from_spec(mspec)
-        sys.modules[mod_name] = module
+        from ubpdsl.guard import import_user_file
+
         try:
-            mspec.loader.exec_module(module)
-        except Exception as exc:  # the user's file failed: say where, in one line
-            sys.modules.pop(mod_name, None)
-            raise UbpError(f"model spec {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
+            module = import_user_file(path, f"_ubpdsl_user_model_{abs(hash(str(path.resolve())))}")
+        except UbpError as exc:
+            raise UbpError(f"model spec {spec!r}: importing {exc}") from None
     else:
         try:
             module = importlib.import_module(where)

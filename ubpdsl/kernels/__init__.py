@@ -12,13 +12,12 @@ so tuned results of a changed kernel are never reused.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from ubpdsl.errors import DSLError, UbpError, did_you_mean
+from ubpdsl.guard import import_user_file
 from ubpdsl.kernels.library import VARIANTS, aligned_rows, block_stream, wros, wros_unrolled
 from ubpdsl.language.core import KernelFunction
 
@@ -44,26 +43,7 @@ def _kernels_of_file(path: Path) -> dict[str, KernelFunction]:
     key = (str(path.resolve()), hashlib.sha256(data).hexdigest())
     if key in _LOADED:
         return _LOADED[key]
-    mod_name = f"ubpdsl_user_kernel_{key[1][:16]}"
-    loader_spec = importlib.util.spec_from_file_location(mod_name, path)
-    if loader_spec is None or loader_spec.loader is None:
-        raise UbpError(f"cannot load kernel file {path}")
-    module = importlib.util.module_from_spec(loader_spec)
-    sys.modules[mod_name] = module
-    try:
-        loader_spec.loader.exec_module(module)
-    except DSLError:
-        raise
-    except SyntaxError as exc:
-        raise DSLError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
-    except (Exception, SystemExit) as exc:  # a user's file: report where it failed, without a traceback
-        tb = exc.__traceback__
-        line = "?"
-        while tb is not None:
-            if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
-                line = str(tb.tb_lineno)
-            tb = tb.tb_next
-        raise DSLError(f"{path}:{line}: {type(exc).__name__}: {exc}") from None
+    module = import_user_file(path, f"ubpdsl_user_kernel_{key[1][:16]}", error=DSLError)
     kernels = {k: v for k, v in vars(module).items() if isinstance(v, KernelFunction)}
     if not kernels:
         raise DSLError(f"{path}:1: no @ubl.kernel function found")
