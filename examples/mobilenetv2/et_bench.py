@@ -61,7 +61,8 @@ def _cpu_ms(fn, reps: int) -> float:
 
 
 def main_executorch(args, argv: list[str]) -> int:
-    from ubpdsl.demo import layer_pixels, tune_host
+    from ubpdsl.demo import tune_host
+    from ubpdsl.models import gemm_columns
 
     if not det.et_available():
         print("error: executorch is not installed (pip install 'ubpdsl[executorch]')")
@@ -86,7 +87,7 @@ def main_executorch(args, argv: list[str]) -> int:
         t = time.perf_counter()
         folded = extract_subgraph(pruned, masks).masks  # tuning depends on the block structure and n
         save_masks(out / "folded_masks.npz", folded)
-        pixels = layer_pixels(pruned, torch.zeros(1, 3, 224, 224))
+        pixels = gemm_columns(pruned, torch.zeros(1, 3, 224, 224))
         tuned, how = tune_host(out / "folded_masks.npz", out, {n: pixels[n] for n in folded}, args.trials)
         print(f"tuning: {how} ({time.perf_counter() - t:.0f} s)", flush=True)
     t = time.perf_counter()

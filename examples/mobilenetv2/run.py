@@ -36,11 +36,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ubpdsl.autotune.measure import interleaved_medians
-from ubpdsl.demo import layer_pixels, tune_host
+from ubpdsl.demo import tune_host
 from ubpdsl.errors import UbpError
 from ubpdsl.export import export_bundle, load_bundle
 from ubpdsl.masks import save_masks
-from ubpdsl.models import build_model
+from ubpdsl.models import build_model, gemm_columns
 from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier
 from ubpdsl.runtime.targets import TARGET_NAMES
 from ubpdsl.torch_ops import swap_to_kernels
@@ -133,7 +133,7 @@ def main() -> int:
     tuned: dict = {}
     if not args.no_tune:
         t = time.perf_counter()
-        pixels = layer_pixels(pruned, example)
+        pixels = gemm_columns(pruned, example)
         tuned, how = tune_host(args.out / "masks.npz", args.out, {n: pixels[n] for n in masks}, args.trials)
         print(f"tuning: {how} ({time.perf_counter() - t:.0f} s)", flush=True)
     targets = list(TARGET_NAMES) if args.aarch64 else ["host"]
