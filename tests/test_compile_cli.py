@@ -42,19 +42,21 @@ def test_compile_host_and_run_from_build_dir(tmp_path):
     proc = _cli("compile", "--mask", str(masks), "--target", "host", "--const", "TILE=2", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "ubpdsl.bundle/1" and list(manifest["targets"]) == ["host"]
     assert set(manifest["layers"]) == set(layers)
     rng = np.random.default_rng(0)
     for name, (p, _) in layers.items():
         safe = name.replace(".", "_")
-        so = out / f"{safe}.host.so"
+        so = out / "host" / f"{safe}.host.so"
         assert rt_build.check_self_contained(so)  # no DT_NEEDED, nothing undefined
-        header = (out / f"{safe}.h").read_text()
+        header = (out / "host" / f"{safe}.h").read_text()
         assert f"ubp_{safe}(" in header
-        packed = np.fromfile(out / f"{safe}.packed.bin", dtype=np.uint8)
+        packed = np.fromfile(out / "host" / f"{safe}.packed.bin", dtype=np.uint8)
         x = rng.standard_normal((p.K, 19)).astype(np.float32)
         y = HostKernel(so, f"ubp_{safe}", p.M, p.K)(x, packed)
         np.testing.assert_allclose(y, p.weight @ x, rtol=1e-5, atol=1e-5)
-        assert manifest["layers"][name]["constants"] == VARIANTS["wros"].resolve_constants({"TILE": 2})
+        entry = manifest["layers"][name]["targets"]["host"]
+        assert entry["constants"] == VARIANTS["wros"].resolve_constants({"TILE": 2})
 
 
 BAD_INPUT = [
@@ -103,13 +105,13 @@ def test_examples_embed_c_links_a_compiled_kernel(tmp_path, target):
     proc = _cli("compile", "--mask", str(masks), "--layer", "features.0.conv", "--target", target, "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     triple = [] if target == "host" else ["-target", "aarch64-linux-gnu.2.17"]
-    exe = out / "embed"
+    exe = out / target / "embed"  # next to the .so ($ORIGIN)
     run_tool([*zig_cmd(), "cc", *triple, "-O2", '-DUBP_HEADER="features_0_conv.h"',
               "-DUBP_KERNEL=ubp_features_0_conv", "-DUBP_M=UBP_FEATURES_0_CONV_M", "-DUBP_K=UBP_FEATURES_0_CONV_K",
-              f"-I{out}", str(EMBED_C), str(out / f"features_0_conv.{target}.so"), "-Wl,-rpath,$ORIGIN",
-              "-o", str(exe)], what="zig cc")
+              f"-I{out / target}", str(EMBED_C), str(out / target / f"features_0_conv.{target}.so"),
+              "-Wl,-rpath,$ORIGIN", "-o", str(exe)], what="zig cc")
     n = 6
-    argv = [str(exe), str(out / "features_0_conv.packed.bin"), str(n)]
+    argv = [str(exe), str(out / target / "features_0_conv.packed.bin"), str(n)]
     if target != "host":
         bits = 256 if target == "aarch64-sve" else None
         argv = [qemu.qemu_binary(), *qemu.qemu_cpu_args(bits), "-L", str(qemu.aarch64_sysroot()), *argv]

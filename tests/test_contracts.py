@@ -225,13 +225,13 @@ def test_cli_rebuilds_a_damaged_entry_with_a_one_line_warning(tmp_path):
     cmd = [sys.executable, "-m", "ubpdsl.cli", "compile", "--mask", str(masks), "-o", str(tmp_path / "out")]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert first.returncode == 0, first.stderr
-    shipped = (tmp_path / "out" / "fc.host.so").read_bytes()
+    shipped = (tmp_path / "out" / "host" / "fc.host.so").read_bytes()
     (so,) = (tmp_path / "cache").glob("*/*/kernel.so")
     so.write_bytes(so.read_bytes()[:100])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.startswith("warning: compile cache entry") and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert (tmp_path / "out" / "fc.host.so").read_bytes() == shipped
+    assert (tmp_path / "out" / "host" / "fc.host.so").read_bytes() == shipped
 
 
 # ------------------------------------------------------------------ one owner per contract

@@ -235,7 +235,7 @@ def test_manifest_problems_are_one_line_errors(copy_of, tmp_path):
     with pytest.raises(BundleError, match="manifest.json is not readable JSON"):
         load_bundle(root)
     (root / "manifest.json").write_text(json.dumps({"format": "ubpdsl.build/1"}))
-    with pytest.raises(BundleError, match="format 'ubpdsl.build/1', expected 'ubpdsl.bundle/1'"):
+    with pytest.raises(BundleError, match=r"older `ubpdsl compile` output \(ubpdsl.build/1\): re-run `ubpdsl compile`"):
         load_bundle(root)
     with pytest.raises(BundleError, match="does not exist"):
         load_bundle(tmp_path / "nothing")
@@ -288,9 +288,9 @@ def test_export_command(tmp_path, model_masks):
     res = runner.invoke(export, ["--mask", str(tmp_path / "masks.npz"), "--layer", "2", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "wrote bundle" in res.output and load_bundle(out).layers == ["2"]
-    # a rerun replaces the bundle in place
+    # a rerun into the same bundle adds its layer (same masks, same targets)
     res = runner.invoke(export, ["--mask", str(tmp_path / "masks.npz"), "--layer", "5", "-o", str(out)])
-    assert res.exit_code == 0 and load_bundle(out).layers == ["5"]
+    assert res.exit_code == 0 and load_bundle(out).layers == ["2", "5"]
     res = runner.invoke(export, ["--mask", str(tmp_path / "masks.npz"), "--layer", "zz", "-o", str(tmp_path / "x")])
     assert isinstance(res.exception, MaskError) and "has no layer 'zz'" in str(res.exception)
     assert "\n" not in str(res.exception)

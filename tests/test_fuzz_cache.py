@@ -30,10 +30,11 @@ from ubpdsl.runtime.loader import HostKernel
 out, masks = sys.argv[1], load_masks(sys.argv[2])
 manifest = json.load(open(out + "/manifest.json"))
 for name, m in masks.items():
-    files = manifest["layers"][name]["files"]
+    entry = manifest["layers"][name]["targets"]["host"]
+    files = entry["files"]
     blob = np.fromfile(out + "/" + files["packed"], np.uint8) if "packed" in files else None
     x = np.random.default_rng(0).standard_normal((m.C, 7)).astype(np.float32)
-    y = HostKernel(out + "/" + files["so"], manifest["layers"][name]["symbol"], m.R, m.C)(x, blob)
+    y = HostKernel(out + "/" + files["so"], entry["symbol"], m.R, m.C)(x, blob)
     np.testing.assert_allclose(y, m.weight @ x, rtol=1e-5, atol=1e-5)
 print("ok")
 """

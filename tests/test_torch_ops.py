@@ -208,3 +208,18 @@ def test_deep_copy_survives_the_original(tiny):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(twin(x), model(x), rtol=RTOL, atol=ATOL)
+
+
+def test_backward_through_a_kernel_is_a_clear_error(tiny):
+    """A gradient that would have to pass through a kernel: one-line UbpError, not a silent zero."""
+    model, _, bundle = tiny
+    fast = swap_to_kernels(copy.deepcopy(model), bundle)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    out = fast(x)
+    torch.testing.assert_close(out.detach(), model(x).detach(), rtol=RTOL, atol=ATOL)  # forward unchanged
+    with pytest.raises(UbpError, match="layer fc runs on a ubpdsl kernel, which has no backward") as err:
+        out.sum().backward()
+    assert "\n" not in str(err.value)
+    assert x.grad is None
+    with torch.no_grad():  # inference with grad-requiring inputs stays on the fast path
+        torch.testing.assert_close(fast(x), model(x), rtol=RTOL, atol=ATOL)

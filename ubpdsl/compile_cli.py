@@ -1,8 +1,7 @@
-"""``ubpdsl compile`` and ``ubpdsl emit``: build kernels from a masks.npz, or show any IR stage."""
+"""``ubpdsl compile`` and ``ubpdsl emit``: build a bundle of kernels from a masks.npz, or show any IR stage."""
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -57,8 +56,9 @@ def _problems(mask_path: str, layer: str | None) -> list[Any]:
 
 @click.command("compile")
 @click.option("--mask", "mask_path", required=True, type=click.Path(dir_okay=False), help="masks.npz (with weights)")
-@click.option("--layer", default=None, help="compile only this layer (default: all)")
-@click.option("--target", type=click.Choice(TARGET_NAMES), default="host", show_default=True)
+@click.option("--layer", "layers", multiple=True, help="compile only this layer (repeatable; default: all)")
+@click.option("--target", "targets", multiple=True, type=click.Choice(TARGET_NAMES),
+              help="target to build for (repeatable; default: host)")
 @click.option("--variant", default=DEFAULT_VARIANT, show_default=True,
               help="shipped variant, or a user kernel FILE.py:NAME (docs/dsl.md)")
 @click.option("--kernel", "kernel_name", default=None, help="kernel name inside a .py file with several")
@@ -68,37 +68,37 @@ def _problems(mask_path: str, layer: str | None) -> list[Any]:
 @click.option("--check-bounds", is_flag=True,
               help="check every load/store at run time: the kernel returns 4 instead of going out of bounds")
 @click.option("-o", "--out", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False))
-def compile_cmd(mask_path: str, layer: str | None, target: str, variant: str, kernel_name: str | None,
-                consts: tuple[str, ...], specialize: bool, vector_bits: int | None, check_bounds: bool,
-                out_dir: str) -> None:
-    """Compile the layers of a masks.npz into self-contained .so files, headers and a manifest.
+@click.option("--force", is_flag=True, help="replace what -o holds (a bundle, or any non-empty directory) "
+              "instead of adding to it")
+def compile_cmd(mask_path: str, layers: tuple[str, ...], targets: tuple[str, ...], variant: str,
+                kernel_name: str | None, consts: tuple[str, ...], specialize: bool, vector_bits: int | None,
+                check_bounds: bool, out_dir: str, force: bool) -> None:
+    """Compile the layers of a masks.npz into a bundle: per target .so files, headers, one manifest.
 
     \b
     Example:
-      ubpdsl compile --mask masks.npz --target aarch64-sve --const TILE=2 -o build/
-    Writes build/<layer>.<target>.so, build/<layer>.h, build/<layer>.packed.bin
-    (data-driven kernels) and build/manifest.json.
+      ubpdsl compile --mask masks.npz --target host --target aarch64-sve --const TILE=2 -o build/
+    Writes build/<target>/<layer>.<target>.so, build/<target>/<layer>.h,
+    build/<target>/<layer>.packed.bin (data-driven kernels), build/<target>/kernels.tsv,
+    build/masks.npz and build/manifest.json: the bundle format of `ubpdsl export`, with one
+    kernel configuration (these options) for every layer. A later compile or export into the
+    same folder adds its targets and layers to the bundle (rebuilding those it names).
     """
-    from ubpdsl.compiler import compile_kernel
-    from ubpdsl.guard import ensure_dir
-    from ubpdsl.names import check_unique_stems, kernel_symbol
+    from ubpdsl.compiler import resolve_target
+    from ubpdsl.config import KernelConfig
+    from ubpdsl.export import echo_summary, export_bundle
+    from ubpdsl.kernels import variant_name
 
-    kernel = load_kernel(variant, kernel_name)
-    constants = parse_constants(consts)
-    problems = _problems(mask_path, layer)
-    check_unique_stems(p.name for p in problems)
-    out = ensure_dir(out_dir)
-    manifest: dict[str, Any] = {"format": "ubpdsl.build/1", "target": target, "layers": {}}
-    for p in problems:
-        if p.weight is None:  # the packed blob (or the baked code) is made from the weights
-            p.block_data(kernel.layout, kernel.aligned)
-        ck = compile_kernel(kernel, p, target, constants=constants, specialize=specialize,
-                            symbol=kernel_symbol(p.name), vector_bits=vector_bits, check_bounds=check_bounds)
-        files = ck.save(out)
-        manifest["layers"][p.name] = {**ck.manifest, "files": {k: v.name for k, v in files.items()}}
-        click.echo(f"{p.name}: {files['so']} ({'cached' if ck.cache_hit else 'built'})")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    click.echo(f"wrote {len(problems)} kernel(s) and {out / 'manifest.json'}")
+    spec = variant if kernel_name is None else f"{variant}:{kernel_name}"
+    kernel = load_kernel(spec)
+    name = variant_name(spec)
+    for t in targets or ("host",):
+        resolve_target(t, vector_bits)  # TargetError: --vector-bits does not fit this target
+    config = KernelConfig(name, parse_constants(consts), specialize, vector_bits, check_bounds,
+                          source="command-line")
+    out = export_bundle(mask_path, out_dir, targets=targets or ("host",), layers=layers or None, config=config,
+                        kernels={name: kernel}, force=force, echo=click.echo)
+    echo_summary(out)
 
 
 @click.command("emit")

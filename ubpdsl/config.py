@@ -1,8 +1,9 @@
 """The kernel configuration: one type for the autotuner, ``export``, ``compile`` and the benchmarks.
 
 A :class:`KernelConfig` names a kernel variant (from :mod:`ubpdsl.kernels`), its compile-time
-constants, whether the mask is baked in, and the vector width to plan for (None: the target's
-own). Its JSON form (:meth:`KernelConfig.to_json`) is what ``ubpdsl tune`` writes as
+constants, whether the mask is baked in, the vector width to plan for (None: the target's
+own) and whether every access is bounds-checked at run time.
+Its JSON form (:meth:`KernelConfig.to_json`) is what ``ubpdsl tune`` writes as
 ``tuned_config`` in its ``ubpdsl.tuned/1`` manifest and what ``ubpdsl export`` reads.
 """
 
@@ -38,6 +39,7 @@ class KernelConfig:
     constants: Mapping[str, Any] = field(default_factory=dict)
     specialize: bool = False
     vector_bits: int | None = None  # None: the target's own width
+    check_bounds: bool = False  # a bounds-checked build (``ubpdsl compile --check-bounds``)
     source: str = field(default="default", compare=False)
     tuned_for: tuple[int, int, int] | None = field(default=None, compare=False)
 
@@ -52,11 +54,15 @@ class KernelConfig:
         vb = data.get("vector_bits")
         if vb is not None and (not isinstance(vb, int) or isinstance(vb, bool) or vb <= 0 or vb % 128):
             raise UbpError(f"{source}: vector_bits must be a positive multiple of 128, got {vb!r}")
-        return cls(data["variant"], dict(consts), bool(data.get("specialize", False)), vb, source)
+        return cls(data["variant"], dict(consts), bool(data.get("specialize", False)), vb,
+                   bool(data.get("check_bounds", False)), source)
 
     def to_json(self) -> dict[str, Any]:
-        return {"variant": self.variant, "constants": dict(sorted(self.constants.items())),
-                "specialize": self.specialize, "vector_bits": self.vector_bits}
+        out = {"variant": self.variant, "constants": dict(sorted(self.constants.items())),
+               "specialize": self.specialize, "vector_bits": self.vector_bits}
+        if self.check_bounds:  # only when set: the keys of unchecked configs stay what they were
+            out["check_bounds"] = True
+        return out
 
     def key(self) -> str:
         """Canonical text identifying the config (equal keys compile to the same kernel)."""
@@ -65,7 +71,8 @@ class KernelConfig:
     def label(self) -> str:
         """``variant[K=V,...,baked,v256]``."""
         consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
-        extra = (",baked" if self.specialize else "") + (f",v{self.vector_bits}" if self.vector_bits else "")
+        extra = ((",baked" if self.specialize else "") + (f",v{self.vector_bits}" if self.vector_bits else "")
+                 + (",checked" if self.check_bounds else ""))
         return f"{self.variant}[{consts}{extra}]"
 
     @property

@@ -16,6 +16,11 @@
 the kernel symbol is ``ubp_<layer>``.) One directory per target keeps headers and packed weights of
 different targets apart, since a tuned configuration may differ per target.
 
+``ubpdsl compile`` writes the same format (one configuration from its options for every layer).
+Writing into an existing bundle *extends* it: the kernels asked for are (re)built, every other
+kernel is kept, and the one manifest lists every layer and target; every layer must keep a kernel
+for every target (else an error says which). A bundle built from other masks is replaced.
+
 :func:`load_bundle` reads a bundle back and checks it completely before anything runs: the
 manifest's format and fields, every file's presence and sha256, that each ``.so`` is an ELF for its
 target's architecture and exports its symbol, that each packed blob's header matches its layer, and
@@ -70,6 +75,8 @@ __all__ = [
 
 BUNDLE_FORMAT = "ubpdsl.bundle/1"
 TUNED_FORMAT = "ubpdsl.tuned/1"
+#: What ``ubpdsl compile`` wrote before it wrote bundles.
+OLD_BUILD_FORMAT = "ubpdsl.build/1"
 MANIFEST = "manifest.json"
 MASKS = "masks.npz"
 INDEX = "kernels.tsv"
@@ -115,9 +122,9 @@ def load_tuned_configs(path: str | os.PathLike[str]) -> tuple[str, dict[str, Ker
     return str(target), out
 
 
-def configs_for(layers: Mapping[str, Any], target: str,
-                tuned: Mapping[str, KernelConfig] | None = None) -> dict[str, KernelConfig]:
-    """The kernel config of every layer for ``target``: tuned where given, else the default.
+def configs_for(layers: Mapping[str, Any], target: str, tuned: Mapping[str, KernelConfig] | None = None,
+                default: KernelConfig | None = None) -> dict[str, KernelConfig]:
+    """The kernel config of every layer for ``target``: tuned where given, else ``default``.
 
     ``layers`` maps names to :class:`~ubpdsl.masks.LayerMask`; a tuned entry recorded for another
     GEMM shape than the layer's (a stale tune output) is an error rather than a silent mismatch.
@@ -127,7 +134,7 @@ def configs_for(layers: Mapping[str, Any], target: str,
     for name, mask in layers.items():
         cfg = tuned.get(name)
         if cfg is None:
-            out[name] = KernelConfig()
+            out[name] = default or KernelConfig()
             continue
         if cfg.tuned_for is not None and cfg.tuned_for != (mask.R, mask.C, mask.block):
             M, K, N = cfg.tuned_for
@@ -169,26 +176,60 @@ def _module_info(model: Any, name: str, mask: Any) -> dict[str, Any]:
     return {"type": type(module).__name__, "bias": getattr(module, "bias", None) is not None}
 
 
-def _write_index(target_dir: Path, rows: list[dict[str, Any]]) -> None:
+def _write_index(target_dir: Path, target: str, layers: Mapping[str, Any]) -> None:
+    """kernels.tsv of ``target`` from the manifest's layer entries."""
     lines = [f"# ubpdsl bundle kernel index: {' '.join(INDEX_COLUMNS)} ('-': weights baked into the .so)"]
-    for r in rows:
-        lines.append("\t".join(str(r[c]) if r[c] is not None else "-" for c in INDEX_COLUMNS))
+    for name, entry in layers.items():
+        te = entry["targets"][target]
+        files, shas = te["files"], te["sha256"]
+        row = [name, te["symbol"], entry["M"], entry["K"], entry["N"], Path(files["so"]).name,
+               Path(files["packed"]).name if "packed" in files else None, shas["so"], shas.get("packed")]
+        lines.append("\t".join("-" if v is None else str(v) for v in row))
     (target_dir / INDEX).write_text("\n".join(lines) + "\n")
+
+
+def _existing_bundle(out: Path, force: bool) -> Bundle | None:
+    """The bundle already in ``out`` (to extend), None for a fresh one; refuses anything else there."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise BundleError(f"{out} exists and is not a directory")
+    if force or not any(out.iterdir()):
+        return None
+    fmt = None
+    if (out / MANIFEST).is_file():
+        try:
+            data = json.loads((out / MANIFEST).read_text())
+            fmt = data.get("format") if isinstance(data, dict) else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            fmt = None
+    if fmt == OLD_BUILD_FORMAT:
+        raise BundleError(f"{out} holds an older `ubpdsl compile` output ({OLD_BUILD_FORMAT}); compile and export "
+                          "write bundles now: remove it (or pass --force) and re-run")
+    if fmt != BUNDLE_FORMAT:
+        raise BundleError(f"{out} is a non-empty directory that is not a bundle; choose another -o (or --force)")
+    try:
+        return load_bundle(out)
+    except BundleError as exc:
+        raise BundleError(f"cannot add to {exc} (pass --force to replace it)") from None
 
 
 def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: str | os.PathLike[str], *,
                   targets: Iterable[str] = ("host",),
                   tuned: Mapping[str, Mapping[str, KernelConfig]] | None = None,
                   model: Any = None, layers: Iterable[str] | None = None, force: bool = False,
-                  echo: Callable[[str], None] | None = None) -> Path:
+                  echo: Callable[[str], None] | None = None, config: KernelConfig | None = None,
+                  kernels: Mapping[str, Any] | None = None) -> Path:
     """Compile every layer of ``masks`` for every target into the bundle ``out_dir``; returns its path.
 
     ``masks``: a masks.npz path or ``{name: LayerMask}`` (weights required). ``tuned``:
-    ``{target: {layer: KernelConfig}}`` (see :func:`load_tuned_configs`); layers without one get the
-    default config. ``model``: optional, the pruned torch model: its layers must exist with the masks'
-    shapes and weights, and their geometry goes into the manifest. The bundle is assembled in a
-    temporary directory and renamed into place; an existing bundle is replaced, any other non-empty
-    directory only with ``force``.
+    ``{target: {layer: KernelConfig}}`` (see :func:`load_tuned_configs`); layers without one get
+    ``config`` (default: the default :class:`KernelConfig`). ``kernels``: ``{variant: KernelFunction}``
+    for variants that are not shipped (a user's kernel file). ``model``: optional, the pruned torch
+    model: its layers must exist with the masks' shapes and weights, and their geometry goes into the
+    manifest. The bundle is assembled in a temporary directory and renamed into place. An existing
+    bundle in ``out_dir`` is extended (see the module docstring); with ``force`` it, or any other
+    non-empty directory, is replaced.
     """
     from ubpdsl.compiler import Problem, compile_kernel
     from ubpdsl.masks import load_masks, save_masks
@@ -228,52 +269,76 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
         mask.validate()
         if model is not None:
             modules[name] = _module_info(model, name, mask)
-    configs = {t: configs_for(layer_masks, t, tuned.get(t)) for t in targets}
+    configs = {t: configs_for(layer_masks, t, tuned.get(t), config) for t in targets}
+    user_kernels = dict(kernels or {})
     for t, per_layer in configs.items():
         for name, cfg in per_layer.items():
-            try:
-                cfg.kernel  # noqa: B018 - a shipped variant or a user kernel file (FILE.py:NAME) that loads
-            except UbpError as exc:
-                raise UbpError(f"layer {name} ({t}): {exc}") from None
+            if cfg.variant not in user_kernels:
+                try:
+                    cfg.kernel  # noqa: B018 - UbpError for an unknown variant, before the first compile
+                except UbpError as exc:
+                    raise UbpError(f"layer {name} ({t}): {exc}") from None
 
     out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise BundleError(f"{out} exists and is not a directory")
-        is_bundle = (out / MANIFEST).is_file() and _looks_like_bundle(out / MANIFEST)
-        if any(out.iterdir()) and not is_bundle and not force:
-            raise BundleError(f"{out} is a non-empty directory that is not a bundle; choose another -o (or --force)")
+    old = _existing_bundle(out, force)
+    old_masks: dict[str, Any] = {}
+    if old is not None:
+        old_masks = old.masks()
+        changed = [n for n in layer_masks if n in old_masks
+                   and old_masks[n].content_hash() != layer_masks[n].content_hash()]
+        if changed:
+            say(f"note: replacing {out}: it was built from other masks (layer {changed[0]} differs)")
+            old, old_masks = None, {}
+    all_masks = {**old_masks, **layer_masks}
+    all_targets = list(dict.fromkeys([*(old.targets if old else []), *targets]))
+    if old is not None:
+        for name in all_masks:
+            for t in all_targets:
+                if not ((name in layer_masks and t in targets) or (name in old_masks and t in old.targets)):
+                    raise BundleError(
+                        f"bundle {out} has kernels of {', '.join(old.layers)} for {', '.join(old.targets)}: adding "
+                        f"these would leave layer {name!r} without a {t} kernel; build every layer for "
+                        f"{', '.join(all_targets)}, or write a new bundle (another -o, or --force)")
     ensure_dir(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_masks(tmp / MASKS, layer_masks)
+        save_masks(tmp / MASKS, all_masks)
         manifest: dict[str, Any] = {
             "format": BUNDLE_FORMAT,
             "ubpdsl": ubpdsl.__version__,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "exported_on": {"machine": platform.machine(), "python": platform.python_version()},
             "toolchain": toolchain_versions(),
-            "targets": {t: {"triple": g.triple, "cpu": g.cpu, "features": g.features, "vector_bits": g.vector_bits,
-                            "scalable": g.scalable} for t, g in tgts.items()},
-            "variants": sorted({c.variant for per in configs.values() for c in per.values()}),
+            "targets": {**(old.manifest["targets"] if old else {}),
+                        **{t: {"triple": g.triple, "cpu": g.cpu, "features": g.features,
+                               "vector_bits": g.vector_bits, "scalable": g.scalable} for t, g in tgts.items()}},
             "masks": {"file": MASKS, "sha256": file_sha256(tmp / MASKS)},
             "layers": {},
         }
-        for name, mask in layer_masks.items():
+        kept = 0
+        for name, mask in all_masks.items():
+            prev = old.manifest["layers"][name] if old is not None and name in old_masks else None
             manifest["layers"][name] = {
                 "shape": list(mask.shape), "M": mask.R, "K": mask.C, "N": mask.block, "blocks": mask.num_blocks,
                 "sparsity": round(mask.sparsity, 6), "mask_sha256": mask.content_hash(),
                 "blocks_sha256": blocks_hash(mask.R, mask.C, mask.block, mask.rows, mask.cols),
-                "module": modules.get(name), "targets": {},
+                "module": modules.get(name, prev["module"] if prev else None), "targets": {},
             }
+            for t in (old.targets if prev else []):  # kept: this layer's kernels of targets not rebuilt now
+                if not (name in layer_masks and t in targets):
+                    manifest["layers"][name]["targets"][t] = prev["targets"][t]
+                    for rel in prev["targets"][t]["files"].values():
+                        ensure_dir((tmp / rel).parent)
+                        shutil.copyfile(old.root / rel, tmp / rel)
+                    kept += 1
         for t in targets:
             tdir = tmp / t
-            index = []
             for name, mask in layer_masks.items():
                 cfg = configs[t][name]
-                ck = compile_kernel(cfg.kernel, Problem.from_mask(mask), cfg.target_for(get_target(t)),
+                kernel = user_kernels.get(cfg.variant) or cfg.kernel
+                ck = compile_kernel(kernel, Problem.from_mask(mask), cfg.target_for(get_target(t)),
                                     constants=dict(cfg.constants), specialize=cfg.specialize,
-                                    symbol=kernel_symbol(name))
+                                    symbol=kernel_symbol(name), check_bounds=cfg.check_bounds)
                 files = ck.save(tdir)
                 rel = {k: f"{t}/{p.name}" for k, p in files.items()}
                 manifest["layers"][name]["targets"][t] = {
@@ -283,15 +348,16 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
                     "kernel": {k: ck.manifest[k] for k in ("triple", "cpu", "features", "cache_key", "mask_hash",
                                                            "variant", "soname")},
                 }
-                shas = manifest["layers"][name]["targets"][t]["sha256"]
-                index.append({"layer": name, "symbol": ck.symbol, "M": mask.R, "K": mask.C, "N": mask.block,
-                              "so": files["so"].name, "packed": files["packed"].name if "packed" in files else None,
-                              "so_sha256": shas["so"], "packed_sha256": shas.get("packed")})
                 label = replace(cfg, constants=ck.constants).label()
-                say(f"{t:>12}  {name}: {label} ({'tuned' if cfg.source != 'default' else 'default'} config, "
-                    f"{'cached' if ck.cache_hit else 'built'})")
-            _write_index(tdir, index)
-            manifest.setdefault("indexes", {})[t] = {"file": f"{t}/{INDEX}", "sha256": file_sha256(tdir / INDEX)}
+                how = "default" if cfg.source == "default" else "tuned" if tuned.get(t, {}).get(name) else cfg.source
+                say(f"{t:>12}  {name}: {label} ({how} config, {'cached' if ck.cache_hit else 'built'})")
+        if kept:
+            say(f"kept {kept} kernel(s) of {out} ({', '.join(old.targets)})")
+        manifest["variants"] = sorted({te["config"]["variant"] for e in manifest["layers"].values()
+                                       for te in e["targets"].values()})
+        for t in all_targets:
+            _write_index(tmp / t, t, manifest["layers"])
+            manifest.setdefault("indexes", {})[t] = {"file": f"{t}/{INDEX}", "sha256": file_sha256(tmp / t / INDEX)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         load_bundle(tmp, check_host=False)  # never hand out a bundle that would not load
         if out.exists():
@@ -305,13 +371,6 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _looks_like_bundle(manifest: Path) -> bool:
-    try:
-        return json.loads(manifest.read_text()).get("format") == BUNDLE_FORMAT
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -558,6 +617,9 @@ def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = Fal
     manifest = read_json(root / MANIFEST, f"bundle {root}: {MANIFEST}", error=BundleError)
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        if fmt == OLD_BUILD_FORMAT:
+            raise _fail(root, f"an older `ubpdsl compile` output ({OLD_BUILD_FORMAT}): re-run `ubpdsl compile`, "
+                              "which writes bundles now")
         raise _fail(root, f"{MANIFEST} has format {fmt!r}, expected {BUNDLE_FORMAT!r}")
     targets, layers, masks = manifest.get("targets"), manifest.get("layers"), manifest.get("masks")
     if not isinstance(targets, dict) or not isinstance(layers, dict) or not isinstance(masks, dict) or not layers:
@@ -690,7 +752,8 @@ def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer:
 @click.option("--weights", default=None, type=click.Path(dir_okay=False),
               help="state dict of the pruned model (with --model)")
 @click.option("-o", "--out", "out_dir", default="bundle", show_default=True, type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="overwrite a non-empty directory that is not a bundle")
+@click.option("--force", is_flag=True, help="replace what -o holds (a bundle, or any non-empty directory) "
+              "instead of adding to it")
 def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...], layers: tuple[str, ...],
            model_spec: str | None, weights: str | None, out_dir: str, force: bool) -> None:
     """Build a bundle: every pruned layer's kernel per target, packed weights, headers, one manifest.
@@ -699,9 +762,11 @@ def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...
     Example:
       ubpdsl tune --mask masks.npz -o tuned/
       ubpdsl export --mask masks.npz --tuned tuned/ --target host --target aarch64-neon -o bundle/
-    Layers without a tuned configuration use the default wros kernel. Load the bundle with
-    ubpdsl.export.load_bundle, run a model on it with ubpdsl.torch_ops.swap_to_kernels, or from C
-    with examples/embed_c/bundle_main.c.
+    Layers without a tuned configuration use the default wros kernel. Only the --target targets
+    are built (default: those of the --tuned outputs, else host); a tuned output for another
+    target is ignored. Into an existing bundle, the kernels are added (see `ubpdsl compile`).
+    Load the bundle with ubpdsl.export.load_bundle, run a model on it with
+    ubpdsl.torch_ops.swap_to_kernels, or from C with examples/embed_c/bundle_main.c.
     """
     tuned: dict[str, dict[str, KernelConfig]] = {}
     for p in tuned_paths:
@@ -710,9 +775,9 @@ def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...
             raise UbpError(f"two --tuned outputs for target {t}")
         tuned[t] = cfgs
     chosen = list(targets) or sorted(tuned) or ["host"]
-    for t in tuned:
-        if t not in chosen:
-            chosen.append(t)
+    for t in [t for t in tuned if t not in chosen]:  # tuned on (or for) another target: not asked for
+        click.echo(f"note: --tuned configurations for {t} are not used: {t} is not a --target", err=True)
+        del tuned[t]
     model = None
     if weights is not None and model_spec is None:
         raise UbpError("--weights needs --model")
@@ -722,6 +787,11 @@ def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...
         model = resolve_model(model_spec, weights=weights, pretrained=weights is None).model
     out = export_bundle(mask_path, out_dir, targets=chosen, tuned=tuned, model=model,
                         layers=layers or None, force=force, echo=click.echo)
+    echo_summary(out)
+
+
+def echo_summary(out: Path) -> None:
+    """The closing line of ``export`` and ``compile``: what the bundle now holds."""
     bundle = load_bundle(out)
     n_files = sum(len(t["files"]) for e in bundle.manifest["layers"].values() for t in e["targets"].values())
     click.echo(f"wrote bundle {out}: {len(bundle.layers)} layer(s) x {len(bundle.targets)} target(s) "

@@ -4,7 +4,8 @@
 ``x`` is ``[K, n]`` or a batch ``[B, K, n]`` (float32, CPU; made contiguous if it is not), the result
 ``[M, n]`` / ``[B, M, n]``. A batch is one kernel call per item, each reading and writing its slice
 in place, so nothing is copied. The op has a fake (meta) implementation, so ``torch.compile`` and
-``torch.export`` can trace models that use it; it is inference-only (no backward).
+``torch.export`` can trace models that use it; it is inference-only: a backward pass through a
+kernel-backed module that needs a gradient (its input requires one) is a one-line :class:`UbpError`.
 
 Modules (built by :func:`swap_to_kernels` from a bundle made by ``ubpdsl export``):
 
@@ -164,7 +165,23 @@ class _KernelModule(nn.Module):
         weakref.finalize(self, _REGISTRY.pop, self.kernel_id, None)
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # a gradient may be asked for: fail then, loudly
+            return _NoBackward.apply(x, self)
         return torch.ops.ubpdsl.ubp_gemm(x, self.kernel_id, self.M, self.K)
+
+
+class _NoBackward(torch.autograd.Function):
+    """The kernel's forward; its backward raises instead of silently dropping the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: _KernelModule) -> torch.Tensor:
+        ctx.layer = module.layer
+        return torch.ops.ubpdsl.ubp_gemm(x, module.kernel_id, module.M, module.K)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        raise UbpError(f"layer {ctx.layer} runs on a ubpdsl kernel, which has no backward: train the dense model "
+                       "and swap_to_kernels afterwards (or run it under torch.no_grad())")
 
 
 def _pair(v: Any) -> tuple[int, int]:
