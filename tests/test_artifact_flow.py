@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ubpdsl.compile_cli import random_problem
+from ubpdsl.compiler import random_problem
 from ubpdsl.export import BundleError, export_bundle, load_bundle, run_bundle_main
 from ubpdsl.masks import LayerMask, save_masks
 from ubpdsl.runtime.loader import HostKernel

@@ -76,7 +76,7 @@ def scaled(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse):
 
 
 def _user_kernel(tmp_path: Path, scale: str, shift: str = "(0.0,)"):
-    from ubpdsl.compile_cli import load_kernel
+    from ubpdsl.kernels import get_variant as load_kernel
 
     path = tmp_path / "scaled.py"
     path.write_text(_SCALED.format(scale=scale, shift=shift))

@@ -45,7 +45,7 @@ def _kernel_from_source(tmp_path, body: str, name: str = "k") -> tuple[object, s
     src = textwrap.dedent(body)
     path = tmp_path / f"{name}.py"
     path.write_text(src)
-    from ubpdsl.compile_cli import load_kernel
+    from ubpdsl.kernels import get_variant as load_kernel
 
     return load_kernel(str(path)), str(path)
 
