@@ -164,8 +164,9 @@ def test_compile_cli_takes_file_and_name(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert man["layers"]["layer0"]["variant"] == "scaled_stream"
-    assert man["layers"]["layer0"]["constants"]["TILE"] == 2
+    host = man["layers"]["layer0"]["targets"]["host"]  # compile writes the bundle format
+    assert host["kernel"]["variant"] == "scaled_stream"
+    assert host["constants"]["TILE"] == 2
 
 
 def test_run_kernel_host_numpy_and_torch(tmp_path, compile_cache):
