@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ubpdsl.autotune.measure import machine_info
 from ubpdsl.errors import UbpError
 from ubpdsl.prune.activation import ActivationSparsifier
 from ubpdsl.prune.pattern import PatternSparsifier
@@ -351,16 +351,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
@@ -416,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "gru": gru,
         "seconds": time.perf_counter() - t0,
-        "cpu": _cpu(),
+        "cpu": machine_info()["cpu"],
         "torch": torch.__version__,
     }
     if args.out:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from run import pointwise_layers, prune_one_shot, sample_photos
 
+from ubpdsl.autotune.measure import machine_info
 from ubpdsl.benchsuite import interleaved_medians
 from ubpdsl.deploy import executorch as det
 from ubpdsl.deploy.native import PROFILE_KINDS
@@ -25,16 +25,6 @@ from ubpdsl.deploy.pipeline import prepare_subgraph
 from ubpdsl.deploy.plan import split_mobilenet
 from ubpdsl.masks import save_masks
 from ubpdsl.models import build_model
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _profile(runner, x: torch.Tensor, reps: int) -> dict[str, float]:
@@ -177,7 +167,7 @@ def main_executorch(args, argv: list[str]) -> int:
     print(f"total {time.perf_counter() - t0:.0f} s")
     (out / "results.json").write_text(json.dumps({
         "command": "python examples/mobilenetv2/run.py " + " ".join(argv),
-        "cpu": _cpu_model(), "threads": 1, "sparsity": args.sparsity, "layers": len(masks),
+        "cpu": machine_info()["cpu"], "threads": 1, "sparsity": args.sparsity, "layers": len(masks),
         "kernels": how, "latency_ms": latency, "batches": batches, "breakdown_ms": breakdown,
         "photos": photo_results, "torch": torch.__version__,
         "speedup_dense_executorch_over_ubpdsl_executorch_b1": ratio}, indent=2) + "\n")
