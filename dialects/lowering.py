@@ -376,6 +376,63 @@ class _Lowering:
             vector.maskedstore(dst, [row, col], mask, val)
         return []
 
+    def _global(self, name: str, attr: ir.DenseElementsAttr, elem: ir.Type, constant: bool) -> ir.Value:
+        """A private module-level memref.global (``constant=False``: zero-filled .bss, not file bytes)."""
+        mr_ty = ir.MemRefType.get([len(attr)], elem)
+        with ir.InsertionPoint.at_block_begin(self.module_op.regions[0].blocks[0]):
+            memref.global_(name, ir.TypeAttr.get(mr_ty), sym_visibility="private",
+                           initial_value=attr, constant=constant, alignment=64)
+        return memref.get_global(mr_ty, name)
+
+    @staticmethod
+    def _address(mr: ir.Value) -> ir.Value:
+        """The i64 address of a memref's first element."""
+        i64 = ir.IntegerType.get_signless(64)
+        return arith.index_cast(i64, memref.extract_aligned_pointer_as_index(mr))
+
+    def epilogue_view(self, op: ir.Operation) -> list[ir.Value]:
+        """Read the ``ubp_epilogue`` struct (:data:`ubpdsl.abi.EPILOGUE_LAYOUT`) once, branch-free:
+        a NULL ``ep`` reads a constant default struct (version 1, no flags, no bias or residual);
+        a NULL bias reads a zero array of M floats (so each store adds bias[r] unconditionally)."""
+        i32, i64, f32 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64), ir.F32Type.get()
+        rows = _int_attr(op, "rows")
+        ep, n = op.operands[0], op.operands[1]
+        ptr_ty = ep.type
+        self.counter += 1
+        tag = f"__ubp_ep{self.counter}"
+        default = np.zeros(abi.EPILOGUE_BYTES // 4, np.int32)
+        default[0] = abi.EPILOGUE_VERSION
+        dflt = self._address(self._global(f"{tag}_default", ir.DenseElementsAttr.get(default), i32, True))
+        zeros = self._address(self._global(f"{tag}_zero_bias", ir.DenseElementsAttr.get(np.zeros(rows, np.float32)),
+                                           f32, False))
+        nonnull = llvm.icmp(llvm.ICmpPredicate.ne, ep, llvm.mlir_zero(ptr_ty))
+        addr = arith.select(nonnull, llvm.ptrtoint(i64, ep), dflt)
+        base = llvm.inttoptr(ptr_ty, addr)
+        words = _memref_from_ptr(base, [abi.EPILOGUE_BYTES // 4], i32)
+        quads = _memref_from_ptr(base, [abi.EPILOGUE_BYTES // 8], i64)
+        floats = _memref_from_ptr(base, [abi.EPILOGUE_BYTES // 4], f32)
+        offsets = {name: off for name, _, off in abi.EPILOGUE_LAYOUT}
+        version = memref.load(words, [_i(offsets["version"] // 4)])
+        flags = memref.load(words, [_i(offsets["flags"] // 4)])
+        bias_i = memref.load(quads, [_i(offsets["bias"] // 8)])
+        res_i = memref.load(quads, [_i(offsets["residual"] // 8)])
+        lo = memref.load(floats, [_i(offsets["lo"] // 4)])
+        hi = memref.load(floats, [_i(offsets["hi"] // 4)])
+        c32 = lambda v: arith.constant(i32, v)  # noqa: E731
+        zero64 = arith.constant(i64, 0)
+        ok = arith.andi(arith.cmpi(arith.CmpIPredicate.eq, version, c32(abi.EPILOGUE_VERSION)),
+                        arith.cmpi(arith.CmpIPredicate.eq, arith.andi(flags, c32(~abi.EP_KNOWN_FLAGS)), c32(0)))
+        code = arith.select(ok, c32(abi.OK), c32(abi.ERR_BAD_EPILOGUE))
+        clamp = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(flags, c32(abi.EP_CLAMP)), c32(0))
+        lo = arith.select(clamp, lo, arith.constant(f32, float("-inf")))
+        hi = arith.select(clamp, hi, arith.constant(f32, float("inf")))
+        has_bias = arith.cmpi(arith.CmpIPredicate.ne, bias_i, zero64)
+        bias_ptr = llvm.inttoptr(ptr_ty, arith.select(has_bias, bias_i, zeros))
+        bias = _memref_from_ptr(bias_ptr, [rows], f32)
+        residual = _memref_from_ptr(llvm.inttoptr(ptr_ty, res_i), [rows, n], f32)
+        has_res = arith.cmpi(arith.CmpIPredicate.ne, res_i, zero64)
+        return [code, bias, residual, has_res, lo, hi]
+
     def prefetch_tile(self, op: ir.Operation) -> list[ir.Value]:
         src, row, col = op.operands[0], op.operands[1], op.operands[2]
         floats_per_line = 16  # 64-byte cache lines
@@ -406,7 +463,8 @@ class _Lowering:
         """One Python rewrite pattern per remaining ubp op."""
         patterns = RewritePatternSet()
         for name in ("dense_view", "check_weights", "num_blocks", "row_blocks", "block_row", "block_col",
-                     "block_weight", "block_fma", "tiles", "load_tile", "store_tile", "prefetch_tile"):
+                     "block_weight", "block_fma", "tiles", "load_tile", "store_tile", "prefetch_tile",
+                     "epilogue_view"):
             patterns.add(f"ubp.{name}", self._pattern(getattr(self, name)))
         return patterns
 

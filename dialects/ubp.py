@@ -26,6 +26,11 @@ The ops (generic syntax; every op verifies its operand and result types):
 * ``ubp.load_tile(%X, %row, %col0[, %limit])`` -> ``vector<T x f32>`` (masked when limit given)
 * ``ubp.store_tile(%Y, %row, %col0, %v[, %limit])``; a ``ubp.nontemporal`` unit attribute
   asks for streaming (cache-bypassing) stores
+* ``ubp.epilogue_view(%ep: !llvm.ptr, %n: index) {rows}`` -> ``(i32 code, memref<rows x f32> bias,
+  memref<rows x ? x f32> residual, i1 has_residual, f32 lo, f32 hi)``: the ``ubp_epilogue``
+  struct of a ``_ep`` entry point (:mod:`ubpdsl.abi`) read once: its status code, the bias
+  (zeros when NULL), the residual view, and the clamp bounds (-inf, +inf when not clamping;
+  a NULL ``ep`` is no epilogue)
 * ``ubp.prefetch_tile(%X, %row, %col0) {width}``: prefetch the cache lines of a tile; a
   ``ubp.write`` unit attribute prefetches with intent to write (an output tile about to be stored)
 """
@@ -171,6 +176,20 @@ irdl.dialect @ubp {
     %w = irdl.base "#builtin.integer"
     irdl.attributes {"width" = %w}
     irdl.results()
+  }
+
+  irdl.operation @epilogue_view {
+    %ptr = irdl.is !llvm.ptr
+    %idx = irdl.is index
+    irdl.operands(ep: %ptr, n: %idx)
+    %rows = irdl.base "#builtin.integer"
+    irdl.attributes {"rows" = %rows}
+    %c = irdl.is i32
+    %mb = irdl.base "!builtin.memref"
+    %mr = irdl.base "!builtin.memref"
+    %b = irdl.is i1
+    %f = irdl.is f32
+    irdl.results(code: %c, bias: %mb, residual: %mr, has_residual: %b, lo: %f, hi: %f)
   }
 
   irdl.operation @store_tile {

@@ -22,10 +22,12 @@ import shutil
 import tempfile
 from typing import Any
 
-__all__ = ["load_symbol", "KERNEL_ARGTYPES"]
+__all__ = ["load_symbol", "KERNEL_ARGTYPES", "EP_ARGTYPES"]
 
 #: ``int32_t <symbol>(const float *x, float *y, int64_t n, const void *packed_w)``
 KERNEL_ARGTYPES = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
+#: The ``_ep`` entry point's: the plain ones plus ``const ubp_epilogue *ep`` (ubpdsl.abi).
+EP_ARGTYPES = (*KERNEL_ARGTYPES, ctypes.c_void_p)
 
 
 _private_dir: str | None = None
@@ -48,9 +50,10 @@ def _private_copy(path: str) -> str:
     return dest
 
 
-def load_symbol(so: str | os.PathLike[str], symbol: str) -> tuple[ctypes.CDLL, Any]:
+def load_symbol(so: str | os.PathLike[str], symbol: str, *, epilogue: bool = False) -> tuple[ctypes.CDLL, Any]:
     """``(library, function)``: ``so`` loaded with ``RTLD_LOCAL | RTLD_NOW`` and its kernel entry
-    point ``symbol`` typed per the kernel C ABI. Keep the library alive while calling.
+    point ``symbol`` typed per the kernel C ABI (``epilogue``: an ``_ep`` entry point, one more
+    pointer argument). Keep the library alive while calling.
 
     Raises :class:`OSError` with a one-line message when the file is missing or not loadable
     or lacks the symbol.
@@ -72,5 +75,5 @@ def load_symbol(so: str | os.PathLike[str], symbol: str) -> tuple[ctypes.CDLL, A
     except AttributeError:
         raise OSError(f"{os.fspath(so)} has no symbol '{symbol}'") from None
     fn.restype = ctypes.c_int32
-    fn.argtypes = list(KERNEL_ARGTYPES)
+    fn.argtypes = list(EP_ARGTYPES if epilogue else KERNEL_ARGTYPES)
     return lib, fn

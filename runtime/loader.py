@@ -14,16 +14,21 @@ two: about 25 % on MobileNetV2-sized layers). :func:`aligned_empty` allocates su
 
 from __future__ import annotations
 
+import ctypes
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ubpdsl import abi
 from ubpdsl.abi import KERNEL_ERRORS, describe_error
 from ubpdsl.errors import RunError, UbpError
 from ubpdsl.runtime.kernel_so import load_symbol
 
-__all__ = ["KERNEL_ERRORS", "HostKernel", "aligned_empty", "aligned_copy", "describe_error", "check_kernel_args"]
+__all__ = ["KERNEL_ERRORS", "Epilogue", "HostKernel", "aligned_empty", "aligned_copy", "describe_error",
+           "check_kernel_args", "epilogue_args"]
 
 #: Alignment in bytes of the arrays :func:`aligned_empty` returns (a cache line).
 ALIGNMENT = 64
@@ -84,6 +89,55 @@ def check_kernel_args(
     return x, packed, y
 
 
+@dataclass(frozen=True)
+class Epilogue:
+    """Validated arguments of a ``_ep`` call: y = clamp(W x + bias + residual, lo, hi)."""
+
+    bias: np.ndarray | None  # float32 [M], contiguous
+    residual: np.ndarray | None  # float32 [M, n], C-contiguous
+    lo: float | None
+    hi: float | None
+
+    def struct(self, version: int = abi.EPILOGUE_VERSION, flags: int | None = None) -> ctypes.Array:
+        """The ``ubp_epilogue`` struct (a ctypes buffer pointing at the arrays: keep self alive)."""
+        raw = abi.pack_epilogue(0 if self.bias is None else self.bias.ctypes.data,
+                                0 if self.residual is None else self.residual.ctypes.data,
+                                self.lo, self.hi, version=version, flags=flags)
+        return ctypes.create_string_buffer(raw, len(raw))
+
+
+def epilogue_args(symbol: str, M: int, n: int, bias: Any = None, residual: Any = None,
+                  clamp: tuple[float | None, float | None] | None = None,
+                  available: bool = True) -> Epilogue | None:
+    """Check the epilogue arguments of a kernel call; None when there are none (the plain call).
+
+    ``bias``: [M] (or [M, 1]); ``residual``: [M, n]; ``clamp``: (lo, hi), either None for an
+    open side (ReLU: ``(0, None)``, ReLU6: ``(0, 6)``). Numpy arrays or torch tensors; a
+    one-line :class:`UbpError` names a wrong shape, or a kernel built without ``_ep``.
+    """
+    if bias is None and residual is None and clamp is None:
+        return None
+    if not available:
+        raise UbpError(f"kernel {symbol} has no epilogue entry point ({abi.ep_symbol(symbol)}): it was built "
+                       "with epilogue=False or its kernel reads Y back without marking partial stores")
+
+    def arr(a: Any, what: str, shape: tuple[int, ...]) -> np.ndarray:
+        if hasattr(a, "detach") and hasattr(a, "cpu"):
+            a = a.detach().cpu().numpy()
+        out = np.ascontiguousarray(np.asarray(a, dtype=np.float32))
+        if out.shape != shape and not (what == "bias" and out.size == shape[0] and out.ndim <= 2):
+            raise UbpError(f"kernel {symbol}: {what} must have shape {list(shape)}, got {list(out.shape)}")
+        return out.reshape(shape)
+
+    lo = hi = None
+    if clamp is not None:
+        if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+            raise UbpError(f"kernel {symbol}: clamp must be (lo, hi), either may be None")
+        lo, hi = (None if v is None else float(v) for v in clamp)
+    return Epilogue(None if bias is None else arr(bias, "bias", (M,)),
+                    None if residual is None else arr(residual, "residual", (M, n)), lo, hi)
+
+
 class HostKernel:
     """A kernel in a host ``.so``, callable on numpy arrays.
 
@@ -93,13 +147,15 @@ class HostKernel:
     The library is loaded with ``RTLD_LOCAL`` and kept alive as long as this object.
     """
 
-    def __init__(self, so_path: str | os.PathLike[str], symbol: str, M: int, K: int) -> None:
+    def __init__(self, so_path: str | os.PathLike[str], symbol: str, M: int, K: int, *,
+                 epilogue: bool = False) -> None:
         self.so_path = Path(so_path)
         self.symbol = symbol
         self.M = int(M)
         self.K = int(K)
         try:
             self._lib, fn = load_symbol(self.so_path, symbol)
+            self._ep_fn = load_symbol(self.so_path, abi.ep_symbol(symbol), epilogue=True)[1] if epilogue else None
         except OSError as exc:
             raise RunError(str(exc)) from None
         self._fn = fn
@@ -111,12 +167,27 @@ class HostKernel:
         """Call the kernel without validation; return its return code."""
         return int(self._fn(x.ctypes.data, y.ctypes.data, n, None if packed is None else packed.ctypes.data))
 
+    def call_ep_raw(self, x: np.ndarray, y: np.ndarray, n: int, packed: np.ndarray | None, ep: Any) -> int:
+        """Call the ``_ep`` entry point without validation (``ep``: a ctypes buffer or None)."""
+        if self._ep_fn is None:
+            raise RunError(f"kernel {self.symbol}: loaded without its epilogue entry point")
+        return int(self._ep_fn(x.ctypes.data, y.ctypes.data, n, None if packed is None else packed.ctypes.data,
+                               None if ep is None else ctypes.addressof(ep)))
+
     def __call__(
-        self, x: np.ndarray, packed: np.ndarray | None = None, y: np.ndarray | None = None
+        self, x: np.ndarray, packed: np.ndarray | None = None, y: np.ndarray | None = None, *,
+        epilogue: Epilogue | None = None,
     ) -> np.ndarray:
-        """Compute ``y = W @ x``; returns ``y`` ([M, n] float32, newly allocated when None)."""
+        """Compute ``y = W @ x`` (``epilogue``: clamp(W x + bias + residual) through ``_ep``);
+        returns ``y`` ([M, n] float32, newly allocated when None)."""
         x, packed, y = check_kernel_args(self.symbol, self.M, self.K, x, packed, y)
-        rc = self.call_raw(x, y, x.shape[1], packed)
+        if epilogue is None:
+            rc = self.call_raw(x, y, x.shape[1], packed)
+        else:
+            if epilogue.residual is not None and (epilogue.residual.shape != y.shape
+                                                  or np.shares_memory(epilogue.residual, y)):
+                raise UbpError(f"kernel {self.symbol}: residual must be [M, n] and must not overlap y")
+            rc = self.call_ep_raw(x, y, x.shape[1], packed, epilogue.struct())
         if rc != 0:
             raise RunError(f"kernel {self.symbol} returned error code {rc}: {describe_error(rc)}")
         return y

@@ -31,6 +31,7 @@ import numpy as np
 from mlir import ir
 
 import ubpdsl
+from ubpdsl import abi
 from ubpdsl.dialects import lowering
 from ubpdsl.dialects.ubp import make_context
 from ubpdsl.errors import BuildError, DSLError, MaskError, UbpError
@@ -128,12 +129,13 @@ def _spec(kernel: KernelFunction, problem: Problem, target: Target, constants: d
     return KernelSpec(symbol, problem.M, problem.K, problem.N, vec, consts, baked, bool(check_bounds)), data
 
 
-def _stage_text(kernel: KernelFunction, spec: KernelSpec, target: Target, stage: str) -> str:
+def _stage_text(kernel: KernelFunction, spec: KernelSpec, target: Target, stage: str,
+                epilogue: bool | None = None) -> str:
     if stage not in STAGES:
         raise UbpError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     ctx = make_context()
     with ctx, ir.Location.unknown():
-        module = build_ubp_module(kernel, spec)
+        module = build_ubp_module(kernel, spec, epilogue)
         if stage == "ubp":
             return str(module)
         lowering.lower_to_upstream(module)
@@ -150,11 +152,12 @@ def _stage_text(kernel: KernelFunction, spec: KernelSpec, target: Target, stage:
 
 def emit(kernel: KernelFunction, problem: Problem, target: str | Target = "host", stage: str = "ubp", *,
          constants: dict[str, Any] | None = None, specialize: bool = False, symbol: str = "ubp_kernel",
-         vector_bits: int | None = None, check_bounds: bool = False) -> str:
-    """The kernel at one compilation stage, as text (``check_bounds``: see :func:`compile_kernel`)."""
+         vector_bits: int | None = None, check_bounds: bool = False, epilogue: bool | None = None) -> str:
+    """The kernel at one compilation stage, as text (``check_bounds``, ``epilogue``: see
+    :func:`compile_kernel`)."""
     tgt = resolve_target(target, vector_bits)
     spec, _ = _spec(kernel, problem, tgt, constants, specialize, symbol, check_bounds)
-    return _stage_text(kernel, spec, tgt, stage)
+    return _stage_text(kernel, spec, tgt, stage, epilogue)
 
 
 #: What decides a build besides the kernel: every file of these packages (walked, not listed),
@@ -278,19 +281,32 @@ class CompiledKernel:
     cache_hit: bool = False
     _host: Any = field(default=None, repr=False)
 
-    def __call__(self, x: np.ndarray, y: np.ndarray | None = None, *, sve_bits: int | None = None) -> np.ndarray:
-        """Y = W @ x: natively on the host, under qemu for AArch64 targets (correctness only)."""
+    @property
+    def has_epilogue(self) -> bool:
+        """True if the library exports ``<symbol>_ep`` (fused bias, residual, clamp)."""
+        return bool(self.manifest.get("epilogue"))
+
+    def __call__(self, x: np.ndarray, y: np.ndarray | None = None, *, sve_bits: int | None = None,
+                 bias: np.ndarray | None = None, residual: np.ndarray | None = None,
+                 clamp: tuple[float | None, float | None] | None = None) -> np.ndarray:
+        """Y = W @ x: natively on the host, under qemu for AArch64 targets (correctness only).
+
+        With ``bias`` [M], ``residual`` [M, n] or ``clamp`` (lo, hi; None for an open side) the
+        ``_ep`` entry point stores clamp(W x + bias + residual, lo, hi) instead.
+        """
+        from ubpdsl.runtime.loader import HostKernel, epilogue_args
+
+        ep = epilogue_args(self.symbol, self.M, np.shape(x)[-1] if np.ndim(x) == 2 else 0, bias, residual, clamp,
+                           self.has_epilogue)
         if self.target.runner == "qemu-aarch64":
             from ubpdsl.runtime import qemu
 
             bits = sve_bits if self.target.scalable else None
             return qemu.run_aarch64(self.obj, self.symbol, np.ascontiguousarray(x, np.float32), self.packed,
-                                    self.M, sve_bits=bits)
+                                    self.M, sve_bits=bits, epilogue=ep)
         if self._host is None:
-            from ubpdsl.runtime.loader import HostKernel
-
-            self._host = HostKernel(self.so, self.symbol, self.M, self.K)
-        return self._host(x, self.packed, y)
+            self._host = HostKernel(self.so, self.symbol, self.M, self.K, epilogue=self.has_epilogue)
+        return self._host(x, self.packed, y, epilogue=ep)
 
     def save(self, out_dir: Path) -> dict[str, Path]:
         """Copy the artifacts to ``out_dir``: ``<layer>.<target>.so`` (its DT_SONAME), ``<layer>.h``
@@ -311,8 +327,14 @@ class CompiledKernel:
 def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str | Target = "host", *,
                    constants: dict[str, Any] | None = None, specialize: bool = False,
                    symbol: str | None = None, cache: CompileCache | None = None,
-                   vector_bits: int | None = None, check_bounds: bool = False) -> CompiledKernel:
+                   vector_bits: int | None = None, check_bounds: bool = False,
+                   epilogue: bool | None = None) -> CompiledKernel:
     """Compile ``kernel`` for one layer and target into a cached, self-contained ``.so``.
+
+    The library exports ``symbol`` and, unless ``epilogue=False``, ``symbol_ep`` (the fused
+    epilogue, :data:`ubpdsl.abi.C_EP_SIGNATURE`) when the kernel allows it (``epilogue=None``;
+    ``True`` makes a kernel that does not a :class:`DSLError`); ``manifest["epilogue"]`` says
+    which.
 
     ``check_bounds=True`` builds a checking kernel: every load, store and prefetch checks its
     row and columns, every block index its range, and a violation skips the access and makes
@@ -342,6 +364,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         "shape": [problem.M, problem.K, problem.N],
         "mask": mask_hash if baked else None,
         "check_bounds": spec.check_bounds,
+        "epilogue": epilogue,
     }
     key = cache.key(**key_parts)
     packed = None if baked or data is None else pack(data)
@@ -367,12 +390,13 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
     }
     hit = cache.get(key)
     if hit is None:
-        llvm_ir = _stage_text(kernel, spec, tgt, "llvm-ir")
+        llvm_ir = _stage_text(kernel, spec, tgt, "llvm-ir", epilogue)
+        manifest["epilogue"] = f"@{abi.ep_symbol(symbol)}(" in llvm_ir
         header = render_header(symbol, M=problem.M, K=problem.K, N=problem.N,
                                description=f"layer {problem.name}: variant {kernel.name}, target {tgt.name}, "
                                            f"constants {json.dumps(spec.constants, sort_keys=True)}",
                                packed_layout=layout_description(kernel.layout), baked=baked,
-                               check_bounds=spec.check_bounds)
+                               check_bounds=spec.check_bounds, epilogue=manifest["epilogue"])
         with tempfile.TemporaryDirectory(prefix="ubp-build-") as tmp:
             art = rt_build.build_shared_object(llvm_ir, tgt, Path(tmp), soname[: -len(".so")], header)
             if symbol not in art.symbols:
@@ -383,6 +407,10 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         cache_hit = False
     else:
         cache_hit = True
+        try:
+            manifest["epilogue"] = bool(json.loads((hit / "manifest.json").read_text()).get("epilogue"))
+        except (OSError, ValueError):
+            manifest["epilogue"] = False
     return CompiledKernel(symbol=symbol, variant=kernel.name, target=tgt, M=problem.M, K=problem.K, N=problem.N,
                           constants=spec.constants, specialized=baked, so=hit / "kernel.so", obj=hit / "kernel.o",
                           header=hit / "kernel.h", manifest=manifest, packed=packed, cache_hit=cache_hit)

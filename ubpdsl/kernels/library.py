@@ -31,16 +31,23 @@ YPREFETCHES = [0, 4, 8, 16]  # prefetch-for-write of the Y row that many rows ah
 @ubl.kernel(layout="plain", tune={"TILE": TILES, "UNROLL": UNROLLS})
 def block_stream(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 2,
                  UNROLL: ubl.constexpr = 1):
-    """Block streaming: each block FMAs its N rows into the Y tile held in memory."""
+    """Block streaming: each block FMAs its N rows into the Y tile held in memory.
+
+    Y holds partial sums (``partial=True``); row r is complete once the blocks starting at r are
+    done, and ``ubl.finish`` then applies the epilogue to it (in the ``_ep`` entry point only).
+    """
     for j in ubl.tiles(X.n, TILE):
         for r in range(W.rows):
-            ubl.store(Y, r, j, ubl.zeros(j))
+            ubl.store(Y, r, j, ubl.zeros(j), partial=True)
         for r in range(W.rows - W.block + 1):
             lo, hi = W.row_blocks(r)
             for b in ubl.range(lo, hi, unroll=UNROLL):
                 x = ubl.load(X, W.block_col(b), j)
                 for i in ubl.static_range(W.block):
-                    ubl.store(Y, r + i, j, ubl.fma(W.weight(b, i), x, ubl.load(Y, r + i, j)))
+                    ubl.store(Y, r + i, j, ubl.fma(W.weight(b, i), x, ubl.load(Y, r + i, j)), partial=True)
+            ubl.finish(Y, r, j)
+        for r in range(W.rows - W.block + 1, W.rows):
+            ubl.finish(Y, r, j)
 
 
 @ubl.kernel(layout="rotated", tune={"TILE": TILES, "UNROLL": UNROLLS, "PREFETCH": PREFETCHES,
@@ -86,7 +93,7 @@ def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 
             if PANEL > 0:  # carry out: rows below the panel already hold these blocks' sums
                 for q in ubl.static_range(N - 1):
                     if p0 + P + q < W.rows:
-                        ubl.store(Y, p0 + P + q, j, acc[q])
+                        ubl.store(Y, p0 + P + q, j, acc[q], partial=True)
 
 
 @ubl.kernel(layout="rotated", specialized=True, tune={"TILE": TILES})

@@ -40,6 +40,10 @@ Inside a kernel:
 * Variables assigned in a loop or a data-dependent ``if`` are carried as SSA values (registers).
 * ``ubl.prefetch(X, row, j)`` prefetches a tile of X; ``ubl.store(Y, r, j, v, streaming=True)``
   writes with non-temporal (cache-bypassing) stores where the tile is full.
+* Epilogues: every kernel also gets a ``<symbol>_ep`` entry point that stores
+  ``clamp(W x + bias + residual)``: the epilogue is applied at each final ``ubl.store`` to Y. A
+  kernel that accumulates in Y marks those stores ``partial=True`` and calls
+  ``ubl.finish(Y, r, j)`` once a row is complete (see docs/dsl.md, *Epilogues*).
 * ``ubl.zeros(j)`` is a zero tile; ``ubl.zeros(N, j)`` is N of them (a register tile, indexed
   with compile-time integers: ``acc[p]``, ``acc[p] = 0.0``).
 See docs/dsl.md for the reference (each construct with an example); ``help(ubl.tiles)`` etc.
@@ -67,6 +71,7 @@ from ubpdsl.language.core import (
     Tile,
     block_fma,
     constexpr,
+    finish,
     fma,
     kernel,
     load,
@@ -85,6 +90,7 @@ __all__ = [
     "Output",
     "block_fma",
     "constexpr",
+    "finish",
     "fma",
     "kernel",
     "load",

@@ -190,13 +190,28 @@ def load(operand: Any, row: Any, tile: Tile) -> Any:
 
 
 @_builtin
-def store(operand: Any, row: Any, tile: Tile, value: Any, *, streaming: bool = False) -> None:
+def store(operand: Any, row: Any, tile: Tile, value: Any, *, streaming: bool = False,
+          partial: bool = False) -> None:
     """``ubl.store(Y, row, j, v)``: write the vector tile v to the ``ubl.Output`` at ``row``, columns of j.
 
     A scalar ``value`` is broadcast. ``streaming=True`` (compile-time) writes full tiles with
-    non-temporal (cache-bypassing) stores.
+    non-temporal (cache-bypassing) stores. A store is *final* by default: in the kernel's
+    ``_ep`` entry point the epilogue (bias, residual, clamp) is applied to ``v`` on its way to
+    Y. ``partial=True`` (compile-time) marks a partial sum that the kernel reads back later
+    (stored as is; see :func:`finish`).
     """
     raise _outside("ubl.store()")
+
+
+@_builtin
+def finish(operand: Any, row: Any, tile: Tile) -> None:
+    """``ubl.finish(Y, row, j)``: the tile of Y at ``row`` is complete: apply the epilogue in place.
+
+    For kernels that accumulate in Y (``ubl.load(Y, ...)`` + ``ubl.store(..., partial=True)``):
+    call it once per row and tile, after the row's last partial store. In the plain entry point
+    it emits nothing; in ``_ep`` it loads the tile (still in L1), applies the epilogue and stores it.
+    """
+    raise _outside("ubl.finish()")
 
 
 @_builtin
@@ -222,7 +237,8 @@ def block_fma(W: BlockSparse, b: Any, x: Any, acc: Any) -> Any:
 
 
 #: Every builtin, by name (``ubl.*`` functions the front end compiles).
-BUILTINS = ("tiles", "range", "static_range", "zeros", "load", "store", "prefetch", "fma", "block_fma")
+BUILTINS = ("tiles", "range", "static_range", "zeros", "load", "store", "finish", "prefetch", "fma",
+            "block_fma")
 
 
 @dataclass

@@ -111,6 +111,17 @@ class Tile:
 
 
 @dataclass
+class Epilogue:
+    """The epilogue of a ``_ep`` entry point, read once at entry (``ubp.epilogue_view``)."""
+
+    bias: ir.Value  # memref<M x f32> (zeros when the caller passed none)
+    residual: ir.Value  # memref<M x ? x f32> (only read when has_residual)
+    has_residual: ir.Value  # i1
+    lo: ir.Value  # f32 (-inf when not clamping)
+    hi: ir.Value  # f32 (+inf when not clamping)
+
+
+@dataclass
 class RegTile:
     """N vector values used together (N accumulator rows): a register tile."""
 
@@ -124,9 +135,14 @@ def _node_line(node: ast.AST) -> int:
 class CodeGen:
     """Emits the ubp module of one kernel for one specialisation."""
 
-    def __init__(self, kernel: KernelFunction, spec: KernelSpec):
+    def __init__(self, kernel: KernelFunction, spec: KernelSpec, epilogue: bool = False):
         self.k = kernel
         self.spec = spec
+        self.epilogue = epilogue  # emit the ``_ep`` entry point (abi.C_EP_SIGNATURE)
+        self._ep: Epilogue | None = None
+        self._user_output_loads = 0  # ubl.load(Y, ...) in the source (not finish)
+        self._partial_stores = 0
+        self._finishes = 0
         self.env: dict[str, Any] = {}
         self.index = ir.IndexType.get()
         self.f32 = ir.F32Type.get()
@@ -142,22 +158,39 @@ class CodeGen:
         return DSLError(f"{self.k.filename}:{line}: {msg}")
 
     # -- module -------------------------------------------------------------------------------
-    def build(self) -> ir.Module:
+    @property
+    def epilogue_refusal(self) -> str | None:
+        """Why this kernel cannot have a ``_ep`` entry point (None: it can), known after :meth:`build`.
+
+        A kernel that reads Y back but marks no store ``partial=True`` and finishes no row
+        accumulates in Y with final stores: the epilogue would be applied more than once.
+        """
+        if self._user_output_loads and not (self._partial_stores or self._finishes):
+            return (f"kernel {self.k.name!r} reads Y back (ubl.load of the Output) but marks no store "
+                    "partial=True and calls no ubl.finish, so an epilogue would apply at every store of a "
+                    "partial sum; mark them (docs/dsl.md, Epilogues)")
+        return None
+
+    def build(self, module: ir.Module | None = None) -> ir.Module:
+        """Emit the kernel's function (the ``_ep`` one when ``epilogue``) into ``module`` (new if None)."""
         spec = self.spec
-        module = ir.Module.create()
+        module = module or ir.Module.create()
         ptr = ir.Type.parse("!llvm.ptr")
         i32 = ir.IntegerType.get_signless(32)
         i64 = ir.IntegerType.get_signless(64)
+        params = [ptr, ptr, i64, ptr] + ([ptr] if self.epilogue else [])
+        symbol = abi.ep_symbol(spec.symbol) if self.epilogue else spec.symbol
         with ir.InsertionPoint(module.body):
-            fn = func.FuncOp(spec.symbol, ir.FunctionType.get([ptr, ptr, i64, ptr], [i32]))
+            fn = func.FuncOp(symbol, ir.FunctionType.get(params, [i32]))
             fn.attributes["ubp.kernel"] = ir.StringAttr.get(self.k.name)
             # C ABI contract: y does not overlap x or packed_w, so loads of the block metadata
             # may be reused across stores to y (noalias on every pointer argument).
             noalias = ir.DictAttr.get({"llvm.noalias": ir.UnitAttr.get()})
-            fn.arg_attrs = ir.ArrayAttr.get([noalias, noalias, ir.DictAttr.get({}), noalias])
+            fn.arg_attrs = ir.ArrayAttr.get([noalias, noalias, ir.DictAttr.get({}), noalias]
+                                            + ([noalias] if self.epilogue else []))
             entry = fn.add_entry_block()
         with ir.InsertionPoint(entry):
-            xp, yp, n64, wp = entry.arguments
+            xp, yp, n64, wp = list(entry.arguments)[:4]
             n = arith.index_cast(self.index, n64)
             dyn = ir.ShapedType.get_dynamic_size()
             X = ubp_dialect.op("dense_view", [xp, n], [ir.MemRefType.get([spec.K, dyn], self.f32)],
@@ -179,6 +212,15 @@ class CodeGen:
             w_code = ubp_dialect.op("check_weights", [W], [i32]).result
             n_ok = arith.cmpi(arith.CmpIPredicate.sge, n64, arith.constant(i64, 0))
             code = arith.select(n_ok, w_code, arith.constant(i32, abi.ERR_BAD_N))
+            if self.epilogue:
+                f32 = self.f32
+                view = ubp_dialect.op("epilogue_view", [entry.arguments[4], n],
+                                      [i32, ir.MemRefType.get([spec.M], f32), ir.MemRefType.get([spec.M, dyn], f32),
+                                       self.i1, f32, f32], {"rows": _i64(spec.M)})
+                ep_code, bias, residual, has_res, lo, hi = view.results
+                self._ep = Epilogue(bias, residual, has_res, lo, hi)
+                is_ok = arith.cmpi(arith.CmpIPredicate.eq, code, arith.constant(i32, abi.OK))
+                code = arith.select(is_ok, ep_code, code)
             run = arith.cmpi(arith.CmpIPredicate.eq, code, arith.constant(i32, abi.OK))
             if spec.check_bounds:
                 # The status of the body: a stack slot that a failed check sets to ERR_OUT_OF_BOUNDS
@@ -775,6 +817,7 @@ class CodeGen:
     def builtin_load(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None) -> ir.Value:
         d, r, t = self._dense_tile_args(node, "ubl.load", operand, row, tile)
         self._output_loads += d.output
+        self._user_output_loads += d.output
         operands = [d.memref, r, t.start] + ([t.limit] if t.limit is not None else [])
         (v,) = self._checked(self._tile_ok(d, r, t), [t.vec_type],
                              lambda: [ubp_dialect.op("load_tile", operands, [t.vec_type]).result],
@@ -782,21 +825,59 @@ class CodeGen:
         return v
 
     def builtin_store(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None,
-                      value: Any = None, streaming: Any = False) -> None:
+                      value: Any = None, streaming: Any = False, partial: Any = False) -> None:
         d, r, t = self._dense_tile_args(node, "ubl.store", operand, row, tile)
         if not d.output:
             raise self.error(f"ubl.store: {d.name} is an input; only the ubl.Output operand can be written", node)
         if not isinstance(streaming, bool):
             raise self.error("ubl.store: streaming= must be a compile-time bool", node)
+        if not isinstance(partial, bool):
+            raise self.error("ubl.store: partial= must be a compile-time bool", node)
+        self._partial_stores += partial
         v = self.coerce(value, t.vec_type, node)
-        operands = [d.memref, r, t.start, v] + ([t.limit] if t.limit is not None else [])
         attrs = {"ubp.nontemporal": ir.UnitAttr.get()} if streaming and t.limit is None else {}
 
         def store() -> list[ir.Value]:
+            out = v if partial or self._ep is None else self._apply_epilogue(v, r, t)
+            operands = [d.memref, r, t.start, out] + ([t.limit] if t.limit is not None else [])
             ubp_dialect.op("store_tile", operands, [], attrs)
             return []
 
         self._checked(self._tile_ok(d, r, t), [], store, list)
+
+    def builtin_finish(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None) -> None:
+        d, r, t = self._dense_tile_args(node, "ubl.finish", operand, row, tile)
+        if not d.output:
+            raise self.error(f"ubl.finish: {d.name} is an input; only rows of the ubl.Output are finished", node)
+        self._finishes += 1
+        self._output_loads += 1  # a read-modify-write of Y in the _ep entry point: same tail in both
+        if self._ep is None:
+            return
+        limit = [t.limit] if t.limit is not None else []
+
+        def finish() -> list[ir.Value]:
+            v = ubp_dialect.op("load_tile", [d.memref, r, t.start, *limit], [t.vec_type]).result
+            ubp_dialect.op("store_tile", [d.memref, r, t.start, self._apply_epilogue(v, r, t), *limit], [])
+            return []
+
+        self._checked(self._tile_ok(d, r, t), [], finish, list)
+
+    def _apply_epilogue(self, v: ir.Value, row: ir.Value, t: Tile) -> ir.Value:
+        """clamp(v + bias[row] + residual[row, tile], lo, hi): the epilogue of a final store."""
+        ep = self._ep
+        vt = v.type
+        v = arith.addf(v, vector.broadcast(vt, memref.load(ep.bias, [row])))
+        has_res = scf.IfOp(ep.has_residual, [vt], has_else=True)
+        with ir.InsertionPoint(has_res.then_block):
+            limit = [t.limit] if t.limit is not None else []
+            scf.YieldOp([ubp_dialect.op("load_tile", [ep.residual, row, t.start, *limit], [vt]).result])
+        with ir.InsertionPoint(has_res.else_block):
+            scf.YieldOp([self._zero_vec(vt)])
+        v = arith.addf(v, has_res.results[0])
+        # select(v < lo, lo, v): NaN stays NaN (as torch.clamp); one max/min instruction on x86 and NEON
+        lo, hi = vector.broadcast(vt, ep.lo), vector.broadcast(vt, ep.hi)
+        v = arith.select(arith.cmpf(arith.CmpFPredicate.OLT, v, lo), lo, v)
+        return arith.select(arith.cmpf(arith.CmpFPredicate.OGT, v, hi), hi, v)
 
     def builtin_prefetch(self, node: ast.AST, operand: Any = None, row: Any = None, tile: Any = None,
                          write: Any = False) -> None:
@@ -995,16 +1076,34 @@ def _i64(v: int) -> ir.Attribute:
     return ir.IntegerAttr.get(ir.IntegerType.get_signless(64), v)
 
 
-def build_ubp_module(kernel: KernelFunction, spec: KernelSpec) -> ir.Module:
-    """Compile ``kernel`` for ``spec`` to a ubp-dialect module (current context)."""
+def build_ubp_module(kernel: KernelFunction, spec: KernelSpec, epilogue: bool | None = None) -> ir.Module:
+    """Compile ``kernel`` for ``spec`` to a ubp-dialect module (current context).
+
+    The module holds the plain entry point and, unless ``epilogue`` is False, the ``_ep`` one
+    (:data:`ubpdsl.abi.C_EP_SIGNATURE`). ``epilogue=None`` adds it when the kernel allows it
+    (:func:`epilogue_refusal`); ``True`` makes a refusal a :class:`DSLError`.
+    """
     if kernel.needs_specialized and spec.baked is None:
         raise DSLError(f"{kernel.filename}:{kernel.tree.lineno}: kernel {kernel.name!r} is mask-specialised "
                        "(specialized=True): compile it with the mask baked in")
     gen = CodeGen(kernel, spec)
     try:
         module = gen.build()
+        refusal = gen.epilogue_refusal
+        if refusal is not None and epilogue:
+            raise DSLError(f"{kernel.filename}:{kernel.tree.lineno}: no _ep entry point: {refusal}")
+        if refusal is None and epilogue is not False:
+            gen = CodeGen(kernel, spec, epilogue=True)
+            gen.build(module)
     except RecursionError:
         raise gen.error("kernel too deeply nested") from None
     if not module.operation.verify():  # pragma: no cover - verify raises with diagnostics
         raise gen.error("generated IR does not verify")
     return module
+
+
+def has_epilogue(module: ir.Module, spec: KernelSpec) -> bool:
+    """True if ``module`` (from :func:`build_ubp_module`) defines the ``_ep`` entry point."""
+    name = abi.ep_symbol(spec.symbol)
+    return any(ir.StringAttr(op.attributes["sym_name"]).value == name for op in module.body.operations
+               if "sym_name" in op.attributes)
