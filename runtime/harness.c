@@ -8,11 +8,14 @@
  *
  * INPUT (little endian):
  *   char[4]  "UBPI"
- *   uint32   version (1)
+ *   uint32   version (1, or 2: an epilogue follows x; needs -DUBP_KERNEL_EP=<symbol>_ep)
  *   int64    M, K, n
  *   int64    packed_len   (-1: pass packed_w = NULL; a data-driven kernel then returns 3)
  *   uint8    packed[packed_len]
  *   float    x[K * n]
+ *   version 2 only: uint32 ep version, uint32 ep flags, float lo, hi, int64 has_bias,
+ *   int64 has_residual, float bias[M] (if has_bias), float residual[M * n] (if has_residual);
+ *   the kernel's <symbol>_ep is called with a ubp_epilogue (ubp_epilogue.h, from ubpdsl/abi.py)
  *
  * OUTPUT (little endian):
  *   char[4]  "UBPO"
@@ -36,6 +39,10 @@
 #endif
 
 int32_t UBP_KERNEL(const float *x, float *y, int64_t n, const void *packed_w);
+#ifdef UBP_KERNEL_EP
+#include "ubp_epilogue.h"
+int32_t UBP_KERNEL_EP(const float *x, float *y, int64_t n, const void *packed_w, const ubp_epilogue *ep);
+#endif
 
 #define GUARD_WORDS 64
 static const uint32_t SENTINEL = 0x7fc0dead; /* a quiet NaN no kernel computes */
@@ -66,7 +73,7 @@ int main(int argc, char **argv) {
     int64_t dims[4];
     read_exact(in, magic, 4);
     read_exact(in, &version, 4);
-    if (memcmp(magic, "UBPI", 4) != 0 || version != 1) die("bad input file magic/version");
+    if (memcmp(magic, "UBPI", 4) != 0 || (version != 1 && version != 2)) die("bad input file magic/version");
     read_exact(in, dims, sizeof dims);
     int64_t M = dims[0], K = dims[1], n = dims[2], packed_len = dims[3];
     if (M < 0 || K < 0 || n < 0 || packed_len < -1) die("bad dimensions in input file");
@@ -78,6 +85,34 @@ int main(int argc, char **argv) {
     }
     float *x = alloc((size_t)(K * n) * sizeof(float));
     read_exact(in, x, (size_t)(K * n) * sizeof(float));
+#ifdef UBP_KERNEL_EP
+    ubp_epilogue ep;
+    memset(&ep, 0, sizeof ep);
+    if (version == 2) {
+        uint32_t words[2];
+        float bounds[2];
+        int64_t has[2];
+        read_exact(in, words, sizeof words);
+        read_exact(in, bounds, sizeof bounds);
+        read_exact(in, has, sizeof has);
+        ep.version = words[0];
+        ep.flags = words[1];
+        ep.lo = bounds[0];
+        ep.hi = bounds[1];
+        if (has[0]) {
+            float *bias = alloc((size_t)M * sizeof(float));
+            read_exact(in, bias, (size_t)M * sizeof(float));
+            ep.bias = bias;
+        }
+        if (has[1]) {
+            float *res = alloc((size_t)(M * n) * sizeof(float));
+            read_exact(in, res, (size_t)(M * n) * sizeof(float));
+            ep.residual = res;
+        }
+    }
+#else
+    if (version == 2) die("input has an epilogue: build the harness with -DUBP_KERNEL_EP");
+#endif
     fclose(in);
 
     size_t ny = (size_t)(M * n);
@@ -85,7 +120,11 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < ny + GUARD_WORDS; i++) ybits[i] = SENTINEL;
     float *y = (float *)ybits;
 
+#ifdef UBP_KERNEL_EP
+    int32_t rc = version == 2 ? UBP_KERNEL_EP(x, y, n, packed, &ep) : UBP_KERNEL(x, y, n, packed);
+#else
     int32_t rc = UBP_KERNEL(x, y, n, packed);
+#endif
 
     uint32_t flags = 0;
     if (rc == 0)

@@ -34,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ubpdsl import abi
 from ubpdsl.abi import describe_error
 from ubpdsl.errors import RunError
 
 from .cache import CompileCache
-from .loader import check_kernel_args
+from .loader import Epilogue, check_kernel_args
 from .toolchain import run_tool, toolchain_versions, zig_cmd
 
 __all__ = [
@@ -152,9 +153,10 @@ def harness_source() -> str:
     return resources.files("ubpdsl.runtime").joinpath("harness.c").read_text()
 
 
-def build_harness(obj: Path, symbol: str, *, cache: CompileCache | None = None) -> Path:
+def build_harness(obj: Path, symbol: str, *, cache: CompileCache | None = None, epilogue: bool = False) -> Path:
     """Link ``obj`` (an AArch64 kernel object) with the harness; return the static executable.
 
+    ``epilogue``: the harness can also call ``<symbol>_ep`` (input version 2).
     Cached by the content of the object and harness, the symbol and the zig version.
     """
     obj = Path(obj)
@@ -167,6 +169,7 @@ def build_harness(obj: Path, symbol: str, *, cache: CompileCache | None = None) 
         obj_sha256=hashlib.sha256(obj.read_bytes()).hexdigest(),
         harness_sha256=hashlib.sha256(source.encode()).hexdigest(),
         symbol=symbol,
+        epilogue=abi.c_epilogue_struct() if epilogue else None,
         zig=toolchain_versions().get("zig", "unknown"),
     )
     hit = cache.get(key)
@@ -175,25 +178,36 @@ def build_harness(obj: Path, symbol: str, *, cache: CompileCache | None = None) 
     with tempfile.TemporaryDirectory(prefix="ubpdsl-harness-") as tmp:
         src = Path(tmp) / "harness.c"
         src.write_text(source)
+        (Path(tmp) / "ubp_epilogue.h").write_text("#include <stdint.h>\n" + abi.c_epilogue_struct() + "\n")
+        ep_flags = [f"-DUBP_KERNEL_EP={abi.ep_symbol(symbol)}"] if epilogue else []
         exe = Path(tmp) / "harness"
         run_tool(
             [
                 *zig_cmd(), "cc", "-target", "aarch64-linux-musl", "-static", "-O2",
-                f"-DUBP_KERNEL={symbol}", "-o", str(exe), str(src), str(obj.resolve()),
+                f"-DUBP_KERNEL={symbol}", *ep_flags, "-o", str(exe), str(src), str(obj.resolve()),
             ],
             what="zig cc (aarch64 harness)",
         )
         return cache.put(key, {"harness": exe}) / "harness"
 
 
-def write_input(path: Path, M: int, K: int, x: np.ndarray, packed: np.ndarray | None) -> None:
+def write_input(path: Path, M: int, K: int, x: np.ndarray, packed: np.ndarray | None,
+                epilogue: Epilogue | None = None) -> None:
     n = x.shape[1]
     packed_bytes = b"" if packed is None else packed.tobytes()
     packed_len = -1 if packed is None else len(packed_bytes)
     with open(path, "wb") as f:
-        f.write(b"UBPI" + struct.pack("<I4q", 1, M, K, n, packed_len))
+        f.write(b"UBPI" + struct.pack("<I4q", 1 if epilogue is None else 2, M, K, n, packed_len))
         f.write(packed_bytes)
         f.write(np.ascontiguousarray(x, dtype="<f4").tobytes())
+        if epilogue is not None:
+            ep = epilogue
+            raw = abi.pack_epilogue(0, 0, ep.lo, ep.hi)
+            version, flags, _, _, lo, hi = struct.unpack("<IIQQff", raw)
+            f.write(struct.pack("<IIff2q", version, flags, lo, hi, ep.bias is not None, ep.residual is not None))
+            for a in (ep.bias, ep.residual):
+                if a is not None:
+                    f.write(np.ascontiguousarray(a, dtype="<f4").tobytes())
 
 
 def run_aarch64(
@@ -206,12 +220,13 @@ def run_aarch64(
     sve_bits: int | None = None,
     timeout: float = 60,
     cache: CompileCache | None = None,
+    epilogue: Epilogue | None = None,
 ) -> np.ndarray:
     """Run the kernel ``symbol`` of AArch64 object ``obj`` under qemu; return ``y`` [M, n].
 
     ``x`` is float32 [K, n] (K is taken from it), ``packed`` the uint8 blob or None.
     ``sve_bits=None`` runs on a NEON-only CPU, otherwise on an SVE CPU with that vector
-    length. Raises RunError on a crash, timeout, kernel error code or a y element left
+    length. ``epilogue`` calls ``<symbol>_ep`` instead. Raises RunError on a crash, timeout, kernel error code or a y element left
     unwritten / written out of bounds.
     """
     if not isinstance(x, np.ndarray) or x.ndim != 2:
@@ -219,10 +234,10 @@ def run_aarch64(
     K = x.shape[0]
     x, packed, _ = check_kernel_args(symbol, M, K, x, packed, None)
     qemu_cpu_args(sve_bits)  # validate before building
-    exe = build_harness(Path(obj), symbol, cache=cache)
+    exe = build_harness(Path(obj), symbol, cache=cache, epilogue=epilogue is not None)
     with tempfile.TemporaryDirectory(prefix="ubpdsl-qemu-") as tmp:
         inp, out = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
-        write_input(inp, M, K, x, packed)
+        write_input(inp, M, K, x, packed, epilogue)
         proc = run_qemu([exe, inp, out], sve_bits=sve_bits, timeout=timeout, cwd=tmp)
         if proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).decode(errors="replace").strip()
