@@ -223,3 +223,27 @@ def test_backward_through_a_kernel_is_a_clear_error(tiny):
     assert x.grad is None
     with torch.no_grad():  # inference with grad-requiring inputs stays on the fast path
         torch.testing.assert_close(fast(x), model(x), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_native_kernel_fused_epilogue(tiny, batch):
+    """NativeKernel.run with bias, residual and ReLU6 (the kernel's _ep entry point) vs torch."""
+    model, _, bundle = tiny
+    swapped = swap_to_kernels(copy.deepcopy(model), bundle)
+    module = swapped.pw
+    kernel = module.kernel
+    assert kernel.ep_address is not None
+    torch.manual_seed(1)
+    x = torch.randn(batch, kernel.K, 37)
+    bias = torch.randn(kernel.M)
+    residual = torch.randn(batch, kernel.M, 37)
+    dense = model.pw.weight.detach().reshape(kernel.M, kernel.K)
+    for kw, ref in [({"bias": bias}, dense @ x + bias.view(-1, 1)),
+                    ({"clamp": (0.0, None)}, torch.relu(dense @ x)),
+                    ({"bias": bias, "residual": residual, "clamp": (0.0, 6.0)},
+                     torch.clamp(dense @ x + bias.view(-1, 1) + residual, 0.0, 6.0))]:
+        y = torch.empty(batch, kernel.M, 37)
+        kernel.run(x, y, **kw)
+        torch.testing.assert_close(y, ref, rtol=RTOL, atol=ATOL)
+    with pytest.raises(UbpError, match="residual must"):
+        kernel.run(x, residual, residual=residual)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ubpdsl import abi
 from ubpdsl.abi import describe_error
 from ubpdsl.errors import RunError, UbpError
 from ubpdsl.export import Bundle, BundleError, KernelFiles, load_bundle
@@ -60,6 +61,10 @@ class NativeKernel:
         except OSError as exc:
             raise RunError(str(exc)) from None
         self._fn = fn
+        try:  # the fused-epilogue entry point (absent from kernels built before it existed)
+            self._ep_fn = load_symbol(files.so, abi.ep_symbol(files.symbol), epilogue=True)[1]
+        except OSError:
+            self._ep_fn = None
         self.packed = files.packed_weights()
         self._packed_ptr = None if self.packed is None else self.packed.ctypes.data
 
@@ -68,24 +73,76 @@ class NativeKernel:
         """The kernel function's address (for C callers such as :mod:`ubpdsl.deploy`)."""
         return int(ctypes.cast(self._fn, ctypes.c_void_p).value)
 
+    @property
+    def ep_address(self) -> int | None:
+        """The address of the ``_ep`` entry point (:data:`ubpdsl.abi.C_EP_SIGNATURE`), None if absent."""
+        return None if self._ep_fn is None else int(ctypes.cast(self._ep_fn, ctypes.c_void_p).value)
+
     def __repr__(self) -> str:
         return f"NativeKernel({self.name!r}, M={self.M}, K={self.K}, so={self.files.so.name!r})"
 
     def __deepcopy__(self, memo: dict[int, Any]) -> NativeKernel:
         return self
 
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``y[b] = W @ x[b]`` for contiguous float32 ``x [B, K, n]`` and ``y [B, M, n]`` (or 2-D, B = 1)."""
+    def run(self, x: torch.Tensor, y: torch.Tensor, *, bias: torch.Tensor | None = None,
+            residual: torch.Tensor | None = None, clamp: tuple[float | None, float | None] | None = None) -> None:
+        """``y[b] = W @ x[b]`` for contiguous float32 ``x [B, K, n]`` and ``y [B, M, n]`` (or 2-D, B = 1).
+
+        With ``bias`` [M], ``residual`` (shaped like y, not overlapping it) or ``clamp`` (lo, hi;
+        None for an open side): ``y = clamp(W x + bias + residual)``, fused into the kernel's
+        stores through its ``_ep`` entry point (applied in torch after the plain kernel when the
+        library has none).
+        """
         n = x.shape[-1]
         batch = x.shape[0] if x.dim() == 3 else 1
         if n == 0 or batch == 0:
             return
+        fused = bias is not None or residual is not None or clamp is not None
+        if fused and self._ep_fn is None:
+            self.run(x, y)
+            _torch_epilogue(y, bias, residual, clamp)
+            return
         xp, yp, fn, packed = x.data_ptr(), y.data_ptr(), self._fn, self._packed_ptr
         sx, sy = self.K * n * 4, self.M * n * 4
+        if fused:
+            bias, residual = self._epilogue_args(y, bias, residual, clamp)
+            lo, hi = clamp if clamp is not None else (None, None)
+            rp = 0 if residual is None else residual.data_ptr()
         for b in range(batch):
-            rc = fn(xp + b * sx, yp + b * sy, n, packed)
+            if fused:
+                ep = ctypes.create_string_buffer(abi.pack_epilogue(
+                    0 if bias is None else bias.data_ptr(), rp + b * sy if rp else 0, lo, hi), abi.EPILOGUE_BYTES)
+                rc = self._ep_fn(xp + b * sx, yp + b * sy, n, packed, ctypes.addressof(ep))
+            else:
+                rc = fn(xp + b * sx, yp + b * sy, n, packed)
             if rc != 0:
                 raise RunError(f"kernel of layer {self.name} returned {rc}: {describe_error(rc)}")
+
+    def _epilogue_args(self, y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                       clamp: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if clamp is not None and (not isinstance(clamp, (tuple, list)) or len(clamp) != 2):
+            raise UbpError(f"layer {self.name}: clamp must be (lo, hi), either may be None")
+        if bias is not None:
+            bias = bias.detach().to(torch.float32).contiguous()
+            if bias.numel() != self.M:
+                raise UbpError(f"layer {self.name}: bias must have {self.M} elements, got {bias.numel()}")
+        if residual is not None:
+            if residual.shape != y.shape or residual.dtype != torch.float32 or not residual.is_contiguous():
+                raise UbpError(f"layer {self.name}: residual must be a contiguous float32 tensor shaped like y "
+                               f"{list(y.shape)}, got {list(residual.shape)}")
+            if residual.untyped_storage().data_ptr() == y.untyped_storage().data_ptr():
+                raise UbpError(f"layer {self.name}: residual must not overlap y")
+        return bias, residual
+
+
+def _torch_epilogue(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, clamp: Any) -> None:
+    """The epilogue applied in place by torch (kernels without an ``_ep`` entry point)."""
+    if bias is not None:
+        y.add_(bias.view(-1, 1))
+    if residual is not None:
+        y.add_(residual)
+    if clamp is not None:
+        y.clamp_(min=clamp[0], max=clamp[1])
 
 
 _REGISTRY: dict[int, NativeKernel] = {}
