@@ -112,6 +112,23 @@ def test_fused_expand_depthwise_bands_match(pruned, band_bytes):
     torch.testing.assert_close(ModelRunner(plan, dep.kernels)(s), _subgraph_ref(model, s), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_epilogues_match(pruned, fused):
+    """Project convs store bias + residual through the kernels' _ep entry points (fused) or run
+    the kernel and then ubp_model.c's own epilogue pass: both match the masked model."""
+    from ubpdsl.deploy.native import ModelRunner
+    from ubpdsl.deploy.plan import build_plan
+
+    model, _, dep = pruned
+    assert all(k.ep_address is not None for k in dep.kernels.values())
+    stem, _, _ = split_mobilenet(model)
+    with torch.no_grad():
+        s = stem(torch.randn(2, 3, 32, 32)).contiguous()
+    plan = build_plan(dep.sub, {n: k.packed for n, k in dep.kernels.items()}, 2, (16, 16))
+    runner = ModelRunner(plan, dep.kernels, fused_epilogues=fused)
+    torch.testing.assert_close(runner(s), _subgraph_ref(model, s), rtol=1e-4, atol=1e-5)
+
+
 def test_runner_rejects_wrong_input_shape(pruned):
     _, _, dep = pruned
     with pytest.raises(UbpError, match="shape"):

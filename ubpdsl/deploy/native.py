@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ubpdsl import abi
 from ubpdsl.deploy.plan import PlanBlob
 from ubpdsl.errors import BuildError, RunError
 
@@ -57,9 +58,15 @@ def _zig_build(name: str, target: str, mode: str) -> Path:
     from ubpdsl.runtime.toolchain import run_tool, zig_cmd
 
     flags = [*_flags(target), mode]
-    return _cached(name, {"src": hashlib.sha256(MODEL_C.read_bytes()).hexdigest(), "flags": flags},
-                   lambda out: run_tool([*zig_cmd(), "cc", *flags, str(MODEL_C), "-o", str(out)],
-                                        what=f"zig cc ({name})"))
+    ep_header = "#include <stdint.h>\n" + abi.c_epilogue_struct() + "\n"  # ubp_model.c includes it
+
+    def build(out: Path) -> None:
+        (out.parent / "ubp_epilogue.h").write_text(ep_header)
+        run_tool([*zig_cmd(), "cc", *flags, f"-I{out.parent}", str(MODEL_C), "-o", str(out)],
+                 what=f"zig cc ({name})")
+
+    return _cached(name, {"src": hashlib.sha256(MODEL_C.read_bytes()).hexdigest(), "flags": flags,
+                          "ep_header": ep_header}, build)
 
 
 def compile_model_object(target: str = "host") -> Path:
@@ -78,6 +85,8 @@ def _load(path: Path, mode: int = os.RTLD_LOCAL) -> ctypes.CDLL:
     lib.ubp_model_workspace_bytes.argtypes = [ctypes.c_void_p]
     lib.ubp_model_bind.restype = ctypes.c_int32
     lib.ubp_model_bind.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.ubp_model_bind_ep.restype = ctypes.c_int32
+    lib.ubp_model_bind_ep.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     for fn in (lib.ubp_model_run, lib.ubp_model_run_profiled):
         fn.restype = ctypes.c_int32
     lib.ubp_model_run.argtypes = [ctypes.c_void_p] * 4
@@ -88,14 +97,19 @@ def _load(path: Path, mode: int = os.RTLD_LOCAL) -> ctypes.CDLL:
 class ModelRunner:
     """A bound plan, its kernels kept alive and its workspace, callable on ``[B, C, H, W]`` tensors."""
 
-    def __init__(self, plan: PlanBlob, kernels: Mapping[str, object]) -> None:
-        """``kernels``: layer name -> object with an ``address`` (``torch_ops.NativeKernel``)."""
+    def __init__(self, plan: PlanBlob, kernels: Mapping[str, object], *, fused_epilogues: bool = True) -> None:
+        """``kernels``: layer name -> object with an ``address`` (``torch_ops.NativeKernel``) and,
+        optionally, an ``ep_address`` (the ``_ep`` entry point; bound unless ``fused_epilogues``
+        is False, which keeps the kernel + separate C epilogue pass)."""
         self.plan = plan
         self._kernels = [kernels[name] for name in plan.kernel_slots]  # keep the .so files loaded
         self._lib = _load(build_model_lib("host"))
         ptr = plan.blob.ctypes.data
         for slot, k in enumerate(self._kernels):
             rc = self._lib.ubp_model_bind(ptr, slot, k.address)
+            ep = getattr(k, "ep_address", None) if fused_epilogues else None
+            if rc == 0 and ep is not None:
+                rc = self._lib.ubp_model_bind_ep(ptr, slot, ep)
             if rc != 0:
                 raise RunError(f"ubp_model_bind({plan.kernel_slots[slot]}) failed: {ERRORS.get(rc, rc)}")
         nbytes = self._lib.ubp_model_workspace_bytes(ptr)

@@ -8,7 +8,7 @@ becomes ``y = W' x + b`` and its kernel is built from the folded weights.
 
 Plan blob (little-endian; read by ``native/ubp_model.c``)::
 
-    int64 header[16]   magic "UBPM", version 1, n_ops, batch, C_in, H_in, W_in, C_out,
+    int64 header[16]   magic "UBPM", version 2, n_ops, batch, C_in, H_in, W_in, C_out,
                        workspace bytes, n_kernels, kernel table offset, total bytes, scratch offset
     int64 ops[n_ops][16]   kind (1 sparse 1x1, 2 depthwise, 3 pool, 4 input to channel-major,
                        5 expand + depthwise fused in bands of output rows),
@@ -17,6 +17,9 @@ Plan blob (little-endian; read by ``native/ubp_model.c``)::
                        for a depthwise op: 1 = its source is the model input in [B, C, H, W])
     payload            biases, depthwise weights [C, 9], packed sparse weights (64-byte aligned)
     void *kernels[n_kernels]   filled by ubp_model_bind() once the kernels are loaded
+    void *kernels_ep[n_kernels]   their fused-epilogue entry points (ubpdsl.abi.C_EP_SIGNATURE), filled
+                       by ubp_model_bind_ep(); a sparse op with a bias then stores
+                       clamp(W x + bias + residual) in one pass (NULL: the kernel, then a C pass)
 
 Buffers: -1 the model input ([B, C, H, W]), -2 the output ([B, C_out]), >= 0 a byte offset in the
 workspace; activations in the workspace are [C, B, H, W]. Offsets of payload items are bytes from the
@@ -38,7 +41,7 @@ from ubpdsl.masks import LayerMask
 __all__ = ["Block", "Subgraph", "PlanBlob", "fold_bn", "extract_subgraph", "build_plan", "split_mobilenet"]
 
 MAGIC = 0x4D504255
-VERSION = 1
+VERSION = 2
 REC = 16
 OP_PW, OP_DW, OP_POOL, OP_INPUT, OP_EXPAND_DW = 1, 2, 3, 4, 5
 #: blocks whose expanded tensor (per image) is larger than this run expand + depthwise fused in bands
@@ -304,7 +307,7 @@ def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: in
     sparse(sub.final, cur, E, sub.cout, h * w)
     op(kind=OP_POOL, src=E, dst=-2, C=sub.cout, HW=h * w, bias=pay.add(f32(sub.final_bias)), clamp=2)
 
-    kernels_off = pay.add(b"\0" * (8 * len(slots)))
+    kernels_off = pay.add(b"\0" * (2 * 8 * len(slots)))  # the plain and the _ep entry points
     total = pay.size
     header = [MAGIC, VERSION, len(ops), batch, sub.cin, H, W, sub.cout, ws, len(slots), kernels_off, total, scratch]
     blob = _aligned_bytes(total)

@@ -3,7 +3,8 @@
  *
  * A plan is a little-endian blob made by ubpdsl.deploy.plan (the format is documented there):
  *   int64 header[16], int64 ops[n_ops][16], then float/byte payload (biases, depthwise weights,
- *   packed sparse weights), then n_kernels function-pointer slots filled by ubp_model_bind().
+ *   packed sparse weights), then n_kernels function-pointer slots filled by ubp_model_bind() and
+ *   n_kernels more for the kernels' fused-epilogue entry points, filled by ubp_model_bind_ep().
  * Activations inside the subgraph are [C, B, H, W] (channel-major over the batch), so one sparse
  * kernel call covers the whole batch (n = B * H * W). The model input is [B, C, H, W] (NCHW),
  * the output [B, C_out] (pooled).
@@ -18,19 +19,26 @@
 }
 
 int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn);
+ *   int32_t ubp_model_bind_ep(void *plan, int64_t slot, ubp_kernel_ep_fn fn);   (optional: a sparse
+ *       op with a bias then calls the kernel's <symbol>_ep, bias/residual/clamp fused into its stores)
  *   int32_t ubp_model_shape(const void *plan, int64_t shape[5]);   -> B, C_in, H_in, W_in, C_out
  *   int32_t ubp_model_run(const void *plan, const float *x, float *y, void *workspace);
  *   int32_t ubp_model_run_profiled(const void *plan, const float *x, float *y, void *workspace,
  *                                  double *seconds_per_kind);
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
 
+#include "ubp_epilogue.h" /* the ubp_epilogue struct, generated from ubpdsl/abi.py at build time */
+
 typedef int32_t (*ubp_kernel_fn)(const float *x, float *y, int64_t n, const void *packed_w);
+typedef int32_t (*ubp_kernel_ep_fn)(const float *x, float *y, int64_t n, const void *packed_w,
+                                    const ubp_epilogue *ep);
 
 #define UBP_MODEL_MAGIC 0x4d504255LL /* "UBPM" */
-#define UBP_MODEL_VERSION 1
+#define UBP_MODEL_VERSION 2
 #define REC 16
 
 enum { H_MAGIC, H_VERSION, H_NOPS, H_BATCH, H_CIN, H_HIN, H_WIN, H_COUT, H_WS_BYTES, H_NKERNELS,
@@ -84,6 +92,15 @@ int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn) {
     const int64_t *h = header(plan);
     if (slot < 0 || slot >= h[H_NKERNELS]) return E_OP;
     ubp_kernel_fn *table = (ubp_kernel_fn *)((char *)plan + h[H_KERNELS_OFF]);
+    table[slot] = fn;
+    return 0;
+}
+
+int32_t ubp_model_bind_ep(void *plan, int64_t slot, ubp_kernel_ep_fn fn) {
+    if (!plan || !check_header(plan)) return E_HEADER;
+    const int64_t *h = header(plan);
+    if (slot < 0 || slot >= h[H_NKERNELS]) return E_OP;
+    ubp_kernel_ep_fn *table = (ubp_kernel_ep_fn *)((char *)plan + h[H_KERNELS_OFF]) + h[H_NKERNELS];
     table[slot] = fn;
     return 0;
 }
@@ -340,6 +357,7 @@ int32_t ubp_model_run_profiled(const void *plan, const float *x, float *y, void 
     const int64_t *h = header(plan);
     const int64_t *ops = h + REC;
     const ubp_kernel_fn *table = (const ubp_kernel_fn *)((const char *)plan + h[H_KERNELS_OFF]);
+    const ubp_kernel_ep_fn *ep_table = (const ubp_kernel_ep_fn *)(table + h[H_NKERNELS]);
     const int64_t B = h[H_BATCH];
     float *scratch = (float *)((char *)workspace + h[H_SCRATCH_OFF]);
     for (int64_t i = 0; i < h[H_NOPS]; ++i) {
@@ -357,6 +375,17 @@ int32_t ubp_model_run_profiled(const void *plan, const float *x, float *y, void 
             const void *packed = op[F_PACKED] >= 0 ? (const char *)plan + op[F_PACKED] : 0;
             float *dst = buf(op[F_DST], x, y, workspace);
             int64_t n = B * op[F_HW];
+            ubp_kernel_ep_fn efn = ep_table[op[F_KERNEL]];
+            if (efn && op[F_BIAS] >= 0) { /* bias (+ residual, clamp) fused into the kernel's stores */
+                const int64_t clamp = op[F_CLAMP];
+                ubp_epilogue ep = {UBP_EPILOGUE_VERSION, clamp ? UBP_EP_CLAMP : 0u, cbuf(plan, op[F_BIAS]),
+                                   op[F_RES] != -3 ? buf(op[F_RES], x, y, workspace) : 0, 0.0f,
+                                   clamp == 2 ? 6.0f : INFINITY};
+                int32_t rc = efn(buf(op[F_SRC], x, y, workspace), dst, n, packed, &ep);
+                if (rc != 0) return E_KERNEL_BASE + rc;
+                kind = 1;
+                break;
+            }
             int32_t rc = fn(buf(op[F_SRC], x, y, workspace), dst, n, packed);
             if (rc != 0) return E_KERNEL_BASE + rc;
             if (prof) {
