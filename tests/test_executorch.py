@@ -180,3 +180,150 @@ def test_shim_cross_compiles_for_aarch64(tmp_path):
     assert info.machine == "aarch64" and info.elf_type == "rel"
     assert "ubp_et_register_plan" in info.defined and "ubp_model_run" in info.undefined
 
+
+
+# ---------------------------------------------------------------- the general planner (deploy.graph)
+
+
+def _random_bn(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics so folding matters
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def _bed(model: nn.Module, layers: list[str]) -> dict:
+    sp = UnalignedBlockSparsifier(0.75, block=4, method="bed")
+    sp.prepare(model, config=[{"tensor_fqn": f"{n}.weight"} for n in layers])
+    sp.step()
+    sp.squash_mask()
+    return sp.to_layer_masks()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The demo's digits CNN, BN randomised, conv2 / conv3 / fc pruned (conv1 dense)."""
+    from ubpdsl.models import DigitsCNN
+
+    torch.manual_seed(1)
+    model = _random_bn(DigitsCNN())
+    masks = _bed(model, ["conv2", "conv3", "fc"])
+    return model, masks, tmp_path_factory.mktemp("digits")
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(pruned, tmp_path_factory):
+    """TinyMobileNet (three inverted-residual blocks) through the general planner, stem split off."""
+    from ubpdsl.deploy.pipeline import prepare_graph
+
+    model, masks, _ = pruned
+    gdep = prepare_graph(model, masks, torch.randn(2, 3, 32, 32), tmp_path_factory.mktemp("tiny"),
+                         start="features_0_2")
+    return model, gdep
+
+
+@pytest.mark.parametrize("start", [None, "relu"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_plan_digits_matches_masked_model(digits, batch, start):
+    from ubpdsl.deploy.pipeline import prepare_graph
+
+    model, masks, tmp = digits
+    x = torch.randn(batch, 1, 8, 8)
+    gdep = prepare_graph(model, masks, x, tmp / f"{start}", start=start)
+    assert set(gdep.kernels) == {"conv2", "conv3", "fc"}  # the pruned layers run on our kernels
+    with torch.no_grad():
+        ref = model(x)
+        h = gdep.spec.head(x) if start else x
+    torch.testing.assert_close(gdep(h), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_plan_mobilenet_blocks_match_masked_model(tiny_graph, batch):
+    model, gdep = tiny_graph
+    kinds = {o.fields["kind"] for o in gdep.spec.ops}
+    assert 2 in kinds and 6 in kinds and 9 in kinds  # depthwise, conv/linear, global pool
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        got = gdep(gdep.spec.head(x))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+class _Odd(nn.Module):
+    """Every general op the MobileNetV2 and digits models do not use: strided / padded / grouped
+    convs, a standalone BN, an add that is not fused, avg pool with padding, 4-D output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 5, stride=2, padding=2)
+        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.c = nn.Conv2d(8, 8, (1, 3), stride=(1, 2), padding=(0, 1))
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.a(x))
+        b = self.b(a)
+        s = torch.nn.functional.relu6(self.bn(a + b))
+        return self.pool(nn.functional.max_pool2d(self.c(s + a), 2, 1, 1))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_graph_plan_general_ops_match_torch(tmp_path, batch):
+    from ubpdsl.deploy.pipeline import prepare_graph
+
+    torch.manual_seed(2)
+    model = _random_bn(_Odd())
+    masks = _bed(model, ["a", "c"])
+    x = torch.randn(batch, 3, 11, 13)
+    gdep = prepare_graph(model, masks, x, tmp_path)
+    kinds = {o.fields["kind"] for o in gdep.spec.ops}
+    assert {6, 7, 8, 11, 12} <= kinds, kinds  # conv, max / avg pool, add, affine
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(gdep(x), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, what", [
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.GELU()), "GELU"),
+    (nn.Sequential(nn.Conv2d(1, 4, 3, dilation=2)), "dilation"),
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2, ceil_mode=True)), "ceil_mode"),
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(2)), "1x1"),
+])
+def test_graph_planner_names_unsupported_nodes(tmp_path, bad, what):
+    from ubpdsl.deploy.graph import trace_graph
+
+    with pytest.raises(PlanError, match=what) as exc:
+        trace_graph(bad.eval(), {}, torch.randn(1, 1, 8, 8))
+    assert "\n" not in str(exc.value)
+
+
+@needs_et
+@pytest.mark.parametrize("batch", [1, 3])
+def test_executorch_graph_digits_matches_masked_model(digits, batch):
+    from ubpdsl.deploy.pipeline import prepare_graph
+
+    model, masks, tmp = digits
+    x = torch.randn(batch, 1, 8, 8)
+    gdep = prepare_graph(model, masks, x, tmp / "et")
+    det.register_plan(50 + batch, gdep.runner(batch))
+    buf = det.export_pte(det.DeployedGraph(None, 50 + batch, gdep.spec.out_shape), x)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(det.load_pte(buf)(x), ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_et
+@pytest.mark.parametrize("batch", [1, 3])
+def test_executorch_graph_mobilenet_blocks_match_masked_model(tiny_graph, batch):
+    model, gdep = tiny_graph
+    det.register_plan(54 + batch, gdep.runner(batch))
+    ours = det.DeployedGraph(gdep.spec.head, 54 + batch, gdep.spec.out_shape)
+    x = torch.randn(batch, 3, 32, 32)
+    buf = det.export_pte(ours, x)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(det.load_pte(buf)(x), ref, rtol=1e-4, atol=1e-5)

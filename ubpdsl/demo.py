@@ -11,7 +11,11 @@
 5. load the bundle, swap the pruned layers for kernel-backed modules (``torch.library`` op) and
    compare accuracy, outputs and single-thread latency with the dense and the masked dense model;
 6. run one layer's AArch64 kernels from the bundle through the C program
-   ``examples/embed_c/bundle_main.c`` under qemu and compare with torch.
+   ``examples/embed_c/bundle_main.c`` under qemu and compare with torch;
+7. export the pruned model to ExecuTorch as one ``ubpdsl::subgraph`` operator (the whole model
+   planned channel-major by :mod:`ubpdsl.deploy.graph`, pruned layers on the tuned kernels) and
+   the dense model with the XNNPACK delegate, check both against torch and time them interleaved
+   in the same runtime (skipped, in one line, when the optional ``executorch`` is not installed).
 
 Everything runs on one thread (``torch.set_num_threads(1)``); latencies are medians of interleaved
 rounds with the dense torch models measured in the same run.
@@ -156,7 +160,7 @@ def run_demo(out: Path, *, dense_epochs: int = 30, updates: int = 8, epochs_per_
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     _, _, xt, yt = digits_data()
-    step = Step(6)
+    step = Step(7)
     print("ubpdsl demo: digits CNN -> BED pruning -> tuning -> bundle -> generated kernels\n", flush=True)
 
     step.start(f"dense training ({dense_epochs} epochs)")
@@ -202,11 +206,79 @@ def run_demo(out: Path, *, dense_epochs: int = 30, updates: int = 8, epochs_per_
     phone = _phone_check(bundle, pruned, xt[:1], run_bundle_main)
     step.done("; ".join(f"{k}: {v}" for k, v in phone.items()))
 
+    step.start("ExecuTorch: pruned model on our kernels (one ubpdsl::subgraph op) vs dense model on XNNPACK")
+    et = executorch_step(dense, pruned, masks, tuned, out / "executorch", xt)
+    step.done(et["line"])
+
     total = time.perf_counter() - t_start
     kernel_times = tuned_timings(out / "tuned") if tuned else {}
     _summary(masks, bundle, acc, lat1, lat_all, len(yt), agree, max_diff, parity, phone, kernel_times, total)
+    _et_summary(et)
     return {"accuracy": acc, "latency_batch1_s": lat1, "latency_test_set_s": lat_all, "agree": agree,
-            "max_abs_diff": max_diff, "parity": parity, "aarch64": phone, "seconds": total}
+            "max_abs_diff": max_diff, "parity": parity, "aarch64": phone, "executorch": et, "seconds": total}
+
+
+ET_BATCHES = (1, 32)
+
+
+def executorch_step(dense: nn.Module, pruned: nn.Module, masks: Mapping[str, Any], tuned: Mapping[str, Any],
+                    out: Path, xt: torch.Tensor) -> dict[str, Any]:
+    """Both models in ExecuTorch at each of :data:`ET_BATCHES`: parity with torch and interleaved latency.
+
+    Returns ``{"line": one-line result, "batches": {batch: {...}}}``; ``"skipped"`` when executorch
+    is not installed or the export fails (the demo goes on).
+    """
+    from ubpdsl.deploy import executorch as det
+    from ubpdsl.deploy.pipeline import prepare_graph
+    from ubpdsl.errors import UbpError
+
+    if not det.et_available():
+        why = "executorch is not installed (pip install 'ubpdsl[executorch]'): ExecuTorch step skipped"
+        return {"line": why, "skipped": why}
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        for i, batch in enumerate(ET_BATCHES):
+            x = xt[:batch].contiguous()
+            gdep = prepare_graph(pruned, masks, x, out, tuned=tuned or None)
+            plan_id = 60 + i
+            det.register_plan(plan_id, gdep.runner(batch))
+            ours = det.load_pte(det.export_pte(det.DeployedGraph(None, plan_id, gdep.spec.out_shape), x,
+                                               out / f"pruned_ubpdsl_b{batch}.pte"))
+            base = det.load_pte(det.export_pte(dense, x, out / f"dense_xnnpack_b{batch}.pte"))
+            with torch.no_grad():
+                ref_ours, ref_base = pruned(x), dense(x)
+            got_ours, got_base = ours(x), base(x)
+            ok = bool(torch.allclose(got_ours, ref_ours, rtol=1e-4, atol=1e-5)
+                      and torch.allclose(got_base, ref_base, rtol=1e-4, atol=1e-4))
+            lat = interleaved_medians({"dense": lambda b=base, x=x: b(x), "ours": lambda o=ours, x=x: o(x)},
+                                      min_reps=31, max_reps=61, sample_s=0.01)
+            results[batch] = {"dense_executorch_xnnpack_s": lat["dense"], "ubpdsl_executorch_s": lat["ours"],
+                              "speedup": lat["dense"] / lat["ours"], "parity": ok,
+                              "max_abs_diff": float((got_ours - ref_ours).abs().max())}
+    except UbpError as exc:
+        why = f"ExecuTorch step failed: {exc}"
+        return {"line": why, "skipped": why, "batches": results}
+    r1 = results[ET_BATCHES[0]]
+    faster = "ours is faster" if r1["speedup"] > 1 else "the dense XNNPACK model is faster"
+    line = (f"batch 1: dense+XNNPACK {1e6 * r1['dense_executorch_xnnpack_s']:.1f} us, ours "
+            f"{1e6 * r1['ubpdsl_executorch_s']:.1f} us: {faster} ({r1['speedup']:.2f}x); parity "
+            f"{'ok' if all(r['parity'] for r in results.values()) else 'FAILED'}")
+    return {"line": line, "batches": results}
+
+
+def _et_summary(et: dict[str, Any]) -> None:
+    print("\nExecuTorch 1 thread, same runtime, interleaved medians: pruned model on ubpdsl kernels (one "
+          "ubpdsl::subgraph op) vs the dense model on the XNNPACK delegate")
+    if "skipped" in et:
+        print(et["skipped"])
+        return
+    print("| batch | dense, ExecuTorch + XNNPACK (us) | pruned, ExecuTorch + ubpdsl (us) | which is faster | parity |")
+    print("|---|---|---|---|---|")
+    for batch, r in et["batches"].items():
+        who = f"ours, {r['speedup']:.2f}x" if r["speedup"] > 1 else f"dense XNNPACK, {1 / r['speedup']:.2f}x"
+        print(f"| {batch} | {1e6 * r['dense_executorch_xnnpack_s']:.1f} | {1e6 * r['ubpdsl_executorch_s']:.1f} | "
+              f"{who} | {'ok' if r['parity'] else 'FAILED'} (max diff {r['max_abs_diff']:.1e}) |")
 
 
 def _phone_check(bundle: Any, model: nn.Module, image: torch.Tensor, run: Callable[..., np.ndarray]) -> dict[str, str]:

@@ -25,8 +25,8 @@ from torch import nn
 from ubpdsl.deploy.native import NATIVE_DIR, ModelRunner, compile_model_object
 from ubpdsl.errors import BuildError, RunError, UbpError
 
-__all__ = ["DeployedMobileNet", "SubgraphModule", "build_et_shim", "et_available", "export_pte", "load_pte",
-           "register_plan", "build_et_shim_aarch64"]
+__all__ = ["DeployedGraph", "DeployedMobileNet", "SubgraphModule", "build_et_shim", "et_available", "export_pte",
+           "load_pte", "register_plan", "build_et_shim_aarch64"]
 
 SHIM_CPP = NATIVE_DIR / "et_shim.cpp"
 MAX_PLANS = 64
@@ -189,6 +189,24 @@ class DeployedMobileNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.subgraph(self.stem(x)))
+
+
+class DeployedGraph(nn.Module):
+    """[head (dense, XNNPACK)] -> ``ubpdsl::subgraph`` (a :mod:`ubpdsl.deploy.graph` plan) -> torch's output shape.
+
+    ``head``: the part of the model before the plan's ``start`` (None: the plan takes the input);
+    ``out_shape``: one example's output shape (the operator returns ``[B, prod(out_shape)]``).
+    """
+
+    def __init__(self, head: nn.Module | None, plan_id: int, out_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.head = head
+        self.subgraph = SubgraphModule(plan_id)
+        self.out_shape = tuple(int(d) for d in out_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.subgraph(self.head(x) if self.head is not None else x)
+        return y if len(self.out_shape) == 1 else y.reshape(y.shape[0], *self.out_shape)
 
 
 def export_pte(model: nn.Module, example: torch.Tensor, path: Path | None = None) -> bytes:

@@ -1,8 +1,10 @@
-"""From a pruned MobileNetV2 to a runnable channel-major subgraph: fold, (tune), export kernels, plan.
+"""From a pruned model to a runnable channel-major plan: fold, (tune), export kernels, plan.
 
->>> dep = prepare_subgraph(pruned_model, masks, "build/mbv2")      # kernels built from folded weights
+>>> dep = prepare_subgraph(pruned_model, masks, "build/mbv2")      # MobileNetV2 blocks (hand-written)
 >>> runner = dep.runner(batch=1)                                     # ubp_model_run with its workspace
 >>> y = runner(stem_output)                                          # [1, 1280], pooled
+>>> gdep = prepare_graph(pruned_cnn, masks, example, "build/cnn")   # any traced CNN (deploy.graph)
+>>> gdep.runner(batch=3)(x)                                          # [3, features]
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from ubpdsl.deploy.graph import GraphSpec, build_graph_plan, trace_graph
 from ubpdsl.deploy.native import ModelRunner
 from ubpdsl.deploy.plan import Subgraph, build_plan, extract_subgraph
 from ubpdsl.masks import LayerMask
 
-__all__ = ["Deployment", "prepare_subgraph"]
+__all__ = ["Deployment", "GraphDeployment", "prepare_graph", "prepare_subgraph"]
 
 
 @dataclass
@@ -44,12 +48,52 @@ def prepare_subgraph(model: nn.Module, masks: Mapping[str, LayerMask], out_dir: 
                      tuned: Mapping[str, Any] | None = None, hw: tuple[int, int] = (112, 112)) -> Deployment:
     """Fold BN into ``model``'s pruned convs, export host kernels for the folded weights to
     ``out_dir/bundle`` (``tuned``: ``{layer: KernelConfig}``) and load them."""
+    sub = extract_subgraph(model, masks)
+    bundle, kernels = _host_kernels(sub.masks, out_dir, tuned)
+    return Deployment(sub, bundle, kernels, hw)
+
+
+def _host_kernels(folded: Mapping[str, LayerMask], out_dir: str | os.PathLike[str],
+                  tuned: Mapping[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    """Export host kernels for the folded masks to ``out_dir/bundle`` and load them."""
     from ubpdsl.export import export_bundle, load_bundle
     from ubpdsl.torch_ops import NativeKernel
 
-    sub = extract_subgraph(model, masks)
-    root = export_bundle(sub.masks, Path(out_dir) / "bundle", targets=["host"],
+    if not folded:
+        return None, {}
+    root = export_bundle(folded, Path(out_dir) / "bundle", targets=["host"],
                          tuned={"host": dict(tuned)} if tuned else None)
     bundle = load_bundle(root, check_host=True)
-    kernels = {n: NativeKernel(bundle.kernel(n)) for n in sub.masks}
-    return Deployment(sub, bundle, kernels, hw)
+    return bundle, {n: NativeKernel(bundle.kernel(n)) for n in folded}
+
+
+@dataclass
+class GraphDeployment:
+    """A traced model's plan (:mod:`ubpdsl.deploy.graph`), its kernel bundle and the loaded kernels."""
+
+    spec: GraphSpec
+    bundle: Any
+    kernels: dict[str, Any]
+    runners: dict[int, ModelRunner] = field(default_factory=dict)
+
+    def runner(self, batch: int) -> ModelRunner:
+        """The plan for ``batch`` (built once per batch size, bound to the loaded kernels)."""
+        if batch not in self.runners:
+            plan = build_graph_plan(self.spec, {n: k.packed for n, k in self.kernels.items()}, batch)
+            self.runners[batch] = ModelRunner(plan, self.kernels)
+        return self.runners[batch]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The planned part on ``x`` (the head's output when the model was split), shaped as torch's."""
+        y = self.runner(int(x.shape[0]))(x.contiguous())
+        return y.reshape(x.shape[0], *self.spec.out_shape)
+
+
+def prepare_graph(model: nn.Module, masks: Mapping[str, LayerMask], example: torch.Tensor,
+                  out_dir: str | os.PathLike[str], *, tuned: Mapping[str, Any] | None = None,
+                  start: str | None = None) -> GraphDeployment:
+    """Trace ``model`` on ``example``, fold BN, export host kernels for its pruned layers (the
+    folded weights) to ``out_dir/bundle`` and load them (``start``: see :func:`trace_graph`)."""
+    spec = trace_graph(model, masks, example, start=start)
+    bundle, kernels = _host_kernels(spec.masks, out_dir, tuned)
+    return GraphDeployment(spec, bundle, kernels)

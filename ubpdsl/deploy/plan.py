@@ -38,7 +38,8 @@ from torch import nn
 from ubpdsl.errors import UbpError
 from ubpdsl.masks import LayerMask
 
-__all__ = ["Block", "Subgraph", "PlanBlob", "fold_bn", "extract_subgraph", "build_plan", "split_mobilenet"]
+__all__ = ["Block", "Subgraph", "PlanBlob", "fold_bn", "folded_mask", "extract_subgraph", "build_plan",
+           "split_mobilenet"]
 
 MAGIC = 0x4D504255
 VERSION = 2
@@ -108,7 +109,8 @@ def _mask_for(masks: Mapping[str, LayerMask], name: str) -> LayerMask:
     return masks[name]
 
 
-def _folded_mask(mask: LayerMask, w: np.ndarray) -> LayerMask:
+def folded_mask(mask: LayerMask, w: np.ndarray) -> LayerMask:
+    """``mask`` with the folded weights ``w`` ([R, C]) kept only inside its blocks."""
     return LayerMask(mask.name, mask.shape, mask.block, mask.rows, mask.cols, w * mask.dense_mask())
 
 
@@ -131,7 +133,7 @@ def extract_subgraph(model: nn.Module, masks: Mapping[str, LayerMask], prefix: s
             conv, bn = seq[0][0], seq[0][1]
             expand = f"{base}.0.0"
             w, eb = fold_bn(conv.weight, bn)
-            folded[expand] = _folded_mask(_mask_for(masks, expand), w)
+            folded[expand] = folded_mask(_mask_for(masks, expand), w)
             j = 1
         dw, dbn = seq[j][0], seq[j][1]
         if dw.kernel_size != (3, 3) or dw.groups != dw.in_channels or dw.padding != (1, 1):
@@ -140,7 +142,7 @@ def extract_subgraph(model: nn.Module, masks: Mapping[str, LayerMask], prefix: s
         proj, pbn = seq[j + 1], seq[j + 2]
         project = f"{base}.{j + 1}"
         pw, pb = fold_bn(proj.weight, pbn)
-        folded[project] = _folded_mask(_mask_for(masks, project), pw)
+        folded[project] = folded_mask(_mask_for(masks, project), pw)
         blocks.append(Block(expand, eb, dww, dwb, int(dw.stride[0]), project, pb, bool(blk.use_res_connect),
                             int(dw.in_channels) if expand is None else int(seq[0][0].in_channels),
                             int(dw.in_channels), int(proj.out_channels)))
@@ -149,7 +151,7 @@ def extract_subgraph(model: nn.Module, masks: Mapping[str, LayerMask], prefix: s
     if not isinstance(last, nn.Sequential) or last[0].kernel_size != (1, 1):
         raise PlanError(f"{prefix}.{len(mods)} is not the final 1x1 conv + BN + ReLU6")
     fw, fb = fold_bn(last[0].weight, last[1])
-    folded[final] = _folded_mask(_mask_for(masks, final), fw)
+    folded[final] = folded_mask(_mask_for(masks, final), fw)
     return Subgraph(blocks, final, fb, blocks[0].cin, int(last[0].out_channels), folded)
 
 

@@ -343,6 +343,241 @@ static void to_channel_major(const float *x, float *dst, int64_t B, int64_t C, i
         for (int64_t b = 0; b < B; ++b) memcpy(dst + (c * B + b) * HW, x + (b * C + c) * HW, HW * sizeof(float));
 }
 
+static double now(void);
+
+/* ---- general graph ops (kinds 6..13, planned by ubpdsl.deploy.graph) ----------------------------
+ * Activations are channel-major [C, B, H, W]; a flattened value [F, B] is the same with H = W = 1
+ * (the GEMM columns of a linear layer), so a linear layer is a 1x1 conv on it. */
+enum { OP_CONV = 6, OP_MAXPOOL = 7, OP_AVGPOOL = 8, OP_GAP = 9, OP_FLATTEN = 10, OP_ADD = 11, OP_AFFINE = 12,
+       OP_OUTPUT = 13 };
+/* their record fields: G_C input channels, G_M output channels, G_H / G_W input plane, G_GEOM the
+ * payload offset of int64 geom[8] (below), G_TMP a workspace offset for im2col columns (-1 none) */
+enum { G_KIND, G_SRC, G_DST, G_C, G_M, G_GEOM, G_KERNEL, G_PACKED, G_BIAS, G_RES, G_H, G_W, G_UNUSED,
+       G_WEIGHTS, G_TMP, G_CLAMP };
+/* geom: kernel h, w; stride h, w; pad h, w; groups (avg pool: count_include_pad); source is NCHW */
+enum { GM_KH, GM_KW, GM_SH, GM_SW, GM_PH, GM_PW, GM_GROUPS, GM_NCHW };
+
+static inline int64_t g_out(int64_t in, int64_t k, int64_t s, int64_t p) { return (in + 2 * p - k) / s + 1; }
+
+/* plane (c, b) of a [C, B, H, W] (or, nchw, [B, C, H, W]) tensor */
+static inline const float *g_plane(const float *src, int64_t c, int64_t b, int64_t C, int64_t B, int64_t HW,
+                                   int nchw) {
+    return src + (nchw ? b * C + c : c * B + b) * HW;
+}
+
+/* cols[(ci * kh + ky) * kw + kx][b * Ho * Wo + oy * Wo + ox] = x[c0 + ci, b, oy * sh - ph + ky, ox * sw - pw + kx]
+ * (zero outside the plane) for ci < cn: the GEMM operand of a kxk conv, columns = the whole batch. */
+static void g_im2col(const float *src, float *cols, int64_t C, int64_t B, int64_t H, int64_t W, const int64_t *g,
+                     int64_t c0, int64_t cn) {
+    const int64_t kh = g[GM_KH], kw = g[GM_KW], sh = g[GM_SH], sw = g[GM_SW], ph = g[GM_PH], pw = g[GM_PW];
+    const int64_t Ho = g_out(H, kh, sh, ph), Wo = g_out(W, kw, sw, pw), N = B * Ho * Wo;
+    for (int64_t ci = 0; ci < cn; ++ci)
+        for (int64_t ky = 0; ky < kh; ++ky)
+            for (int64_t kx = 0; kx < kw; ++kx) {
+                float *row = cols + ((ci * kh + ky) * kw + kx) * N;
+                /* ox with 0 <= ox * sw - pw + kx < W */
+                int64_t lo = pw - kx > 0 ? (pw - kx + sw - 1) / sw : 0;
+                int64_t hi = (W - 1 + pw - kx) >= 0 ? (W - 1 + pw - kx) / sw + 1 : 0;
+                if (hi > Wo) hi = Wo;
+                if (lo > hi) lo = hi;
+                for (int64_t b = 0; b < B; ++b) {
+                    const float *plane = g_plane(src, c0 + ci, b, C, B, H * W, (int)g[GM_NCHW]);
+                    for (int64_t oy = 0; oy < Ho; ++oy) {
+                        float *o = row + (b * Ho + oy) * Wo;
+                        const int64_t iy = oy * sh - ph + ky;
+                        if (iy < 0 || iy >= H) {
+                            memset(o, 0, Wo * sizeof(float));
+                            continue;
+                        }
+                        const float *r = plane + iy * W + kx - pw;
+                        for (int64_t ox = 0; ox < lo; ++ox) o[ox] = 0.0f;
+                        if (sw == 1) {
+                            memcpy(o + lo, r + lo, (hi - lo) * sizeof(float));
+                        } else {
+                            for (int64_t ox = lo; ox < hi; ++ox) o[ox] = r[ox * sw];
+                        }
+                        for (int64_t ox = hi; ox < Wo; ++ox) o[ox] = 0.0f;
+                    }
+                }
+            }
+}
+
+/* y[M, n] = w[M, K] x[K, n], all row-major: four rows of y per pass over x (n >= 8), or dot
+ * products along K (small n, e.g. a linear layer at batch 1). */
+static void g_gemm(const float *restrict w, const float *restrict x, float *restrict y, int64_t M, int64_t K,
+                   int64_t n) {
+    if (n < 8) {
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t j = 0; j < n; ++j) {
+                const float *restrict wr = w + m * K;
+                float acc = 0.0f;
+                for (int64_t k = 0; k < K; ++k) acc += wr[k] * x[k * n + j];
+                y[m * n + j] = acc;
+            }
+        return;
+    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        float *restrict y0 = y + m * n, *restrict y1 = y0 + n, *restrict y2 = y1 + n, *restrict y3 = y2 + n;
+        memset(y0, 0, 4 * n * sizeof(float));
+        for (int64_t k = 0; k < K; ++k) {
+            const float a0 = w[m * K + k], a1 = w[(m + 1) * K + k], a2 = w[(m + 2) * K + k], a3 = w[(m + 3) * K + k];
+            const float *restrict xk = x + k * n;
+            for (int64_t j = 0; j < n; ++j) {
+                const float v = xk[j];
+                y0[j] += a0 * v;
+                y1[j] += a1 * v;
+                y2[j] += a2 * v;
+                y3[j] += a3 * v;
+            }
+        }
+    }
+    for (; m < M; ++m) {
+        float *restrict yr = y + m * n;
+        memset(yr, 0, n * sizeof(float));
+        for (int64_t k = 0; k < K; ++k) {
+            const float a = w[m * K + k];
+            const float *restrict xk = x + k * n;
+            for (int64_t j = 0; j < n; ++j) yr[j] += a * xk[j];
+        }
+    }
+}
+
+/* rows [M, n]: y = clamp(y + bias[r] (+ res)) */
+static void g_bias_res_clamp(float *y, const float *bias, const float *res, int64_t M, int64_t n, int64_t clamp) {
+    for (int64_t r = 0; r < M; ++r) {
+        float *yr = y + r * n;
+        const float b = bias ? bias[r] : 0.0f;
+        const float *rr = res ? res + r * n : 0;
+        for (int64_t j = 0; j < n; ++j) yr[j] = clampf(yr[j] + b + (rr ? rr[j] : 0.0f), clamp);
+    }
+}
+
+/* kxk conv (any stride / padding / groups) or linear: im2col into G_TMP unless the source is the
+ * GEMM operand already (1x1, stride 1, no padding, channel-major), then the bound sparse kernel
+ * (groups 1) or a dense GEMM on the folded weights, then bias (+ residual) + clamp. *kernel_s gets
+ * the sparse kernel's time when profiling. */
+static int32_t g_conv(const int64_t *op, const void *plan, const ubp_kernel_fn *table, const float *x, float *y,
+                      void *ws, double *kernel_s) {
+    const int64_t *g = (const int64_t *)((const char *)plan + op[G_GEOM]);
+    const int64_t C = op[G_C], M = op[G_M], H = op[G_H], W = op[G_W], B = header(plan)[H_BATCH];
+    const int64_t Ho = g_out(H, g[GM_KH], g[GM_SH], g[GM_PH]), Wo = g_out(W, g[GM_KW], g[GM_SW], g[GM_PW]);
+    const int64_t N = B * Ho * Wo, groups = g[GM_GROUPS], Cg = C / groups, Mg = M / groups;
+    const int64_t Kg = Cg * g[GM_KH] * g[GM_KW];
+    const float *src = buf(op[G_SRC], x, y, ws);
+    float *dst = buf(op[G_DST], x, y, ws);
+    float *cols = op[G_TMP] >= 0 ? buf(op[G_TMP], x, y, ws) : 0;
+    if (op[G_KERNEL] >= 0) {
+        ubp_kernel_fn fn = table[op[G_KERNEL]];
+        if (!fn) return E_UNBOUND;
+        if (cols) g_im2col(src, cols, C, B, H, W, g, 0, C);
+        const void *packed = op[G_PACKED] >= 0 ? (const char *)plan + op[G_PACKED] : 0;
+        double t0 = kernel_s ? now() : 0.0;
+        const int32_t rc = fn(cols ? cols : src, dst, N, packed);
+        if (kernel_s) *kernel_s += now() - t0;
+        if (rc != 0) return E_KERNEL_BASE + rc;
+    } else {
+        const float *w = cbuf(plan, op[G_WEIGHTS]);
+        for (int64_t gi = 0; gi < groups; ++gi) {
+            if (cols) g_im2col(src, cols, C, B, H, W, g, gi * Cg, Cg);
+            g_gemm(w + gi * Mg * Kg, cols ? cols : src + gi * Cg * N, dst + gi * Mg * N, Mg, Kg, N);
+        }
+    }
+    g_bias_res_clamp(dst, op[G_BIAS] >= 0 ? cbuf(plan, op[G_BIAS]) : 0,
+                     op[G_RES] != -3 ? buf(op[G_RES], x, y, ws) : 0, M, N, op[G_CLAMP]);
+    return 0;
+}
+
+/* max / average pool kxk over every plane: channel-major (or NCHW) in, channel-major out */
+static void g_pool(const int64_t *op, const void *plan, const float *src, float *dst, int is_max) {
+    const int64_t *g = (const int64_t *)((const char *)plan + op[G_GEOM]);
+    const int64_t C = op[G_C], H = op[G_H], W = op[G_W], B = header(plan)[H_BATCH];
+    const int64_t kh = g[GM_KH], kw = g[GM_KW], sh = g[GM_SH], sw = g[GM_SW], ph = g[GM_PH], pw = g[GM_PW];
+    const int64_t Ho = g_out(H, kh, sh, ph), Wo = g_out(W, kw, sw, pw);
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t b = 0; b < B; ++b) {
+            const float *p = g_plane(src, c, b, C, B, H * W, (int)g[GM_NCHW]);
+            float *o = dst + (c * B + b) * Ho * Wo;
+            for (int64_t oy = 0; oy < Ho; ++oy)
+                for (int64_t ox = 0; ox < Wo; ++ox) {
+                    const int64_t y0 = oy * sh - ph, x0 = ox * sw - pw;
+                    float acc = is_max ? -__builtin_inff() : 0.0f;
+                    int64_t count = 0;
+                    for (int64_t dy = 0; dy < kh; ++dy) {
+                        const int64_t iy = y0 + dy;
+                        if (iy < 0 || iy >= H) continue;
+                        for (int64_t dx = 0; dx < kw; ++dx) {
+                            const int64_t ix = x0 + dx;
+                            if (ix < 0 || ix >= W) continue;
+                            const float v = p[iy * W + ix];
+                            acc = is_max ? (v > acc ? v : acc) : acc + v;
+                            ++count;
+                        }
+                    }
+                    if (!is_max) acc /= (float)(g[GM_GROUPS] ? kh * kw : (count ? count : 1));
+                    o[oy * Wo + ox] = clampf(acc, op[G_CLAMP]);
+                }
+        }
+}
+
+/* global average pool: [C, B, H, W] -> [C, B] (the columns of a following linear layer) */
+static void g_gap(const int64_t *op, const void *plan, const float *src, float *dst) {
+    const int64_t C = op[G_C], HW = op[G_H] * op[G_W], B = header(plan)[H_BATCH];
+    const float inv = 1.0f / (float)HW;
+    for (int64_t p = 0; p < C * B; ++p) {
+        const float *s = src + p * HW;
+        float acc = 0.0f;
+        for (int64_t j = 0; j < HW; ++j) acc += s[j];
+        dst[p] = clampf(acc * inv, op[G_CLAMP]);
+    }
+}
+
+/* [C, B, HW] -> [C * HW, B] (flatten: GEMM columns) or -> [B, C * HW] (the model output) */
+static void g_layout(const int64_t *op, const void *plan, const float *src, float *dst, int to_output) {
+    const int64_t C = op[G_C], HW = op[G_H] * op[G_W], B = header(plan)[H_BATCH];
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t b = 0; b < B; ++b) {
+            const float *s = src + (c * B + b) * HW;
+            if (to_output) {
+                memcpy(dst + (b * C + c) * HW, s, HW * sizeof(float));
+            } else {
+                for (int64_t p = 0; p < HW; ++p) dst[(c * HW + p) * B + b] = s[p];
+            }
+        }
+}
+
+/* per channel: dst = clamp(src * scale[c] + shift[c] (+ res)); no scale: 1, no shift: 0 */
+static void g_affine(const int64_t *op, const void *plan, const float *src, const float *res, float *dst) {
+    const int64_t C = op[G_C], n = header(plan)[H_BATCH] * op[G_H] * op[G_W];
+    const float *scale = op[G_WEIGHTS] >= 0 ? cbuf(plan, op[G_WEIGHTS]) : 0;
+    const float *shift = op[G_BIAS] >= 0 ? cbuf(plan, op[G_BIAS]) : 0;
+    for (int64_t c = 0; c < C; ++c) {
+        const float a = scale ? scale[c] : 1.0f, s = shift ? shift[c] : 0.0f;
+        const float *sr = src + c * n, *rr = res ? res + c * n : 0;
+        float *o = dst + c * n;
+        for (int64_t j = 0; j < n; ++j) o[j] = clampf(sr[j] * a + s + (rr ? rr[j] : 0.0f), op[G_CLAMP]);
+    }
+}
+
+/* one general op; profile slots as ubp_model_run_profiled documents */
+static int32_t g_run(const int64_t *op, const void *plan, const ubp_kernel_fn *table, const float *x, float *y,
+                     void *ws, double *prof) {
+    const float *src = buf(op[G_SRC], x, y, ws);
+    float *dst = buf(op[G_DST], x, y, ws);
+    const float *res = op[G_RES] != -3 ? buf(op[G_RES], x, y, ws) : 0;
+    switch (op[G_KIND]) {
+    case OP_CONV: return g_conv(op, plan, table, x, y, ws, prof ? prof + 1 : 0);
+    case OP_MAXPOOL: g_pool(op, plan, src, dst, 1); return 0;
+    case OP_AVGPOOL: g_pool(op, plan, src, dst, 0); return 0;
+    case OP_GAP: g_gap(op, plan, src, dst); return 0;
+    case OP_FLATTEN: g_layout(op, plan, src, dst, 0); return 0;
+    case OP_OUTPUT: g_layout(op, plan, src, dst, 1); return 0;
+    case OP_ADD: /* fallthrough: an affine op without scale or shift */
+    case OP_AFFINE: g_affine(op, plan, src, res, dst); return 0;
+    default: return E_OP;
+    }
+}
+
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts); /* robust to other processes sharing the core */
@@ -350,7 +585,9 @@ static double now(void) {
 }
 
 /* seconds_per_kind (optional, 6 doubles, accumulated): input, sparse kernels, epilogues,
- * depthwise, pool, fused expand + depthwise. */
+ * depthwise, pool, fused expand + depthwise. The general ops (kinds 6..13) count their sparse
+ * kernel calls as sparse kernels and everything else (im2col, dense GEMMs, pools, layout, adds)
+ * as epilogues. */
 int32_t ubp_model_run_profiled(const void *plan, const float *x, float *y, void *workspace, double *prof) {
     if (!plan || !check_header(plan)) return E_HEADER;
 
@@ -416,6 +653,17 @@ int32_t ubp_model_run_profiled(const void *plan, const float *x, float *y, void 
             pool(op, plan, buf(op[F_SRC], x, y, workspace), buf(op[F_DST], x, y, workspace));
             kind = 4;
             break;
+        case OP_CONV: case OP_MAXPOOL: case OP_AVGPOOL: case OP_GAP: case OP_FLATTEN: case OP_ADD:
+        case OP_AFFINE: case OP_OUTPUT: {
+            /* general graph ops: the sparse kernel time goes to slot 1, the rest of a conv (im2col,
+             * dense GEMM, epilogue) and every other kind to slot 2 */
+            double k0 = prof ? prof[1] : 0.0;
+            const int32_t rc = g_run(op, plan, table, x, y, workspace, prof);
+            if (rc != 0) return rc;
+            if (prof) t0 += prof[1] - k0;
+            kind = 2;
+            break;
+        }
         default:
             return E_OP;
         }
