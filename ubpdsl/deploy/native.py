@@ -1,4 +1,5 @@
-"""Build and load the model-level C runtime (``native/ubp_model.c``) and run a plan from Python.
+"""Build and load the model-level C runtime (``native/ubp_model.c``, which includes the depthwise
+convolution ``native/dwconv.c``) and run a plan from Python.
 
 ``libubp_model.so`` is compiled with zig cc (-O3; -march=native for the host, cortex-a76 for
 AArch64) and cached like kernels (``runtime.cache``, keyed by source and flags). A
@@ -9,6 +10,7 @@ once: :meth:`ModelRunner.run` does no allocation beyond its output and no Python
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import tempfile
@@ -22,10 +24,13 @@ from ubpdsl import abi
 from ubpdsl.deploy.plan import PlanBlob
 from ubpdsl.errors import BuildError, RunError
 
-__all__ = ["NATIVE_DIR", "build_model_lib", "compile_model_object", "ModelRunner", "PROFILE_KINDS"]
+__all__ = ["NATIVE_DIR", "build_model_lib", "compile_model_object", "ModelRunner", "PROFILE_KINDS", "dwconv3x3",
+           "dw_scratch_floats"]
 
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 MODEL_C = NATIVE_DIR / "ubp_model.c"
+#: every C source of the runtime (ubp_model.c includes the others): the build cache key hashes them all
+MODEL_SOURCES = (MODEL_C, NATIVE_DIR / "dwconv.c")
 #: what ubp_model_run_profiled accumulates, in this order
 PROFILE_KINDS = ("input layout", "sparse kernels", "epilogues", "depthwise", "pool", "fused expand + depthwise")
 ERRORS = {10: "plan header mismatch", 11: "a kernel slot is not bound", 12: "bad op in the plan"}
@@ -59,14 +64,14 @@ def _zig_build(name: str, target: str, mode: str) -> Path:
 
     flags = [*_flags(target), mode]
     ep_header = "#include <stdint.h>\n" + abi.c_epilogue_struct() + "\n"  # ubp_model.c includes it
+    src = hashlib.sha256(b"".join(p.read_bytes() for p in MODEL_SOURCES)).hexdigest()
 
     def build(out: Path) -> None:
         (out.parent / "ubp_epilogue.h").write_text(ep_header)
         run_tool([*zig_cmd(), "cc", *flags, f"-I{out.parent}", str(MODEL_C), "-o", str(out)],
                  what=f"zig cc ({name})")
 
-    return _cached(name, {"src": hashlib.sha256(MODEL_C.read_bytes()).hexdigest(), "flags": flags,
-                          "ep_header": ep_header}, build)
+    return _cached(name, {"src": src, "flags": flags, "ep_header": ep_header}, build)
 
 
 def compile_model_object(target: str = "host") -> Path:
@@ -91,7 +96,48 @@ def _load(path: Path, mode: int = os.RTLD_LOCAL) -> ctypes.CDLL:
         fn.restype = ctypes.c_int32
     lib.ubp_model_run.argtypes = [ctypes.c_void_p] * 4
     lib.ubp_model_run_profiled.argtypes = [ctypes.c_void_p] * 5
+    lib.ubp_dwconv3x3_scratch_floats.restype = ctypes.c_int64
+    lib.ubp_dwconv3x3_scratch_floats.argtypes = [ctypes.c_int64] * 3
+    lib.ubp_dwconv3x3.restype = ctypes.c_int32
+    lib.ubp_dwconv3x3.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 5, *[ctypes.c_void_p] * 3,
+                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     return lib
+
+
+@functools.cache
+def _host_lib() -> ctypes.CDLL:
+    return _load(build_model_lib("host"))
+
+
+def dw_scratch_floats(h: int, w: int, stride: int) -> int:
+    """Scratch floats the runtime's depthwise needs for an ``h`` x ``w`` plane (asked of the C code,
+    which owns the staging layout)."""
+    n = int(_host_lib().ubp_dwconv3x3_scratch_floats(h, w, stride))
+    if n < 0:
+        raise BuildError(f"no depthwise 3x3 for a {h}x{w} plane at stride {stride}")
+    return n
+
+
+def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, stride: int = 1,
+              pre_bias: torch.Tensor | None = None, clamp: int = 2, src_nchw: bool = False) -> torch.Tensor:
+    """The runtime's depthwise 3x3 (pad 1) on its own: ``x`` ``[C, B, H, W]`` (``[B, C, H, W]`` when
+    ``src_nchw``) -> ``[C, B, Ho, Wo]``; ``weight`` ``[C, 9]``; ``pre_bias`` ``[C]`` applies
+    ``relu6(x + pre_bias)`` to the input; ``clamp``: 0 none, 1 ReLU, 2 ReLU6 on the output."""
+    f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
+    x, weight, bias = f32(x), f32(weight), f32(bias)
+    pre = None if pre_bias is None else f32(pre_bias)
+    B, C = (x.shape[0], x.shape[1]) if src_nchw else (x.shape[1], x.shape[0])
+    H, W = x.shape[2], x.shape[3]
+    if weight.shape != (C, 9) or bias.shape != (C,) or (pre is not None and pre.shape != (C,)):
+        raise RunError(f"dwconv3x3: weight [C, 9], bias [C], pre_bias [C] for C = {C}")
+    y = torch.empty(C, B, (H - 1) // stride + 1, (W - 1) // stride + 1)
+    scratch = torch.empty(dw_scratch_floats(H, W, stride) + 16)
+    rc = _host_lib().ubp_dwconv3x3(x.data_ptr(), y.data_ptr(), C, B, H, W, stride, weight.data_ptr(),
+                                   bias.data_ptr(), None if pre is None else pre.data_ptr(), clamp, int(src_nchw),
+                                   scratch.data_ptr())
+    if rc != 0:
+        raise RunError(f"ubp_dwconv3x3 rejected its arguments (code {rc})")
+    return y
 
 
 class ModelRunner:
@@ -103,7 +149,7 @@ class ModelRunner:
         is False, which keeps the kernel + separate C epilogue pass)."""
         self.plan = plan
         self._kernels = [kernels[name] for name in plan.kernel_slots]  # keep the .so files loaded
-        self._lib = _load(build_model_lib("host"))
+        self._lib = _host_lib()
         ptr = plan.blob.ctypes.data
         for slot, k in enumerate(self._kernels):
             rc = self._lib.ubp_model_bind(ptr, slot, k.address)

@@ -208,6 +208,8 @@ def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: in
     about ``band_bytes``, one image at a time (None: never fuse). Smaller blocks are not fused: at
     batch > 1 they gain more from one kernel call over the whole batch.
     """
+    from ubpdsl.deploy.native import dw_scratch_floats
+
     if batch < 1:
         raise PlanError(f"batch must be >= 1, got {batch}")
     H, W = hw
@@ -226,9 +228,7 @@ def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: in
         io = max(io, b.cin * h * w)
         e = max(e, b.hidden * h * w)
         ho, wo = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
-        ws_ = w + 2 if b.stride == 1 else wo + 1  # the depthwise staging (see depthwise() in ubp_model.c)
-        staged = (h + 2) * ws_ if b.stride == 1 else 4 * (ho + 1) * ws_
-        sc = max(sc, staged + 16 + ho * ws_ + 16)
+        sc = max(sc, dw_scratch_floats(h, w, b.stride))  # the depthwise's staging and masks
         h, w = ho, wo
         d = max(d, b.hidden * h * w)
         io = max(io, b.cout * h * w)

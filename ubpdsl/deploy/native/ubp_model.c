@@ -113,162 +113,13 @@ static float *buf(int64_t id, const float *x, float *y, void *ws) {
     return (float *)((char *)ws + id);
 }
 
-/* Depthwise 3x3, pad 1, stride 1 or 2, bias + ReLU6 fused, over C channels x B planes.
- *
- * Each plane is first staged into scratch with its zero padding, applying the producer's epilogue
- * (bias + ReLU6 of the expand conv) on the fly: stride 1 as one padded plane [(H+2) x (W+2)];
- * stride 2 as its four row/column phases [(Ho+1) x (Wo+1)] each, so every tap reads unit-stride.
- * The 9-tap sum then runs as one flat loop over the staged width (a few junk columns per row,
- * dropped when the rows are copied out): long vectors even for 7x7 planes. */
-/* Staging reads a band: rows y0.. of an H-row plane (``s`` points at row y0); staged row r is
- * input row iy_lo + r, zero outside 0..H-1 (the padding). */
-static inline void stage_row_s1(const float *restrict sr, float *restrict r, int64_t W, float pb, int pre) {
-    r[0] = 0.0f;
-    r[W + 1] = 0.0f;
-    if (pre) {
-        for (int64_t x = 0; x < W; ++x) {
-            float v = sr[x] + pb;
-            v = v > 0.0f ? v : 0.0f;
-            r[x + 1] = v < 6.0f ? v : 6.0f;
-        }
-    } else {
-        memcpy(r + 1, sr, W * sizeof(float));
-    }
-}
+/* Depthwise 3x3, pad 1, stride 1 or 2, bias + ReLU6 fused, over C channels x B planes: dwconv.c. */
+#include "dwconv.c"
 
-static void stage_plane_s1(const float *restrict s, int64_t y0, int64_t H, int64_t W, int64_t iy_lo, int64_t rows,
-                           float *restrict p, float pb, int pre) {
-    const int64_t Wp = W + 2;
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t iy = iy_lo + r;
-        if (iy < 0 || iy >= H) {
-            for (int64_t x = 0; x < Wp; ++x) p[r * Wp + x] = 0.0f;
-        } else {
-            stage_row_s1(s + (iy - y0) * W, p + r * Wp, W, pb, pre);
-        }
-    }
-}
-
-/* phase (a, b)[i][j] = padded[2i + a][2j + b], padded row pr = iy - iy_lo, padded column
- * px = x + 1: source column x goes to b = (x + 1) & 1, j = (x + 1) >> 1. */
-static void stage_plane_s2(const float *restrict s, int64_t y0, int64_t H, int64_t W, int64_t iy_lo, int64_t rows,
-                           int64_t Hq, int64_t Wq, float *restrict p, float pb, int pre) {
-    const int64_t plane = Hq * Wq;
-    for (int64_t k = 0; k < 4 * plane; ++k) p[k] = 0.0f; /* borders; interior overwritten below */
-    for (int64_t pr = 0; pr < rows; ++pr) {
-        const int64_t iy = iy_lo + pr;
-        if (iy < 0 || iy >= H) continue;
-        const int64_t a = pr & 1, i = pr >> 1;
-        float *restrict e = p + (2 * a + 1) * plane + i * Wq; /* b = 1: s[2j] at j */
-        float *restrict o = p + (2 * a) * plane + i * Wq + 1;  /* b = 0: s[2j + 1] at j + 1 */
-        const float *restrict sr = s + (iy - y0) * W;
-        const int64_t pairs = W / 2;
-        if (pre) {
-            for (int64_t j = 0; j < pairs; ++j) {
-                float v0 = sr[2 * j] + pb, v1 = sr[2 * j + 1] + pb;
-                v0 = v0 > 0.0f ? v0 : 0.0f;
-                v1 = v1 > 0.0f ? v1 : 0.0f;
-                e[j] = v0 < 6.0f ? v0 : 6.0f;
-                o[j] = v1 < 6.0f ? v1 : 6.0f;
-            }
-            if (W & 1) e[pairs] = clampf(sr[W - 1] + pb, 2);
-        } else {
-            for (int64_t j = 0; j < pairs; ++j) {
-                e[j] = sr[2 * j];
-                o[j] = sr[2 * j + 1];
-            }
-            if (W & 1) e[pairs] = sr[W - 1];
-        }
-    }
-}
-
-/* t[i] = relu6(bias + sum_k w[k] * in_k[i]) for i < len, the nine taps given as base pointers. */
-static void taps9(float *restrict t, const float *const in[9], const float *w, float bias, int64_t len) {
-    const float *restrict i0 = in[0], *restrict i1 = in[1], *restrict i2 = in[2], *restrict i3 = in[3];
-    const float *restrict i4 = in[4], *restrict i5 = in[5], *restrict i6 = in[6], *restrict i7 = in[7];
-    const float *restrict i8 = in[8];
-    const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
-    for (int64_t i = 0; i < len; ++i) {
-        float acc = bias + w0 * i0[i] + w1 * i1[i] + w2 * i2[i] + w3 * i3[i] + w4 * i4[i] + w5 * i5[i] +
-                    w6 * i6[i] + w7 * i7[i] + w8 * i8[i];
-        acc = acc > 0.0f ? acc : 0.0f;
-        t[i] = acc < 6.0f ? acc : 6.0f;
-    }
-}
-
-/* Stride 1, two output rows per pass: the four staged input rows they need are loaded once
- * (12 loads for 18 FMAs instead of 18). */
-static void rows2_s1(float *restrict o0, float *restrict o1, const float *restrict r0, int64_t Ws, const float *w,
-                     float bias, int64_t Wo) {
-    const float *restrict r1 = r0 + Ws, *restrict r2 = r1 + Ws, *restrict r3 = r2 + Ws;
-    const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
-    for (int64_t x = 0; x < Wo; ++x) {
-        const float a0 = r0[x], a1 = r0[x + 1], a2 = r0[x + 2];
-        const float b0 = r1[x], b1 = r1[x + 1], b2 = r1[x + 2];
-        const float c0 = r2[x], c1 = r2[x + 1], c2 = r2[x + 2];
-        const float d0 = r3[x], d1 = r3[x + 1], d2 = r3[x + 2];
-        float u = bias + w0 * a0 + w1 * a1 + w2 * a2 + w3 * b0 + w4 * b1 + w5 * b2 + w6 * c0 + w7 * c1 + w8 * c2;
-        float v = bias + w0 * b0 + w1 * b1 + w2 * b2 + w3 * c0 + w4 * c1 + w5 * c2 + w6 * d0 + w7 * d1 + w8 * d2;
-        u = u > 0.0f ? u : 0.0f;
-        v = v > 0.0f ? v : 0.0f;
-        o0[x] = u < 6.0f ? u : 6.0f;
-        o1[x] = v < 6.0f ? v : 6.0f;
-    }
-}
-
-/* Output rows oy0..oy1-1 of one channel plane. ``band`` holds input rows y0.. (as many as those
- * output rows need, see band_rows()); ``out`` points at output row oy0. */
-static void dw_band(const float *band, int64_t y0, int64_t H, int64_t W, int64_t stride, int64_t oy0, int64_t oy1,
-                    const float *w, float bias, float pb, int pre, float *out, float *scratch) {
-    const int64_t Ho = oy1 - oy0, Wo = (W - 1) / stride + 1;
-    const int64_t Ws = stride == 1 ? W + 2 : Wo + 1, Hq = Ho + 1;
-    const int64_t staged = stride == 1 ? (Ho + 2) * Ws : 4 * Hq * Ws;
-    float *stage = scratch;
-    float *tmp = scratch + ((staged + 15) & ~(int64_t)15);
-    const int64_t iy_lo = oy0 * stride - 1;
-    const float *in[9];
-    if (stride == 1) {
-        stage_plane_s1(band, y0, H, W, iy_lo, Ho + 2, stage, pb, pre);
-        for (int k = 0; k < 9; ++k) in[k] = stage + (k / 3) * Ws + (k % 3);
-    } else {
-        stage_plane_s2(band, y0, H, W, iy_lo, 2 * Ho + 1, Hq, Ws, stage, pb, pre);
-        for (int k = 0; k < 9; ++k) {
-            const int dy = k / 3, dx = k % 3;
-            in[k] = stage + (2 * (dy & 1) + (dx & 1)) * Hq * Ws + (dy >> 1) * Ws + (dx >> 1);
-        }
-    }
-    if (stride == 1 && Wo >= 16) { /* wide rows: straight into the output, two rows at a time */
-        int64_t y = 0;
-        for (; y + 1 < Ho; y += 2) rows2_s1(out + y * Wo, out + (y + 1) * Wo, stage + y * Ws, Ws, w, bias, Wo);
-        if (y < Ho) {
-            const float *last[9];
-            for (int k = 0; k < 9; ++k) last[k] = in[k] + y * Ws;
-            taps9(out + y * Wo, last, w, bias, Wo);
-        }
-    } else if (Wo >= 16) {
-        for (int64_t y = 0; y < Ho; ++y) {
-            const float *row[9];
-            for (int k = 0; k < 9; ++k) row[k] = in[k] + y * Ws;
-            taps9(out + y * Wo, row, w, bias, Wo);
-        }
-    } else {
-        taps9(tmp, in, w, bias, (Ho - 1) * Ws + Wo);
-        for (int64_t y = 0; y < Ho; ++y) memcpy(out + y * Wo, tmp + y * Ws, Wo * sizeof(float));
-    }
-}
-
-/* Depthwise 3x3, pad 1, stride 1 or 2, bias + ReLU6 fused, over C channels x B planes. */
 static void depthwise(const int64_t *op, const void *plan, const float *src, float *dst, float *scratch) {
-    const int64_t C = op[F_C], H = op[F_H], W = op[F_W], stride = op[F_STRIDE], B = header(plan)[H_BATCH];
-    const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
-    const float *wts = cbuf(plan, op[F_WEIGHTS]);
-    const float *bias = cbuf(plan, op[F_BIAS]);
     const float *pre = op[F_PRE_BIAS] >= 0 ? cbuf(plan, op[F_PRE_BIAS]) : 0;
-    const int nchw = op[F_SRC_NCHW] != 0; /* src is the model input [B, C, H, W]: no layout pass needed */
-    for (int64_t c = 0; c < C; ++c)
-        for (int64_t bi = 0; bi < B; ++bi)
-            dw_band(src + (nchw ? bi * C + c : c * B + bi) * H * W, 0, H, W, stride, 0, Ho, wts + 9 * c, bias[c],
-                    pre ? pre[c] : 0.0f, pre != 0, dst + (c * B + bi) * Ho * Wo, scratch);
+    dw_planes(src, dst, op[F_C], header(plan)[H_BATCH], op[F_H], op[F_W], op[F_STRIDE], cbuf(plan, op[F_WEIGHTS]),
+              cbuf(plan, op[F_BIAS]), pre, 2, op[F_SRC_NCHW] != 0, scratch);
 }
 
 /* Expand (sparse 1x1) + bias + ReLU6 + depthwise, in bands of output rows: per image and band,
@@ -286,6 +137,8 @@ static int32_t fused_expand_dw(const int64_t *op, const void *plan, ubp_kernel_f
     const void *packed = op[F_PACKED] >= 0 ? (const char *)plan + op[F_PACKED] : 0;
     float *xb = (float *)((char *)ws + op[F_XB]);
     float *eb = (float *)((char *)ws + op[F_EB]);
+    dw_shape shape;
+    dw_prepare(&shape, H, W, stride, scratch);
     for (int64_t bi = 0; bi < B; ++bi) {
         for (int64_t oy0 = 0; oy0 < Ho; oy0 += band) {
             const int64_t oy1 = oy0 + band < Ho ? oy0 + band : Ho;
@@ -298,8 +151,8 @@ static int32_t fused_expand_dw(const int64_t *op, const void *plan, ubp_kernel_f
             const int32_t rc = fn(xb, eb, n, packed);
             if (rc != 0) return rc;
             for (int64_t c = 0; c < hidden; ++c)
-                dw_band(eb + c * n, y0, H, W, stride, oy0, oy1, wts + 9 * c, bias[c], pre[c], 1,
-                        dst + (c * B + bi) * Ho * Wo + oy0 * Wo, scratch);
+                dw_rows(&shape, eb + c * n, y0, y1, oy0, oy1, wts + 9 * c, bias[c], pre + c, 2,
+                        dst + (c * B + bi) * Ho * Wo + oy0 * Wo);
         }
     }
     return 0;

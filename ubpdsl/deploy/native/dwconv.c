@@ -1,0 +1,265 @@
+/* dwconv.c: depthwise 3x3 convolution, pad 1, stride 1 or 2, on channel-major planes, with an
+ * optional producer epilogue applied while staging (pre-bias: relu6(x + pb)) and bias + clamp
+ * (none, ReLU, ReLU6) fused into the store. Included by ubp_model.c (one translation unit, so the
+ * model runtime still builds from one source for the host and for AArch64).
+ *
+ * Layout of the work: a plane is processed in chunks of whole output rows (about DW_CHUNK outputs,
+ * so the staged input stays in L1). A chunk's input rows are staged with their zero padding rows,
+ * flat: stride 1 as [1 + (rows + 2) * W + 1] floats (rows of W, no padding columns); stride 2 as
+ * its four row/column phases (even/odd input row x even/odd input column), each flat with rows of
+ * Wo, so every tap reads unit-stride. The 9-tap sum then runs as ONE loop over all the chunk's
+ * outputs (rows * Wo, long even for 7x7 planes): every tap is a constant offset from the output
+ * index; a tap that would cross into the neighbouring row (the left column, and for stride 1 the
+ * right column) is multiplied by a 0/1 column mask built once per plane shape. Outputs are stored
+ * in place (whole rows), so there is no compaction pass.
+ *
+ * Public symbols (for tests and benchmarks; the model runtime calls the static functions):
+ *   int64_t ubp_dwconv3x3_scratch_floats(int64_t H, int64_t W, int64_t stride);
+ *   int32_t ubp_dwconv3x3(const float *src, float *dst, int64_t C, int64_t B, int64_t H, int64_t W,
+ *                         int64_t stride, const float *weights, const float *bias,
+ *                         const float *pre_bias, int64_t clamp, int64_t src_nchw, float *scratch);
+ *     src [C, B, H, W] (or [B, C, H, W] when src_nchw), dst [C, B, Ho, Wo], weights [C, 9],
+ *     bias [C], pre_bias [C] or NULL, clamp 0 none / 1 ReLU / 2 ReLU6 (on the output).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define DW_SPLIT 8 /* stride 2: column pairs per block when splitting a row into its phases */
+#ifndef DW_CHUNK
+#define DW_CHUNK 1024 /* output elements per chunk */
+#endif
+
+typedef struct {
+    int64_t H, W, stride, Ho, Wo, rows; /* rows: output rows per chunk */
+    float *ml, *mr;                     /* column masks over one chunk (rows * Wo): left tap valid, right tap valid */
+    float *stage;
+    int64_t q0, q1; /* stride 2: floats per even-row phase and per odd-row phase (aligned) */
+} dw_shape;
+
+static inline int64_t dw_al16(int64_t n) { return (n + 15) & ~(int64_t)15; }
+
+static int64_t dw_chunk_rows(int64_t Ho, int64_t Wo) {
+    int64_t r = DW_CHUNK / Wo;
+    if (r < 1) r = 1;
+    return r < Ho ? r : Ho;
+}
+
+/* Fills the shape, carves masks and staging out of scratch and builds the masks. */
+static void dw_prepare(dw_shape *s, int64_t H, int64_t W, int64_t stride, float *scratch) {
+    s->H = H, s->W = W, s->stride = stride;
+    s->Ho = (H - 1) / stride + 1, s->Wo = (W - 1) / stride + 1;
+    s->rows = dw_chunk_rows(s->Ho, s->Wo);
+    const int64_t n = s->rows * s->Wo, Wo = s->Wo;
+    s->ml = scratch;
+    s->mr = scratch + dw_al16(n);
+    s->stage = scratch + 2 * dw_al16(n);
+    s->q0 = dw_al16(n + 1 + DW_SPLIT);
+    s->q1 = dw_al16(n + Wo + 1 + DW_SPLIT);
+    for (int64_t k = 0; k < n; ++k) {
+        const int64_t x = k % Wo;
+        s->ml[k] = x != 0 ? 1.0f : 0.0f;
+        s->mr[k] = (stride == 1 && x == Wo - 1) ? 0.0f : 1.0f;
+    }
+}
+
+int64_t ubp_dwconv3x3_scratch_floats(int64_t H, int64_t W, int64_t stride) {
+    if (H < 1 || W < 1 || (stride != 1 && stride != 2)) return -1;
+    const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, rows = dw_chunk_rows(Ho, Wo);
+    const int64_t n = rows * Wo;
+    const int64_t staged = stride == 1 ? dw_al16((rows + 2) * W + 2) : 2 * dw_al16(n + 1 + DW_SPLIT) + 2 * dw_al16(n + Wo + 1 + DW_SPLIT);
+    return 2 * dw_al16(n) + staged;
+}
+
+static inline float dw_relu6(float v) {
+    v = v > 0.0f ? v : 0.0f;
+    return v < 6.0f ? v : 6.0f;
+}
+
+static inline float dw_clamp(float v, int clamp) {
+    if (clamp == 0) return v;
+    v = v > 0.0f ? v : 0.0f;
+    return clamp == 2 ? (v < 6.0f ? v : 6.0f) : v;
+}
+
+/* d[0..n) = pre ? relu6(s + pb) : s */
+static inline void dw_copy(float *restrict d, const float *restrict s, int64_t n, float pb, int pre) {
+    if (pre) {
+        for (int64_t i = 0; i < n; ++i) d[i] = dw_relu6(s[i] + pb);
+    } else {
+        memcpy(d, s, n * sizeof(float));
+    }
+}
+
+/* Stride 1: stage input rows oy0 - 1 .. oy1 (band holds plane rows y0.. of W) into st[1..] and run
+ * the flat 9-tap loop over outputs oy0..oy1-1 (a chunk of at most s->rows rows). */
+static inline __attribute__((always_inline)) void dw_chunk_s1(const dw_shape *s, const float *band, int64_t y0,
+                                                              int64_t yend, int64_t oy0, int64_t oy1, const float *w, float bias,
+                                                              float pb, int pre, int clamp, float *out) {
+    const int64_t H = s->H, W = s->W, r = oy1 - oy0;
+    float *restrict st = s->stage;
+    int64_t lo = oy0 - 1, hi = oy1 + 1; /* staged input rows [lo, hi) */
+    int64_t vlo = lo < 0 ? 0 : lo, vhi = hi > H ? H : hi;
+    st[0] = 0.0f;
+    st[1 + (r + 2) * W] = 0.0f;
+    if (vlo > lo) memset(st + 1, 0, (vlo - lo) * W * sizeof(float));
+    dw_copy(st + 1 + (vlo - lo) * W, band + (vlo - y0) * W, (vhi - vlo) * W, pb, pre);
+    if (hi > vhi) memset(st + 1 + (vhi - lo) * W, 0, (hi - vhi) * W * sizeof(float));
+    const float *restrict c = st + 1 + W; /* input (oy0, 0) */
+    const float *restrict ml = s->ml, *restrict mr = s->mr;
+    const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
+    const int64_t n = r * W;
+    for (int64_t k = 0; k < n; ++k) {
+        const float left = w0 * c[k - W - 1] + w3 * c[k - 1] + w6 * c[k + W - 1];
+        const float mid = w1 * c[k - W] + w4 * c[k] + w7 * c[k + W];
+        const float right = w2 * c[k - W + 1] + w5 * c[k + 1] + w8 * c[k + W + 1];
+        out[k] = dw_clamp(bias + mid + ml[k] * left + mr[k] * right, clamp);
+    }
+}
+
+/* One input row into its two column phases: e[j] = x[2j], o[j] = x[2j + 1] (0 past the edge).
+ * ``over``: the row may be processed in whole blocks of DW_SPLIT pairs, reading up to
+ * 2 * DW_SPLIT - 1 floats past its end and writing as far past e and o's rows (the caller makes
+ * that room; the next row overwrites it): short rows (7 to 28 pairs) then vectorise with no
+ * scalar tail. */
+static inline __attribute__((always_inline)) void dw_split(float *restrict e, float *restrict o,
+                                                           const float *restrict x, int64_t W, int64_t Wo, float pb,
+                                                           int pre, int over) {
+    const int64_t pairs = W / 2;
+    if (over) {
+        for (int64_t j0 = 0; j0 < pairs; j0 += DW_SPLIT) {
+            float *restrict eb = e + j0, *restrict ob = o + j0;
+            const float *restrict xb = x + 2 * j0;
+            for (int l = 0; l < DW_SPLIT; ++l) {
+                eb[l] = pre ? dw_relu6(xb[2 * l] + pb) : xb[2 * l];
+                ob[l] = pre ? dw_relu6(xb[2 * l + 1] + pb) : xb[2 * l + 1];
+            }
+        }
+    } else {
+        for (int64_t j = 0; j < pairs; ++j) {
+            e[j] = pre ? dw_relu6(x[2 * j] + pb) : x[2 * j];
+            o[j] = pre ? dw_relu6(x[2 * j + 1] + pb) : x[2 * j + 1];
+        }
+    }
+    if (W & 1) {
+        e[pairs] = pre ? dw_relu6(x[W - 1] + pb) : x[W - 1];
+        o[Wo - 1] = 0.0f;
+    }
+}
+
+/* Stride 2: phases a (even row, even col), b (even row, odd col) hold input rows 2 oy for
+ * oy0 <= oy < oy1; c (odd, even), d (odd, odd) hold input rows 2 i + 1 for oy0 - 1 <= i < oy1.
+ * Each phase has one zero float before its first row (the masked left tap of output 0). */
+static inline __attribute__((always_inline)) void dw_chunk_s2(const dw_shape *s, const float *band, int64_t y0,
+                                                              int64_t yend, int64_t oy0, int64_t oy1, const float *w, float bias,
+                                                              float pb, int pre, int clamp, float *out) {
+    const int64_t H = s->H, W = s->W, Wo = s->Wo, r = oy1 - oy0;
+    float *pa = s->stage + 1, *pb_ = pa + s->q0, *pc = pb_ + s->q0, *pd = pc + s->q1;
+    pa[-1] = pb_[-1] = pc[-1] = pd[-1] = 0.0f;
+    /* rows whose block over-read stays inside the plane (input rows < safe) */
+    const int64_t slack = 2 * (((W / 2 + DW_SPLIT - 1) / DW_SPLIT) * DW_SPLIT) - 2 * (W / 2);
+    const int64_t safe = yend - (slack + W - 1) / W;
+    for (int64_t i = 0; i < r; ++i) { /* even rows: always inside the plane */
+        const int64_t iy = 2 * (oy0 + i);
+        if (iy < safe)
+            dw_split(pa + i * Wo, pb_ + i * Wo, band + (iy - y0) * W, W, Wo, pb, pre, 1);
+        else
+            dw_split(pa + i * Wo, pb_ + i * Wo, band + (iy - y0) * W, W, Wo, pb, pre, 0);
+    }
+    for (int64_t i = 0; i <= r; ++i) {
+        const int64_t iy = 2 * (oy0 - 1 + i) + 1;
+        if (iy < 0 || iy >= H) {
+            memset(pc + i * Wo, 0, Wo * sizeof(float));
+            memset(pd + i * Wo, 0, Wo * sizeof(float));
+        } else if (iy < safe) {
+            dw_split(pc + i * Wo, pd + i * Wo, band + (iy - y0) * W, W, Wo, pb, pre, 1);
+        } else {
+            dw_split(pc + i * Wo, pd + i * Wo, band + (iy - y0) * W, W, Wo, pb, pre, 0);
+        }
+    }
+    const float *restrict a = pa, *restrict b = pb_, *restrict c = pc, *restrict d = pd;
+    const float *restrict ml = s->ml;
+    const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
+    const int64_t n = r * Wo;
+    for (int64_t k = 0; k < n; ++k) {
+        const float left = w0 * d[k - 1] + w3 * b[k - 1] + w6 * d[k + Wo - 1];
+        const float mid = w1 * c[k] + w4 * a[k] + w7 * c[k + Wo];
+        const float right = w2 * d[k] + w5 * b[k] + w8 * d[k + Wo];
+        out[k] = dw_clamp(bias + mid + right + ml[k] * left, clamp);
+    }
+}
+
+/* Output rows oy0..oy1-1 of one plane, in chunks; ``band`` holds input rows y0..yend-1 of the
+ * plane (at least those the outputs need), ``out`` points at output row oy0. Specialised for
+ * stride, pre-bias and clamp. */
+#define DW_ROWS(name, chunk, PRE, CLAMP)                                                                           \
+    static void name(const dw_shape *s, const float *band, int64_t y0, int64_t yend, int64_t oy0, int64_t oy1,     \
+                     const float *w, float bias, float pb, float *out) {                                           \
+        for (int64_t o = oy0; o < oy1; o += s->rows) {                                                             \
+            const int64_t e = o + s->rows < oy1 ? o + s->rows : oy1;                                               \
+            chunk(s, band, y0, yend, o, e, w, bias, pb, PRE, CLAMP, out + (o - oy0) * s->Wo);                      \
+        }                                                                                                          \
+    }
+DW_ROWS(dw_rows_s1_pre, dw_chunk_s1, 1, 2)
+DW_ROWS(dw_rows_s1_relu6, dw_chunk_s1, 0, 2)
+DW_ROWS(dw_rows_s1_relu, dw_chunk_s1, 0, 1)
+DW_ROWS(dw_rows_s1_none, dw_chunk_s1, 0, 0)
+DW_ROWS(dw_rows_s2_pre, dw_chunk_s2, 1, 2)
+DW_ROWS(dw_rows_s2_relu6, dw_chunk_s2, 0, 2)
+DW_ROWS(dw_rows_s2_relu, dw_chunk_s2, 0, 1)
+DW_ROWS(dw_rows_s2_none, dw_chunk_s2, 0, 0)
+#undef DW_ROWS
+
+typedef void (*dw_rows_fn)(const dw_shape *, const float *, int64_t, int64_t, int64_t, int64_t, const float *, float,
+                           float, float *);
+
+/* The specialised row function: pre-bias implies a ReLU6 output (the MobileNetV2 case); other
+ * pre-bias + clamp pairs go through the generic path below. */
+static dw_rows_fn dw_pick(int64_t stride, int pre, int64_t clamp) {
+    if (pre) return clamp == 2 ? (stride == 1 ? dw_rows_s1_pre : dw_rows_s2_pre) : 0;
+    if (clamp == 2) return stride == 1 ? dw_rows_s1_relu6 : dw_rows_s2_relu6;
+    if (clamp == 1) return stride == 1 ? dw_rows_s1_relu : dw_rows_s2_relu;
+    return stride == 1 ? dw_rows_s1_none : dw_rows_s2_none;
+}
+
+static void dw_rows_generic(const dw_shape *s, const float *band, int64_t y0, int64_t yend, int64_t oy0,
+                            int64_t oy1, const float *w, float bias, float pb, int pre, int clamp, float *out) {
+    for (int64_t o = oy0; o < oy1; o += s->rows) {
+        const int64_t e = o + s->rows < oy1 ? o + s->rows : oy1;
+        if (s->stride == 1)
+            dw_chunk_s1(s, band, y0, yend, o, e, w, bias, pb, pre, clamp, out + (o - oy0) * s->Wo);
+        else
+            dw_chunk_s2(s, band, y0, yend, o, e, w, bias, pb, pre, clamp, out + (o - oy0) * s->Wo);
+    }
+}
+
+/* Output rows oy0..oy1-1 of one plane (see DW_ROWS); ``pb``: the pre-bias or NULL. */
+static void dw_rows(const dw_shape *s, const float *band, int64_t y0, int64_t yend, int64_t oy0, int64_t oy1,
+                    const float *w, float bias, const float *pb, int64_t clamp, float *out) {
+    dw_rows_fn fn = dw_pick(s->stride, pb != 0, clamp);
+    if (fn)
+        fn(s, band, y0, yend, oy0, oy1, w, bias, pb ? *pb : 0.0f, out);
+    else
+        dw_rows_generic(s, band, y0, yend, oy0, oy1, w, bias, pb ? *pb : 0.0f, pb != 0, (int)clamp, out);
+}
+
+/* All C x B planes; see the header comment for the layouts. */
+static void dw_planes(const float *src, float *dst, int64_t C, int64_t B, int64_t H, int64_t W, int64_t stride,
+                      const float *wts, const float *bias, const float *pre, int64_t clamp, int nchw,
+                      float *scratch) {
+    dw_shape s;
+    dw_prepare(&s, H, W, stride, scratch);
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t bi = 0; bi < B; ++bi)
+            dw_rows(&s, src + (nchw ? bi * C + c : c * B + bi) * H * W, 0, H, 0, s.Ho, wts + 9 * c, bias[c],
+                    pre ? pre + c : 0, clamp, dst + (c * B + bi) * s.Ho * s.Wo);
+}
+
+int32_t ubp_dwconv3x3(const float *src, float *dst, int64_t C, int64_t B, int64_t H, int64_t W, int64_t stride,
+                      const float *weights, const float *bias, const float *pre_bias, int64_t clamp, int64_t src_nchw,
+                      float *scratch) {
+    if (!src || !dst || !weights || !bias || !scratch || C < 1 || B < 1 || H < 1 || W < 1 ||
+        (stride != 1 && stride != 2) || clamp < 0 || clamp > 2)
+        return 12;
+    dw_planes(src, dst, C, B, H, W, stride, weights, bias, pre_bias, clamp, src_nchw != 0, scratch);
+    return 0;
+}
