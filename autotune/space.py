@@ -185,6 +185,8 @@ def infeasible(config: Config, layer: Layer, target: Target, weights: bool) -> s
         return f"vector width {vb} is not legal on {target.name}"
     lanes = vb // 32
     tile = int(config.constants.get("TILE", 1))
+    if target.scalable and tile & (tile - 1):
+        return f"TILE={tile}: tiles of scalable vectors must be a power of two"
     # A tile wider than n (by a whole vector) only adds masked work.
     if tile > 1 and (tile - 1) * lanes >= layer.n:
         return f"TILE={tile} x {lanes} lanes is wider than n={layer.n}"

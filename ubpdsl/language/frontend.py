@@ -424,6 +424,8 @@ class CodeGen:
         if not 1 <= tile <= MAX_TILE_REGISTERS:
             raise self.error(f"the tile size must be 1..{MAX_TILE_REGISTERS} vector registers, got {tile}", st)
         vs = self.spec.vector
+        if vs.scalable and tile & (tile - 1):
+            raise self.error(f"the tile size must be a power of two on a scalable-vector target, got {tile}", st)
         width = tile * vs.lanes
         vec_type = self._tile_type(tile)
         n_v = self.materialize(n, self.index)
