@@ -157,6 +157,14 @@ def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
         seeds.append(_canonical("wros", wide, True, None, target))
         seeds.append(_canonical("wros_unrolled", {"TILE": min(2, need)}, True, None, target))
     seeds.append(_canonical("wros", {"TILE": small_tile, "UNROLL": 2}, False, None, target))
+    if target.is_aarch64:
+        # The register tile that fills AArch64's 32 vector registers (TILE=6 at N=4 on NEON), with
+        # and without software prefetch: the cost model (instruction count x llvm-mca) ranks them.
+        from ubpdsl.armcost import register_tile
+
+        reg_tile = register_tile(layer.problem.N, scalable=target.scalable)
+        seeds.append(_canonical("wros", {"TILE": reg_tile}, False, None, target))
+        seeds.append(_canonical("wros", {"TILE": reg_tile, "PREFETCH": 0, "YPREFETCH": 0}, False, None, target))
     out: list[Config] = []
     for c in seeds:
         if c not in out and infeasible(c, layer, target, weights) is None:
@@ -185,6 +193,8 @@ def infeasible(config: Config, layer: Layer, target: Target, weights: bool) -> s
         return f"vector width {vb} is not legal on {target.name}"
     lanes = vb // 32
     tile = int(config.constants.get("TILE", 1))
+    if target.scalable and tile & (tile - 1):
+        return f"TILE={tile}: tiles of scalable vectors must be a power of two"
     # A tile wider than n (by a whole vector) only adds masked work.
     if tile > 1 and (tile - 1) * lanes >= layer.n:
         return f"TILE={tile} x {lanes} lanes is wider than n={layer.n}"

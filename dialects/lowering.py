@@ -355,9 +355,33 @@ class _Lowering:
         start = arith.shrsi(arith.muli(row, n4), _i(2), is_exact=True)
         return flat, arith.addi(start, col)
 
+    @staticmethod
+    def _rows_of(vec_ty: ir.VectorType) -> tuple[int, ir.VectorType] | None:
+        """A 2-D tile ``vector<R x L x f32>`` (R registers of L lanes): (R, the register type)."""
+        if vec_ty.rank != 2:
+            return None
+        return vec_ty.shape[0], ir.VectorType.get([vec_ty.shape[1]], vec_ty.element_type)
+
     def load_tile(self, op: ir.Operation) -> list[ir.Value]:
         src, row, col = op.operands[0], op.operands[1], op.operands[2]
         vec_ty = ir.VectorType(op.results[0].type)
+        split = self._rows_of(vec_ty)
+        if split is not None:  # one load per register, inserted into the 2-D tile
+            regs, reg_ty = split
+            lanes = reg_ty.shape[0]
+            limit = op.operands[3] if len(op.operands) == 4 else None
+            zero = ir.FloatAttr.get_f32(0.0)
+            tile = arith.constant(vec_ty, ir.DenseElementsAttr.get_splat(vec_ty, zero))
+            flat, at = self._row_start(src, row, col)
+            for k in range(regs):
+                c = arith.addi(col, _i(k * lanes))
+                if limit is None:
+                    part = vector.load(reg_ty, flat, [arith.addi(at, _i(k * lanes))])
+                else:
+                    part = vector.maskedload(reg_ty, src, [row, c], self._mask(reg_ty, c, limit),
+                                             arith.constant(reg_ty, ir.DenseElementsAttr.get_splat(reg_ty, zero)))
+                tile = vector.insert(part, tile, [], [k])
+            return [tile]
         if len(op.operands) == 3:
             flat, at = self._row_start(src, row, col)
             return [vector.load(vec_ty, flat, [at])]
@@ -367,6 +391,21 @@ class _Lowering:
 
     def store_tile(self, op: ir.Operation) -> list[ir.Value]:
         dst, row, col, val = (op.operands[i] for i in range(4))
+        split = self._rows_of(ir.VectorType(val.type))
+        if split is not None:  # one store per register of the 2-D tile
+            regs, reg_ty = split
+            lanes = reg_ty.shape[0]
+            nontemporal = "ubp.nontemporal" in op.attributes and len(op.operands) == 4
+            flat, at = self._row_start(dst, row, col)
+            for k in range(regs):
+                part = vector.extract(val, [], [k])
+                if len(op.operands) == 4:
+                    vector.store(part, flat, [arith.addi(at, _i(k * lanes))],
+                                 nontemporal=True if nontemporal else None)
+                else:
+                    c = arith.addi(col, _i(k * lanes))
+                    vector.maskedstore(dst, [row, c], self._mask(reg_ty, c, op.operands[4]), part)
+            return []
         if len(op.operands) == 4:
             nontemporal = "ubp.nontemporal" in op.attributes
             flat, at = self._row_start(dst, row, col)

@@ -52,16 +52,18 @@ _FMA_MNEMONICS = ("fmla", "fmad", "fmadd", "fmls", "fmsb", "fmsub")
 VECTOR_REGISTERS = 32
 
 
-def register_tile(N: int, registers: int = VECTOR_REGISTERS, reserved: int = 2) -> int:
-    """The largest power-of-two TILE whose register tile fits: N x TILE accumulators, TILE X vectors
-    and the block's N weights (one register per 4 lanes), ``reserved`` left for addresses/spills.
+def register_tile(N: int, registers: int = VECTOR_REGISTERS, reserved: int = 1, *, scalable: bool = False,
+                  max_tile: int = 8) -> int:
+    """The widest TILE whose register tile fits: N x TILE accumulators, TILE X vectors and the
+    block's N weights (one register per 4 lanes), ``reserved`` registers left over.
 
-    NEON/SVE (32 registers): N=2 -> 8, N=4 -> 4, N=8 -> 2 (TILE=4 at N=8 needs 32 accumulators).
+    Any count on fixed-width NEON (a non-power-of-two tile is one register per row), a power of
+    two on SVE: N=2 -> 8, N=4 -> 6 (SVE 4), N=8 -> 3 (SVE 2); at most ``max_tile``.
     """
-    tile = 1
-    while N * 2 * tile + 2 * tile + -(-N // 4) <= registers - reserved:
-        tile *= 2
-    return tile
+    fits = max(1, min(max_tile, (registers - reserved - -(-N // 4)) // (N + 1)))
+    if scalable:
+        return 1 << (fits.bit_length() - 1)
+    return fits
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ def measure_case(case: Case, target: str, *, vls: Sequence[int | None] | None = 
     for label, variant, which in kernels:
         problem = getattr(case, which)
         kernel = VARIANTS[variant]
-        consts = {"TILE": register_tile(case.N)} if "TILE" in kernel.constexprs else {}
+        tile = register_tile(case.N, scalable=target == "aarch64-sve")
+        consts = {"TILE": tile} if "TILE" in kernel.constexprs else {}
         consts.update({k: v for k, v in (constants or {}).items() if k in kernel.constexprs})
         ck = compile_kernel(kernel, problem, target, constants=consts, cache=cache)
         key = (variant, problem.M, problem.K, problem.N, target, tuple(sorted(consts.items())))

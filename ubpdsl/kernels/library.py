@@ -19,9 +19,10 @@ import ubpdsl.language as ubl
 
 # The search spaces the variants declare (``@ubl.kernel(tune=...)``); the tuner's knob table
 # (ubpdsl.autotune.space.KNOB_CHOICES) is their union.
-#: Tile widths in vector registers: powers of two (LLVM shuffles vector<48xf32> element by
-#: element; TILE=3 measured 15x slower).
-TILES = [1, 2, 4, 8]
+#: Tile widths in vector registers. Any count on fixed-width targets (a non-power-of-two tile is
+#: a 2-D vector, one register per row: TILE=6 is NEON's 24 accumulators at N=4); powers of two
+#: only on SVE (the build of 3 or 6 there is a one-line error, a failed trial for the tuner).
+TILES = [1, 2, 3, 4, 6, 8]
 UNROLLS = [1, 2, 4]
 PREFETCHES = [0, 1, 2, 4, 8, 16]  # X look-ahead in blocks (0: off)
 PANELS = [0, 8, 16, 32, 64]  # row panel height (0: no panels)
@@ -58,7 +59,8 @@ def wros(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.constexpr = 
     """Weight-rotating output-stationary: N accumulator rows stay in registers.
 
     PREFETCH > 0 prefetches the X tile of the block that many blocks ahead (at most W.lookahead,
-    the padding of block_cols: larger values act as W.lookahead);
+    the padding of block_cols: larger values act as W.lookahead; costs the column load and the
+    row address besides the prefetch);
     YPREFETCH > 0 prefetches, with intent to write, the Y tile of the row that many rows ahead
     (when Y is not in cache, as for a layer inside a network, the stores otherwise stall on
     one read-for-ownership miss after another); STREAM writes Y with non-temporal stores.

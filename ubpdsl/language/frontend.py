@@ -18,6 +18,7 @@ Errors in the kernel source raise :class:`DSLError` with ``file:line: message``.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -465,8 +466,10 @@ class CodeGen:
         if not 1 <= tile <= MAX_TILE_REGISTERS:
             raise self.error(f"the tile size must be 1..{MAX_TILE_REGISTERS} vector registers, got {tile}", st)
         vs = self.spec.vector
+        if vs.scalable and tile & (tile - 1):
+            raise self.error(f"the tile size must be a power of two on a scalable-vector target, got {tile}", st)
         width = tile * vs.lanes
-        vec_type = ir.VectorType.get([width], self.f32, scalable=[vs.scalable])
+        vec_type = self._tile_type(tile)
         n_v = self.materialize(n, self.index)
         res = ubp_dialect.op("tiles", [n_v], [self.index, self.index],
                              {"width": _i64(width), "scalable": ir.BoolAttr.get(vs.scalable)})
@@ -480,7 +483,7 @@ class CodeGen:
         def body(start: ir.Value, limit: ir.Value | None, regs: int = tile) -> None:
             self.env = dict(saved)
             w = regs * vs.lanes if not vs.scalable else step
-            vt = vec_type if regs == tile else ir.VectorType.get([regs * vs.lanes], self.f32)
+            vt = vec_type if regs == tile else self._tile_type(regs)
             self.assign(st.target, Tile(start, limit, vt, w))
             self.visit_body(st.body)
 
@@ -496,20 +499,25 @@ class CodeGen:
         # - tail="mask", or a body that loads from the Output: the whole tile, masked (a kernel that
         #   reads back what it wrote to Y must not process a column twice).
         # - tail="overlap" (the default) and a body that never loads from Y: when n holds at least
-        #   one whole tile, recompute the last whole tile ending at n (it overlaps the previous one;
+        #   one whole tile, recompute the last columns ending at n (overlapping the previous tile;
         #   a kernel that writes its Y tile in full from registers only is unaffected) at full
-        #   vector speed; masked only when n < one tile.
+        #   vector speed, unmasked, on just enough registers (a power of two: n = 49 with 16-column
+        #   tiles computes 52 columns, not 64) where the vector width is fixed, on the whole tile
+        #   where it is scalable; masked only when n < one tile.
+        counts = sorted({1 << i for i in range(tile.bit_length()) if 1 << i < tile} | {tile})
         tail = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, full_end, n_v))
         with ir.InsertionPoint(tail.then_block):
             if vs.cheap_masks and not vs.scalable and tile > 1:
-                counts = sorted({1 << i for i in range(tile.bit_length()) if 1 << i < tile} | {tile})
                 self._narrow_tails(body, arith.subi(n_v, full_end), full_end, n_v, counts, vs.lanes)
             elif tail_mode == "mask" or reads_output:
                 body(full_end, n_v)
             else:
                 whole = scf.IfOp(arith.cmpi(arith.CmpIPredicate.uge, n_v, step), has_else=True)
                 with ir.InsertionPoint(whole.then_block):
-                    body(arith.subi(n_v, step), None)
+                    if vs.scalable or tile == 1:
+                        body(arith.subi(n_v, step), None)
+                    else:
+                        self._narrow_tails(body, arith.subi(n_v, full_end), None, n_v, counts, vs.lanes)
                     scf.YieldOp([])
                 with ir.InsertionPoint(whole.else_block):
                     body(full_end, n_v)
@@ -517,16 +525,40 @@ class CodeGen:
             scf.YieldOp([])
         self.env = saved
 
-    def _narrow_tails(self, body: Any, rem: ir.Value, start: ir.Value, n_v: ir.Value, counts: list[int],
+    def _tile_type(self, regs: int) -> ir.VectorType:
+        """The value type of a tile of ``regs`` vector registers.
+
+        One ``vector<regs*lanes x f32>`` (scalable on SVE) when ``regs`` is a power of two; else,
+        where the width is fixed, ``vector<regs x lanes x f32>``: LLVM splits a power-of-two vector
+        into registers but shuffles a ``vector<24xf32>`` element by element, while the rows of a
+        2-D vector are lowered as separate registers (NEON: TILE=6 is 24 accumulators at N=4).
+        """
+        vs = self.spec.vector
+        if vs.scalable or regs & (regs - 1) == 0:
+            return ir.VectorType.get([regs * vs.lanes], self.f32, scalable=[vs.scalable])
+        return ir.VectorType.get([regs, vs.lanes], self.f32)
+
+    def _narrow_tails(self, body: Any, rem: ir.Value, start: ir.Value | None, n_v: ir.Value, counts: list[int],
                       lanes: int) -> None:
-        """The body on a masked tile of counts[0] registers if rem fits in it, else try the next count."""
+        """The body on a tile of counts[0] registers if rem fits in it, else try the next count.
+
+        ``start`` given: a masked tile from ``start`` to n. ``start`` None: an unmasked tile ending
+        at n (it overlaps the columns before ``n - rem``; the caller ensures n holds the tile).
+        """
         regs, rest = counts[0], counts[1:]
+
+        def run() -> None:
+            if start is None:
+                body(arith.subi(n_v, self.const_index(regs * lanes)), None, regs)
+            else:
+                body(start, n_v, regs)
+
         if not rest:
-            body(start, n_v, regs)
+            run()
             return
         fits = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ule, rem, self.const_index(regs * lanes)), has_else=True)
         with ir.InsertionPoint(fits.then_block):
-            body(start, n_v, regs)
+            run()
             scf.YieldOp([])
         with ir.InsertionPoint(fits.else_block):
             self._narrow_tails(body, rem, start, n_v, rest, lanes)
@@ -886,7 +918,7 @@ class CodeGen:
             raise self.error("ubl.prefetch: write= must be a compile-time bool", node)
         if write and not d.output:
             raise self.error(f"ubl.prefetch: write=True needs the ubl.Output operand, {d.name} is an input", node)
-        width = t.vec_type.shape[0]
+        width = math.prod(t.vec_type.shape)
         attrs = {"width": _i64(width)} | ({"ubp.write": ir.UnitAttr.get()} if write else {})
 
         def prefetch() -> list[ir.Value]:
