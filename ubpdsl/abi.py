@@ -19,14 +19,17 @@ __all__ = [
     "C_SIGNATURE",
     "ERR_BAD_BLOB",
     "ERR_BAD_N",
+    "ERR_BAD_PIXELS",
     "ERR_HEADER",
     "ERR_NULL_WEIGHTS",
     "ERR_OUT_OF_BOUNDS",
     "KERNEL_ERRORS",
     "OK",
+    "PATTERN_SYMBOL_PREFIX",
     "c_declaration",
     "c_return_code_defines",
     "describe_error",
+    "pattern_symbol",
 ]
 
 #: Success.
@@ -42,6 +45,9 @@ ERR_OUT_OF_BOUNDS = 4
 #: The header's block count, offsets or total size are inconsistent with M, K, N.
 ERR_BAD_BLOB = 5
 
+#: n is not H * W of a direct-convolution (pattern) kernel compiled for an H x W image.
+ERR_BAD_PIXELS = 6
+
 #: Meaning of every return code a kernel may give.
 KERNEL_ERRORS: dict[int, str] = {
     OK: "success",
@@ -50,6 +56,7 @@ KERNEL_ERRORS: dict[int, str] = {
     ERR_NULL_WEIGHTS: "packed_w is NULL but this kernel reads its weights from the packed blob",
     ERR_OUT_OF_BOUNDS: "out-of-bounds access caught by a bounds-checked (--check-bounds) build",
     ERR_BAD_BLOB: "packed weight blob is inconsistent (block count, offsets or total size)",
+    ERR_BAD_PIXELS: "n is not H*W of the image this convolution kernel was compiled for",
 }
 
 #: Macro names of the codes in generated C headers (shared by every kernel, guarded).
@@ -60,10 +67,23 @@ _C_NAMES: dict[int, str] = {
     ERR_NULL_WEIGHTS: "UBP_ERR_NULL_WEIGHTS",
     ERR_OUT_OF_BOUNDS: "UBP_ERR_OUT_OF_BOUNDS",
     ERR_BAD_BLOB: "UBP_ERR_BAD_BLOB",
+    ERR_BAD_PIXELS: "UBP_ERR_BAD_PIXELS",
 }
 
 #: The kernel signature with ``{symbol}`` for the name.
 C_SIGNATURE = "int32_t {symbol}(const float *x, float *y, int64_t n, const void *packed_w)"
+
+#: Symbol prefix of pattern (direct 3x3 convolution) kernels: ``ubp_pattern_<layer>``, a symbol of
+#: its own beside the block kernels' ``ubp_<layer>``, with the same C signature: ``x`` is
+#: [Cin, H, W] (= [K, n]), ``y`` is [Cout, H, W] (= [M, n]), n = H * W of the image the kernel was
+#: compiled for (else ERR_BAD_PIXELS), ``packed_w`` the pattern blob of
+#: :func:`ubpdsl.packing.pack_pattern`. 3x3 convolution, stride 1, padding 1.
+PATTERN_SYMBOL_PREFIX = "ubp_pattern_"
+
+
+def pattern_symbol(layer_stem: str) -> str:
+    """The C symbol of the pattern kernel of a layer (``layer_stem``: a C-safe layer name)."""
+    return PATTERN_SYMBOL_PREFIX + layer_stem
 
 
 def describe_error(rc: int) -> str:
