@@ -534,7 +534,8 @@ class _Lowering:
 
     def shift_tile(self, op: ir.Operation) -> list[ir.Value]:
         """Lanes moved by ``shift`` (-1: up, lane i = v[i - 1]; 1: down, lane i = v[i + 1]), a zero shifted
-        in: a shuffle with a zero vector (fixed width; NEON ``ext``), ``llvm.vector.splice`` per SVE register."""
+        in: a shuffle with a zero vector (fixed width; NEON ``ext``), ``llvm.vector.splice.left/right`` per SVE
+        register."""
         v = op.operands[0]
         shift = _int_attr(op, "shift")
         vt = ir.VectorType(v.type)
@@ -547,14 +548,16 @@ class _Lowering:
         reg = ir.VectorType.get([4], f32, scalable=[True])
         parts = [vector.scalable_extract(reg, v, 4 * k) for k in range(width // 4)]
         zreg = arith.constant(reg, ir.DenseElementsAttr.get_splat(reg, ir.FloatAttr.get_f32(0.0)))
-        imm = llvm.mlir_constant(ir.IntegerAttr.get(i32, shift))
+        imm = llvm.mlir_constant(ir.IntegerAttr.get(i32, 1))
+        # LLVM 22: splice.right(a, b, 1) = a's last lane, then b; splice.left(a, b, 1) = a from lane 1, then b
+        name = "llvm.vector.splice.right.nxv4f32" if shift < 0 else "llvm.vector.splice.left.nxv4f32"
         out = zero
         for k in range(len(parts)):
             if shift < 0:
                 a, b = (parts[k - 1] if k else zreg), parts[k]
             else:
                 a, b = parts[k], (parts[k + 1] if k + 1 < len(parts) else zreg)
-            r = llvm.call_intrinsic(reg, "llvm.vector.splice.nxv4f32", [a, b, imm], [], [])
+            r = llvm.call_intrinsic(reg, name, [a, b, imm], [], [])
             out = vector.scalable_insert(r, out, 4 * k)
         return [out]
 
