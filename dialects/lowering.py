@@ -542,8 +542,10 @@ class _Lowering:
         width = vt.shape[0]
         zero = arith.constant(vt, ir.DenseElementsAttr.get_splat(vt, ir.FloatAttr.get_f32(0.0)))
         if not vt.scalable:
-            mask = [width] + list(range(width - 1)) if shift < 0 else list(range(1, width + 1))
-            return [vector.shuffle(v, zero, mask)]
+            # one contiguous window of the concatenation (a single NEON ``ext``)
+            if shift < 0:
+                return [vector.shuffle(zero, v, list(range(width - 1, 2 * width - 1)))]
+            return [vector.shuffle(v, zero, list(range(1, width + 1)))]
         f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
         reg = ir.VectorType.get([4], f32, scalable=[True])
         parts = [vector.scalable_extract(reg, v, 4 * k) for k in range(width // 4)]
