@@ -254,7 +254,8 @@ def _stage_text(kernel: KernelFunction, spec: KernelSpec, target: Target, stage:
     return rt_build.emit_asm(llvm_ir, target)
 
 
-def emit(kernel: KernelFunction, problem: Problem | PatternProblem, target: str | Target = "host", stage: str = "ubp", *,
+def emit(kernel: KernelFunction, problem: Problem | PatternProblem, target: str | Target = "host",
+         stage: str = "ubp", *,
          constants: dict[str, Any] | None = None, specialize: bool = False, symbol: str = "ubp_kernel",
          vector_bits: int | None = None, check_bounds: bool = False) -> str:
     """The kernel at one compilation stage, as text (``check_bounds``: see :func:`compile_kernel`)."""
