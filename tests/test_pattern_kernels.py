@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 from ubpdsl import abi
 from ubpdsl.compiler import PatternProblem, compile_kernel, random_pattern_problem
 from ubpdsl.errors import DSLError, MaskError, PackError, RunError
-from ubpdsl.kernels import VARIANTS
+from ubpdsl.kernels import PATTERN_VARIANTS, VARIANTS
 from ubpdsl.packing import pack_pattern, pattern_data, unpack_pattern
 from ubpdsl.prune.scheme_masks import PatternMask
 from ubpdsl.runtime import qemu
 
-KERNEL = VARIANTS["pattern_direct"]
+KERNEL = PATTERN_VARIANTS["pattern_direct"]
 needs_qemu = pytest.mark.skipif(not qemu.qemu_available(), reason="qemu-aarch64 not installed (make test installs it)")
 
 

@@ -185,5 +185,10 @@ VARIANTS = {
     "wros": wros,
     "wros_unrolled": wros_unrolled,
     "aligned_rows": aligned_rows,
+}
+"""The block (GEMM) variants: every consumer of a block mask (compile, tune, bench) picks from these."""
+
+PATTERN_VARIANTS = {
     "pattern_direct": pattern_direct,
 }
+"""Direct 3x3 convolution variants over a ``ubl.PatternSparse`` weight (pattern layers)."""
