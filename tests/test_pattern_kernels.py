@@ -175,3 +175,19 @@ def test_bad_pattern_input_is_mask_error():
         pattern_data(problem.library, np.full((4, 4), 9, np.int16), problem.weight)
     with pytest.raises(MaskError, match="image height"):
         PatternProblem("c", 4, 4, 0, 3, problem.library, problem.ids, problem.weight).check()
+
+
+def test_tune_pattern_host_and_neon():
+    """The tuner measures every feasible point, checks each output, and picks the cheapest."""
+    from ubpdsl.autotune.pattern import pattern_space, tune_pattern
+
+    problem = random_pattern_problem(6, 5, 5, 9, seed=4)
+    res = tune_pattern(problem, "host", min_time=0.02)
+    points, skipped = pattern_space(KERNEL, problem, res.best.target.vector_lanes_f32)
+    # every feasible point, plus the defaults (the 1.0x reference); wide tiles skipped on a 9-pixel row
+    assert {f"pattern_direct {p}" for p in points} <= set(res.costs) and skipped
+    assert len(res.costs) <= len(points) + 1
+    assert res.best_cost == min(res.costs.values()) <= res.default_cost
+    if qemu.qemu_available():
+        neon = tune_pattern(problem, "aarch64-neon")
+        assert neon.unit == "insns" and neon.best_cost == min(neon.costs.values())
