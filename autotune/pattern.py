@@ -116,3 +116,28 @@ def tune_pattern(problem: PatternProblem, target: str = "host", *, variants: tup
     best_key = min(costs, key=costs.get)
     return PatternTuneResult(problem.name, target, unit, built[best_key][0], built[best_key][1],
                              costs[default_key], costs[best_key], costs, skipped)
+
+
+def tune_pattern_layers(mask_path: str, schemes_path: str, image: tuple[int, int], *, target: str = "host",
+                        out_dir: str = "build", layers: tuple[str, ...] = (), variants: tuple[str, ...] = (),
+                        min_time: float = 0.2, echo: Any = print) -> list[PatternTuneResult]:
+    """``ubpdsl tune --schemes``: tune every pattern layer, write its best kernel to ``out_dir``
+    (``<layer>.<target>.so``, ``.h``, ``.packed.bin``) and print default vs tuned."""
+    from pathlib import Path
+
+    from ubpdsl.compiler import load_pattern_problems
+
+    problems = load_pattern_problems(mask_path, schemes_path, image, layers)
+    results = []
+    lines = [f"| layer | shape | default ({'us' if target == 'host' else 'insns'}) | tuned | speedup | config |",
+             "|---|---|---|---|---|---|"]
+    for problem in problems:
+        res = tune_pattern(problem, target, variants=variants, min_time=min_time)
+        res.best.save(Path(out_dir))
+        scale = 1e6 if res.unit == "s" else 1.0
+        lines.append(f"| {problem.name} | {problem.M}x{problem.K} {problem.height}x{problem.width} | "
+                     f"{res.default_cost * scale:.0f} | {res.best_cost * scale:.0f} | "
+                     f"{res.default_cost / res.best_cost:.2f}x | {res.best.variant} {res.best_constants} |")
+        results.append(res)
+    echo("\n".join(lines))
+    return results

@@ -84,46 +84,53 @@ def best(kernel, problem, x, grid, min_time: float):
     return built[key], key
 
 
+def host_row(name: str, cout: int, cin: int, h: int, w: int, sparsity: float, min_time: float) -> str:
+    """One layer's table row (printed as it is measured)."""
+    pat, ubp, x, kept = layer(name, cout, cin, h, w, sparsity)
+    xcol_t = im2col(torch.from_numpy(x), cin, h, w).contiguous()
+    xcol = aligned_copy(xcol_t.numpy())
+    pk, pkey = best(PATTERN_VARIANTS["pattern_direct"], pat, x, PATTERN_GRID, min_time / 3)
+    uk, ukey = best(VARIANTS["wros"], ubp, xcol, UBP_GRID, min_time / 3)
+    xs = aligned_copy(x)
+    ph, uh = HostKernel(pk.so, pk.symbol, cout, cin), HostKernel(uk.so, uk.symbol, cout, cin * 9)
+    yp, yu = aligned_empty((cout, h * w)), aligned_empty((cout, h * w))
+    xt = torch.from_numpy(x).view(1, cin, h, w)
+    wd = torch.from_numpy(pat.weight)
+    wd_mm = torch.from_numpy(np.ascontiguousarray(ubp.weight))
+    ref = F.conv2d(xt, wd, padding=1).numpy().reshape(cout, h * w)
+    np.testing.assert_allclose(ph(xs, pk.packed, yp), ref, rtol=1e-3, atol=1e-3)
+    ref_u = (wd_mm @ xcol_t).numpy()
+    np.testing.assert_allclose(uh(xcol, uk.packed, yu), ref_u, rtol=1e-3, atol=1e-3)
+
+    def ubp_im2col():
+        xc = im2col(torch.from_numpy(xs), cin, h, w).contiguous().numpy()
+        uh(xc, uk.packed, yu)
+
+    t = do_bench({
+        "pattern": lambda: ph(xs, pk.packed, yp),
+        "ubp": lambda: uh(xcol, uk.packed, yu),
+        "ubp_im2col": ubp_im2col,
+        "conv2d": lambda: F.conv2d(xt, wd, padding=1),
+        "mm": lambda: torch.mm(wd_mm, xcol_t),
+    }, min_time=min_time)
+    dense = min(t["conv2d"], t["mm"])
+    us = {k: f"{v * 1e6:.0f} us" for k, v in t.items()}
+    row = (f"| {name} {cout}x{cin} {h}x{w} | {kept} (pattern) / {len(ubp.rows) * N} (UBP) | "
+           f"{us['pattern']} {pkey} | {us['ubp']} {ukey} | {us['conv2d']} | {us['mm']} | "
+           f"{dense / t['pattern']:.2f} | {t['ubp'] / t['pattern']:.2f} | "
+           f"{t['ubp_im2col'] / t['pattern']:.2f} |")
+    print(row, flush=True)
+    return row
+
+
 def host_rows(shapes, sparsity: float, min_time: float) -> list[str]:
     torch.set_num_threads(1)
-    out = [f"| layer | kept weights | pattern (best knobs) | UBP wros (best knobs) | dense conv2d | dense mm | "
-           f"dense / pattern | UBP GEMM / pattern | UBP+im2col / pattern |",
+    out = ["| layer | kept weights | pattern (best knobs) | UBP wros (best knobs) | dense conv2d | dense mm | "
+           "dense / pattern | UBP GEMM / pattern | UBP+im2col / pattern |",
            "|---|---|---|---|---|---|---|---|---|"]
-    for name, cout, cin, h, w in shapes:
-        pat, ubp, x, kept = layer(name, cout, cin, h, w, sparsity)
-        xcol_t = im2col(torch.from_numpy(x), cin, h, w).contiguous()
-        xcol = aligned_copy(xcol_t.numpy())
-        pk, pkey = best(PATTERN_VARIANTS["pattern_direct"], pat, x, PATTERN_GRID, min_time / 3)
-        uk, ukey = best(VARIANTS["wros"], ubp, xcol, UBP_GRID, min_time / 3)
-        xs = aligned_copy(x)
-        ph, uh = HostKernel(pk.so, pk.symbol, cout, cin), HostKernel(uk.so, uk.symbol, cout, cin * 9)
-        yp, yu = aligned_empty((cout, h * w)), aligned_empty((cout, h * w))
-        xt = torch.from_numpy(x).view(1, cin, h, w)
-        wd = torch.from_numpy(pat.weight)
-        wd_mm = torch.from_numpy(np.ascontiguousarray(ubp.weight))
-        ref = F.conv2d(xt, wd, padding=1).numpy().reshape(cout, h * w)
-        np.testing.assert_allclose(ph(xs, pk.packed, yp), ref, rtol=1e-3, atol=1e-3)
-        ref_u = (wd_mm @ xcol_t).numpy()
-        np.testing.assert_allclose(uh(xcol, uk.packed, yu), ref_u, rtol=1e-3, atol=1e-3)
-
-        def ubp_im2col():
-            xc = im2col(torch.from_numpy(xs), cin, h, w).contiguous().numpy()
-            uh(xc, uk.packed, yu)
-
-        t = do_bench({
-            "pattern": lambda: ph(xs, pk.packed, yp),
-            "ubp": lambda: uh(xcol, uk.packed, yu),
-            "ubp_im2col": ubp_im2col,
-            "conv2d": lambda: F.conv2d(xt, wd, padding=1),
-            "mm": lambda: torch.mm(wd_mm, xcol_t),
-        }, min_time=min_time)
-        dense = min(t["conv2d"], t["mm"])
-        us = {k: f"{v * 1e6:.0f} us" for k, v in t.items()}
-        out.append(f"| {name} {cout}x{cin} {h}x{w} | {kept} (pattern) / {len(ubp.rows) * N} (UBP) | "
-                   f"{us['pattern']} {pkey} | {us['ubp']} {ukey} | {us['conv2d']} | {us['mm']} | "
-                   f"{dense / t['pattern']:.2f} | {t['ubp'] / t['pattern']:.2f} | "
-                   f"{t['ubp_im2col'] / t['pattern']:.2f} |")
-        print(out[-1], flush=True)
+    print("\n".join(out), flush=True)
+    for shape in shapes:
+        out.append(host_row(*shape, sparsity, min_time))
     return out
 
 
@@ -133,6 +140,7 @@ def neon_rows(shapes, sparsity: float) -> list[str]:
 
     out = ["| layer | pattern insns | UBP GEMM insns | dense (all blocks) insns | pattern FMAs | UBP FMAs | "
            "dense / pattern | UBP / pattern |", "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(out), flush=True)
     for name, cout, cin, h, w in shapes:
         pat, ubp, x, _ = layer(name, cout, cin, h, w, sparsity)
         xcol = im2col(torch.from_numpy(x), cin, h, w).contiguous().numpy()

@@ -157,6 +157,53 @@ class PatternProblem:
         return h.hexdigest()
 
 
+def parse_image(text: str) -> tuple[int, int]:
+    """``"H,W"`` (or ``"HxW"``) -> (H, W); a one-line UbpError otherwise."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise UbpError(f"--image must be H,W (two positive integers), got {text!r}") from None
+    if not (1 <= h <= MAX_DIM and 1 <= w <= MAX_DIM and h * w <= MAX_DIM):
+        raise UbpError(f"--image {h},{w}: H, W and H*W must be in 1..{MAX_DIM}")
+    return h, w
+
+
+def load_pattern_problems(mask_path: str | Path, schemes_path: str | Path, image: tuple[int, int],
+                          layers: tuple[str, ...] = ()) -> list[PatternProblem]:
+    """The pattern layers of a ``schemes.npz`` sidecar with their weights from masks.npz.
+
+    masks.npz holds a pattern layer's kept weights as N = 1 blocks of its GEMM view
+    [Cout, Cin*9]; the sidecar its library and pattern ids. ``image`` is the (H, W) every layer
+    runs on (stride 1, padding 1). A layer without weights, or whose shape disagrees, is a
+    one-line MaskError.
+    """
+    from ubpdsl.masks import load_masks
+    from ubpdsl.prune.scheme_masks import load_schemes
+
+    patterns, _ = load_schemes(schemes_path)
+    masks = load_masks(mask_path)
+    if layers:
+        missing = [n for n in layers if n not in patterns]
+        if missing:
+            raise MaskError(f"{schemes_path} has no pattern layer {missing[0]!r}; pattern layers: "
+                            f"{', '.join(patterns) or 'none'}")
+        patterns = {n: patterns[n] for n in layers}
+    if not patterns:
+        raise MaskError(f"{schemes_path} holds no pattern layers")
+    out = []
+    for name, pm in patterns.items():
+        cout, cin = pm.shape[:2]
+        m = masks.get(name)
+        if m is None or m.weight is None:
+            raise MaskError(f"layer {name}: {mask_path} has no weights for this pattern layer")
+        if (int(m.R), int(m.C)) != (cout, cin * 9):
+            raise MaskError(f"layer {name}: masks.npz has a {m.R}x{m.C} weight, the pattern is {cout}x{cin}x3x3")
+        w = np.asarray(m.weight, np.float32).reshape(cout, cin, 3, 3) * pm.dense_mask()
+        out.append(PatternProblem.from_mask(pm, w.astype(np.float32), *image))
+    return out
+
+
 def random_pattern_problem(cout: int, cin: int, height: int, width: int, removed: float = 0.25,
                            num_patterns: int = 8, seed: int = 0, name: str | None = None) -> PatternProblem:
     """A reproducible random pattern layer: Gaussian weights, a random library of ``num_patterns``

@@ -29,7 +29,8 @@ from ubpdsl.kernels.library import (
 )
 from ubpdsl.language.core import KernelFunction
 
-__all__ = ["PATTERN_VARIANTS", "VARIANTS", "aligned_rows", "block_stream", "get_variant", "pattern_direct", "kernel_identity", "load_kernel_file",
+__all__ = ["PATTERN_VARIANTS", "VARIANTS", "aligned_rows", "block_stream", "get_variant",
+           "pattern_direct", "kernel_identity", "load_kernel_file",
            "variant_identities", "variant_name", "wros", "wros_unrolled"]
 
 _LOADED: dict[tuple[str, str], dict[str, KernelFunction]] = {}  # (path, content sha256) -> kernels
