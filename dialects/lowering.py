@@ -56,6 +56,24 @@ class _Weights:
     layout: str
 
 
+@dataclass
+class _Patterns:
+    """The memrefs and header words a ``!ubp.patterns`` value lowers to."""
+
+    filter_order: ir.Value
+    group_ptr: ir.Value
+    kernel_chan: ir.Value
+    values: ir.Value
+    raw: ir.Value  # the blob as bytes (the library is read from it by check_patterns)
+    nonnull: ir.Value
+    header: list[ir.Value]
+    rows: int
+    cols: int
+    height: int
+    width: int
+    library: np.ndarray  # int32[P, T], compiled in
+
+
 def _i64_attr(value: int) -> ir.IntegerAttr:
     return ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)
 
@@ -483,11 +501,169 @@ class _Lowering:
             memref.prefetch(flat, [c], is_write=write, locality_hint=3, is_data_cache=True)
         return []
 
+    # -- the pattern-sparse operand (direct 3x3 convolution) -------------------------------
+    def pattern_weights(self, op: ir.Operation) -> list[ir.Value]:
+        """Views into the pattern blob at the offsets its header gives (read only when not NULL)."""
+        i8, i32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32)
+        idx = ir.IndexType.get()
+        rows = _int_attr(op, "rows")
+        lib = np.asarray(ir.DenseElementsAttr(op.attributes["library"]), np.int32)
+        P = lib.size // pk.PATTERN_TAPS
+        ptr = op.operands[0]
+        nonnull = llvm.icmp(llvm.ICmpPredicate.ne, ptr, llvm.mlir_zero(ptr.type))
+        raw = memref.cast(ir.Type.parse("memref<?xi8>"), _memref_from_ptr(ptr, [_NOMINAL_BYTES], i8))
+        words_n = pk.PATTERN_HEADER_WORDS
+        read = scf.IfOp(nonnull, [i32] * words_n, has_else=True)
+        with ir.InsertionPoint(read.then_block):
+            header = memref.view(ir.MemRefType.get([words_n], i32), raw, _i(0), [])
+            scf.YieldOp([memref.load(header, [_i(k)]) for k in range(words_n)])
+        with ir.InsertionPoint(read.else_block):
+            scf.YieldOp([arith.constant(i32, 0)] * words_n)
+        words = list(read.results)
+
+        def word(k: int) -> ir.Value:
+            return arith.index_cast(idx, words[k])
+
+        nk = word(pk.P_NK)
+        dyn_i32, dyn_f32 = ir.Type.parse("memref<?xi32>"), ir.Type.parse("memref<?xf32>")
+        order = memref.view(ir.MemRefType.get([rows], i32), raw, word(pk.P_OFF_FILTER_ORDER), [])
+        gptr = memref.view(ir.MemRefType.get([rows * P + 1], i32), raw, word(pk.P_OFF_GROUP_PTR), [])
+        chan = memref.view(dyn_i32, raw, word(pk.P_OFF_KERNEL_CHAN), [nk])
+        vals = memref.view(dyn_f32, raw, word(pk.P_OFF_VALUES), [arith.muli(nk, _i(pk.PATTERN_TAPS))])
+        cast = builtin.UnrealizedConversionCastOp([op.results[0].type], [order, gptr, chan, vals, raw, nonnull,
+                                                                        *words])
+        for key in ("rows", "cols", "height", "width", "library"):
+            cast.attributes[f"ubp.{key}"] = op.attributes[key]
+        return [cast.results[0]]
+
+    def record_patterns(self, value: ir.Value) -> _Patterns:
+        cast = value.owner
+        cast = getattr(cast, "operation", cast)
+        if cast.name != "builtin.unrealized_conversion_cast" or "ubp.library" not in cast.attributes:
+            raise BuildError("ubp lowering: a patterns operand does not come from ubp.pattern_weights")
+        ops = list(cast.operands)
+        lib = np.asarray(ir.DenseElementsAttr(cast.attributes["ubp.library"]), np.int32)
+        return _Patterns(*ops[:6], header=ops[6:], rows=_int_attr(cast, "ubp.rows"), cols=_int_attr(cast, "ubp.cols"),
+                         height=_int_attr(cast, "ubp.height"), width=_int_attr(cast, "ubp.width"),
+                         library=lib.reshape(-1, pk.PATTERN_TAPS))
+
+    def check_patterns(self, op: ir.Operation) -> list[ir.Value]:
+        """ERR_NULL_WEIGHTS for a NULL blob, ERR_HEADER when magic, version, M, K, P, T or the library
+        differ from the kernel's, ERR_BAD_BLOB when NK, the offsets or total_bytes are not those
+        :func:`ubpdsl.packing.pack_pattern` writes, ERR_BAD_PIXELS when n != H * W; else OK."""
+        rec = self.record_patterns(op.operands[0])
+        n = op.operands[1]
+        i1, i32, i64 = (ir.IntegerType.get_signless(b) for b in (1, 32, 64))
+        P, T = rec.library.shape
+        words = rec.header
+
+        def c32(v: int) -> ir.Value:
+            return arith.constant(i32, v - (1 << 32) if v >= (1 << 31) else v)
+
+        def c64(v: int) -> ir.Value:
+            return arith.constant(i64, v)
+
+        def w64(k: int) -> ir.Value:
+            return arith.extsi(i64, words[k])
+
+        def pad(v: ir.Value) -> ir.Value:
+            return arith.andi(arith.addi(v, c64(pk.ALIGN - 1)), c64(-pk.ALIGN))
+
+        def eq(a: ir.Value, b: ir.Value) -> ir.Value:
+            return arith.cmpi(arith.CmpIPredicate.eq, a, b)
+
+        match = arith.constant(i1, 1)
+        for k, want in {pk.P_MAGIC: pk.PATTERN_MAGIC, pk.P_VERSION: pk.PATTERN_VERSION, pk.P_M: rec.rows,
+                        pk.P_K: rec.cols, pk.P_P: P, pk.P_T: T}.items():
+            match = arith.andi(match, eq(words[k], c32(want)))
+        nk = w64(pk.P_NK)
+        consistent = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, nk, c64(0)),
+                                arith.cmpi(arith.CmpIPredicate.sle, nk, c64(rec.rows * rec.cols)))
+        pos = c64(pk.padded(pk.PATTERN_HEADER_BYTES))
+        sizes = {pk.P_OFF_LIBRARY: c64(4 * P * T), pk.P_OFF_FILTER_ORDER: c64(4 * rec.rows),
+                 pk.P_OFF_GROUP_PTR: c64(4 * (rec.rows * P + 1)), pk.P_OFF_KERNEL_CHAN: arith.muli(nk, c64(4)),
+                 pk.P_OFF_VALUES: arith.muli(nk, c64(4 * T))}
+        for k, size in sizes.items():
+            consistent = arith.andi(consistent, eq(w64(k), pos))
+            pos = arith.addi(pos, pad(size))
+        consistent = arith.andi(consistent, eq(w64(pk.P_TOTAL_BYTES), pos))
+        # The library is read only from a blob whose header matches and is consistent.
+        lib_ok = scf.IfOp(arith.andi(match, consistent), [i1], has_else=True)
+        with ir.InsertionPoint(lib_ok.then_block):
+            view = memref.view(ir.MemRefType.get([P * T], i32), rec.raw, _i(pk.padded(pk.PATTERN_HEADER_BYTES)), [])
+            same = arith.constant(i1, 1)
+            for q, want in enumerate(rec.library.reshape(-1)):
+                same = arith.andi(same, eq(memref.load(view, [_i(q)]), c32(int(want))))
+            scf.YieldOp([same])
+        with ir.InsertionPoint(lib_ok.else_block):
+            scf.YieldOp([arith.constant(i1, 0)])
+        code = arith.select(eq(arith.index_cast(i64, n), c64(rec.height * rec.width)), c32(abi.OK),
+                            c32(abi.ERR_BAD_PIXELS))
+        code = arith.select(lib_ok.results[0], code, c32(abi.ERR_HEADER))
+        code = arith.select(consistent, code, c32(abi.ERR_BAD_BLOB))
+        code = arith.select(match, code, c32(abi.ERR_HEADER))
+        return [arith.select(rec.nonnull, code, c32(abi.ERR_NULL_WEIGHTS))]
+
+    def filter_channel(self, op: ir.Operation) -> list[ir.Value]:
+        rec = self.record_patterns(op.operands[0])
+        return [arith.index_cast(ir.IndexType.get(), memref.load(rec.filter_order, [op.operands[1]]))]
+
+    def pattern_kernels(self, op: ir.Operation) -> list[ir.Value]:
+        rec = self.record_patterns(op.operands[0])
+        idx = ir.IndexType.get()
+        at = arith.addi(arith.muli(op.operands[1], _i(rec.library.shape[0])), _i(_int_attr(op, "pattern")))
+        lo = arith.index_cast(idx, memref.load(rec.group_ptr, [at]))
+        hi = arith.index_cast(idx, memref.load(rec.group_ptr, [arith.addi(at, _i(1))]))
+        return [lo, hi]
+
+    def kernel_channel(self, op: ir.Operation) -> list[ir.Value]:
+        rec = self.record_patterns(op.operands[0])
+        return [arith.index_cast(ir.IndexType.get(), memref.load(rec.kernel_chan, [op.operands[1]]))]
+
+    def tap_weight(self, op: ir.Operation) -> list[ir.Value]:
+        """One vector load of the kernel's T weights (CSE shares it between the taps), one lane of it:
+        AArch64 then FMAs by element from one ``ldr q``."""
+        rec = self.record_patterns(op.operands[0])
+        T = rec.library.shape[1]
+        wvec = vector.load(ir.VectorType.get([T], ir.F32Type.get()), rec.values, [arith.muli(op.operands[1], _i(T))])
+        return [vector.extract(wvec, [], [_int_attr(op, "tap")])]
+
+    def shift_tile(self, op: ir.Operation) -> list[ir.Value]:
+        """Lanes moved by ``shift`` (-1: up, lane i = v[i - 1]; 1: down, lane i = v[i + 1]), a zero shifted
+        in: a shuffle with a zero vector (fixed width; NEON ``ext``), ``llvm.vector.splice.left/right`` per SVE
+        register."""
+        v = op.operands[0]
+        shift = _int_attr(op, "shift")
+        vt = ir.VectorType(v.type)
+        width = vt.shape[0]
+        zero = arith.constant(vt, ir.DenseElementsAttr.get_splat(vt, ir.FloatAttr.get_f32(0.0)))
+        if not vt.scalable:
+            # one contiguous window of the concatenation (a single NEON ``ext``)
+            if shift < 0:
+                return [vector.shuffle(zero, v, list(range(width - 1, 2 * width - 1)))]
+            return [vector.shuffle(v, zero, list(range(1, width + 1)))]
+        f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
+        reg = ir.VectorType.get([4], f32, scalable=[True])
+        parts = [vector.scalable_extract(reg, v, 4 * k) for k in range(width // 4)]
+        zreg = arith.constant(reg, ir.DenseElementsAttr.get_splat(reg, ir.FloatAttr.get_f32(0.0)))
+        imm = llvm.mlir_constant(ir.IntegerAttr.get(i32, 1))
+        # LLVM 22: splice.right(a, b, 1) = a's last lane, then b; splice.left(a, b, 1) = a from lane 1, then b
+        name = "llvm.vector.splice.right.nxv4f32" if shift < 0 else "llvm.vector.splice.left.nxv4f32"
+        out = zero
+        for k in range(len(parts)):
+            if shift < 0:
+                a, b = (parts[k - 1] if k else zreg), parts[k]
+            else:
+                a, b = parts[k], (parts[k + 1] if k + 1 < len(parts) else zreg)
+            r = llvm.call_intrinsic(reg, name, [a, b, imm], [], [])
+            out = vector.scalable_insert(r, out, 4 * k)
+        return [out]
+
     def materialize_weights(self) -> None:
         handles: list[ir.Operation] = []
 
         def collect(o: ir.Operation) -> ir.WalkResult:
-            if o.name in ("ubp.sparse_weights", "ubp.baked_weights"):
+            if o.name in ("ubp.sparse_weights", "ubp.baked_weights", "ubp.pattern_weights"):
                 handles.append(o)
             return ir.WalkResult.ADVANCE
 
@@ -503,7 +679,9 @@ class _Lowering:
         patterns = RewritePatternSet()
         for name in ("dense_view", "check_weights", "num_blocks", "row_blocks", "block_row", "block_col",
                      "block_weight", "block_fma", "tiles", "load_tile", "store_tile", "prefetch_tile",
-                     "epilogue_view"):
+                     "epilogue_view",
+                     "check_patterns", "filter_channel", "pattern_kernels", "kernel_channel", "tap_weight",
+                     "shift_tile"):
             patterns.add(f"ubp.{name}", self._pattern(getattr(self, name)))
         return patterns
 

@@ -22,6 +22,16 @@ The ops (generic syntax; every op verifies its operand and result types):
 * ``ubp.block_weight(%W, %b) {lane}`` -> ``f32``
 * ``ubp.block_fma(%W, %b, %x, %acc_0 .. %acc_{N-1})`` -> N x ``vector<T x f32>``:
   acc_i += w(b, i) * x (the N accumulator rows stay separate SSA values: registers)
+* ``ubp.pattern_weights(%packed: !llvm.ptr) {rows, cols, height, width, library}`` ->
+  ``!ubp.patterns<P>``: the pattern-sparse weight of a 3x3 convolution (PatDNN), read from a
+  pattern blob (:func:`ubpdsl.packing.pack_pattern`); the library (int32[P, 4] taps) is compiled in
+* ``ubp.check_patterns(%W, %n)`` -> ``i32``: 0, or the :mod:`ubpdsl.abi` code of a NULL,
+  mismatching (header or library) or inconsistent blob, or of n != height * width
+* ``ubp.filter_channel(%W, %f)``, ``ubp.kernel_channel(%W, %k)`` -> ``index``
+* ``ubp.pattern_kernels(%W, %f) {pattern}`` -> ``(index, index)``: the kernels of filter f with that pattern
+* ``ubp.tap_weight(%W, %k) {tap}`` -> ``f32``
+* ``ubp.shift_tile(%v) {shift}`` -> the tile moved by ``shift`` (-1 or 1) lanes, a zero shifted in
+  (shift -1: lane i = v[i - 1], lane 0 = 0; shift 1: lane i = v[i + 1], the last lane 0)
 * ``ubp.tiles(%n) {width, scalable}`` -> ``(index, index)``: end of the full tiles, tile step
 * ``ubp.load_tile(%X, %row, %col0[, %limit])`` -> ``vector<T x f32>`` (masked when limit given)
 * ``ubp.store_tile(%Y, %row, %col0, %v[, %limit])``; a ``ubp.nontemporal`` unit attribute
@@ -88,6 +98,79 @@ irdl.dialect @ubp {
     %any = irdl.any
     %w = irdl.parametric @ubp::@weights<%any>
     irdl.results(weights: %w)
+  }
+
+  irdl.type @patterns {
+    %p = irdl.any
+    irdl.parameters(patterns: %p)
+  }
+
+  irdl.operation @pattern_weights {
+    %ptr = irdl.is !llvm.ptr
+    irdl.operands(packed: %ptr)
+    %r = irdl.base "#builtin.integer"
+    %c = irdl.base "#builtin.integer"
+    %h = irdl.base "#builtin.integer"
+    %wd = irdl.base "#builtin.integer"
+    %lib = irdl.base "#builtin.dense_int_or_fp_elements"
+    irdl.attributes {"rows" = %r, "cols" = %c, "height" = %h, "width" = %wd, "library" = %lib}
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@patterns<%any>
+    irdl.results(weights: %w)
+  }
+
+  irdl.operation @check_patterns {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@patterns<%any>
+    %idx = irdl.is index
+    irdl.operands(weights: %w, n: %idx)
+    %c = irdl.is i32
+    irdl.results(code: %c)
+  }
+
+  irdl.operation @filter_channel {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@patterns<%any>
+    %idx = irdl.is index
+    irdl.operands(weights: %w, filter: %idx)
+    irdl.results(channel: %idx)
+  }
+
+  irdl.operation @pattern_kernels {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@patterns<%any>
+    %idx = irdl.is index
+    irdl.operands(weights: %w, filter: %idx)
+    %i = irdl.base "#builtin.integer"
+    irdl.attributes {"pattern" = %i}
+    irdl.results(lo: %idx, hi: %idx)
+  }
+
+  irdl.operation @kernel_channel {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@patterns<%any>
+    %idx = irdl.is index
+    irdl.operands(weights: %w, kernel: %idx)
+    irdl.results(channel: %idx)
+  }
+
+  irdl.operation @tap_weight {
+    %any = irdl.any
+    %w = irdl.parametric @ubp::@patterns<%any>
+    %idx = irdl.is index
+    irdl.operands(weights: %w, kernel: %idx)
+    %i = irdl.base "#builtin.integer"
+    irdl.attributes {"tap" = %i}
+    %f = irdl.is f32
+    irdl.results(value: %f)
+  }
+
+  irdl.operation @shift_tile {
+    %vec = irdl.base "!builtin.vector"
+    irdl.operands(tile: %vec)
+    %i = irdl.base "#builtin.integer"
+    irdl.attributes {"shift" = %i}
+    irdl.results(result: %vec)
   }
 
   irdl.operation @check_weights {
@@ -226,6 +309,11 @@ def make_context() -> ir.Context:
 def weights_type(block: int) -> ir.Type:
     """The ``!ubp.weights<N>`` type (in the current context)."""
     return ir.Type.parse(f"!ubp.weights<{block} : i64>")
+
+
+def patterns_type(num_patterns: int) -> ir.Type:
+    """The ``!ubp.patterns<P>`` type (in the current context)."""
+    return ir.Type.parse(f"!ubp.patterns<{num_patterns} : i64>")
 
 
 def op(name: str, operands: list[ir.Value], results: list[ir.Type] | None = None,

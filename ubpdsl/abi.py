@@ -41,11 +41,13 @@ __all__ = [
     "ERR_BAD_EPILOGUE",
     "ERR_BAD_BLOB",
     "ERR_BAD_N",
+    "ERR_BAD_PIXELS",
     "ERR_HEADER",
     "ERR_NULL_WEIGHTS",
     "ERR_OUT_OF_BOUNDS",
     "KERNEL_ERRORS",
     "OK",
+    "PATTERN_SYMBOL_PREFIX",
     "c_declaration",
     "c_ep_declaration",
     "c_epilogue_struct",
@@ -53,6 +55,7 @@ __all__ = [
     "pack_epilogue",
     "c_return_code_defines",
     "describe_error",
+    "pattern_symbol",
 ]
 
 #: Success.
@@ -70,6 +73,9 @@ ERR_BAD_BLOB = 5
 #: The ``ubp_epilogue`` struct of a ``_ep`` call has an unknown version or unknown flags.
 ERR_BAD_EPILOGUE = 6
 
+#: n is not H * W of a direct-convolution (pattern) kernel compiled for an H x W image.
+ERR_BAD_PIXELS = 7
+
 #: Meaning of every return code a kernel may give.
 KERNEL_ERRORS: dict[int, str] = {
     OK: "success",
@@ -79,6 +85,7 @@ KERNEL_ERRORS: dict[int, str] = {
     ERR_OUT_OF_BOUNDS: "out-of-bounds access caught by a bounds-checked (--check-bounds) build",
     ERR_BAD_BLOB: "packed weight blob is inconsistent (block count, offsets or total size)",
     ERR_BAD_EPILOGUE: "the ubp_epilogue struct has an unknown version or unknown flags",
+    ERR_BAD_PIXELS: "n is not H*W of the image this convolution kernel was compiled for",
 }
 
 #: Macro names of the codes in generated C headers (shared by every kernel, guarded).
@@ -90,6 +97,7 @@ _C_NAMES: dict[int, str] = {
     ERR_OUT_OF_BOUNDS: "UBP_ERR_OUT_OF_BOUNDS",
     ERR_BAD_BLOB: "UBP_ERR_BAD_BLOB",
     ERR_BAD_EPILOGUE: "UBP_ERR_BAD_EPILOGUE",
+    ERR_BAD_PIXELS: "UBP_ERR_BAD_PIXELS",
 }
 
 #: The kernel signature with ``{symbol}`` for the name.
@@ -156,6 +164,17 @@ def pack_epilogue(bias_addr: int = 0, residual_addr: int = 0, lo: float | None =
         flags = EP_CLAMP if clamp else 0
     return struct.pack("<IIQQff", version, flags, bias_addr, residual_addr,
                        float("-inf") if lo is None else float(lo), float("inf") if hi is None else float(hi))
+#: Symbol prefix of pattern (direct 3x3 convolution) kernels: ``ubp_pattern_<layer>``, a symbol of
+#: its own beside the block kernels' ``ubp_<layer>``, with the same C signature: ``x`` is
+#: [Cin, H, W] (= [K, n]), ``y`` is [Cout, H, W] (= [M, n]), n = H * W of the image the kernel was
+#: compiled for (else ERR_BAD_PIXELS), ``packed_w`` the pattern blob of
+#: :func:`ubpdsl.packing.pack_pattern`. 3x3 convolution, stride 1, padding 1.
+PATTERN_SYMBOL_PREFIX = "ubp_pattern_"
+
+
+def pattern_symbol(layer_stem: str) -> str:
+    """The C symbol of the pattern kernel of a layer (``layer_stem``: a C-safe layer name)."""
+    return PATTERN_SYMBOL_PREFIX + layer_stem
 
 
 def describe_error(rc: int) -> str:

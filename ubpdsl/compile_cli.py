@@ -70,9 +70,14 @@ def _problems(mask_path: str, layer: str | None) -> list[Any]:
 @click.option("-o", "--out", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="replace what -o holds (a bundle, or any non-empty directory) "
               "instead of adding to it")
+@click.option("--schemes", "schemes_path", default=None, type=click.Path(dir_okay=False),
+              help="schemes.npz: compile its pattern layers with a direct 3x3 convolution kernel "
+              "(default variant pattern_direct; symbol ubp_pattern_<layer>; needs --image)")
+@click.option("--image", default=None, metavar="H,W", help="with --schemes: the image size of the pattern layers")
 def compile_cmd(mask_path: str, layers: tuple[str, ...], targets: tuple[str, ...], variant: str,
                 kernel_name: str | None, consts: tuple[str, ...], specialize: bool, vector_bits: int | None,
-                check_bounds: bool, out_dir: str, force: bool) -> None:
+                check_bounds: bool, out_dir: str, force: bool, schemes_path: str | None,
+                image: str | None) -> None:
     """Compile the layers of a masks.npz into a bundle: per target .so files, headers, one manifest.
 
     \b
@@ -89,6 +94,9 @@ def compile_cmd(mask_path: str, layers: tuple[str, ...], targets: tuple[str, ...
     from ubpdsl.export import echo_summary, export_bundle
     from ubpdsl.kernels import variant_name
 
+    if schemes_path is not None:
+        _compile_patterns(mask_path, schemes_path, image, layers, targets, variant, kernel_name, consts, out_dir)
+        return
     spec = variant if kernel_name is None else f"{variant}:{kernel_name}"
     kernel = load_kernel(spec)
     name = variant_name(spec)
@@ -99,6 +107,28 @@ def compile_cmd(mask_path: str, layers: tuple[str, ...], targets: tuple[str, ...
     out = export_bundle(mask_path, out_dir, targets=targets or ("host",), layers=layers or None, config=config,
                         kernels={name: kernel}, force=force, echo=click.echo)
     echo_summary(out)
+
+
+def _compile_patterns(mask_path: str, schemes_path: str, image: str | None, layers: tuple[str, ...],
+                      targets: tuple[str, ...], variant: str, kernel_name: str | None, consts: tuple[str, ...],
+                      out_dir: str) -> None:
+    """``compile --schemes``: every pattern layer -> <out>/<target>/<layer>.<target>.so, .h, .packed.bin."""
+    from pathlib import Path
+
+    from ubpdsl.compiler import compile_kernel, load_pattern_problems, parse_image
+
+    if image is None:
+        raise UbpError("--schemes needs --image H,W (the image size the pattern layers run on)")
+    if variant == DEFAULT_VARIANT and kernel_name is None:
+        variant = "pattern_direct"
+    kernel = load_kernel(variant if kernel_name is None else f"{variant}:{kernel_name}")
+    problems = load_pattern_problems(mask_path, schemes_path, parse_image(image), layers)
+    constants = parse_constants(consts)
+    for t in targets or ("host",):
+        for problem in problems:
+            ck = compile_kernel(kernel, problem, t, constants=constants)
+            files = ck.save(Path(out_dir) / t)
+            click.echo(f"{problem.name}: {ck.symbol} -> {files['so']}")
 
 
 @click.command("emit")

@@ -37,9 +37,21 @@ from ubpdsl.dialects.ubp import make_context
 from ubpdsl.errors import BuildError, DSLError, MaskError, UbpError
 from ubpdsl.identity import atomic_copy, atomic_write, blocks_hash, bytes_sha256, layer_hash
 from ubpdsl.language.core import PY_RANGE, KernelFunction
-from ubpdsl.language.frontend import KernelSpec, VectorShape, build_ubp_module
+from ubpdsl.language.frontend import KernelSpec, PatternSpec, VectorShape, build_ubp_module
 from ubpdsl.names import file_stem
-from ubpdsl.packing import BlockData, block_data, check_shape, layout_description, pack
+from ubpdsl.packing import (
+    MAX_DIM,
+    BlockData,
+    PatternData,
+    block_data,
+    check_shape,
+    layout_description,
+    library_taps,
+    pack,
+    pack_pattern,
+    pattern_data,
+    pattern_layout_description,
+)
 from ubpdsl.runtime import build as rt_build
 from ubpdsl.runtime.cache import CompileCache
 from ubpdsl.runtime.header import render_header
@@ -85,6 +97,130 @@ class Problem:
                           layer=self.name)
 
 
+@dataclass(frozen=True)
+class PatternProblem:
+    """One pattern-pruned 3x3 convolution to compile a direct-convolution kernel for.
+
+    ``ids[o, c]`` indexes ``library`` (``[P, 3, 3]`` 0/1, as :class:`ubpdsl.prune.scheme_masks.PatternMask`),
+    -1 = kernel removed; ``weight`` is ``float32[Cout, Cin, 3, 3]`` (None: shape-only, for
+    emitting); the image is ``height`` x ``width`` (stride 1, padding 1). M = Cout, K = Cin.
+    """
+
+    name: str
+    M: int
+    K: int
+    height: int
+    width: int
+    library: np.ndarray
+    ids: np.ndarray
+    weight: np.ndarray | None
+
+    N = 1  # the GEMM view's block height (a pattern layer has no blocks)
+
+    @classmethod
+    def from_mask(cls, mask: Any, weight: Any, height: int, width: int) -> PatternProblem:
+        """From a :class:`~ubpdsl.prune.scheme_masks.PatternMask`, its weights and the image size."""
+        cout, cin = int(mask.shape[0]), int(mask.shape[1])
+        w = None if weight is None else np.asarray(weight, np.float32).reshape(cout, cin, 3, 3)
+        return cls(mask.name, cout, cin, int(height), int(width), np.asarray(mask.library), np.asarray(mask.ids), w)
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+    def check(self) -> None:
+        check_shape(self.M, self.K, 1, layer=self.name)
+        for what, v in (("height", self.height), ("width", self.width)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= MAX_DIM:
+                raise MaskError(f"layer {self.name}: image {what} must be an integer in 1..{MAX_DIM}, got {v!r}")
+        if self.height * self.width > MAX_DIM:
+            raise MaskError(f"layer {self.name}: image of {self.height}x{self.width} pixels exceeds {MAX_DIM}")
+        if np.shape(self.ids) != (self.M, self.K):
+            raise MaskError(f"layer {self.name}: pattern ids must have shape [{self.M}, {self.K}]")
+
+    def taps(self) -> np.ndarray:
+        """int32[P, 4]: the library as tap indices (what the kernel is specialised on)."""
+        return library_taps(self.library, layer=self.name)
+
+    def pattern_data(self) -> PatternData:
+        if self.weight is None:
+            raise MaskError(f"layer {self.name}: the pattern kernel needs the layer's weights")
+        return pattern_data(self.library, self.ids, self.weight, layer=self.name)
+
+    def content_hash(self) -> str:
+        """sha256 of shape, image, library, ids and weights."""
+        h = hashlib.sha256(f"pattern\0{self.M}\0{self.K}\0{self.height}\0{self.width}\0".encode())
+        for arr in (self.taps(), np.asarray(self.ids, np.int16)):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        if self.weight is not None:
+            h.update(np.ascontiguousarray(self.weight, np.float32).tobytes())
+        return h.hexdigest()
+
+
+def parse_image(text: str) -> tuple[int, int]:
+    """``"H,W"`` (or ``"HxW"``) -> (H, W); a one-line UbpError otherwise."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise UbpError(f"--image must be H,W (two positive integers), got {text!r}") from None
+    if not (1 <= h <= MAX_DIM and 1 <= w <= MAX_DIM and h * w <= MAX_DIM):
+        raise UbpError(f"--image {h},{w}: H, W and H*W must be in 1..{MAX_DIM}")
+    return h, w
+
+
+def load_pattern_problems(mask_path: str | Path, schemes_path: str | Path, image: tuple[int, int],
+                          layers: tuple[str, ...] = ()) -> list[PatternProblem]:
+    """The pattern layers of a ``schemes.npz`` sidecar with their weights from masks.npz.
+
+    masks.npz holds a pattern layer's kept weights as N = 1 blocks of its GEMM view
+    [Cout, Cin*9]; the sidecar its library and pattern ids. ``image`` is the (H, W) every layer
+    runs on (stride 1, padding 1). A layer without weights, or whose shape disagrees, is a
+    one-line MaskError.
+    """
+    from ubpdsl.masks import load_masks
+    from ubpdsl.prune.scheme_masks import load_schemes
+
+    patterns, _ = load_schemes(schemes_path)
+    masks = load_masks(mask_path)
+    if layers:
+        missing = [n for n in layers if n not in patterns]
+        if missing:
+            raise MaskError(f"{schemes_path} has no pattern layer {missing[0]!r}; pattern layers: "
+                            f"{', '.join(patterns) or 'none'}")
+        patterns = {n: patterns[n] for n in layers}
+    if not patterns:
+        raise MaskError(f"{schemes_path} holds no pattern layers")
+    out = []
+    for name, pm in patterns.items():
+        cout, cin = pm.shape[:2]
+        m = masks.get(name)
+        if m is None or m.weight is None:
+            raise MaskError(f"layer {name}: {mask_path} has no weights for this pattern layer")
+        if (int(m.R), int(m.C)) != (cout, cin * 9):
+            raise MaskError(f"layer {name}: masks.npz has a {m.R}x{m.C} weight, the pattern is {cout}x{cin}x3x3")
+        w = np.asarray(m.weight, np.float32).reshape(cout, cin, 3, 3) * pm.dense_mask()
+        out.append(PatternProblem.from_mask(pm, w.astype(np.float32), *image))
+    return out
+
+
+def random_pattern_problem(cout: int, cin: int, height: int, width: int, removed: float = 0.25,
+                           num_patterns: int = 8, seed: int = 0, name: str | None = None) -> PatternProblem:
+    """A reproducible random pattern layer: Gaussian weights, a random library of ``num_patterns``
+    patterns, random pattern ids and a fraction ``removed`` of the kernels removed."""
+    from ubpdsl.prune.pattern import all_patterns
+
+    rng = np.random.default_rng(seed)
+    cands = all_patterns()
+    library = cands[rng.choice(len(cands), num_patterns, replace=False)].reshape(num_patterns, 3, 3)
+    ids = rng.integers(0, num_patterns, (cout, cin)).astype(np.int16)
+    ids[rng.random((cout, cin)) < removed] = -1
+    lib = np.concatenate([library.reshape(num_patterns, 9), np.zeros((1, 9), bool)])
+    w = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32) * lib[ids.astype(np.int64)].reshape(cout, cin, 3, 3)
+    return PatternProblem(name or f"pattern_{cout}x{cin}_{height}x{width}", cout, cin, height, width,
+                          library.astype(np.uint8), ids, w.astype(np.float32))
+
+
 def random_problem(M: int, K: int, N: int, sparsity: float, seed: int = 0, *, aligned: bool = False,
                    name: str | None = None) -> Problem:
     """A reproducible random layer: Gaussian weights, blocks chosen by BED (unaligned) or by
@@ -113,10 +249,27 @@ def resolve_target(target: str | Target, vector_bits: int | None = None) -> Targ
     return tgt.narrowed(vector_bits)
 
 
-def _spec(kernel: KernelFunction, problem: Problem, target: Target, constants: dict[str, Any] | None,
-          specialize: bool, symbol: str, check_bounds: bool = False) -> tuple[KernelSpec, BlockData | None]:
+def _spec(kernel: KernelFunction, problem: Problem | PatternProblem, target: Target,
+          constants: dict[str, Any] | None, specialize: bool, symbol: str,
+          check_bounds: bool = False) -> tuple[KernelSpec, BlockData | PatternData | None]:
     if not _SYMBOL_RE.match(symbol):
         raise DSLError(f"symbol {symbol!r} is not a valid C identifier")
+    if kernel.pattern != isinstance(problem, PatternProblem):
+        if kernel.pattern:
+            raise DSLError(f"kernel {kernel.name!r} is a direct convolution over a ubl.PatternSparse weight: "
+                           "compile it for a pattern layer (a PatternMask), not a block mask")
+        raise DSLError(f"layer {problem.name} is a pattern layer: it needs a ubl.PatternSparse kernel "
+                       f"(e.g. pattern_direct), not {kernel.name!r}")
+    vec = VectorShape(target.vector_lanes_f32, target.scalable, cheap_masks=target.arch == "x86_64")
+    if isinstance(problem, PatternProblem):
+        problem.check()
+        if specialize or check_bounds:
+            raise DSLError(f"kernel {kernel.name!r}: pattern kernels are data-driven and unchecked "
+                           "(no --specialize, no --check-bounds)")
+        consts = kernel.resolve_constants(constants)
+        pspec = PatternSpec(problem.height, problem.width, problem.taps())
+        data = problem.pattern_data() if problem.weight is not None else None
+        return KernelSpec(symbol, problem.M, problem.K, 1, vec, consts, None, False, pspec), data
     check_shape(problem.M, problem.K, problem.N, layer=problem.name)  # before anything is sized from them
     consts = kernel.resolve_constants(constants)
     baked = None
@@ -125,7 +278,6 @@ def _spec(kernel: KernelFunction, problem: Problem, target: Target, constants: d
         data = problem.block_data(kernel.layout, kernel.aligned)
     if specialize or kernel.needs_specialized:
         baked = data
-    vec = VectorShape(target.vector_lanes_f32, target.scalable, cheap_masks=target.arch == "x86_64")
     return KernelSpec(symbol, problem.M, problem.K, problem.N, vec, consts, baked, bool(check_bounds)), data
 
 
@@ -150,7 +302,8 @@ def _stage_text(kernel: KernelFunction, spec: KernelSpec, target: Target, stage:
     return rt_build.emit_asm(llvm_ir, target)
 
 
-def emit(kernel: KernelFunction, problem: Problem, target: str | Target = "host", stage: str = "ubp", *,
+def emit(kernel: KernelFunction, problem: Problem | PatternProblem, target: str | Target = "host",
+         stage: str = "ubp", *,
          constants: dict[str, Any] | None = None, specialize: bool = False, symbol: str = "ubp_kernel",
          vector_bits: int | None = None, check_bounds: bool = False, epilogue: bool | None = None) -> str:
     """The kernel at one compilation stage, as text (``check_bounds``, ``epilogue``: see
@@ -340,10 +493,12 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
     row and columns, every block index its range, and a violation skips the access and makes
     the kernel return :data:`ubpdsl.abi.ERR_OUT_OF_BOUNDS` (slower; for testing kernels).
     """
-    problem = problem if isinstance(problem, Problem) else Problem.from_mask(problem)
+    if not isinstance(problem, (Problem, PatternProblem)):
+        problem = Problem.from_mask(problem)
+    pattern = isinstance(problem, PatternProblem)
     tgt = resolve_target(target, vector_bits)
     safe_name = file_stem(problem.name)
-    symbol = symbol or "ubp_" + safe_name
+    symbol = symbol or (abi.pattern_symbol(safe_name) if pattern else "ubp_" + safe_name)
     soname = f"{safe_name}.{tgt.name}.so"  # the file name programs linked against it will look for
     spec, data = _spec(kernel, problem, tgt, constants, specialize, symbol, check_bounds)
     cache = cache or CompileCache()
@@ -366,8 +521,13 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         "check_bounds": spec.check_bounds,
         "epilogue": epilogue,
     }
+    if pattern:  # the kernel is specialised on the image and the library, not on the weights
+        key_parts["pattern"] = [problem.height, problem.width, spec.pattern.library.tolist()]
     key = cache.key(**key_parts)
-    packed = None if baked or data is None else pack(data)
+    if baked or data is None:
+        packed = None
+    else:
+        packed = pack_pattern(data) if pattern else pack(data)
     manifest = {
         "format": "ubpdsl.kernel/1",
         "symbol": symbol,
@@ -383,6 +543,7 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         "specialized": baked,
         "check_bounds": spec.check_bounds,
         "M": problem.M, "K": problem.K, "N": problem.N,
+        **({"kind": "pattern", "height": problem.height, "width": problem.width} if pattern else {}),
         "mask_hash": mask_hash,
         "toolchain": key_parts["toolchain"],
         "ubpdsl": ubpdsl.__version__,
@@ -395,7 +556,8 @@ def compile_kernel(kernel: KernelFunction, problem: Problem | Any, target: str |
         header = render_header(symbol, M=problem.M, K=problem.K, N=problem.N,
                                description=f"layer {problem.name}: variant {kernel.name}, target {tgt.name}, "
                                            f"constants {json.dumps(spec.constants, sort_keys=True)}",
-                               packed_layout=layout_description(kernel.layout), baked=baked,
+                               packed_layout=pattern_layout_description() if pattern
+                               else layout_description(kernel.layout), baked=baked,
                                check_bounds=spec.check_bounds, epilogue=manifest["epilogue"])
         with tempfile.TemporaryDirectory(prefix="ubp-build-") as tmp:
             art = rt_build.build_shared_object(llvm_ir, tgt, Path(tmp), soname[: -len(".so")], header)

@@ -266,3 +266,251 @@ def layout_description(layout: str) -> str:
         f"returns {abi.ERR_HEADER} if the header does not match, {abi.ERR_BAD_BLOB} if its sizes and offsets "
         f"are inconsistent,\n{abi.ERR_NULL_WEIGHTS} if packed_w is NULL."
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed pattern format (PatDNN's FKW: filter-kernel-weight), for direct 3x3 convolution kernels
+
+PATTERN_MAGIC = 0x50504255  # "UBPP" little endian
+PATTERN_VERSION = 1
+#: The pattern header's int32 words, in order.
+PATTERN_HEADER_FIELDS = ("magic", "version", "M", "K", "P", "T", "NK", "off_library", "off_filter_order",
+                         "off_group_ptr", "off_kernel_chan", "off_values", "total_bytes")
+PATTERN_HEADER_WORDS = len(PATTERN_HEADER_FIELDS)
+PATTERN_HEADER_BYTES = 4 * PATTERN_HEADER_WORDS
+(P_MAGIC, P_VERSION, P_M, P_K, P_P, P_T, P_NK, P_OFF_LIBRARY, P_OFF_FILTER_ORDER, P_OFF_GROUP_PTR,
+ P_OFF_KERNEL_CHAN, P_OFF_VALUES, P_TOTAL_BYTES) = range(PATTERN_HEADER_WORDS)
+#: Most patterns in a library (every 3x3 pattern of 4 weights with the centre: C(8, 3)).
+MAX_PATTERNS = 56
+#: Weights kept per 3x3 kernel.
+PATTERN_TAPS = 4
+
+
+@dataclass(frozen=True)
+class PatternData:
+    """A pattern-pruned 3x3 convolution, laid out for a direct-convolution kernel.
+
+    Filters (output channels) are reordered so that filters with the same pattern signature
+    (kept kernels per pattern) are neighbours; ``filter_order[f]`` is the output channel of the
+    f-th filter (the permutation that restores the output order). The kernels of filter f with
+    pattern p are ``group_ptr[f*P + p] .. group_ptr[f*P + p + 1] - 1``, sorted by input channel;
+    kernel k reads input channel ``kernel_chan[k]`` and keeps the weights
+    ``values[k*T .. k*T + T - 1]`` at the taps ``library[p]`` (tap = 3 * ky + kx, ascending).
+    """
+
+    M: int
+    K: int
+    library: np.ndarray  # int32[P, T]: kept taps of each pattern
+    filter_order: np.ndarray  # int32[M]
+    group_ptr: np.ndarray  # int32[M * P + 1]
+    kernel_chan: np.ndarray  # int32[NK]
+    values: np.ndarray  # float32[NK * T]
+
+    @property
+    def num_patterns(self) -> int:
+        return int(self.library.shape[0])
+
+    @property
+    def num_kernels(self) -> int:
+        return int(self.kernel_chan.shape[0])
+
+    def pattern_of_kernels(self) -> np.ndarray:
+        """int32[NK]: each kernel's pattern id (derived from group_ptr)."""
+        P = self.num_patterns
+        counts = np.diff(self.group_ptr.astype(np.int64))
+        return np.repeat(np.tile(np.arange(P, dtype=np.int32), self.M), counts)
+
+    def dense(self) -> np.ndarray:
+        """float32[M, K, 3, 3]: the convolution weight this data encodes (removed kernels are 0)."""
+        P, T = self.library.shape
+        out = np.zeros((self.M, self.K, 9), np.float32)
+        counts = np.diff(self.group_ptr.astype(np.int64))
+        filt = np.repeat(np.repeat(self.filter_order, P), counts)
+        taps = self.library[self.pattern_of_kernels()]
+        out[filt[:, None], self.kernel_chan[:, None], taps] = self.values.reshape(-1, T)
+        return out.reshape(self.M, self.K, 3, 3)
+
+
+def library_taps(library: np.ndarray, *, layer: str = "?") -> np.ndarray:
+    """A pattern library ``[P, 3, 3]`` (0/1, 4 kept each) as ``int32[P, 4]`` ascending tap indices."""
+    lib = np.asarray(library)
+    if lib.ndim != 3 or lib.shape[1:] != (3, 3) or not 1 <= lib.shape[0] <= MAX_PATTERNS:
+        raise MaskError(f"layer {layer}: a pattern library is [P, 3, 3] with P in 1..{MAX_PATTERNS}, "
+                        f"got shape {lib.shape}")
+    flat = lib.reshape(lib.shape[0], 9) != 0
+    for p in np.flatnonzero(flat.sum(axis=1) != PATTERN_TAPS)[:1]:
+        raise MaskError(f"layer {layer}: pattern {p} keeps {int(flat[p].sum())} weights, not {PATTERN_TAPS}")
+    return np.nonzero(flat)[1].reshape(-1, PATTERN_TAPS).astype(np.int32)
+
+
+def pattern_data(library: np.ndarray, ids: np.ndarray, weight: np.ndarray, *, layer: str = "?") -> PatternData:
+    """Lay out a pattern-pruned layer: ``ids[Cout, Cin]`` index ``library`` (-1: kernel removed),
+    ``weight`` is ``float32[Cout, Cin, 3, 3]`` (only the pattern's taps are read)."""
+    taps = library_taps(library, layer=layer)
+    P = taps.shape[0]
+    ids = np.asarray(ids)
+    weight = np.asarray(weight)
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise MaskError(f"layer {layer}: pattern ids must be a 2-D integer array, got {ids.dtype} {ids.shape}")
+    M, K = ids.shape
+    check_shape(M, K, 1, layer=layer)
+    if weight.dtype != np.float32 or weight.shape != (M, K, 3, 3):
+        raise MaskError(f"layer {layer}: weights must be float32 [{M}, {K}, 3, 3], got {weight.dtype} "
+                        f"{list(weight.shape)}")
+    ids = ids.astype(np.int64)
+    for o, i in np.argwhere((ids < -1) | (ids >= P))[:1]:
+        raise MaskError(f"layer {layer}: kernel ({o}, {i}) has pattern id {ids[o, i]} (library has {P}; -1 = removed)")
+    # Pattern signature of each filter: its kernels per pattern. Filters with equal signatures
+    # become neighbours (the most kernels first), so they run the same code path back to back.
+    counts = np.stack([(ids == p).sum(axis=1) for p in range(P)], axis=1)  # [M, P]
+    order = np.lexsort(tuple(counts[:, p] for p in reversed(range(P))) + (-counts.sum(axis=1),))
+    # lexsort: last key is primary -> total kept (descending), then per-pattern counts
+    chans, vals, group = [], [], [0]
+    w9 = weight.reshape(M, K, 9)
+    for o in order:
+        for p in range(P):
+            cs = np.flatnonzero(ids[o] == p)
+            chans.append(cs)
+            vals.append(w9[o, cs][:, taps[p]])
+            group.append(group[-1] + cs.size)
+    kernel_chan = np.concatenate(chans).astype(np.int32) if chans else np.zeros(0, np.int32)
+    values = np.concatenate(vals).astype(np.float32).reshape(-1) if vals else np.zeros(0, np.float32)
+    return PatternData(M, K, taps, order.astype(np.int32), np.asarray(group, np.int32), kernel_chan, values)
+
+
+def _pattern_sections(M: int, P: int, T: int, NK: int) -> list[tuple[str, int]]:
+    """(offset field, element count) of each section (all 4-byte elements), in blob order."""
+    return [("off_library", P * T), ("off_filter_order", M), ("off_group_ptr", M * P + 1),
+            ("off_kernel_chan", NK), ("off_values", NK * T)]
+
+
+def pattern_section_offsets(M: int, P: int, T: int, NK: int) -> tuple[dict[str, int], int]:
+    """``({offset field: byte offset}, total_bytes)``: the only layout the pattern format allows."""
+    offsets, pos = {}, padded(PATTERN_HEADER_BYTES)
+    for field, count in _pattern_sections(M, P, T, NK):
+        offsets[field] = pos
+        pos += padded(4 * count)
+    return offsets, pos
+
+
+def pack_pattern(data: PatternData) -> np.ndarray:
+    """The pattern blob (uint8, 64-byte aligned sections) for ``data``."""
+    P, T = data.library.shape
+    offsets, total = pattern_section_offsets(data.M, P, T, data.num_kernels)
+    if total > MAX_BYTES:
+        raise PackError(f"packed pattern blob of {total} bytes exceeds the format's limit of {MAX_BYTES} bytes")
+    blob = np.zeros(total, np.uint8)
+    header = np.array([PATTERN_MAGIC, PATTERN_VERSION, data.M, data.K, P, T, data.num_kernels, *offsets.values(),
+                       total], dtype="<u4")
+    blob[:PATTERN_HEADER_BYTES] = header.view(np.uint8)
+    arrays = (data.library, data.filter_order, data.group_ptr, data.kernel_chan, data.values)
+    for off, arr in zip(offsets.values(), arrays, strict=True):
+        raw = np.ascontiguousarray(arr, "<f4" if arr.dtype == np.float32 else "<i4").view(np.uint8).reshape(-1)
+        blob[off: off + raw.size] = raw
+    return blob
+
+
+def unpack_pattern(blob: np.ndarray | bytes | bytearray | memoryview, *, M: int | None = None,
+                   K: int | None = None, library: np.ndarray | None = None,
+                   what: str = "packed pattern blob") -> PatternData:
+    """Read and fully validate a pattern blob; the arrays are copies.
+
+    Checks the header (length, magic, version, M/K/P/T/NK in range and equal to the expected
+    values when given, every offset and total_bytes those of the one layout :func:`pack_pattern`
+    writes, total_bytes equal to the blob's length) and the content (every pattern 4 distinct
+    ascending taps with the centre, no pattern twice, equal to ``library`` when given;
+    filter_order a permutation of 0..M-1; group_ptr starts at 0, never decreases, ends at NK;
+    input channels in [0, K), strictly increasing inside a group). Raises one-line
+    :class:`PackError` ``"<what>: <field> ..."`` on the first violation.
+    """
+    def fail(msg: str) -> PackError:
+        return PackError(f"{what}: {msg}")
+
+    if isinstance(blob, np.ndarray):
+        if blob.dtype != np.uint8 or blob.ndim != 1:
+            raise fail(f"must be a 1-D uint8 array, got {blob.dtype} with shape {blob.shape}")
+        raw = np.ascontiguousarray(blob)
+    elif isinstance(blob, (bytes, bytearray, memoryview)):
+        raw = np.frombuffer(bytes(blob), np.uint8)
+    else:
+        raise fail(f"must be bytes or a uint8 numpy array, not {type(blob).__name__}")
+    size = int(raw.size)
+    if size < PATTERN_HEADER_BYTES:
+        raise fail(f"{size} bytes, shorter than the {PATTERN_HEADER_BYTES}-byte header")
+    h = dict(zip(PATTERN_HEADER_FIELDS, (int(v) for v in raw[:PATTERN_HEADER_BYTES].view("<i4")), strict=True))
+    if h["magic"] & 0xFFFFFFFF != PATTERN_MAGIC:
+        raise fail(f"magic is 0x{h['magic'] & 0xFFFFFFFF:08x}, not 0x{PATTERN_MAGIC:08x} ('UBPP'): "
+                   "not a packed pattern blob")
+    if h["version"] != PATTERN_VERSION:
+        raise fail(f"version is {h['version']}, this ubpdsl reads pattern version {PATTERN_VERSION}")
+    for name, want in (("M", M), ("K", K)):
+        if want is not None and h[name] != want:
+            raise fail(f"{name} is {h[name]}, expected {want}")
+    m, k, p, t, nk = h["M"], h["K"], h["P"], h["T"], h["NK"]
+    check_shape(m, k, 1, layer=what, error=PackError)
+    if not 1 <= p <= MAX_PATTERNS:
+        raise fail(f"P is {p}, outside 1..{MAX_PATTERNS}")
+    if t != PATTERN_TAPS:
+        raise fail(f"T is {t}, a pattern keeps {PATTERN_TAPS} weights")
+    if not 0 <= nk <= m * k:
+        raise fail(f"NK is {nk}, outside 0..{m * k} (M x K kernels)")
+    offsets, total = pattern_section_offsets(m, p, t, nk)
+    for field, want in offsets.items():
+        if h[field] != want:
+            raise fail(f"{field} is {h[field]}, expected {want} (the sections follow the header in order, "
+                       f"each starting on a multiple of {ALIGN} bytes)")
+    if h["total_bytes"] != total:
+        raise fail(f"total_bytes is {h['total_bytes']}, expected {total} for M={m}, P={p}, NK={nk}")
+    if size != total:
+        raise fail(f"the blob has {size} bytes, its header says {total} (truncated or padded)")
+    lib, order, gptr, chan, values = (
+        raw[offsets[f]: offsets[f] + 4 * count].view("<f4" if f == "off_values" else "<i4").astype(
+            np.float32 if f == "off_values" else np.int32)
+        for f, count in _pattern_sections(m, p, t, nk))
+    lib = lib.reshape(p, t)
+    for q in range(p):
+        taps = lib[q]
+        if (taps < 0).any() or (taps > 8).any() or (np.diff(taps) <= 0).any() or 4 not in taps:
+            raise fail(f"library[{q}] is {taps.tolist()}: a pattern is {t} ascending taps in 0..8 with the centre 4")
+    if len({tuple(r) for r in lib.tolist()}) != p:
+        raise fail("library repeats a pattern")
+    if library is not None and not np.array_equal(lib, np.asarray(library)):
+        raise fail("library differs from the one the kernel was compiled for")
+    if not np.array_equal(np.sort(order), np.arange(m)):
+        raise fail("filter_order is not a permutation of the output channels 0..M-1")
+    if gptr[0] != 0:
+        raise fail(f"group_ptr[0] is {gptr[0]}, not 0")
+    steps = np.diff(gptr.astype(np.int64))
+    for i in np.flatnonzero(steps < 0)[:1]:
+        raise fail(f"group_ptr decreases at {i + 1} ({gptr[i]} -> {gptr[i + 1]})")
+    if gptr[-1] != nk:
+        raise fail(f"group_ptr[{m * p}] is {gptr[-1]}, not NK={nk}")
+    for i in np.flatnonzero((chan < 0) | (chan >= k))[:1]:
+        raise fail(f"kernel_chan[{i}] is {chan[i]}, outside 0..{k - 1}")
+    group_of = np.repeat(np.arange(m * p), steps)
+    for i in np.flatnonzero((group_of[1:] == group_of[:-1]) & (chan[1:] <= chan[:-1]))[:1]:
+        raise fail(f"kernel_chan[{i + 1}] is {chan[i + 1]}: channels of a group must increase")
+    filt = group_of // p
+    for i in np.flatnonzero((filt[1:] == filt[:-1]) & (chan[1:] == chan[:-1]))[:1]:
+        raise fail(f"kernel_chan[{i + 1}]: filter {filt[i]} has two kernels on input channel {chan[i]}")
+    return PatternData(m, k, lib, order, gptr, chan, values)
+
+
+def pattern_layout_description() -> str:
+    """Human-readable description of the packed pattern blob (goes into generated C headers)."""
+    return (
+        "packed_w: little-endian pattern blob (FKW), 64-byte aligned sections.\n"
+        f"  int32 header[{PATTERN_HEADER_WORDS}] = {{ 0x{PATTERN_MAGIC:08x} 'UBPP', {PATTERN_VERSION}, M=Cout, "
+        "K=Cin, P patterns, T=4 taps, NK kernels,\n"
+        "      off_library, off_filter_order, off_group_ptr, off_kernel_chan, off_values, total_bytes }\n"
+        "  int32 library[P*T]        kept taps (3*ky + kx, ascending) of each pattern\n"
+        "  int32 filter_order[M]     output channel of the f-th filter (filters grouped by pattern signature)\n"
+        "  int32 group_ptr[M*P + 1]  kernels of filter f with pattern p: [group_ptr[f*P+p], group_ptr[f*P+p+1])\n"
+        "  int32 kernel_chan[NK]     input channel of each kernel\n"
+        "  float values[NK*T]        kept weights of kernel k at values[k*T .. k*T+T-1]\n"
+        "x is [K, H, W], y is [M, H, W] (3x3, stride 1, padding 1); n = H*W.\n"
+        "Write it with ubpdsl.packing.pack_pattern() and validate it with ubpdsl.packing.unpack_pattern();\n"
+        f"the kernel returns {abi.ERR_HEADER} if the header or library does not match, {abi.ERR_BAD_BLOB} if its "
+        f"sizes and offsets are inconsistent,\n{abi.ERR_NULL_WEIGHTS} if packed_w is NULL, {abi.ERR_BAD_PIXELS} "
+        "if n != H*W."
+    )

@@ -18,10 +18,19 @@ from pathlib import Path
 
 from ubpdsl.errors import DSLError, UbpError, did_you_mean
 from ubpdsl.guard import import_user_file
-from ubpdsl.kernels.library import VARIANTS, aligned_rows, block_stream, wros, wros_unrolled
+from ubpdsl.kernels.library import (
+    PATTERN_VARIANTS,
+    VARIANTS,
+    aligned_rows,
+    block_stream,
+    pattern_direct,
+    wros,
+    wros_unrolled,
+)
 from ubpdsl.language.core import KernelFunction
 
-__all__ = ["VARIANTS", "aligned_rows", "block_stream", "get_variant", "kernel_identity", "load_kernel_file",
+__all__ = ["PATTERN_VARIANTS", "VARIANTS", "aligned_rows", "block_stream", "get_variant",
+           "pattern_direct", "kernel_identity", "load_kernel_file",
            "variant_identities", "variant_name", "wros", "wros_unrolled"]
 
 _LOADED: dict[tuple[str, str], dict[str, KernelFunction]] = {}  # (path, content sha256) -> kernels
@@ -73,16 +82,19 @@ def get_variant(spec: str, name: str | None = None) -> KernelFunction:
     """A shipped variant by name, or a user kernel: ``FILE.py:name`` (or ``FILE.py`` and ``name``)."""
     if spec in VARIANTS and name is None:
         return VARIANTS[spec]
+    if spec in PATTERN_VARIANTS and name is None:
+        return PATTERN_VARIANTS[spec]
     path, inner = _split(spec)
     if path.suffix != ".py":
-        raise UbpError(f"unknown kernel {spec!r}{did_you_mean(spec, VARIANTS)} (shipped variants: "
-                       f"{', '.join(VARIANTS)}; or a kernel file FILE.py:NAME)")
+        known = [*VARIANTS, *PATTERN_VARIANTS]
+        raise UbpError(f"unknown kernel {spec!r}{did_you_mean(spec, known)} (shipped variants: "
+                       f"{', '.join(known)}; or a kernel file FILE.py:NAME)")
     return load_kernel_file(path, name or inner)
 
 
 def variant_name(spec: str) -> str:
     """The canonical name of a variant spec: a shipped name, or ``/abs/FILE.py:name``."""
-    if spec in VARIANTS:
+    if spec in VARIANTS or spec in PATTERN_VARIANTS:
         return spec
     kernel = get_variant(spec)
     return f"{_split(spec)[0].resolve()}:{kernel.name}"

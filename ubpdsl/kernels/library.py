@@ -11,6 +11,10 @@
   layers).
 * :data:`aligned_rows` - the aligned-block (ABP) reference: blocks only at multiples of N,
   one register tile per aligned row group.
+* :data:`pattern_direct` - PatDNN's pattern-aware direct 3x3 convolution over a
+  ``ubl.PatternSparse`` weight: the library is compiled in, so every pattern's 4 taps are
+  constant offsets; edge rows and edge tiles are peeled so the padding costs no test in the
+  inner loop.
 """
 
 from __future__ import annotations
@@ -142,9 +146,58 @@ def aligned_rows(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.cons
                         ubl.store(Y, r0 + i, j, acc[i])
 
 
+@ubl.kernel(tune={"TILE": TILES, "UNROLL": UNROLLS, "FILTERS_OUTER": [False, True]})
+def pattern_direct(X: ubl.Input, Y: ubl.Output, W: ubl.PatternSparse, TILE: ubl.constexpr = 2,
+                   UNROLL: ubl.constexpr = 1, FILTERS_OUTER: ubl.constexpr = False):
+    """Direct 3x3 convolution over patterns (PatDNN): one output row tile in a register tile.
+
+    For each output row r and tile j of its pixels, each filter f (in grouped order) sums its
+    kernels pattern by pattern: the kernels of one pattern share their 4 constant tap offsets
+    (dy, dx), so their loop body is 4 shifted loads of the input channel's rows and 4 FMAs.
+    Rows 0 and H-1 are peeled (their taps above/below the image fold away), as are the first
+    and last tile of a row (their taps left/right of the image shift a zero in).
+    FILTERS_OUTER walks filters outside the rows (each filter's output plane at once) instead
+    of inside the tiles (each input tile reused by every filter while it is in L1).
+    UNROLL unrolls the loop over the kernels of one pattern.
+    """
+    if FILTERS_OUTER:
+        for f in range(W.rows):
+            o = W.filter_channel(f)
+            for r in ubl.range(0, W.height, peel=1):
+                for j in ubl.tiles(W.width, TILE, edges=True):
+                    acc = ubl.zeros(j)
+                    for p in ubl.static_range(W.num_patterns):
+                        lo, hi = W.pattern_kernels(f, p)
+                        for k in ubl.range(lo, hi, unroll=UNROLL):
+                            c = W.kernel_channel(k)
+                            for t in ubl.static_range(W.taps):
+                                dy, dx = W.tap(p, t)
+                                acc = ubl.fma(W.tap_weight(k, t), ubl.load_pixels(X, c, r + dy, j, dx), acc)
+                    ubl.store_pixels(Y, o, r, j, acc)
+    else:
+        for r in ubl.range(0, W.height, peel=1):
+            for j in ubl.tiles(W.width, TILE, edges=True):
+                for f in range(W.rows):
+                    acc = ubl.zeros(j)
+                    for p in ubl.static_range(W.num_patterns):
+                        lo, hi = W.pattern_kernels(f, p)
+                        for k in ubl.range(lo, hi, unroll=UNROLL):
+                            c = W.kernel_channel(k)
+                            for t in ubl.static_range(W.taps):
+                                dy, dx = W.tap(p, t)
+                                acc = ubl.fma(W.tap_weight(k, t), ubl.load_pixels(X, c, r + dy, j, dx), acc)
+                    ubl.store_pixels(Y, W.filter_channel(f), r, j, acc)
+
+
 VARIANTS = {
     "block_stream": block_stream,
     "wros": wros,
     "wros_unrolled": wros_unrolled,
     "aligned_rows": aligned_rows,
 }
+"""The block (GEMM) variants: every consumer of a block mask (compile, tune, bench) picks from these."""
+
+PATTERN_VARIANTS = {
+    "pattern_direct": pattern_direct,
+}
+"""Direct 3x3 convolution variants over a ``ubl.PatternSparse`` weight (pattern layers)."""

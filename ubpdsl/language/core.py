@@ -93,6 +93,49 @@ class BlockSparse(_ParamKind):
         raise _outside("W.weight()")
 
 
+class PatternSparse(_ParamKind):
+    """The pattern-sparse weight of a 3x3 convolution (PatDNN): ``W: ubl.PatternSparse``.
+
+    Every kept kernel W[o, c] keeps 4 weights, the centre among them, at the taps of one of
+    ``W.num_patterns`` library patterns; removed kernels are absent (connectivity pruning).
+    Filters (output channels) are walked in grouped order f = 0 .. ``W.rows`` - 1: filters
+    with the same pattern signature are neighbours, and ``W.filter_channel(f)`` is the output
+    channel of filter f. ``lo, hi = W.pattern_kernels(f, p)`` are the kernels of filter f with
+    pattern p; kernel k reads input channel ``W.kernel_channel(k)`` and keeps the weight
+    ``W.tap_weight(k, t)`` at tap t (0..3) of its pattern. The library is compiled into the
+    kernel (pattern-aware code generation): ``dy, dx = W.tap(p, t)`` are compile-time ints in
+    -1..1 for compile-time p and t. The image is ``W.height`` x ``W.width`` (compile time; the
+    kernel's n is their product): X is [Cin, H, W], Y is [Cout, H, W], stride 1, padding 1.
+    """
+
+    rows = _attr("rows", "int (compile time): Cout, the filters (output channels).")
+    cols = _attr("cols", "int (compile time): Cin, the input channels.")
+    height = _attr("height", "int (compile time): H, the image height.")
+    width = _attr("width", "int (compile time): W, the image width (pixels per row).")
+    num_patterns = _attr("num_patterns", "int (compile time): P, the patterns of the library.")
+    taps = _attr("taps", "int (compile time): the weights each pattern keeps (4).")
+
+    def filter_channel(self, f: int) -> int:
+        """The output channel of the f-th filter of the grouped order."""
+        raise _outside("W.filter_channel()")
+
+    def pattern_kernels(self, f: int, p: int) -> tuple[int, int]:
+        """``lo, hi = W.pattern_kernels(f, p)``: the kernels of filter f with pattern p (p compile-time)."""
+        raise _outside("W.pattern_kernels()")
+
+    def kernel_channel(self, k: int) -> int:
+        """The input channel kernel k reads."""
+        raise _outside("W.kernel_channel()")
+
+    def tap_weight(self, k: int, t: int) -> float:
+        """The weight of kernel k at tap t (0..3, a compile-time int) of its pattern (a scalar f32)."""
+        raise _outside("W.tap_weight()")
+
+    def tap(self, p: int, t: int) -> tuple[int, int]:
+        """``dy, dx = W.tap(p, t)``: the offsets (-1..1) of tap t of pattern p (compile-time ints)."""
+        raise _outside("W.tap()")
+
+
 class constexpr(_ParamKind):  # noqa: N801 - named like Triton's tl.constexpr
     """A compile-time constant parameter: ``TILE: ubl.constexpr = 4``.
 
@@ -120,10 +163,13 @@ OPERAND_ATTRS = {
     "Output": ("n", "rows"),
     "BlockSparse": ("rows", "cols", "block", "lookahead", "num_blocks", "row_blocks", "block_row",
                     "block_col", "weight"),
+    "PatternSparse": ("rows", "cols", "height", "width", "num_patterns", "taps", "filter_channel",
+                      "pattern_kernels", "kernel_channel", "tap_weight", "tap"),
     "Tile": ("start", "width"),
 }
 
-_KINDS = {"Input": Input, "Output": Output, "BlockSparse": BlockSparse, "constexpr": constexpr}
+_KINDS = {"Input": Input, "Output": Output, "BlockSparse": BlockSparse, "PatternSparse": PatternSparse,
+          "constexpr": constexpr}
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -135,7 +181,7 @@ def _builtin(fn: _F) -> _F:
 
 
 @_builtin
-def tiles(n: Any, tile: int, *, tail: str = "overlap") -> Iterator[Tile]:
+def tiles(n: Any, tile: int, *, tail: str = "overlap", edges: bool = False) -> Iterator[Tile]:
     """``for j in ubl.tiles(X.n, TILE):`` walk the n columns in tiles of ``tile`` vector registers.
 
     ``tile`` must be a compile-time int >= 1. The tail (n not a multiple of the tile width) gives
@@ -144,17 +190,26 @@ def tiles(n: Any, tile: int, *, tail: str = "overlap") -> Iterator[Tile]:
     ``tail="overlap"`` (the default), it may rerun the body on the last whole tile ending at n
     (masked only when n is smaller than one tile). ``tail="mask"`` asks for the masked tail in
     any case. On x86-64 the tail is always masked (cheap masked loads and stores).
+
+    ``edges=True`` (n a compile-time int: the pixels of an image row) walks the row as a left
+    edge tile (start 0), whole interior tiles, and a right edge tile ending at n (overlapping,
+    so the body must write its Y tile from registers); a row narrower than one tile is one
+    masked tile that is both. The body is emitted once per kind, and :func:`load_pixels` knows
+    at compile time which shifted loads would leave the row (it shifts a zero in instead).
     """
     raise _outside("ubl.tiles()")
 
 
 @_builtin
-def range(*bounds: int, unroll: int = 1) -> Iterator[int]:  # noqa: A001 - the DSL's unrollable range
+def range(*bounds: int, unroll: int = 1, peel: int = 0) -> Iterator[int]:  # noqa: A001 - the DSL's range
     """``for b in ubl.range(lo, hi[, step], unroll=U):`` a loop in the generated code, unrolled U times.
 
     Like Python's ``range`` (``scf.for``), with an unrolled main loop of U copies and a
     remainder loop; U is a compile-time int in 1..``frontend.MAX_UNROLL``. Plain ``range()`` in a
-    kernel is the same with U = 1.
+    kernel is the same with U = 1. ``peel=E`` (compile-time bounds, step 1) emits the first and
+    the last E iterations separately with a compile-time loop variable (image edges), and the
+    front end knows the loop variable of the loop in between lies in [lo + E, hi - E) (so
+    :func:`load_pixels` needs no row check there).
     """
     raise _outside("ubl.range()")
 
@@ -236,9 +291,29 @@ def block_fma(W: BlockSparse, b: Any, x: Any, acc: Any) -> Any:
     raise _outside("ubl.block_fma()")
 
 
+@_builtin
+def load_pixels(operand: Any, channel: Any, row: Any, tile: Tile, dx: int = 0) -> Any:
+    """``ubl.load_pixels(X, c, r + dy, j, dx)``: the pixels of image row ``row`` of channel c,
+    columns j shifted by dx (-1..1), zero outside the image (padding 1).
+
+    For a kernel over a ``ubl.PatternSparse`` weight (X is [Cin, H, W]). A compile-time row
+    outside the image gives the constant 0.0 (``ubl.fma`` then folds the FMA away); a row the
+    front end cannot prove inside (not a peeled ``ubl.range`` variable +- its peel) is checked at
+    run time. Columns that leave the row at an edge tile (``ubl.tiles(..., edges=True)``) are
+    shifted in as zeros.
+    """
+    raise _outside("ubl.load_pixels()")
+
+
+@_builtin
+def store_pixels(operand: Any, channel: Any, row: Any, tile: Tile, value: Any) -> None:
+    """``ubl.store_pixels(Y, o, r, j, v)``: write the pixels of image row r of output channel o."""
+    raise _outside("ubl.store_pixels()")
+
+
 #: Every builtin, by name (``ubl.*`` functions the front end compiles).
 BUILTINS = ("tiles", "range", "static_range", "zeros", "load", "store", "finish", "prefetch", "fma",
-            "block_fma")
+            "block_fma", "load_pixels", "store_pixels")
 
 
 @dataclass
@@ -262,6 +337,11 @@ class KernelFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise DSLError(f"kernel {self.name!r} is compiled, not called: use ubpdsl.compile_kernel()")
+
+    @property
+    def pattern(self) -> bool:
+        """True for a direct-convolution kernel over a ``ubl.PatternSparse`` weight."""
+        return any(k is PatternSparse for k in self.params.values())
 
     @property
     def constexprs(self) -> list[str]:
@@ -333,10 +413,11 @@ def _parse(fn: Callable[..., Any], layout: str, aligned: bool, needs_specialized
             kind = _KINDS.get(ann.id)
         if kind is None:
             raise DSLError(f"{_where(filename, arg.lineno)}: parameter {arg.arg!r} needs an annotation: "
-                           "ubl.Input, ubl.Output, ubl.BlockSparse or ubl.constexpr")
+                           "ubl.Input, ubl.Output, ubl.BlockSparse, ubl.PatternSparse or ubl.constexpr")
         params[arg.arg] = kind
-    for kind, label in ((Input, "ubl.Input"), (Output, "ubl.Output"), (BlockSparse, "ubl.BlockSparse")):
-        count = sum(1 for k in params.values() if k is kind)
+    for kinds, label in (((Input,), "ubl.Input"), ((Output,), "ubl.Output"),
+                         ((BlockSparse, PatternSparse), "ubl.BlockSparse or ubl.PatternSparse")):
+        count = sum(1 for k in params.values() if k in kinds)
         if count != 1:
             raise DSLError(f"{_where(filename, fdef.lineno)}: kernel {fdef.name!r} needs exactly one {label} "
                            f"parameter, found {count}")

@@ -37,6 +37,7 @@ from ubpdsl.language.core import (
     Input,
     KernelFunction,
     Output,
+    PatternSparse,
     constexpr,
     is_builtin,
 )
@@ -62,6 +63,23 @@ class VectorShape:
     cheap_masks: bool = False  # masked loads/stores cost about what plain ones do (AVX-512, AVX2)
 
 
+@dataclass(frozen=True)
+class PatternSpec:
+    """What a direct-convolution (pattern) kernel is specialised on: the image and the library."""
+
+    height: int
+    width: int
+    library: np.ndarray  # int32[P, T]: kept taps (3 * ky + kx) of each pattern
+
+    @property
+    def num_patterns(self) -> int:
+        return int(self.library.shape[0])
+
+    @property
+    def taps(self) -> int:
+        return int(self.library.shape[1])
+
+
 @dataclass
 class KernelSpec:
     """Everything a kernel is specialised on at compile time."""
@@ -74,6 +92,7 @@ class KernelSpec:
     constants: dict[str, Any]
     baked: BlockData | None = None  # mask-specialised: the block structure as constants
     check_bounds: bool = False  # every access checked at run time (abi.ERR_OUT_OF_BOUNDS)
+    pattern: PatternSpec | None = None  # a direct 3x3 convolution over a ubl.PatternSparse weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,13 +121,29 @@ class Weights:
 
 
 @dataclass
+class PWeights:
+    """The pattern-sparse operand of a direct 3x3 convolution: an SSA handle and its compile-time shape."""
+
+    handle: ir.Value
+    M: int
+    K: int
+    spec: PatternSpec
+
+
+@dataclass
 class Tile:
-    """A tile over n: columns [start, start + width), masked at ``limit`` in the tail."""
+    """A tile over n: columns [start, start + width), masked at ``limit`` in the tail.
+
+    ``left``/``right``: the tile starts at column 0 / ends at the row's last column (the edge
+    tiles of ``ubl.tiles(..., edges=True)``), known at compile time.
+    """
 
     start: ir.Value
     limit: ir.Value | None
     vec_type: ir.VectorType
     width: int | ir.Value
+    left: bool = False
+    right: bool = False
 
 
 @dataclass
@@ -152,6 +187,8 @@ class CodeGen:
         self._statements = 0  # emitted so far (MAX_STATEMENTS)
         self._output_loads = 0  # ubl.load calls on the Output emitted so far (tail rule of ubl.tiles)
         self._oob_flag: ir.Value | None = None  # check_bounds: memref<1xi32> holding the status
+        self._ranges: dict[ir.Value, tuple[int, int]] = {}  # index values known to lie in [lo, hi)
+        self._pw: PWeights | None = None  # the pattern-sparse operand (direct-convolution kernels)
 
     # -- errors -------------------------------------------------------------------------------
     def error(self, msg: str, node: ast.AST | None = None) -> DSLError:
@@ -201,7 +238,15 @@ class CodeGen:
             wty = ubp_dialect.weights_type(spec.N)
             common = {"rows": _i64(spec.M), "cols": _i64(spec.K), "block": _i64(spec.N),
                       "layout": ir.StringAttr.get(self.k.layout)}
-            if spec.baked is None:
+            if spec.pattern is not None:
+                ps = spec.pattern
+                W = ubp_dialect.op("pattern_weights", [wp], [ubp_dialect.patterns_type(ps.num_patterns)],
+                                   {"rows": _i64(spec.M), "cols": _i64(spec.K), "height": _i64(ps.height),
+                                    "width": _i64(ps.width),
+                                    "library": ir.DenseElementsAttr.get(
+                                        np.ascontiguousarray(ps.library, np.int32).reshape(-1))}).result
+                w_code = ubp_dialect.op("check_patterns", [W, n], [i32]).result
+            elif spec.baked is None:
                 W = ubp_dialect.op("sparse_weights", [wp], [wty], common).result
             else:
                 b = spec.baked
@@ -210,7 +255,8 @@ class CodeGen:
                                  ("block_cols", b.block_cols), ("values", b.values)):
                     attrs[key] = ir.DenseElementsAttr.get(np.ascontiguousarray(arr))
                 W = ubp_dialect.op("baked_weights", [], [wty], attrs).result
-            w_code = ubp_dialect.op("check_weights", [W], [i32]).result
+            if spec.pattern is None:
+                w_code = ubp_dialect.op("check_weights", [W], [i32]).result
             n_ok = arith.cmpi(arith.CmpIPredicate.sge, n64, arith.constant(i64, 0))
             code = arith.select(n_ok, w_code, arith.constant(i32, abi.ERR_BAD_N))
             if self.epilogue:
@@ -248,6 +294,11 @@ class CodeGen:
                 self.env[name] = Dense(Y, spec.M, name, True)
             elif kind is BlockSparse:
                 self.env[name] = Weights(W, spec.M, spec.K, spec.N, spec.baked)
+            elif kind is PatternSparse:
+                if spec.pattern is None:
+                    raise self.error("a ubl.PatternSparse kernel needs a pattern layer (PatternProblem)")
+                self._pw = PWeights(W, spec.M, spec.K, spec.pattern)
+                self.env[name] = self._pw
             elif kind is constexpr:
                 self.env[name] = spec.constants[name]
 
@@ -337,11 +388,16 @@ class CodeGen:
                 self.assign(st.target, v)
                 self.visit_body(st.body)
         elif fn is PY_RANGE or is_builtin(fn, "range"):
+            peel = kwargs.pop("peel", 0) if is_builtin(fn, "range") else 0
             lo, hi, step, unroll = self._range_args(args, kwargs, it, allow_unroll=is_builtin(fn, "range"))
             unroll = self._static_int(unroll, it, "unroll")
             if not 1 <= unroll <= MAX_UNROLL:
                 raise self.error(f"unroll must be in 1..{MAX_UNROLL}, got {unroll}", it)
-            self.loop_range(st, lo, hi, step, unroll)
+            peel = self._static_int(peel, it, "peel")
+            if peel:
+                self.loop_peeled(st, lo, hi, step, unroll, peel, it)
+            else:
+                self.loop_range(st, lo, hi, step, unroll)
         else:
             raise self.error("a kernel loop must iterate over range(), ubl.range(), ubl.static_range() "
                              "or ubl.tiles()", st)
@@ -368,7 +424,7 @@ class CodeGen:
                 v = self.env[name]
                 if isinstance(v, (ir.Value, RegTile)) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
                     names.append(name)
-                elif isinstance(v, (Dense, Weights, Tile)):
+                elif isinstance(v, (Dense, Weights, PWeights, Tile)):
                     raise self.error(f"cannot reassign {name!r} (a kernel operand or tile) inside a loop or if")
         return names
 
@@ -433,9 +489,15 @@ class CodeGen:
         scope = set(self.env)
         lo_v, hi_v = self.materialize(lo, self.index), self.materialize(hi, self.index)
 
+        known = getattr(self, "_pending_range", None)  # set by loop_peeled for its middle loop
+        self._pending_range = None
+
         def body(iv: ir.Value, copies: int) -> None:
             for u in PY_RANGE(copies):
-                self.assign(st.target, iv if u == 0 else arith.addi(iv, self.const_index(u * step)))
+                v = iv if u == 0 else arith.addi(iv, self.const_index(u * step))
+                if known is not None:  # every copy stays inside the loop's bounds
+                    self._ranges[v] = known
+                self.assign(st.target, v)
                 self.visit_body(st.body)
 
         if unroll == 1:
@@ -449,16 +511,42 @@ class CodeGen:
             self.emit_for(mid, hi_v, self.const_index(step), names, st, lambda iv: body(iv, 1))
         self._drop_new(scope, names)
 
+    def loop_peeled(self, st: ast.For, lo: Any, hi: Any, step: Any, unroll: int, peel: int, node: ast.AST) -> None:
+        """``ubl.range(lo, hi, peel=E)``: the first and last E iterations with a compile-time
+        loop variable, the ones in between as a loop whose variable is known to lie in
+        [lo + E, hi - E) (``load_pixels`` proves rows inside the image from it)."""
+        if not (isinstance(lo, int) and isinstance(hi, int)) or step != 1:
+            raise self.error("ubl.range(..., peel=E) needs compile-time bounds and step 1", node)
+        if not 0 <= peel <= MAX_STATIC_TRIPS:
+            raise self.error(f"peel must be in 0..{MAX_STATIC_TRIPS}, got {peel}", node)
+        first_end = min(lo + peel, hi)
+        last_start = max(hi - peel, first_end)
+        for v in PY_RANGE(lo, first_end):
+            self.assign(st.target, v)
+            self.visit_body(st.body)
+        if last_start > first_end:
+            self._pending_range = (first_end, last_start)
+            self.loop_range(st, first_end, last_start, 1, unroll)
+        for v in PY_RANGE(last_start, hi):
+            self.assign(st.target, v)
+            self.visit_body(st.body)
+
     def _drop_new(self, scope: set[str], keep: list[str]) -> None:
         for name in list(self.env):
             if name not in scope and name not in keep:
                 del self.env[name]
 
     def loop_tiles(self, st: ast.For, args: list[Any], kwargs: dict[str, Any]) -> None:
-        if set(kwargs) - {"tail"} or len(args) != 2:
-            raise self.error("ubl.tiles(n, TILE, tail=...) takes the extent and the tile size in vector registers",
-                             st)
+        if set(kwargs) - {"tail", "edges"} or len(args) != 2:
+            raise self.error("ubl.tiles(n, TILE, tail=..., edges=...) takes the extent and the tile size in vector "
+                             "registers", st)
         n, tile = args
+        edges = kwargs.get("edges", False)
+        if not isinstance(edges, bool):
+            raise self.error("ubl.tiles: edges= must be a compile-time bool", st)
+        if edges:
+            self.loop_edge_tiles(st, n, tile)
+            return
         tail_mode = kwargs.get("tail", "overlap")
         if tail_mode not in ("overlap", "mask"):
             raise self.error(f"ubl.tiles: tail= must be 'overlap' or 'mask', got {tail_mode!r}", st)
@@ -523,6 +611,52 @@ class CodeGen:
                     body(full_end, n_v)
                     scf.YieldOp([])
             scf.YieldOp([])
+        self.env = saved
+
+    def loop_edge_tiles(self, st: ast.For, n: Any, tile: Any) -> None:
+        """``ubl.tiles(n, TILE, edges=True)``: a left edge tile, whole interior tiles, a right edge
+        tile ending at n (overlapping); a row narrower than one tile is one masked tile."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise self.error("ubl.tiles(..., edges=True) needs a compile-time row width >= 1 (e.g. W.width)", st)
+        tile = self._static_int(tile, st, "the tile size of ubl.tiles")
+        if not 1 <= tile <= MAX_TILE_REGISTERS:
+            raise self.error(f"the tile size must be 1..{MAX_TILE_REGISTERS} vector registers, got {tile}", st)
+        if self._carried(st.body):
+            raise self.error("variables assigned in a ubl.tiles loop are private to the tile", st)
+        vs = self.spec.vector
+        width = tile * vs.lanes
+        vec_type = ir.VectorType.get([width], self.f32, scalable=[vs.scalable])
+        saved = dict(self.env)
+
+        def body(start: ir.Value, limit: ir.Value | None, left: bool, right: bool) -> None:
+            self.env = dict(saved)
+            w = width if not vs.scalable else step
+            self.assign(st.target, Tile(start, limit, vec_type, w, left, right))
+            self.visit_body(st.body)
+
+        def split(w: int | ir.Value) -> None:
+            body(self.const_index(0), None, True, False)
+            w_v = self.materialize(w, self.index)
+            last = self.const_index(n - w) if isinstance(w, int) else arith.subi(self.const_index(n), w)
+            self.emit_for(w_v, last, w_v, [], st, lambda iv: body(iv, None, False, False))
+            body(last, None, False, True)
+
+        if not vs.scalable:
+            step = width
+            if n <= width:
+                body(self.const_index(0), self.const_index(n), True, True)
+            else:
+                split(width)
+        else:
+            (_, step) = ubp_dialect.op("tiles", [self.const_index(n)], [self.index, self.index],
+                                       {"width": _i64(width), "scalable": ir.BoolAttr.get(True)}).results
+            narrow = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ule, self.const_index(n), step), has_else=True)
+            with ir.InsertionPoint(narrow.then_block):
+                body(self.const_index(0), self.const_index(n), True, True)
+                scf.YieldOp([])
+            with ir.InsertionPoint(narrow.else_block):
+                split(step)
+                scf.YieldOp([])
         self.env = saved
 
     def _tile_type(self, regs: int) -> ir.VectorType:
@@ -685,6 +819,14 @@ class CodeGen:
                     raise self.error("W.num_blocks is a compile-time int only in mask-specialised kernels; "
                                      "walk the blocks with W.row_blocks(r)", node)
                 return base.baked.num_blocks
+        elif isinstance(base, PWeights):
+            ps = base.spec
+            values = {"rows": base.M, "cols": base.K, "height": ps.height, "width": ps.width,
+                      "num_patterns": ps.num_patterns, "taps": ps.taps}
+            if attr in values:
+                return values[attr]
+            if attr in ("filter_channel", "pattern_kernels", "kernel_channel", "tap_weight", "tap"):
+                return _BoundMethod(base, attr)
         elif isinstance(base, Tile):
             if attr == "start":
                 return base.start
@@ -700,7 +842,7 @@ class CodeGen:
                                  f"{did_you_mean(attr, [a for a in dir(base) if not a.startswith('_')])}",
                                  node) from None
         kind = {Dense: "Output" if getattr(base, "output", False) else "Input", Weights: "BlockSparse",
-                Tile: "Tile"}.get(type(base))
+                PWeights: "PatternSparse", Tile: "Tile"}.get(type(base))
         hint = did_you_mean(attr, OPERAND_ATTRS[kind]) if kind else ""
         raise self.error(f"{_describe(base)} has no attribute {attr!r}{hint}", node)
 
@@ -709,6 +851,8 @@ class CodeGen:
         args = [self.expr(a) for a in node.args]
         kwargs = {kw.arg: self.expr(kw.value) for kw in node.keywords}
         if isinstance(fn, _BoundMethod):
+            if isinstance(fn.weights, PWeights):
+                return self.pattern_method(fn.weights, fn.name, args, kwargs, node)
             return self.weights_method(fn.weights, fn.name, args, kwargs, node)
         if is_builtin(fn):
             name = fn.__ubp_builtin__
@@ -782,6 +926,111 @@ class CodeGen:
             lambda: [ubp_dialect.op("block_weight", [W.handle, idx], [self.f32], {"lane": _i64(lane)}).result],
             lambda: [arith.constant(self.f32, 0.0)])
         return v
+
+    # -- the pattern-sparse operand (direct 3x3 convolution) ----------------------------------
+    def pattern_method(self, W: PWeights, name: str, args: list[Any], kwargs: dict[str, Any],
+                       node: ast.AST) -> Any:
+        if kwargs:
+            raise self.error(f"W.{name}() takes no keyword arguments", node)
+        want = {"filter_channel": 1, "pattern_kernels": 2, "kernel_channel": 1, "tap_weight": 2, "tap": 2}[name]
+        if len(args) != want:
+            raise self.error(f"W.{name}() takes {want} argument(s)", node)
+        ps = W.spec
+        if name == "tap":
+            p = self._static_int(args[0], node, "the pattern of W.tap")
+            t = self._static_int(args[1], node, "the tap of W.tap")
+            if not (0 <= p < ps.num_patterns and 0 <= t < ps.taps):
+                raise self.error(f"W.tap({p}, {t}): pattern in 0..{ps.num_patterns - 1}, tap in 0..{ps.taps - 1}",
+                                 node)
+            q = int(ps.library[p, t])
+            return q // 3 - 1, q % 3 - 1
+        if self._oob_flag is not None:
+            raise self.error("bounds-checked builds of pattern kernels are not supported", node)
+        idx = self.materialize(args[0], self.index)
+        if name == "pattern_kernels":
+            p = self._static_int(args[1], node, "the pattern of W.pattern_kernels")
+            if not 0 <= p < ps.num_patterns:
+                raise self.error(f"pattern {p} out of range 0..{ps.num_patterns - 1}", node)
+            return tuple(ubp_dialect.op("pattern_kernels", [W.handle, idx], [self.index, self.index],
+                                        {"pattern": _i64(p)}).results)
+        if name == "tap_weight":
+            t = self._static_int(args[1], node, "the tap of W.tap_weight")
+            if not 0 <= t < ps.taps:
+                raise self.error(f"tap {t} out of range 0..{ps.taps - 1}", node)
+            return ubp_dialect.op("tap_weight", [W.handle, idx], [self.f32], {"tap": _i64(t)}).result
+        return ubp_dialect.op(name, [W.handle, idx], [self.index]).result
+
+    def _pixel_args(self, node: ast.AST, what: str, operand: Any, channel: Any, row: Any,
+                    tile: Any) -> tuple[Dense, PWeights, Tile]:
+        if self._pw is None:
+            raise self.error(f"{what} needs a kernel over a ubl.PatternSparse weight (an image layer)", node)
+        if self._oob_flag is not None:
+            raise self.error("bounds-checked builds of pattern kernels are not supported", node)
+        if not isinstance(operand, Dense):
+            raise self.error(f"{what}: the first argument must be X or Y", node)
+        if not isinstance(tile, Tile):
+            raise self.error(f"{what}: the fourth argument must be a tile from ubl.tiles(W.width, T, edges=True)", node)
+        if isinstance(channel, int) and not 0 <= channel < operand.rows:
+            raise self.error(f"{what}: channel {channel} is outside {operand.name} (0..{operand.rows - 1})", node)
+        return operand, self._pw, tile
+
+    def _pixel_col(self, row: Any, t: Tile, dx: int, width: int) -> tuple[ir.Value, ir.Value | None]:
+        """The flat column (row * width + start + dx) and the mask limit of a tile of image row ``row``."""
+        base = self.materialize(row * width if isinstance(row, int) else
+                                arith.muli(row, self.const_index(width)), self.index)
+        col = arith.addi(base, t.start)
+        if dx:
+            col = arith.addi(col, self.const_index(dx))
+        return col, (None if t.limit is None else arith.addi(base, t.limit))
+
+    def builtin_load_pixels(self, node: ast.AST, operand: Any = None, channel: Any = None, row: Any = None,
+                            tile: Any = None, dx: Any = 0) -> Any:
+        d, W, t = self._pixel_args(node, "ubl.load_pixels", operand, channel, row, tile)
+        dx = self._static_int(dx, node, "dx of ubl.load_pixels")
+        if not -1 <= dx <= 1:
+            raise self.error(f"ubl.load_pixels: dx must be -1, 0 or 1, got {dx}", node)
+        H, Wd = W.spec.height, W.spec.width
+        if isinstance(row, int) and not 0 <= row < H:
+            return 0.0  # the padding: ubl.fma folds the product away
+        ch = self.materialize(channel, self.index)
+        self._output_loads += d.output
+
+        def load() -> list[ir.Value]:
+            edge = (dx < 0 and t.left) or (dx > 0 and t.right)
+            col, limit = self._pixel_col(row, t, 0 if edge else dx, Wd)
+            operands = [d.memref, ch, col] + ([limit] if limit is not None else [])
+            v = ubp_dialect.op("load_tile", operands, [t.vec_type]).result
+            if edge:  # the pixel past the edge is the padding: shift a zero in
+                v = ubp_dialect.op("shift_tile", [v], [t.vec_type], {"shift": _i64(dx)}).result
+            return [v]
+
+        if isinstance(row, int):
+            return load()[0]
+        if not isinstance(row, ir.Value) or row.type != self.index:
+            raise self.error("ubl.load_pixels: the row must be an integer", node)
+        lo, hi = self._ranges.get(row, (-1, H + 1))
+        if 0 <= lo and hi <= H:
+            return load()[0]
+        inside = self._between(row, 0, H)  # not provably inside: checked at run time
+        guard = scf.IfOp(inside, [t.vec_type], has_else=True)
+        with ir.InsertionPoint(guard.then_block):
+            scf.YieldOp(load())
+        with ir.InsertionPoint(guard.else_block):
+            scf.YieldOp([self._zero_vec(t.vec_type)])
+        return guard.results[0]
+
+    def builtin_store_pixels(self, node: ast.AST, operand: Any = None, channel: Any = None, row: Any = None,
+                             tile: Any = None, value: Any = None) -> None:
+        d, W, t = self._pixel_args(node, "ubl.store_pixels", operand, channel, row, tile)
+        if not d.output:
+            raise self.error(f"ubl.store_pixels: {d.name} is an input; only the ubl.Output operand can be written",
+                             node)
+        if isinstance(row, int) and not 0 <= row < W.spec.height:
+            raise self.error(f"ubl.store_pixels: row {row} is outside the image (0..{W.spec.height - 1})", node)
+        col, limit = self._pixel_col(row, t, 0, W.spec.width)
+        v = self.coerce(value, t.vec_type, node)
+        ch = self.materialize(channel, self.index)
+        ubp_dialect.op("store_tile", [d.memref, ch, col, v] + ([limit] if limit is not None else []), [])
 
     def _check_block(self, b: int, data: BlockData, node: ast.AST) -> None:
         if not 0 <= b < data.num_blocks:
@@ -932,6 +1181,8 @@ class CodeGen:
                   None)
         if vt is None:
             raise self.error("ubl.fma needs at least one vector operand", node)
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0 for v in (a, b)):
+            return self.coerce(c, vt, node)  # a compile-time zero factor (e.g. a pixel row outside the image)
         return vector.fma(*(self.coerce(v, vt, node) for v in (a, b, c)))
 
     def builtin_block_fma(self, node: ast.AST, W: Any = None, b: Any = None, x: Any = None,
@@ -988,7 +1239,15 @@ class CodeGen:
                ast.FloorDiv: arith.floordivsi, ast.Mod: arith.remsi}
         if type(op) not in fns:
             raise self.error(f"operator {type(op).__name__} is not defined on integers", node)
-        return fns[type(op)](x, y)
+        out = fns[type(op)](x, y)
+        # Interval facts (of peeled loop variables) survive adding or subtracting a constant.
+        if isinstance(op, (ast.Add, ast.Sub)):
+            if isinstance(a, ir.Value) and a in self._ranges and isinstance(b, int):
+                d = b if isinstance(op, ast.Add) else -b
+                self._ranges[out] = (self._ranges[a][0] + d, self._ranges[a][1] + d)
+            elif isinstance(op, ast.Add) and isinstance(b, ir.Value) and b in self._ranges and isinstance(a, int):
+                self._ranges[out] = (self._ranges[b][0] + a, self._ranges[b][1] + a)
+        return out
 
     def compare(self, op: ast.cmpop, a: Any, b: Any, node: ast.AST) -> Any:
         py = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
@@ -1056,7 +1315,7 @@ class CodeGen:
 
 @dataclass
 class _BoundMethod:
-    weights: Weights
+    weights: Weights | PWeights
     name: str
 
 
@@ -1067,6 +1326,8 @@ def _describe(v: Any) -> str:
         return f"dense operand {v.name}"
     if isinstance(v, Weights):
         return "the block-sparse operand"
+    if isinstance(v, PWeights):
+        return "the pattern-sparse operand"
     if isinstance(v, Tile):
         return "a tile"
     if isinstance(v, RegTile):
