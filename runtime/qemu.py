@@ -226,8 +226,8 @@ def run_aarch64(
 
     ``x`` is float32 [K, n] (K is taken from it), ``packed`` the uint8 blob or None.
     ``sve_bits=None`` runs on a NEON-only CPU, otherwise on an SVE CPU with that vector
-    length. ``epilogue`` calls ``<symbol>_ep`` instead. Raises RunError on a crash, timeout, kernel error code or a y element left
-    unwritten / written out of bounds.
+    length. ``epilogue`` calls ``<symbol>_ep`` instead. Raises RunError on a crash, timeout,
+    kernel error code or a y element left unwritten / written out of bounds.
     """
     if not isinstance(x, np.ndarray) or x.ndim != 2:
         raise RunError(f"kernel {symbol}: x must be a 2-D float32 numpy array")

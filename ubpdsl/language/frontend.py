@@ -1172,6 +1172,11 @@ class CodeGen:
 
         def prefetch() -> list[ir.Value]:
             ubp_dialect.op("prefetch_tile", [d.memref, r, t.start], [], attrs)
+            if write and self._ep is not None:  # the final store of this tile will also read the residual
+                has_res = scf.IfOp(self._ep.has_residual)
+                with ir.InsertionPoint(has_res.then_block):
+                    ubp_dialect.op("prefetch_tile", [self._ep.residual, r, t.start], [], {"width": _i64(width)})
+                    scf.YieldOp([])
             return []
 
         self._checked(self._tile_ok(d, r, t), [], prefetch, list)
