@@ -223,7 +223,32 @@ static inline const float *g_plane(const float *src, int64_t c, int64_t b, int64
 static void g_im2col(const float *src, float *cols, int64_t C, int64_t B, int64_t H, int64_t W, const int64_t *g,
                      int64_t c0, int64_t cn) {
     const int64_t kh = g[GM_KH], kw = g[GM_KW], sh = g[GM_SH], sw = g[GM_SW], ph = g[GM_PH], pw = g[GM_PW];
-    const int64_t Ho = g_out(H, kh, sh, ph), Wo = g_out(W, kw, sw, pw), N = B * Ho * Wo;
+    const int64_t Ho = g_out(H, kh, sh, ph), Wo = g_out(W, kw, sw, pw), N = B * Ho * Wo, HW = H * W;
+    if (sh == 1 && sw == 1 && Ho == H && Wo == W && HW <= 4096) {
+        /* "same" stride-1 conv: each tap's row is the plane shifted by (dy, dx) = (ky - ph, kx - pw),
+         * zero where the source pixel is outside it -- one flat select loop per plane, whatever W is */
+        unsigned char valid[4096];
+        for (int64_t ky = 0; ky < kh; ++ky)
+            for (int64_t kx = 0; kx < kw; ++kx) {
+                const int64_t dy = ky - ph, dx = kx - pw, shift = dy * W + dx;
+                for (int64_t p = 0; p < HW; ++p) {
+                    const int64_t iy = p / W + dy, ix = p % W + dx;
+                    valid[p] = iy >= 0 && iy < H && ix >= 0 && ix < W;
+                }
+                const int64_t lo = shift < 0 ? -shift : 0, hi = shift > 0 ? HW - shift : HW;
+                for (int64_t ci = 0; ci < cn; ++ci) {
+                    float *row = cols + ((ci * kh + ky) * kw + kx) * N;
+                    for (int64_t b = 0; b < B; ++b) {
+                        const float *restrict in = g_plane(src, c0 + ci, b, C, B, HW, (int)g[GM_NCHW]) + shift;
+                        float *restrict o = row + b * HW;
+                        for (int64_t p = 0; p < lo; ++p) o[p] = 0.0f;
+                        for (int64_t p = lo; p < hi; ++p) o[p] = valid[p] ? in[p] : 0.0f;
+                        for (int64_t p = hi; p < HW; ++p) o[p] = 0.0f;
+                    }
+                }
+            }
+        return;
+    }
     for (int64_t ci = 0; ci < cn; ++ci)
         for (int64_t ky = 0; ky < kh; ++ky)
             for (int64_t kx = 0; kx < kw; ++kx) {
@@ -239,13 +264,13 @@ static void g_im2col(const float *src, float *cols, int64_t C, int64_t B, int64_
                         float *o = row + (b * Ho + oy) * Wo;
                         const int64_t iy = oy * sh - ph + ky;
                         if (iy < 0 || iy >= H) {
-                            memset(o, 0, Wo * sizeof(float));
+                            for (int64_t ox = 0; ox < Wo; ++ox) o[ox] = 0.0f;
                             continue;
                         }
                         const float *r = plane + iy * W + kx - pw;
                         for (int64_t ox = 0; ox < lo; ++ox) o[ox] = 0.0f;
                         if (sw == 1) {
-                            memcpy(o + lo, r + lo, (hi - lo) * sizeof(float));
+                            for (int64_t ox = lo; ox < hi; ++ox) o[ox] = r[ox];
                         } else {
                             for (int64_t ox = lo; ox < hi; ++ox) o[ox] = r[ox * sw];
                         }
@@ -296,13 +321,26 @@ static void g_gemm(const float *restrict w, const float *restrict x, float *rest
     }
 }
 
-/* rows [M, n]: y = clamp(y + bias[r] (+ res)) */
+/* rows [M, n]: y = clamp(y + bias[r] (+ res)); branch-free inner loops so they vectorise */
 static void g_bias_res_clamp(float *y, const float *bias, const float *res, int64_t M, int64_t n, int64_t clamp) {
+    const float lo = clamp ? 0.0f : -__builtin_inff(), hi = clamp == 2 ? 6.0f : __builtin_inff();
     for (int64_t r = 0; r < M; ++r) {
-        float *yr = y + r * n;
+        float *restrict yr = y + r * n;
         const float b = bias ? bias[r] : 0.0f;
-        const float *rr = res ? res + r * n : 0;
-        for (int64_t j = 0; j < n; ++j) yr[j] = clampf(yr[j] + b + (rr ? rr[j] : 0.0f), clamp);
+        if (res) {
+            const float *restrict rr = res + r * n;
+            for (int64_t j = 0; j < n; ++j) {
+                float v = yr[j] + b + rr[j];
+                v = v > lo ? v : lo;
+                yr[j] = v < hi ? v : hi;
+            }
+        } else if (bias || clamp) {
+            for (int64_t j = 0; j < n; ++j) {
+                float v = yr[j] + b;
+                v = v > lo ? v : lo;
+                yr[j] = v < hi ? v : hi;
+            }
+        }
     }
 }
 
@@ -347,10 +385,38 @@ static void g_pool(const int64_t *op, const void *plan, const float *src, float 
     const int64_t C = op[G_C], H = op[G_H], W = op[G_W], B = header(plan)[H_BATCH];
     const int64_t kh = g[GM_KH], kw = g[GM_KW], sh = g[GM_SH], sw = g[GM_SW], ph = g[GM_PH], pw = g[GM_PW];
     const int64_t Ho = g_out(H, kh, sh, ph), Wo = g_out(W, kw, sw, pw);
+    const float lo = op[G_CLAMP] ? 0.0f : -__builtin_inff(), hi = op[G_CLAMP] == 2 ? 6.0f : __builtin_inff();
     for (int64_t c = 0; c < C; ++c)
         for (int64_t b = 0; b < B; ++b) {
             const float *p = g_plane(src, c, b, C, B, H * W, (int)g[GM_NCHW]);
             float *o = dst + (c * B + b) * Ho * Wo;
+            if (ph == 0 && pw == 0) { /* every window inside the plane: no bounds checks, rows vectorise */
+                const float inv = 1.0f / (float)(kh * kw);
+                for (int64_t oy = 0; oy < Ho; ++oy) {
+                    float *restrict orow = o + oy * Wo;
+                    for (int64_t dy = 0; dy < kh; ++dy) {
+                        const float *restrict r = p + (oy * sh + dy) * W;
+                        for (int64_t dx = 0; dx < kw; ++dx) {
+                            if (dy == 0 && dx == 0) {
+                                for (int64_t ox = 0; ox < Wo; ++ox) orow[ox] = r[ox * sw];
+                            } else if (is_max) {
+                                for (int64_t ox = 0; ox < Wo; ++ox) {
+                                    const float v = r[ox * sw + dx];
+                                    orow[ox] = v > orow[ox] ? v : orow[ox];
+                                }
+                            } else {
+                                for (int64_t ox = 0; ox < Wo; ++ox) orow[ox] += r[ox * sw + dx];
+                            }
+                        }
+                    }
+                    for (int64_t ox = 0; ox < Wo; ++ox) {
+                        float v = is_max ? orow[ox] : orow[ox] * inv;
+                        v = v > lo ? v : lo;
+                        orow[ox] = v < hi ? v : hi;
+                    }
+                }
+                continue;
+            }
             for (int64_t oy = 0; oy < Ho; ++oy)
                 for (int64_t ox = 0; ox < Wo; ++ox) {
                     const int64_t y0 = oy * sh - ph, x0 = ox * sw - pw;
