@@ -232,18 +232,27 @@ def interleaved_samples(fns: Sequence[Callable[[], Any]], *, rounds: int, cache:
     return samples
 
 
+#: Clocks of :func:`interleaved_medians`: ``wall`` (perf_counter: includes time other processes held
+#: the core) and ``thread`` (this thread's CPU time: the work done, robust on a shared machine).
+CLOCKS = ("wall", "thread")
+
+
 def interleaved_medians(fns: Mapping[str, Callable[[], Any]], min_time: float = 0.3, max_reps: int = 200,
                         min_reps: int = 5, cache: str | None = None, scrubber: Callable[[], Any] | None = None,
-                        sample_s: float = 0.0) -> dict[str, float]:
+                        sample_s: float = 0.0, clock: str = "wall") -> dict[str, float]:
     """Median seconds per call of each function, by :func:`interleaved_samples`.
 
     Each function is called twice first (warm-up); one probe round sets the number of rounds to
-    about ``min_time`` seconds (between ``min_reps`` and ``max_reps``). ``sample_s`` > 0 repeats
-    fast functions back to back to make each sample last about that long (not in cold mode).
-    ``cache`` "cold" uses ``scrubber`` (default: a fresh :class:`CacheScrubber`).
+    about ``min_time`` seconds of ``clock`` (between ``min_reps`` and ``max_reps``). ``sample_s`` > 0
+    repeats fast functions back to back to make each sample last about that long (not in cold mode).
+    ``cache`` "cold" uses ``scrubber`` (default: a fresh :class:`CacheScrubber`). ``clock``: one of
+    :data:`CLOCKS`.
     """
     if cache not in (None, *CACHE_MODES):
         raise _ModeError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    if clock not in CLOCKS:
+        raise _ModeError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    timer = _thread_clock() if clock == "thread" else time.perf_counter
     if cache == "cold" and scrubber is None:
         scrubber = CacheScrubber()
     names = list(fns)
@@ -251,11 +260,11 @@ def interleaved_medians(fns: Mapping[str, Callable[[], Any]], min_time: float = 
     for f in calls:  # warm-up
         f()
         f()
-    probe = interleaved_samples(calls, rounds=1, cache=cache, scrub=scrubber)
+    probe = interleaved_samples(calls, rounds=1, cache=cache, scrub=scrubber, clock=timer)
     round_time = max(sum(s[0] for s in probe), 1e-6)
     rounds = int(min(max_reps, max(min_reps, min_time / round_time)))
     inner = [max(1, int(sample_s / max(s[0], 1e-9))) for s in probe] if sample_s > 0 else None
-    samples = interleaved_samples(calls, rounds=rounds, cache=cache, scrub=scrubber, inner=inner)
+    samples = interleaved_samples(calls, rounds=rounds, cache=cache, scrub=scrubber, inner=inner, clock=timer)
     return {k: statistics.median(v) for k, v in zip(names, samples, strict=True)}
 
 

@@ -118,6 +118,25 @@ def test_cache_modes_scrub_or_rewarm_before_every_timed_call() -> None:
         bs.interleaved_medians(fns, cache="lukewarm")
 
 
+def test_thread_clock_counts_work_not_waiting() -> None:
+    """clock="thread" times this thread's CPU time: a call that sleeps costs ~nothing, one that
+    computes costs about its wall time; wall clock counts the sleep."""
+    import time
+
+    def spin() -> None:
+        end = time.thread_time() + 0.004
+        while time.thread_time() < end:
+            pass
+
+    fns = {"sleep": lambda: time.sleep(0.004), "spin": spin}
+    thread = bs.interleaved_medians(fns, min_time=0.0, min_reps=3, max_reps=3, clock="thread")
+    wall = bs.interleaved_medians(fns, min_time=0.0, min_reps=3, max_reps=3)
+    assert thread["sleep"] < 0.002 <= 0.004 <= thread["spin"]
+    assert wall["sleep"] >= 0.004
+    with pytest.raises(bs.UbpError, match="clock must be one of wall, thread"):
+        bs.interleaved_medians(fns, clock="cpu")
+
+
 def test_bad_cache_option_is_one_line_error(tmp_path, capsys) -> None:
     rc = main(["bench", "--quick", "--cache", "hot", "--out", str(tmp_path)])
     err = capsys.readouterr().err

@@ -114,11 +114,11 @@ def shared_scrubber() -> CacheScrubber:
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], min_time: float = 0.3, max_reps: int = 200,
                         min_reps: int = 5, cache: str | None = None,
-                        scrubber: CacheScrubber | None = None) -> dict[str, float]:
+                        scrubber: CacheScrubber | None = None, clock: str = "wall") -> dict[str, float]:
     """:func:`ubpdsl.autotune.measure.interleaved_medians` with this process's shared scrubber."""
     if cache == "cold" and scrubber is None:
         scrubber = shared_scrubber()
-    return _interleaved_medians(fns, min_time, max_reps, min_reps, cache, scrubber)
+    return _interleaved_medians(fns, min_time, max_reps, min_reps, cache, scrubber, clock=clock)
 
 
 def geomean(values: Iterable[float]) -> float:

@@ -3,7 +3,10 @@
 Ours: the stem and the classifier on ExecuTorch's XNNPACK delegate, everything between them (17
 inverted-residual blocks, the final 1x1 conv, the pool) one ``ubpdsl::subgraph`` operator running
 channel-major in ``ubp_model_run`` (sparse kernels, depthwise, epilogues; BN folded). All runners
-are timed interleaved in this process (``benchsuite.interleaved_medians``), one thread.
+are timed by the one timing loop (``benchsuite.interleaved_medians``: medians of interleaved rounds in
+this process), one thread, twice: wall clock, and thread CPU time (``clock="thread"``, the work done,
+robust to the other jobs of a shared machine). The per-kind breakdown is the median over runs of
+``ubp_model_run_profiled``'s thread CPU times.
 """
 
 from __future__ import annotations
@@ -28,26 +31,14 @@ from ubpdsl.models import build_model
 
 
 def _profile(runner, x: torch.Tensor, reps: int) -> dict[str, float]:
-    """Best (smallest) thread CPU time per op kind over ``reps`` runs of the subgraph, in seconds."""
+    """Median thread CPU time per op kind over ``reps`` runs of the subgraph, in seconds (measured
+    inside ``ubp_model_run_profiled``)."""
     y = torch.empty(runner.plan.out_shape)
     runner.run_into(x, y)
     runs = np.zeros((reps, len(PROFILE_KINDS)))
     for i in range(reps):
         runner.run_into(x, y, runs[i])
-    return {k: float(v) for k, v in zip(PROFILE_KINDS, runs.min(axis=0), strict=True)}
-
-
-def _cpu_ms(fn, reps: int) -> float:
-    """Best thread CPU time of ``fn`` over ``reps`` calls, in ms. On a machine shared with other
-    jobs wall time also counts the time others hold the core, and cache and memory-bandwidth
-    interference only ever adds time: the minimum is the work done."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.thread_time()
-        fn()
-        best = min(best, time.thread_time() - t)
-    return 1e3 * best
+    return {k: float(v) for k, v in zip(PROFILE_KINDS, np.median(runs, axis=0), strict=True)}
 
 
 def main_executorch(args, argv: list[str]) -> int:
@@ -130,8 +121,10 @@ def main_executorch(args, argv: list[str]) -> int:
         reps = 30 if args.quick else 100
         prof = _profile(runner, stem_out, reps)
         with torch.no_grad():
-            cpu = {k: _cpu_ms(fns[k], reps) for k in ("dense_executorch_xnnpack", "ubpdsl_executorch",
-                                                     "ubpdsl_subgraph_standalone_c")}
+            cpu_fns = {k: fns[k] for k in ("dense_executorch_xnnpack", "ubpdsl_executorch",
+                                           "ubpdsl_subgraph_standalone_c")}
+            cpu = {k: 1e3 * v for k, v in
+                   interleaved_medians(cpu_fns, min_reps=reps, max_reps=reps, clock="thread").items()}
         breakdown[f"b{batch}"] = {
             **{f"subgraph: {k}": 1e3 * v for k, v in prof.items() if v > 0},
             "rest in ExecuTorch (stem + classifier on XNNPACK, layout at the op boundary, op and program "
@@ -150,7 +143,7 @@ def main_executorch(args, argv: list[str]) -> int:
         print("|---|---|---|")
         for k, v in med.items():
             print(f"| {k} | {1e3 * v:.2f} | {med['dense_executorch_xnnpack'] / v:.2f}x |")
-        print(f"\nthread CPU time (ms per inference, batch {batch}; best of {reps}):")
+        print(f"\nthread CPU time (ms per inference, batch {batch}; medians of {reps} interleaved rounds):")
         for k, v in breakdown[f"b{batch}"].items():
             print(f"  {k}: {v:.2f}")
 

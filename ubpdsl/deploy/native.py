@@ -32,7 +32,8 @@ MODEL_C = NATIVE_DIR / "ubp_model.c"
 #: every C source of the runtime (ubp_model.c includes the others): the build cache key hashes them all
 MODEL_SOURCES = (MODEL_C, NATIVE_DIR / "dwconv.c")
 #: what ubp_model_run_profiled accumulates, in this order
-PROFILE_KINDS = ("input layout", "sparse kernels", "epilogues", "depthwise", "pool", "fused expand + depthwise")
+PROFILE_KINDS = ("input layout", "sparse kernels", "epilogues", "depthwise", "pool",
+                 "fused expand + depthwise: depthwise", "fused expand + depthwise: band copy + expand kernel")
 ERRORS = {10: "plan header mismatch", 11: "a kernel slot is not bound", 12: "bad op in the plan"}
 
 
