@@ -233,3 +233,32 @@ def test_vector_bits_rejected_where_illegal(compile_cache):
     for target, bits in (("aarch64-sve", 256), ("aarch64-neon", 256), ("host", 96), ("host", 4096)):
         with pytest.raises(TargetError, match="vector"):
             compile_kernel(VARIANTS["wros"], p, target, vector_bits=bits, cache=compile_cache)
+
+
+@needs_qemu
+@pytest.mark.parametrize("tile", [3, 6])
+def test_non_power_of_two_tiles_and_narrow_tails(tile, compile_cache):
+    """TILE=3/6 (2-D vector tiles) on the host and NEON, with n hitting every tail width (masked
+    below one tile, narrow overlapped tails above); on SVE a non-power-of-two tile is a DSLError."""
+    from ubpdsl.errors import DSLError
+
+    rng = np.random.default_rng(tile)
+    M, K, N = 37, 13, 4
+    w = rng.standard_normal((M, K)).astype(np.float32)
+    rows, cols = [], []
+    for c in range(K):
+        r = int(rng.integers(0, 3))
+        while r <= M - N:
+            rows.append(r)
+            cols.append(c)
+            r += N + int(rng.integers(0, 4))
+    wm = np.zeros_like(w)
+    for r, c in zip(rows, cols, strict=True):
+        wm[r:r + N, c] = w[r:r + N, c]
+    problem = Problem("p", M, K, N, np.array(rows, np.int32), np.array(cols, np.int32), wm)
+    for n in (3, 4 * tile - 1, 4 * tile + 1, 4 * tile + 5, 8 * tile + 9, 49):
+        x = rng.standard_normal((K, n)).astype(np.float32)
+        for target in ("host", "aarch64-neon"):
+            _check("wros", problem, x, target, compile_cache, constants={"TILE": tile, "PREFETCH": 2})
+    with pytest.raises(DSLError, match="power of two"):
+        compile_kernel(VARIANTS["wros"], problem, "aarch64-sve", cache=compile_cache, constants={"TILE": tile})
