@@ -2,8 +2,8 @@
 
 A pattern kernel's space is small (``pattern_direct``: TILE x UNROLL x ROWS x FILTERS_OUTER,
 times the vector widths of the target), so it is searched exhaustively rather than sampled:
-every feasible point is compiled, its output checked against torch's conv2d, and then timed -- on the host all points in one
-interleaved run (:func:`ubpdsl.testing.do_bench`, medians), on AArch64 targets by the
+every feasible point is compiled, its output checked against torch's conv2d, and then timed --
+on the host all points in one interleaved run (:func:`ubpdsl.testing.do_bench`, medians), on AArch64 targets by the
 instructions one call executes under qemu (:mod:`ubpdsl.runtime.insncount`; a count, not a
 time). The kernel's defaults are the reference (1.0x). ``ubpdsl tune --schemes`` calls
 :func:`tune_pattern` for every pattern layer.
