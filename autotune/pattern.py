@@ -1,9 +1,9 @@
 """Tuning pattern (direct 3x3 convolution) kernels: each kernel's ``tune=`` space, searched whole.
 
-A pattern kernel's space is small (``pattern_direct``: TILE x UNROLL x FILTERS_OUTER, 24
-points), so it is searched exhaustively rather than sampled: every feasible point is compiled,
-its output checked against torch's conv2d, and then timed -- on the host all points in one
-interleaved run (:func:`ubpdsl.testing.do_bench`, medians), on AArch64 targets by the
+A pattern kernel's space is small (``pattern_direct``: TILE x UNROLL x ROWS x FILTERS_OUTER,
+times the vector widths of the target), so it is searched exhaustively rather than sampled:
+every feasible point is compiled, its output checked against torch's conv2d, and then timed --
+on the host all points in one interleaved run (:func:`ubpdsl.testing.do_bench`, medians), on AArch64 targets by the
 instructions one call executes under qemu (:mod:`ubpdsl.runtime.insncount`; a count, not a
 time). The kernel's defaults are the reference (1.0x). ``ubpdsl tune --schemes`` calls
 :func:`tune_pattern` for every pattern layer.
@@ -34,6 +34,7 @@ class PatternTuneResult:
     unit: str  # "s" (host median) or "insns" (executed instructions under qemu)
     best: CompiledKernel
     best_constants: dict[str, Any]
+    best_vector_bits: int
     default_cost: float
     best_cost: float
     costs: dict[str, float]  # "variant {constants}" -> cost
@@ -47,10 +48,15 @@ def pattern_space(kernel: Any, problem: PatternProblem, lanes: int) -> tuple[lis
     for values in itertools.product(*(kernel.tune[n] for n in names)):
         consts = {**kernel.defaults, **dict(zip(names, values, strict=True))}
         tile = int(consts.get("TILE", 1))
+        rows = int(consts.get("ROWS", 1))
         if tile > 1 and (tile - 1) * lanes >= problem.width:
             skipped[f"{kernel.name} {consts}"] = f"TILE={tile} x {lanes} lanes is wider than a row of {problem.width}"
-            continue
-        points.append(consts)
+        elif rows > 1 and rows // 2 >= problem.height:
+            skipped[f"{kernel.name} {consts}"] = f"ROWS={rows} is over twice the image height {problem.height}"
+        elif rows * tile + tile > 32:
+            skipped[f"{kernel.name} {consts}"] = f"ROWS x TILE + TILE = {rows * tile + tile} vector registers > 32"
+        else:
+            points.append(consts)
     return points, skipped
 
 
@@ -67,6 +73,9 @@ def tune_pattern(problem: PatternProblem, target: str = "host", *, variants: tup
     """Search every feasible point of the pattern kernels' spaces for ``problem`` on ``target``."""
     if problem.weight is None:
         raise UbpError(f"layer {problem.name}: tuning a pattern kernel needs the layer's weights")
+    from ubpdsl.autotune.space import vector_bits_choices
+    from ubpdsl.compiler import resolve_target
+
     tgt = get_target(target)
     kernels = [get_variant(v) for v in (variants or tuple(PATTERN_VARIANTS))]
     for k in kernels:
@@ -75,24 +84,26 @@ def tune_pattern(problem: PatternProblem, target: str = "host", *, variants: tup
     x = np.random.default_rng(seed).standard_normal((problem.K, problem.pixels)).astype(np.float32)
     want = _reference(problem, x)
     tol = 1e-4 * max(1.0, float(np.abs(want).max(initial=0.0)))
-    built: dict[str, tuple[CompiledKernel, dict[str, Any]]] = {}
+    built: dict[str, tuple[CompiledKernel, dict[str, Any], int]] = {}
     skipped: dict[str, str] = {}
     default_key = None
-    for k in kernels:
-        points, why = pattern_space(k, problem, tgt.vector_lanes_f32)
-        skipped.update(why)
-        for consts in [dict(k.defaults), *points]:
-            key = f"{k.name} {consts}"
-            if key in built:
-                continue
-            ck = compile_kernel(k, problem, tgt, constants=consts)
-            built[key] = (ck, consts)
-            default_key = default_key or key
+    for bits in vector_bits_choices(tgt):  # x86 AVX-512 hosts: 256-bit vectors fit small rows better
+        vt = resolve_target(tgt, bits)
+        for k in kernels:
+            points, why = pattern_space(k, problem, vt.vector_lanes_f32)
+            skipped.update({f"{key} {bits}-bit": v for key, v in why.items()})
+            for consts in ([dict(k.defaults)] if default_key is None else []) + points:
+                key = f"{k.name} {consts} {bits}-bit"
+                if key in built:
+                    continue
+                ck = compile_kernel(k, problem, tgt, constants=consts, vector_bits=bits)
+                built[key] = (ck, consts, bits)
+                default_key = default_key or key
     costs: dict[str, float] = {}
     if tgt.runner == "qemu-aarch64":
         from ubpdsl.runtime.insncount import count_call
 
-        for key, (ck, _) in built.items():
+        for key, (ck, _, _) in built.items():
             counts, y = count_call(ck.obj, ck.symbol, x, ck.packed, problem.M,
                                    sve_bits=256 if tgt.scalable else None)
             if not np.allclose(y, want, rtol=1e-4, atol=tol):
@@ -105,7 +116,7 @@ def tune_pattern(problem: PatternProblem, target: str = "host", *, variants: tup
 
         xs = aligned_copy(x)
         calls = {}
-        for key, (ck, _) in built.items():
+        for key, (ck, _, _) in built.items():
             host = HostKernel(ck.so, ck.symbol, problem.M, problem.K)
             y = aligned_empty((problem.M, problem.pixels))
             if not np.allclose(host(xs, ck.packed, y), want, rtol=1e-4, atol=tol):
@@ -114,8 +125,9 @@ def tune_pattern(problem: PatternProblem, target: str = "host", *, variants: tup
         costs = dict(do_bench(calls, min_time=min_time))
         unit = "s"
     best_key = min(costs, key=costs.get)
-    return PatternTuneResult(problem.name, target, unit, built[best_key][0], built[best_key][1],
-                             costs[default_key], costs[best_key], costs, skipped)
+    ck, consts, bits = built[best_key]
+    return PatternTuneResult(problem.name, target, unit, ck, consts, bits, costs[default_key], costs[best_key],
+                             costs, skipped)
 
 
 def tune_pattern_layers(mask_path: str, schemes_path: str, image: tuple[int, int], *, target: str = "host",
@@ -137,7 +149,8 @@ def tune_pattern_layers(mask_path: str, schemes_path: str, image: tuple[int, int
         scale = 1e6 if res.unit == "s" else 1.0
         lines.append(f"| {problem.name} | {problem.M}x{problem.K} {problem.height}x{problem.width} | "
                      f"{res.default_cost * scale:.0f} | {res.best_cost * scale:.0f} | "
-                     f"{res.default_cost / res.best_cost:.2f}x | {res.best.variant} {res.best_constants} |")
+                     f"{res.default_cost / res.best_cost:.2f}x | {res.best.variant} {res.best_constants} "
+                     f"{res.best_vector_bits}-bit |")
         results.append(res)
     echo("\n".join(lines))
     return results

@@ -45,8 +45,8 @@ SHAPES = [
 ]
 QUICK = [("resnet_s4", 256, 256, 14, 14), ("small_odd", 32, 16, 13, 11)]
 N = 4
-PATTERN_GRID = [{"TILE": t, "FILTERS_OUTER": fo} for t in (1, 2, 4) for fo in (False, True)]
-UBP_GRID = [{"TILE": t, "UNROLL": u} for t in (2, 4) for u in (1, 2)]
+PATTERN_GRID = [({"TILE": t, "ROWS": r}, vb) for t in (1, 2, 4) for r in (4, 8) for vb in (512, 256)]
+UBP_GRID = [({"TILE": t, "UNROLL": u}, vb) for t in (2, 4) for u in (1, 2) for vb in (512, 256)]
 
 
 def layer(name: str, cout: int, cin: int, h: int, w: int, sparsity: float, seed: int = 0):
@@ -71,10 +71,15 @@ def im2col(x: torch.Tensor, cin: int, h: int, w: int) -> torch.Tensor:
 
 def best(kernel, problem, x, grid, min_time: float):
     """The fastest grid point (compiled host kernel, constants)."""
+    from ubpdsl.runtime.targets import get_target
+
     built = {}
-    for consts in grid:
-        ck = compile_kernel(kernel, problem, "host", constants=consts)
-        built[str(consts)] = ck
+    host_bits = get_target("host").vector_bits
+    for consts, bits in grid:
+        if bits > host_bits:
+            continue
+        ck = compile_kernel(kernel, problem, "host", constants=consts, vector_bits=bits)
+        built[f"{consts} {bits}-bit"] = ck
     xs = aligned_copy(x)
     ys = {key: aligned_empty((problem.M, x.shape[1])) for key in built}
     hosts = {key: HostKernel(ck.so, ck.symbol, problem.M, problem.K) for key, ck in built.items()}
@@ -151,7 +156,7 @@ def neon_rows(shapes, sparsity: float) -> list[str]:
         tile = {"TILE": register_tile(N)}
         res = {}
         for label, kernel, problem, xin, consts in (
-                ("pattern", PATTERN_VARIANTS["pattern_direct"], pat, x, {"TILE": 2}),
+                ("pattern", PATTERN_VARIANTS["pattern_direct"], pat, x, {"TILE": 1 if w < 8 else 2, "ROWS": 4}),
                 ("ubp", VARIANTS["wros"], ubp, xcol, tile), ("dense", VARIANTS["wros"], dense, xcol, tile)):
             ck = compile_kernel(kernel, problem, "aarch64-neon", constants=consts)
             counts, y = count_call(ck.obj, ck.symbol, np.ascontiguousarray(xin, np.float32), ck.packed, cout)

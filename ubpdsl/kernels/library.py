@@ -146,47 +146,60 @@ def aligned_rows(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.cons
                         ubl.store(Y, r0 + i, j, acc[i])
 
 
-@ubl.kernel(tune={"TILE": TILES, "UNROLL": UNROLLS, "FILTERS_OUTER": [False, True]})
+@ubl.kernel(tune={"TILE": TILES, "UNROLL": UNROLLS, "ROWS": [1, 2, 4, 8], "FILTERS_OUTER": [False, True]})
 def pattern_direct(X: ubl.Input, Y: ubl.Output, W: ubl.PatternSparse, TILE: ubl.constexpr = 2,
-                   UNROLL: ubl.constexpr = 1, FILTERS_OUTER: ubl.constexpr = False):
-    """Direct 3x3 convolution over patterns (PatDNN): one output row tile in a register tile.
+                   UNROLL: ubl.constexpr = 1, ROWS: ubl.constexpr = 4, FILTERS_OUTER: ubl.constexpr = False):
+    """Direct 3x3 convolution over patterns (PatDNN): ROWS output row tiles in registers.
 
-    For each output row r and tile j of its pixels, each filter f (in grouped order) sums its
-    kernels pattern by pattern: the kernels of one pattern share their 4 constant tap offsets
-    (dy, dx), so their loop body is 4 shifted loads of the input channel's rows and 4 FMAs.
-    Rows 0 and H-1 are peeled (their taps above/below the image fold away), as are the first
-    and last tile of a row (their taps left/right of the image shift a zero in).
+    For each block of ROWS output rows and tile j of their pixels, each filter f (in grouped
+    order) sums its kernels pattern by pattern: the kernels of one pattern share their 4
+    constant tap offsets (dy, dx), so their loop body is shifted loads of the input channel's
+    rows and 4 x ROWS FMAs; a row two output rows need (tap dy of row i, tap dy - 1 of row
+    i + 1) is loaded once (CSE), and the kernel's channel and weights are read once for ROWS
+    rows. The first and last row blocks are peeled (their taps above/below the image fold
+    away, rows past the image are skipped at compile time), as are the first and last tile of
+    a row (their taps left/right of the image shift a zero in).
     FILTERS_OUTER walks filters outside the rows (each filter's output plane at once) instead
     of inside the tiles (each input tile reused by every filter while it is in L1).
     UNROLL unrolls the loop over the kernels of one pattern.
     """
+    H = W.height
     if FILTERS_OUTER:
         for f in range(W.rows):
             o = W.filter_channel(f)
-            for r in ubl.range(0, W.height, peel=1):
+            for r0 in ubl.range(0, H, ROWS, peel=1):
                 for j in ubl.tiles(W.width, TILE, edges=True):
-                    acc = ubl.zeros(j)
+                    acc = ubl.zeros(ROWS, j)
                     for p in ubl.static_range(W.num_patterns):
                         lo, hi = W.pattern_kernels(f, p)
                         for k in ubl.range(lo, hi, unroll=UNROLL):
                             c = W.kernel_channel(k)
                             for t in ubl.static_range(W.taps):
                                 dy, dx = W.tap(p, t)
-                                acc = ubl.fma(W.tap_weight(k, t), ubl.load_pixels(X, c, r + dy, j, dx), acc)
-                    ubl.store_pixels(Y, o, r, j, acc)
+                                w = W.tap_weight(k, t)
+                                for i in ubl.static_range(ROWS):
+                                    acc[i] = ubl.fma(w, ubl.load_pixels(X, c, r0 + i + dy, j, dx), acc[i])
+                    for i in ubl.static_range(ROWS):
+                        if r0 + i < H:
+                            ubl.store_pixels(Y, o, r0 + i, j, acc[i])
     else:
-        for r in ubl.range(0, W.height, peel=1):
+        for r0 in ubl.range(0, H, ROWS, peel=1):
             for j in ubl.tiles(W.width, TILE, edges=True):
                 for f in range(W.rows):
-                    acc = ubl.zeros(j)
+                    acc = ubl.zeros(ROWS, j)
                     for p in ubl.static_range(W.num_patterns):
                         lo, hi = W.pattern_kernels(f, p)
                         for k in ubl.range(lo, hi, unroll=UNROLL):
                             c = W.kernel_channel(k)
                             for t in ubl.static_range(W.taps):
                                 dy, dx = W.tap(p, t)
-                                acc = ubl.fma(W.tap_weight(k, t), ubl.load_pixels(X, c, r + dy, j, dx), acc)
-                    ubl.store_pixels(Y, W.filter_channel(f), r, j, acc)
+                                w = W.tap_weight(k, t)
+                                for i in ubl.static_range(ROWS):
+                                    acc[i] = ubl.fma(w, ubl.load_pixels(X, c, r0 + i + dy, j, dx), acc[i])
+                    o = W.filter_channel(f)
+                    for i in ubl.static_range(ROWS):
+                        if r0 + i < H:
+                            ubl.store_pixels(Y, o, r0 + i, j, acc[i])
 
 
 VARIANTS = {

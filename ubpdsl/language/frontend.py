@@ -515,19 +515,21 @@ class CodeGen:
         """``ubl.range(lo, hi, peel=E)``: the first and last E iterations with a compile-time
         loop variable, the ones in between as a loop whose variable is known to lie in
         [lo + E, hi - E) (``load_pixels`` proves rows inside the image from it)."""
-        if not (isinstance(lo, int) and isinstance(hi, int)) or step != 1:
-            raise self.error("ubl.range(..., peel=E) needs compile-time bounds and step 1", node)
+        if not (isinstance(lo, int) and isinstance(hi, int) and isinstance(step, int)) or step < 1:
+            raise self.error("ubl.range(..., peel=E) needs compile-time bounds and a positive step", node)
         if not 0 <= peel <= MAX_STATIC_TRIPS:
             raise self.error(f"peel must be in 0..{MAX_STATIC_TRIPS}, got {peel}", node)
-        first_end = min(lo + peel, hi)
-        last_start = max(hi - peel, first_end)
-        for v in PY_RANGE(lo, first_end):
+        values = PY_RANGE(lo, hi, step)
+        head = list(values[:peel])
+        mid = values[peel: max(peel, len(values) - peel)]
+        tail = list(values[max(peel, len(values) - peel):])
+        for v in head:
             self.assign(st.target, v)
             self.visit_body(st.body)
-        if last_start > first_end:
-            self._pending_range = (first_end, last_start)
-            self.loop_range(st, first_end, last_start, 1, unroll)
-        for v in PY_RANGE(last_start, hi):
+        if len(mid):
+            self._pending_range = (mid[0], mid[-1] + 1)  # every value the loop variable takes
+            self.loop_range(st, mid[0], mid[-1] + 1, step, unroll)
+        for v in tail:
             self.assign(st.target, v)
             self.visit_body(st.body)
 
@@ -1261,6 +1263,9 @@ class CodeGen:
             raise self.error(f"unsupported comparison {type(op).__name__}", node)
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
             return py[type(op)](a, b)
+        folded = self._compare_by_range(op, a, b)
+        if folded is not None:
+            return folded
         if self._is_float(a) or self._is_float(b):
             preds = {ast.Lt: arith.CmpFPredicate.OLT, ast.LtE: arith.CmpFPredicate.OLE,
                      ast.Gt: arith.CmpFPredicate.OGT, ast.GtE: arith.CmpFPredicate.OGE,
@@ -1270,6 +1275,33 @@ class CodeGen:
                  ast.Gt: arith.CmpIPredicate.sgt, ast.GtE: arith.CmpIPredicate.sge,
                  ast.Eq: arith.CmpIPredicate.eq, ast.NotEq: arith.CmpIPredicate.ne}
         return arith.cmpi(preds[type(op)], self.materialize(a, self.index), self.materialize(b, self.index))
+
+    def _compare_by_range(self, op: ast.cmpop, a: Any, b: Any) -> bool | None:
+        """A comparison of an index with a known range (a peeled loop's variable +- constants) and a
+        compile-time int, when every value of the range gives the same answer; else None."""
+        def interval(v: Any) -> tuple[int, int] | None:
+            if isinstance(v, bool):
+                return None
+            if isinstance(v, int):
+                return v, v
+            if isinstance(v, ir.Value) and v in self._ranges:
+                lo, hi = self._ranges[v]
+                return lo, hi - 1
+            return None
+
+        ia, ib = interval(a), interval(b)
+        if ia is None or ib is None or (isinstance(a, int) and isinstance(b, int)):
+            return None
+        (alo, ahi), (blo, bhi) = ia, ib
+        if isinstance(op, ast.Lt):
+            return True if ahi < blo else False if alo >= bhi else None
+        if isinstance(op, ast.LtE):
+            return True if ahi <= blo else False if alo > bhi else None
+        if isinstance(op, ast.Gt):
+            return True if alo > bhi else False if ahi <= blo else None
+        if isinstance(op, ast.GtE):
+            return True if alo >= bhi else False if ahi < blo else None
+        return None
 
     def _is_float(self, v: Any) -> bool:
         if isinstance(v, float):
