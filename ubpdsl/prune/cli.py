@@ -60,12 +60,7 @@ def _parse_layer_sparsity(items: tuple[str, ...]) -> dict[str, float]:
     "--activation-sparsity",
     type=float,
     metavar="S",
-    help="Also drop S of each conv's output positions (random static pixel masks, to the schemes sidecar).",
-)
-@click.option(
-    "--schemes-output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="schemes.npz sidecar for pattern ids / pixel masks [default: OUTPUT with .schemes.npz].",
+    help="Also drop S of each conv's output positions (random static pixel masks, stored in OUTPUT).",
 )
 @click.option(
     "--importance", type=click.Choice(_IMPORTANCES), default="abs", show_default=True, help="Weight score."
@@ -109,14 +104,15 @@ def prune(
     reweighted_steps: int = 200,
     reweighted_lambda: float = 1e-3,
     activation_sparsity: float | None = None,
-    schemes_output: Path | None = None,
 ) -> None:
     """Prune a model's weights once and write the kept blocks and pruned weights to masks.npz.
 
     Every Linear and ungrouped Conv layer is pruned to Nx1 blocks that may start at any
     row (method bed or optimal), only at multiples of N (aligned), or to single weights
-    (unstructured, stored as N = 1 blocks). Depthwise/grouped convolutions stay dense
-    and are listed as skipped. For gradual pruning during training use
+    (unstructured, stored as N = 1 blocks); method pattern gives 3x3 convs layers of kind
+    pattern. --activation-sparsity adds a pixel mask to each conv (a conv left dense is
+    written with all its weights). Depthwise/grouped convolutions stay dense and are listed
+    as skipped. For gradual pruning during training use
     ubpdsl.prune.sparsifier.UnalignedBlockSparsifier (see docs/pruning.md).
 
     \b
@@ -124,7 +120,7 @@ def prune(
       ubpdsl prune --model mobilenetv2 --sparsity 0.75 --block 4 -o masks.npz
       ubpdsl prune --model mobilenetv2 --sparsity 0.9 --global --skip classifier.1 -o m.npz
       ubpdsl prune --model digits-cnn --weights cnn.pt --sparsity 0.5 --layer-sparsity fc=0.25 -o m.npz
-      ubpdsl prune --model digits-cnn --method pattern --sparsity 0.75 -o m.npz   # + m.schemes.npz
+      ubpdsl prune --model digits-cnn --method pattern --sparsity 0.75 -o m.npz
       ubpdsl prune --model digits-cnn --reweighted --sparsity 0.75 -o m.npz
       ubpdsl prune --model mobilenetv2 --sparsity 0.75 --activation-sparsity 0.3 -o m.npz
     """
@@ -201,6 +197,13 @@ def prune(
     sparsifier.squash_mask()
 
     layers = sparsifier.to_layer_masks(include_weights=True)
+    if activation_sparsity is not None:
+        from ubpdsl.prune.activation import attach_pixel_masks, random_pixel_masks
+
+        shape = tuple(loaded.require_example().shape[1:])
+        pixels = random_pixel_masks(model, shape, activation_sparsity, seed=seed, skip=skip)
+        weights = {name: model.get_submodule(name).weight for name in pixels}
+        layers = attach_pixel_masks(layers, pixels, weights, block)
     if not layers:
         raise UbpError("nothing pruned: every selected layer has sparsity 0")
     from ubpdsl.guard import ensure_dir
@@ -225,19 +228,10 @@ def prune(
     dense = [g["module_fqn"] for g in sparsifier.groups if g["module_fqn"] not in layers]
     for name in dense:
         click.echo(f"dense   {name}: sparsity 0, not written")
-    if method == "pattern" or activation_sparsity is not None:
-        from ubpdsl.prune.scheme_masks import save_schemes
-
-        pats = sparsifier.to_pattern_masks() if method == "pattern" else None
-        pixels = None
-        if activation_sparsity is not None:
-            from ubpdsl.prune.activation import random_pixel_masks
-
-            shape = tuple(loaded.require_example().shape[1:])
-            pixels = random_pixel_masks(model, shape, activation_sparsity, seed=seed, skip=skip)
-        side = schemes_output or output.with_suffix(".schemes.npz")
-        save_schemes(side, pats, pixels)
-        click.echo(f"wrote {side}: {len(pats or {})} pattern layers, {len(pixels or {})} pixel masks")
+    kinds = [lm.kind for lm in layers.values()]
+    if "pattern" in kinds or activation_sparsity is not None:
+        click.echo(f"{kinds.count('pattern')} pattern layers, "
+                   f"{sum(lm.pixel_keep is not None for lm in layers.values())} pixel masks")
     n_eff = 1 if method in ("unstructured", "pattern") else block
     click.echo(
         f"wrote {output}: {len(layers)} layers, N={n_eff}, method {method}, "
