@@ -191,7 +191,8 @@ def _pair(v: Any) -> tuple[int, int]:
 class SparseConv2d(_KernelModule):
     """An ungrouped ``nn.Conv2d`` whose GEMM runs on a ubpdsl kernel (1x1 direct, kxk via im2col)."""
 
-    def __init__(self, conv: nn.Conv2d, kernel: NativeKernel, layer: str = "") -> None:
+    def __init__(self, conv: nn.Conv2d, kernel: NativeKernel, layer: str = "",
+                 pixel_keep: np.ndarray | torch.Tensor | None = None) -> None:
         if conv.groups != 1:
             raise BundleError(f"layer {layer}: grouped/depthwise convolutions stay dense (groups={conv.groups})")
         if conv.padding_mode != "zeros":
@@ -206,6 +207,16 @@ class SparseConv2d(_KernelModule):
             raise BundleError(f"layer {layer}: the kernel is {self.M}x{self.K}, the convolution's GEMM view is "
                               f"{self.out_channels}x{self.in_channels * self.kernel_size[0] * self.kernel_size[1]}")
         self.pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
+        # Semi-structured activation sparsity: only the kept output positions are computed (the kernel
+        # runs on n = kept pixels per image); the others are zero.
+        self.register_buffer("pixel_keep", None)
+        self.register_buffer("kept_index", None, persistent=False)
+        if pixel_keep is not None:
+            from ubpdsl.masks import validate_pixel_mask
+
+            keep = torch.from_numpy(validate_pixel_mask(pixel_keep, layer))
+            self.pixel_keep = keep
+            self.kept_index = torch.nonzero(keep.reshape(-1)).reshape(-1)
 
     def _resolve_padding(self, padding: Any, layer: str) -> tuple[int, int]:
         if padding == "valid":
@@ -218,8 +229,9 @@ class SparseConv2d(_KernelModule):
         return _pair(padding)
 
     def extra_repr(self) -> str:
+        px = "" if self.kept_index is None else f", kept_pixels={self.kept_index.numel()}/{self.pixel_keep.numel()}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, bias={self.bias is not None}, layer={self.layer!r}")
+                f"padding={self.padding}, bias={self.bias is not None}, layer={self.layer!r}{px}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.dim() == 3
@@ -234,9 +246,20 @@ class SparseConv2d(_KernelModule):
             cols = x.reshape(x.shape[0], self.in_channels, ho * wo)
         else:
             cols, ho, wo = self._im2col(x)
-        y = self.gemm(cols)
-        if self.bias is not None:
-            y = y.add_(self.bias.view(1, -1, 1))
+        if self.kept_index is not None:
+            if tuple(self.pixel_keep.shape) != (ho, wo):
+                raise UbpError(f"layer {self.layer}: its pixel mask is {tuple(self.pixel_keep.shape)}, the output "
+                               f"is {ho}x{wo} for input {list(x.shape)}")
+            y = self.gemm(cols[:, :, self.kept_index])  # [B, M, kept]: the dropped columns are never computed
+            if self.bias is not None:
+                y = y.add_(self.bias.view(1, -1, 1))
+            out = y.new_zeros(y.shape[0], self.out_channels, ho * wo)
+            out[:, :, self.kept_index] = y
+            y = out
+        else:
+            y = self.gemm(cols)
+            if self.bias is not None:
+                y = y.add_(self.bias.view(1, -1, 1))
         y = y.view(y.shape[0], self.out_channels, ho, wo)
         return y[0] if unbatched else y
 
@@ -316,7 +339,8 @@ def swap_to_kernels(model: nn.Module, bundle: str | os.PathLike[str] | Bundle, *
                     layers: list[str] | None = None, check_weights: bool = True) -> nn.Module:
     """Replace the model's pruned layers by kernel-backed modules (in place); returns ``model``.
 
-    Every layer of the bundle (or of ``layers``) is swapped. Everything is checked before the first
+    Every layer of the bundle (or of ``layers``) is swapped; a layer with a pixel mask computes only
+    its kept output positions (:class:`SparseConv2d`). Everything is checked before the first
     module changes: the bundle itself (:func:`~ubpdsl.export.load_bundle`), that its kernels run on
     this machine, that each layer exists in the model with the bundle's shape and (``check_weights``)
     exactly the bundle's weights, and that every library loads.
@@ -325,10 +349,15 @@ def swap_to_kernels(model: nn.Module, bundle: str | os.PathLike[str] | Bundle, *
     bundle.check_runs_here(target)
     names = list(layers) if layers is not None else bundle.layers
     plans = [_plan(model, bundle, name, target, check_weights) for name in names]
+    masks = bundle.masks()
+    for plan in plans:
+        if masks[plan.name].pixel_keep is not None and not isinstance(plan.module, nn.Conv2d):
+            raise BundleError(f"layer {plan.name}: the bundle gives it a pixel mask, but it is a "
+                              f"{type(plan.module).__name__} (pixel masks apply to Conv2d layers)")
     kernels = [NativeKernel(p.files) for p in plans]
     for plan, kernel in zip(plans, kernels, strict=True):
         if isinstance(plan.module, nn.Conv2d):
-            new: nn.Module = SparseConv2d(plan.module, kernel, plan.name)
+            new: nn.Module = SparseConv2d(plan.module, kernel, plan.name, masks[plan.name].pixel_keep)
         else:
             new = SparseLinear(plan.module, kernel, plan.name)
         new.train(plan.module.training)
