@@ -115,11 +115,34 @@ def load_tuned_configs(path: str | os.PathLike[str]) -> tuple[str, dict[str, Ker
         if not isinstance(entry, dict) or "tuned_config" not in entry:
             raise UbpError(f"tuned configurations {p}: layer {name!r} has no tuned_config")
         cfg = KernelConfig.from_json(entry["tuned_config"], source=str(p))
+        _check_kernel_unchanged(p, name, cfg, entry.get("kernel_identity"))
         shape = (entry.get("M"), entry.get("K"), entry.get("N"))
         if all(isinstance(v, int) for v in shape):
             cfg = replace(cfg, tuned_for=shape)
         out[name] = cfg
     return str(target), out
+
+
+def _check_kernel_unchanged(path: Path, layer: str, cfg: KernelConfig, recorded: Any) -> None:
+    """A tuned config of a user kernel file is only valid for the kernel it was tuned with.
+
+    ``ubpdsl tune`` records :func:`ubpdsl.kernels.kernel_identity` of a user kernel; a kernel whose
+    source, globals, flags or knobs changed since (or an entry without the record) is refused.
+    """
+    from ubpdsl.kernels import VARIANTS, kernel_identity
+
+    if cfg.variant in VARIANTS:
+        return
+    if not isinstance(recorded, str):
+        raise UbpError(f"tuned configurations {path}: layer {layer!r} was tuned with the kernel {cfg.variant} "
+                       "but records no kernel_identity: re-run `ubpdsl tune` with this kernel")
+    try:
+        now = kernel_identity(cfg.kernel)
+    except UbpError as exc:
+        raise UbpError(f"tuned configurations {path}: layer {layer!r}: {exc}") from None
+    if now != recorded:
+        raise UbpError(f"tuned configurations {path}: layer {layer!r} was tuned with the kernel {cfg.variant}, which "
+                       "has changed since: re-run `ubpdsl tune` with the current kernel")
 
 
 def configs_for(layers: Mapping[str, Any], target: str, tuned: Mapping[str, KernelConfig] | None = None,
