@@ -239,6 +239,8 @@ class SparseConv2d(_KernelModule):
             x = x.unsqueeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise UbpError(f"layer {self.layer}: expected input [B, {self.in_channels}, H, W], got {list(x.shape)}")
+        if self.kept_index is not None:
+            return self._forward_kept(x, unbatched)
         if self.pointwise:
             if self.stride != (1, 1):
                 x = x[:, :, :: self.stride[0], :: self.stride[1]]
@@ -246,22 +248,36 @@ class SparseConv2d(_KernelModule):
             cols = x.reshape(x.shape[0], self.in_channels, ho * wo)
         else:
             cols, ho, wo = self._im2col(x)
-        if self.kept_index is not None:
-            if tuple(self.pixel_keep.shape) != (ho, wo):
-                raise UbpError(f"layer {self.layer}: its pixel mask is {tuple(self.pixel_keep.shape)}, the output "
-                               f"is {ho}x{wo} for input {list(x.shape)}")
-            y = self.gemm(cols[:, :, self.kept_index])  # [B, M, kept]: the dropped columns are never computed
-            if self.bias is not None:
-                y = y.add_(self.bias.view(1, -1, 1))
-            out = y.new_zeros(y.shape[0], self.out_channels, ho * wo)
-            out[:, :, self.kept_index] = y
-            y = out
-        else:
-            y = self.gemm(cols)
-            if self.bias is not None:
-                y = y.add_(self.bias.view(1, -1, 1))
+        y = self.gemm(cols)
+        if self.bias is not None:
+            y = y.add_(self.bias.view(1, -1, 1))
         y = y.view(y.shape[0], self.out_channels, ho, wo)
         return y[0] if unbatched else y
+
+    def _forward_kept(self, x: torch.Tensor, unbatched: bool) -> torch.Tensor:
+        """Only the kept output positions: their im2col columns gathered straight from the padded input
+        (one pass, no full im2col), the kernel on n = kept pixels per image, then scattered back."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        xp = (F.pad(x, (pw, pw, ph, ph)) if ph or pw else x).contiguous()
+        b, c, hp, wp = xp.shape
+        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+        if tuple(self.pixel_keep.shape) != (ho, wo):
+            raise UbpError(f"layer {self.layer}: its pixel mask is {tuple(self.pixel_keep.shape)}, the output is "
+                           f"{ho}x{wo} for input {list(x.shape)}")
+        key = (hp, wp)
+        if getattr(self, "_gather_key", None) != key:  # flat offsets [K * kept] into one padded image
+            oy, ox = self.kept_index // wo, self.kept_index % wo
+            base = (torch.arange(c).view(c, 1, 1) * (hp * wp) + torch.arange(kh).view(1, kh, 1) * (dh * wp)
+                    + torch.arange(kw).view(1, 1, kw) * dw).reshape(-1, 1)
+            self._gather, self._gather_key = (base + (oy * (sh * wp) + ox * sw).view(1, -1)).reshape(-1), key
+        kept = self.kept_index.numel()
+        cols = xp.reshape(b, -1).index_select(1, self._gather).view(b, self.K, kept)
+        y = self.gemm(cols)  # [B, M, kept]: the dropped columns are never computed
+        if self.bias is not None:
+            y = y.add_(self.bias.view(1, -1, 1))
+        out = y.new_zeros(b, self.out_channels, ho * wo).index_copy_(2, self.kept_index, y)
+        out = out.view(b, self.out_channels, ho, wo)
+        return out[0] if unbatched else out
 
     def _im2col(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """``[B, C*kh*kw, Ho*Wo]`` with columns in (channel, ky, kx) order, as ``F.unfold`` (but faster)."""
