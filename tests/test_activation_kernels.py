@@ -113,3 +113,25 @@ def test_dense_layer_with_only_a_pixel_mask_runs_on_kernels(tmp_path):
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         torch.testing.assert_close(fast(x), reference(x), rtol=RTOL, atol=ATOL)
+
+
+def test_prune_compile_tune_export_cli_take_pattern_and_pixel_layers(tmp_path, monkeypatch, capsys):
+    from ubpdsl.cli import main
+    from ubpdsl.masks import load_masks
+
+    monkeypatch.setenv("UBPDSL_CACHE_DIR", str(tmp_path / "cache"))
+    m = tmp_path / "m.npz"
+    assert main(["prune", "--model", "digits-cnn", "--method", "pattern", "--sparsity", "0.75",
+                 "--activation-sparsity", "0.25", "-o", str(m)]) == 0
+    masks = load_masks(m)
+    assert masks["conv2"].kind == "pattern" and masks["conv2"].pixel_keep is not None
+    assert main(["compile", "--mask", str(m), "-o", str(tmp_path / "c")]) == 0
+    built = json.loads((tmp_path / "c" / "manifest.json").read_text())["layers"]
+    assert built["conv2"]["kind"] == "pattern" and built["conv2"]["pixels"]["kept"] == masks["conv2"].kept_pixels
+    assert main(["tune", "--mask", str(m), "--model", "digits-cnn", "--trials", "1", "--no-dense", "--layer", "conv2",
+                 "-o", str(tmp_path / "t")]) == 0
+    tuned = json.loads((tmp_path / "t" / "manifest.json").read_text())["layers"]["conv2"]
+    assert tuned["n"] == masks["conv2"].kept_pixels  # batch 1: n = kept output pixels, not 8 x 8
+    assert main(["export", "--mask", str(m), "--tuned", str(tmp_path / "t"), "--layer", "conv2",
+                 "-o", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
