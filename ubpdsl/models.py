@@ -542,13 +542,18 @@ def gemm_columns(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-            hooks.append(mod.register_forward_hook(
-                lambda m, i, o, name=name: sizes.__setitem__(name, sizes.get(name, 0) + int(o.shape[0])
-                                                             * int(np.prod(o.shape[2:])))))
+            hooks.append((mod, lambda m, i, o, name=name: sizes.__setitem__(
+                name, sizes.get(name, 0) + int(o.shape[0]) * int(np.prod(o.shape[2:])))))
         elif isinstance(mod, nn.Linear):
-            hooks.append(mod.register_forward_hook(
-                lambda m, i, o, name=name: sizes.__setitem__(name, sizes.get(name, 0)
-                                                             + int(np.prod(o.shape[:-1])))))
+            hooks.append((mod, lambda m, i, o, name=name: sizes.__setitem__(
+                name, sizes.get(name, 0) + int(np.prod(o.shape[:-1])))))
+    _run_hooked(model, example, hooks)
+    return sizes
+
+
+def _run_hooked(model: nn.Module, example: torch.Tensor, hooks: list[tuple[nn.Module, Callable[..., None]]]) -> None:
+    """Run ``model`` once on ``example`` (no grad) with forward hooks (which must return None) installed."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks]
     try:
         with torch.no_grad():
             model(example)
@@ -557,9 +562,8 @@ def gemm_columns(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
         raise UbpError(f"the model failed on an example input of shape {list(example.shape)}: "
                        f"{type(exc).__name__}: {first}") from None
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
-    return sizes
 
 
 def check_masks_fit_model(model: nn.Module, masks: Any, source: str = "masks.npz",
@@ -594,17 +598,7 @@ def check_masks_fit_model(model: nn.Module, masks: Any, source: str = "masks.npz
     def record(name: str, out: torch.Tensor) -> None:  # a hook returns None: its output stays the layer's
         sizes.setdefault(name, tuple(out.shape[-2:]))
 
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: record(n, o)) for n, m in pixel_layers]
-    try:
-        with torch.no_grad():
-            model(example)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UbpError(f"the model failed on an example input of shape {list(example.shape)}: "
-                       f"{type(exc).__name__}: {first}") from None
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, example, [(m, lambda mod, i, o, n=n: record(n, o)) for n, m in pixel_layers])
     for name, _ in pixel_layers:
         keep = masks[name].pixel_keep
         if name in sizes and tuple(keep.shape) != sizes[name]:
