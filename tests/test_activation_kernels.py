@@ -135,3 +135,15 @@ def test_prune_compile_tune_export_cli_take_pattern_and_pixel_layers(tmp_path, m
     assert main(["export", "--mask", str(m), "--tuned", str(tmp_path / "t"), "--layer", "conv2",
                  "-o", str(tmp_path / "e")]) == 0
     capsys.readouterr()
+
+
+def test_inspect_shows_kind_and_kept_pixels(tmp_path, capsys):
+    from ubpdsl.cli import main
+    from ubpdsl.masks import save_masks
+
+    _, masks, pixels = _model_and_masks()
+    save_masks(tmp_path / "m.npz", masks)
+    assert main(["inspect", str(tmp_path / "m.npz")]) == 0
+    rows = {ln.split()[0]: ln.split() for ln in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["dil"][-2:] == ["pattern", f"{int(pixels['dil'].sum())}/16"]
+    assert rows["fc"][-2:] == ["blocks", "-"]

@@ -259,6 +259,8 @@ def _layer_rows(layers: dict) -> list[tuple[str, ...]]:
                 "-" if np.isnan(aligned) else f"{aligned:.3f}",
                 str(empty_rows),
                 "yes" if lm.weight is not None else "no",
+                lm.kind,
+                "-" if lm.pixel_keep is None else f"{lm.kept_pixels}/{lm.pixel_keep.size}",
             )
         )
     return rows
@@ -266,7 +268,7 @@ def _layer_rows(layers: dict) -> list[tuple[str, ...]]:
 
 def _format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    left = {0, 1, 2}
+    left = {0, 1, 2, 9}
 
     def fmt(cells: tuple[str, ...]) -> str:
         return "  ".join(
@@ -333,7 +335,8 @@ def inspect(masks_path: Path, plot: Path | None, only: tuple[str, ...]) -> None:
 
     Columns: weight shape, GEMM view RxC, block size N, number of blocks, sparsity,
     fraction of blocks that start at a multiple of N (aligned), rows of W with no
-    kept weight, and whether pruned weights are stored.
+    kept weight, whether pruned weights are stored, the layer kind (blocks or pattern)
+    and the output pixels kept by its pixel mask (- without one).
 
     \b
     Example:
@@ -350,7 +353,7 @@ def inspect(masks_path: Path, plot: Path | None, only: tuple[str, ...]) -> None:
         if unknown:
             raise UbpError(f"{masks_path} has no layer {unknown[0]!r}")
         layers = {n: layers[n] for n in only}
-    header = ("layer", "shape", "RxC", "N", "blocks", "sparsity", "aligned", "empty_rows", "weights")
+    header = ("layer", "shape", "RxC", "N", "blocks", "sparsity", "aligned", "empty_rows", "weights", "kind", "pixels")
     click.echo(_format_table(header, _layer_rows(layers)))
     kept = sum(lm.nnz for lm in layers.values())
     total = sum(lm.R * lm.C for lm in layers.values())
