@@ -232,7 +232,7 @@ def prune(
     if "pattern" in kinds or activation_sparsity is not None:
         click.echo(f"{kinds.count('pattern')} pattern layers, "
                    f"{sum(lm.pixel_keep is not None for lm in layers.values())} pixel masks")
-    n_eff = 1 if method in ("unstructured", "pattern") else block
+    n_eff = ",".join(str(n) for n in sorted({lm.block for lm in layers.values()}))  # dense pixel layers: --block
     click.echo(
         f"wrote {output}: {len(layers)} layers, N={n_eff}, method {method}, "
         f"sparsity {1 - kept / max(1, total):.4f} over pruned layers"
