@@ -27,6 +27,7 @@ import numpy as np
 from ubpdsl.cli_common import load_model, model_options
 from ubpdsl.errors import MaskError, UbpError
 from ubpdsl.identity import atomic_copy, atomic_write, content_file
+from ubpdsl.kernels import VARIANTS, kernel_identity
 from ubpdsl.runtime.targets import TARGET_NAMES
 
 __all__ = ["tune", "run_tune", "load_layers", "LayerSummary"]
@@ -253,6 +254,8 @@ def _deliver(tuner: Any, layer: Any, res: Any, out: Path, manifest: dict[str, An
         "unit": "cycles (llvm-mca estimate)" if res.estimate else "seconds (median, thread CPU time)",
         "cache": tuner.cache_mode,  # how the numbers (and the choice of config) were timed: cold / warm caches
     }
+    if res.best.variant not in VARIANTS:  # a user kernel file: export refuses it once the kernel changed
+        manifest["layers"][layer.name]["kernel_identity"] = kernel_identity(res.best.kernel)
     label = res.best.label() + (" (= default)" if res.best.key() == res.default.key() else "")
     return LayerSummary(layer.name, f"{p.M}x{p.K} N={p.N}", layer.n, t_def, t_tuned, dense_s, label,
                         res.trials, res.failed, res.from_cache, res.estimate, gflops, tuner.cache_mode)

@@ -1,4 +1,4 @@
-"""masks.npz ("ubpdsl.masks/1"): round trips, validation and hostile files."""
+"""masks.npz ("ubpdsl.masks/2", and /1 files): round trips, validation and hostile files."""
 
 from __future__ import annotations
 
@@ -302,8 +302,8 @@ def test_format_key(tmp_path):
     del arrays["format"]
     with pytest.raises(MaskError, match="missing 'format' key"):
         load_masks(write_npz(tmp_path / "a.npz", arrays))
-    arrays["format"] = np.array("ubpdsl.masks/2")
-    with pytest.raises(MaskError, match="unsupported masks format 'ubpdsl.masks/2'"):
+    arrays["format"] = np.array("ubpdsl.masks/3")
+    with pytest.raises(MaskError, match="unsupported masks format 'ubpdsl.masks/3'"):
         load_masks(write_npz(tmp_path / "b.npz", arrays))
     arrays["format"] = np.array([1, 2])
     with pytest.raises(MaskError, match="'format' must be one string"):
@@ -447,3 +447,102 @@ def test_random_corruption_gives_maskerror_or_valid_masks(tmp_path, data):
         return
     for lm in out.values():
         lm.validate()
+
+
+# ------------------------------------------------------------------ format 2: layer kinds, pixel masks
+
+
+def _pattern_layer(pixel_keep=None) -> LayerMask:
+    from ubpdsl.masks import PatternMask
+
+    rng = np.random.default_rng(4)
+    lib = np.zeros((3, 3, 3), np.uint8)
+    for p, idx in enumerate([(0, 1, 4, 8), (2, 4, 6, 7), (3, 4, 5, 7)]):
+        lib[p].flat[list(idx)] = 1
+    ids = rng.integers(-1, 3, size=(6, 5)).astype(np.int16)
+    pm = PatternMask("conv", (6, 5, 3, 3), lib, ids)
+    w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32) * pm.dense_mask()
+    return LayerMask.from_pattern(pm, w, pixel_keep)
+
+
+def test_v1_file_still_loads_and_v2_fields_are_refused_in_v1(tmp_path):
+    lm = make_layer()
+    arrays = layer_arrays(lm)
+    arrays["format"] = np.array("ubpdsl.masks/1")
+    got = load_masks(write_npz(tmp_path / "v1.npz", arrays))[NAME]
+    assert got.kind == "blocks" and got.pattern is None and got.pixel_keep is None
+    assert got.content_hash() == lm.content_hash()
+    arrays[f"{NAME}.pixel_keep"] = np.ones((2, 2), np.uint8)
+    with pytest.raises(MaskError, match="unknown field 'pixel_keep'.*format ubpdsl.masks/1"):
+        load_masks(write_npz(tmp_path / "v1x.npz", arrays))
+
+
+def test_pattern_and_pixel_layer_roundtrip(tmp_path):
+    keep = np.random.default_rng(1).random((4, 7)) > 0.5
+    lm = _pattern_layer(keep)
+    save_masks(tmp_path / "m.npz", [lm, make_layer()])
+    with np.load(tmp_path / "m.npz") as z:
+        assert str(z["format"]) == "ubpdsl.masks/2" and str(z["conv.kind"]) == "pattern"
+        assert str(z[f"{NAME}.kind"]) == "blocks"
+    got = load_masks(tmp_path / "m.npz")
+    g = got["conv"]
+    assert g.kind == "pattern" and g.block == 1 and g.kept_pixels == int(keep.sum())
+    assert np.array_equal(g.pattern.ids, lm.pattern.ids) and np.array_equal(g.pixel_keep, keep)
+    # independent reference: the kept weights are where library[ids] is set, nothing else
+    lib = np.concatenate([lm.pattern.library, np.zeros((1, 3, 3), bool)])
+    assert np.array_equal(g.dense_mask(), lib[lm.pattern.ids.astype(int)].reshape(6, 45))
+    assert g.content_hash() == lm.content_hash()
+    assert LayerMask.from_pattern(lm.pattern, lm.weight).content_hash() != lm.content_hash()  # pixel mask counts
+    assert got[NAME].kind == "blocks" and got[NAME].content_hash() == make_layer().content_hash()
+
+
+def test_dense_layer_with_pixel_mask():
+    w = np.arange(1, 1 + 12 * 9, dtype=np.float32).reshape(12, 1, 3, 3)
+    lm = LayerMask.dense("d", w, 4, np.eye(3, dtype=bool))
+    lm.validate()
+    assert lm.block == 4 and lm.sparsity == 0 and lm.kept_pixels == 3
+    assert LayerMask.dense("d", w[:10], 4).block == 1  # 10 rows: N = 4 does not tile them
+
+
+def _v2_arrays(lm: LayerMask) -> dict[str, np.ndarray]:
+    arrays = layer_arrays(lm)
+    arrays["format"] = np.array("ubpdsl.masks/2")
+    return arrays
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda a: a.__setitem__("conv.kind", np.array("diagonal")), "unknown layer kind 'diagonal'"),
+        (lambda a: a.__setitem__("conv.kind", np.array(["pattern", "x"])), "kind must be one string"),
+        (lambda a: a.pop("conv.pattern_ids"), "kind 'pattern' needs keys"),
+        (lambda a: a.__setitem__("conv.kind", np.array("blocks")), "belongs to kind 'pattern'"),
+        (lambda a: a.__setitem__("conv.pattern_ids", np.full((6, 5), 3, np.int16)), "pattern id 3"),
+        (lambda a: a.__setitem__("conv.pattern_ids", np.zeros((5, 6), np.int16)), "pattern ids must have shape"),
+        (lambda a: a.__setitem__("conv.pattern_ids", np.zeros((6, 5), np.float32)), "pattern ids must be integers"),
+        (lambda a: a.__setitem__("conv.pattern_library", np.ones((60, 3, 3), np.uint8)), "at most 56"),
+        (lambda a: a.__setitem__("conv.block", np.array([2, 1])), "N = 1 blocks|out of range|overlaps"),
+        (lambda a: a.__setitem__("conv.cols", a["conv.cols"][::-1] * 0), "overlaps|not the pattern"),
+        (lambda a: a.__setitem__("conv.pixel_keep", np.zeros((3, 3), np.uint8)), "keeps no output position"),
+        (lambda a: a.__setitem__("conv.pixel_keep", np.ones(9, np.uint8)), "must have 2 dimension"),
+        (lambda a: a.__setitem__("conv.pixel_keep", np.ones((3, 3), np.float32)), "pixel mask must be 0/1"),
+    ],
+)
+def test_bad_v2_layers_rejected_with_one_line(tmp_path, edit, message):
+    lm = _pattern_layer(np.ones((3, 3), bool))
+    arrays = _v2_arrays(lm)
+    arrays["conv.kind"] = np.array("pattern")
+    arrays["conv.pattern_library"] = lm.pattern.library.astype(np.uint8)
+    arrays["conv.pattern_ids"] = lm.pattern.ids
+    arrays["conv.pixel_keep"] = lm.pixel_keep.astype(np.uint8)
+    assert load_masks(write_npz(tmp_path / "ok.npz", arrays))["conv"].kind == "pattern"
+    edit(arrays)
+    with pytest.raises(MaskError, match=message) as err:
+        load_masks(write_npz(tmp_path / "bad.npz", arrays))
+    assert "\n" not in str(err.value) and "bad.npz" in str(err.value)
+
+
+def test_old_schemes_sidecar_gets_a_hint(tmp_path):
+    p = write_npz(tmp_path / "s.npz", {"format": np.array("ubpdsl.schemes/1"), "c.pixel_keep": np.ones((2, 2))})
+    with pytest.raises(MaskError, match="schemes.npz sidecar of an earlier ubpdsl"):
+        load_masks(p)

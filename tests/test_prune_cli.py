@@ -52,7 +52,8 @@ def test_prune_then_inspect_round_trip(digits_masks, capsys):
     code, out, err = run(capsys, "inspect", digits_masks)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["layer", "shape", "RxC", "N", "blocks", "sparsity", "aligned", "empty_rows", "weights"]
+    assert lines[0].split() == ["layer", "shape", "RxC", "N", "blocks", "sparsity", "aligned", "empty_rows",
+                                "weights", "kind", "pixels"]
     row = {ln.split()[0]: ln.split() for ln in lines[2:6]}
     for name, lm in layers.items():
         cells = row[name]

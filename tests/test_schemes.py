@@ -9,11 +9,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from ubpdsl.errors import MaskError, UbpError
+from ubpdsl.masks import LayerMask, PatternMask, load_masks, save_masks
 from ubpdsl.prune.activation import ActivationSparsifier, PixelMaskConv2d, apply_pixel_masks
 from ubpdsl.prune.pattern import PATTERN_SPARSITY, PatternSparsifier, pattern_masks, select_library
 from ubpdsl.prune.reweighted import ReweightedGroupRegularizer
 from ubpdsl.prune.schedule import CubicSchedule
-from ubpdsl.prune.scheme_masks import PatternMask, load_schemes, save_schemes
+from ubpdsl.prune.scheme_masks import load_schemes
 from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier
 from ubpdsl.prune.trainer import fit
 
@@ -85,23 +86,29 @@ def test_gradual_pattern_below_five_ninths_leaves_dense_kernels() -> None:
     assert (ids >= 0).all()
 
 
-def test_pattern_sidecar_roundtrip(tmp_path) -> None:
+def test_pattern_and_pixel_layers_roundtrip_through_masks_v2(tmp_path) -> None:
     torch.manual_seed(0)
     model = TwoConv()
     sp = PatternSparsifier(sparsity_level=0.75)
     sp.prepare(model, config=None)
     sp.step()
     pms = sp.to_pattern_masks()
+    layers = sp.to_layer_masks()
+    assert {n: lm.kind for n, lm in layers.items()} == {"conv1": "pattern", "conv2": "pattern"}
     keep = np.random.default_rng(0).random((7, 5)) > 0.3
-    save_schemes(tmp_path / "s.npz", pms, {"conv2": keep})
-    pats, pixels = load_schemes(tmp_path / "s.npz")
-    assert set(pats) == {"conv1", "conv2"}
-    for name in pats:
-        assert np.array_equal(pats[name].dense_mask(), pms[name].dense_mask())
-    assert np.array_equal(pixels["conv2"], keep)
-    # the kept weights also go to masks.npz as N = 1 blocks
-    layers = sp.save_masks(tmp_path / "m.npz")
-    assert all(lm.block == 1 for lm in layers.values())
+    layers["conv2"] = LayerMask.from_pattern(pms["conv2"], layers["conv2"].weight, keep)
+    save_masks(tmp_path / "m.npz", layers)
+    got = load_masks(tmp_path / "m.npz")
+    for name, lm in got.items():
+        assert lm.kind == "pattern" and lm.block == 1
+        assert np.array_equal(lm.pattern.dense_mask(), pms[name].dense_mask())
+        # the N = 1 blocks are exactly the pattern's weights, and so are the stored weights' nonzeros
+        assert np.array_equal(lm.dense_mask(), pms[name].dense_mask().reshape(lm.R, lm.C))
+        assert np.array_equal(lm.weight != 0, lm.dense_mask())
+        assert lm.content_hash() == layers[name].content_hash()
+    assert np.array_equal(got["conv2"].pixel_keep, keep) and got["conv1"].pixel_keep is None
+    pats, pixels = load_schemes(tmp_path / "m.npz")  # the compatibility view
+    assert set(pats) == {"conv1", "conv2"} and set(pixels) == {"conv2"}
 
 
 def _library(*patterns) -> np.ndarray:
@@ -134,27 +141,29 @@ def test_bad_pattern_ids_and_file_rejected(tmp_path) -> None:
     with pytest.raises(MaskError, match="pattern id 1"):
         PatternMask("conv", (2, 2, 3, 3), lib, np.array([[0, 1], [0, -1]]))
     # a hand-written file with a 3-weight pattern: rejected on load, one line naming the file
+    base = {"format": np.array("ubpdsl.masks/2"), "c.shape": np.array([2, 2, 3, 3]), "c.block": np.array([1, 1]),
+            "c.rows": np.array([0, 0, 0], np.int32), "c.cols": np.array([0, 4, 8], np.int32)}
     np.savez(
         tmp_path / "bad.npz",
-        format=np.array("ubpdsl.schemes/1"),
-        **{
-            "c.pattern_shape": np.array([2, 2, 3, 3]),
-            "c.pattern_library": _library((0, 4, 8)),
-            "c.pattern_ids": np.zeros((2, 2), np.int16),
-        },
+        **base,
+        **{"c.kind": np.array("pattern"), "c.pattern_library": _library((0, 4, 8)),
+           "c.pattern_ids": np.array([[0, -1], [-1, -1]], np.int16)},
     )
     with pytest.raises(MaskError, match=r"bad\.npz.*keeps 3 weights") as err:
-        load_schemes(tmp_path / "bad.npz")
+        load_masks(tmp_path / "bad.npz")
     assert "\n" not in str(err.value)
-    np.savez(tmp_path / "obj.npz", format=np.array("ubpdsl.schemes/1"), **{"c.pixel_keep": np.array([[1]], object)})
+    np.savez(tmp_path / "obj.npz", **base, **{"c.pixel_keep": np.array([[1]], object)})
     with pytest.raises(MaskError, match="Python objects"):
-        load_schemes(tmp_path / "obj.npz")
-    (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
-    with pytest.raises(MaskError, match="not a schemes.npz"):
-        load_schemes(tmp_path / "junk.npz")
-    np.savez(tmp_path / "two.npz", format=np.array("ubpdsl.schemes/1"), **{"c.pixel_keep": np.array([[2, 1]])})
+        load_masks(tmp_path / "obj.npz")
+    np.savez(tmp_path / "two.npz", **base, **{"c.pixel_keep": np.array([[2, 1]])})
     with pytest.raises(MaskError, match="0 or 1"):
-        load_schemes(tmp_path / "two.npz")
+        load_masks(tmp_path / "two.npz")
+    # blocks that are not the pattern's weights
+    np.savez(tmp_path / "off.npz", **{**base, "c.cols": np.array([0, 4, 7], np.int32)},
+             **{"c.kind": np.array("pattern"), "c.pattern_library": _library((0, 1, 4, 8)),
+                "c.pattern_ids": np.array([[0, -1], [-1, -1]], np.int16)})
+    with pytest.raises(MaskError, match="not the pattern's kept weights"):
+        load_masks(tmp_path / "off.npz")
 
 
 def test_pattern_sparsifier_rejects_non_3x3_config() -> None:
@@ -274,7 +283,9 @@ def test_activation_sparsity_combines_with_ubp_weights_and_ramps(tmp_path) -> No
     h = F.relu(model.conv1(x))
     ref = F.conv2d(h, w, None, padding=1) * previous
     assert torch.allclose(model.conv2(h), ref, atol=1e-6)
-    act.save(tmp_path / "px.npz")
+    act.save(tmp_path / "px.npz", ubp.to_layer_masks())
+    saved = load_masks(tmp_path / "px.npz")
+    assert saved["conv2"].kind == "blocks" and saved["conv2"].block == 4 and saved["conv2"].sparsity > 0.7
     fresh = TwoConv()
     apply_pixel_masks(fresh, tmp_path / "px.npz")
     assert torch.equal(fresh.conv2.keep, previous)
@@ -310,17 +321,18 @@ def test_cli_pattern_reweighted_and_activation(tmp_path, capsys) -> None:
 
     out = tmp_path / "m.npz"
     assert main(["prune", "--model", "digits-cnn", "--method", "pattern", "--sparsity", "0.75", "-o", str(out)]) == 0
-    pats, pixels = load_schemes(tmp_path / "m.schemes.npz")
     layers = load_masks(out)
-    assert set(pats) == set(layers) == {"conv1", "conv2"} and not pixels
-    for name, pm in pats.items():
-        assert np.array_equal(layers[name].dense_mask(), pm.dense_mask().reshape(pm.shape[0], -1))
-    side = tmp_path / "px.npz"
+    assert {n: lm.kind for n, lm in layers.items()} == {"conv1": "pattern", "conv2": "pattern"}
+    for lm in layers.values():
+        assert lm.pixel_keep is None
+        assert np.array_equal(lm.dense_mask(), lm.pattern.dense_mask().reshape(lm.R, -1))
     args = ["prune", "--model", "digits-cnn", "--reweighted", "--reweighted-steps", "5", "--sparsity", "0.5"]
-    args += ["--activation-sparsity", "0.25", "--schemes-output", str(side), "-o", str(tmp_path / "r.npz")]
+    args += ["--activation-sparsity", "0.25", "--skip", "conv2", "-o", str(tmp_path / "r.npz")]
     assert main(args) == 0
-    _, pixels = load_schemes(side)
-    assert pixels["conv1"].shape == (8, 8) and int((~pixels["conv1"]).sum()) == 16
+    layers = load_masks(tmp_path / "r.npz")
+    keep = layers["conv1"].pixel_keep
+    assert keep.shape == (8, 8) and int((~keep).sum()) == 16
+    assert layers["conv1"].sparsity == pytest.approx(0.5, abs=0.02) and "conv2" not in layers
     capsys.readouterr()
     code = main(["prune", "--model", "mobilenetv2", "--reweighted", "--sparsity", "0.5", "-o", str(tmp_path / "x.npz")])
     err = capsys.readouterr().err

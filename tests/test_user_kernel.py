@@ -101,6 +101,7 @@ def test_tune_and_bench_a_user_kernel_from_the_cli(tmp_path):
     layer = json.loads((out / "manifest.json").read_text())["layers"]["layer0"]
     best = layer["tuned_config"]
     assert best["variant"] == f"{kfile.resolve()}:scaled_stream"  # only the user's kernel was searched
+    assert layer["kernel_identity"] == kernel_identity(get_variant(spec))  # export checks it (test below)
     assert set(best["constants"]) == {"TILE", "UNROLL", "PAD"} and best["constants"]["PAD"] == 0
     assert best["constants"]["TILE"] in (1, 2) and best["constants"]["UNROLL"] in (1, 2)
     assert layer["trials"] >= 3
@@ -237,3 +238,60 @@ def test_doc_python_helper_example_runs(monkeypatch):
     ns: dict = {}
     exec(compile(code, "docs/dsl.md", "exec"), ns)  # noqa: S102 - our own documentation
     assert set(ns["times"]) == {"dense", "again"}
+
+
+def test_export_refuses_a_tuned_config_whose_user_kernel_changed(tmp_path):
+    """``tune -o`` records the user kernel's identity; export's loader checks it (one line)."""
+    from ubpdsl.export import load_tuned_configs
+
+    kfile = _write(tmp_path, 1.0)
+    spec = variant_name(f"{kfile}:scaled_stream")
+    entry = {"M": 32, "K": 24, "N": 4, "tuned_config": {"variant": spec, "constants": {"TILE": 2}},
+             "kernel_identity": kernel_identity(get_variant(spec))}
+    man = tmp_path / "tuned" / "manifest.json"
+    man.parent.mkdir()
+    man.write_text(json.dumps({"format": "ubpdsl.tuned/1", "target": "host", "layers": {"layer0": entry}}))
+    target, cfgs = load_tuned_configs(man.parent)
+    assert target == "host" and cfgs["layer0"].variant == spec
+    _write(tmp_path, 1)  # a global the kernel reads changed: another kernel
+    with pytest.raises(UbpError, match="layer 'layer0' was tuned with the kernel .*mykernels.py:scaled_stream, "
+                                       "which has changed since") as err:
+        load_tuned_configs(man.parent)
+    assert "\n" not in str(err.value)
+    _write(tmp_path, 1.0)
+    load_tuned_configs(man.parent)  # back to the tuned source: accepted again
+    del entry["kernel_identity"]
+    man.write_text(json.dumps({"format": "ubpdsl.tuned/1", "target": "host", "layers": {"layer0": entry}}))
+    with pytest.raises(UbpError, match="records no kernel_identity"):
+        load_tuned_configs(man.parent)
+    kfile.unlink()
+    entry["kernel_identity"] = "0" * 64
+    man.write_text(json.dumps({"format": "ubpdsl.tuned/1", "target": "host", "layers": {"layer0": entry}}))
+    with pytest.raises(UbpError, match="layer 'layer0': kernel file .* does not exist"):
+        load_tuned_configs(man.parent)
+
+
+def test_bench_sweep_honours_a_user_kernels_declared_space(tmp_path):
+    """The sweep tries only the user's tune= values, including knobs it does not know (PAD)."""
+    from ubpdsl import benchsuite as bs
+    from ubpdsl.compiler import Problem
+
+    src = KERNEL.format(scale=1.0).replace('tune={"TILE": [1, 2], "UNROLL": [1, 2]}',
+                                           'tune={"TILE": [2], "UNROLL": [2], "PAD": [0, 5]}')
+    kfile = tmp_path / "declared.py"
+    kfile.write_text(src)
+    spec = variant_name(f"{kfile}:scaled_stream")
+    w, x = _sparse(16, 12, seed=2)
+    rows, cols = blocks_of(w, 4)
+    problem = Problem("declared", 16, 12, 4, rows, cols, w)
+    tuned = bs.sweep_tuner(min_time=0.005, workers=1, cache="warm")(problem, x, spec)
+    assert tuned.how == "swept"
+    assert tuned.constants["TILE"] == 2 and tuned.constants["UNROLL"] == 2 and tuned.constants["PAD"] in (0, 5)
+    y = np.zeros((16, x.shape[1]), np.float32)
+    from ubpdsl.runtime.loader import aligned_copy
+
+    xa = aligned_copy(x)
+    ya = aligned_copy(y)
+    h = tuned.ck._host or bs._load(tuned.ck)
+    h.call_raw(xa, ya, x.shape[1], tuned.ck.packed)
+    np.testing.assert_allclose(ya, w @ x, rtol=1e-4, atol=1e-4)

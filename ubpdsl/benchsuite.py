@@ -46,6 +46,7 @@ from ubpdsl.bench_peers import PEERS, Case, Peer, Prepared, square_block_weights
 from ubpdsl.compiler import CompiledKernel, Problem, compile_kernel  # noqa: E402
 from ubpdsl.config import KernelConfig  # noqa: E402
 from ubpdsl.errors import UbpError  # noqa: E402
+from ubpdsl.kernels import VARIANTS  # noqa: E402
 from ubpdsl.runtime.loader import aligned_copy, aligned_empty  # noqa: E402
 
 __all__ = [
@@ -427,12 +428,47 @@ def _reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return torch.mm(torch.from_numpy(w).double(), torch.from_numpy(x).double()).numpy()
 
 
+#: A declared space up to this many configs is swept whole; a larger one knob by knob.
+MAX_GRID = 16
+
+
+def _sweep_declared(problem: Problem, variant: str, space: dict[str, list[Any]], n: int,
+                    best_of: Callable[[list[dict[str, Any]]], tuple[dict[str, Any], CompiledKernel] | None]) -> Tuned:
+    """Tune a user kernel over its own ``tune=`` knobs: the whole grid when it is small, else one knob
+    at a time (each at its best so far, starting from every knob's first value)."""
+    import itertools
+
+    def ok(c: dict[str, Any]) -> bool:
+        return feasible(problem, variant, c, n)
+
+    combos = [dict(zip(space, vals, strict=True)) for vals in itertools.product(*space.values())]
+    best = None
+    if len(combos) <= MAX_GRID:
+        cands = [c for c in combos if ok(c)]
+        best = best_of(cands) if cands else None
+    else:
+        cfg = {k: v[0] for k, v in space.items()}
+        for knob, values in space.items():
+            cands = [{**cfg, knob: v} for v in values if ok({**cfg, knob: v})]
+            got = best_of(cands) if cands else None
+            if got is not None:
+                best, cfg = got, got[0]
+    if best is None:  # nothing feasible and right: the default, which run_case then checks and reports
+        ck = _compile_many([(variant, problem, {}, False, None)], 1)[0]
+        if isinstance(ck, UbpError):
+            raise ck
+        return Tuned(ck, variant, dict(ck.constants), "default")
+    return Tuned(best[1], variant, dict(best[1].constants), "swept")
+
+
 def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, cache: str = "cold") -> Tuner:
     """A staged sweep: the two widest feasible TILEs x PANEL {0,8,16,32,64} x YPREFETCH {0,8}
     (the knobs that matter most once Y is out of cache); then UNROLL {1,2} x PREFETCH {0,8,16} at
     the best; then the other feasible TILEs (of 1, 2, 4, 8). Every stage times its candidates
     interleaved, in the ``cache`` state the suite measures in ("cold": caches scrubbed before
-    every call). ``quick``: the variant's default constants only (labelled "default")."""
+    every call). ``quick``: the variant's default constants only (labelled "default"). A user
+    kernel (not a shipped variant) that declares ``tune=`` is swept over that space instead
+    (:func:`_sweep_declared`)."""
 
     def tune(problem: Problem, x: np.ndarray, variant: str) -> Tuned:
         from ubpdsl.kernels import get_variant
@@ -468,6 +504,8 @@ def sweep_tuner(quick: bool = False, min_time: float = 0.2, workers: int = 2, ca
             return cfgs[i], cks[i]  # type: ignore[return-value]
 
         knobs = kern.constexprs
+        if variant not in VARIANTS and kern.tune:  # a user kernel: sweep the tune= space it declares
+            return _sweep_declared(problem, variant, kern.tune, n, best_of)
         grid_tiles = sorted(tiles)[-2:] or [None]
         panels = [p for p in (0, 8, 16, 32, 64) if p < problem.M] if "PANEL" in knobs else [None]
         ypfs = (0, 8) if "YPREFETCH" in knobs else (None,)

@@ -115,11 +115,34 @@ def load_tuned_configs(path: str | os.PathLike[str]) -> tuple[str, dict[str, Ker
         if not isinstance(entry, dict) or "tuned_config" not in entry:
             raise UbpError(f"tuned configurations {p}: layer {name!r} has no tuned_config")
         cfg = KernelConfig.from_json(entry["tuned_config"], source=str(p))
+        _check_kernel_unchanged(p, name, cfg, entry.get("kernel_identity"))
         shape = (entry.get("M"), entry.get("K"), entry.get("N"))
         if all(isinstance(v, int) for v in shape):
             cfg = replace(cfg, tuned_for=shape)
         out[name] = cfg
     return str(target), out
+
+
+def _check_kernel_unchanged(path: Path, layer: str, cfg: KernelConfig, recorded: Any) -> None:
+    """A tuned config of a user kernel file is only valid for the kernel it was tuned with.
+
+    ``ubpdsl tune`` records :func:`ubpdsl.kernels.kernel_identity` of a user kernel; a kernel whose
+    source, globals, flags or knobs changed since (or an entry without the record) is refused.
+    """
+    from ubpdsl.kernels import VARIANTS, kernel_identity
+
+    if cfg.variant in VARIANTS:
+        return
+    if not isinstance(recorded, str):
+        raise UbpError(f"tuned configurations {path}: layer {layer!r} was tuned with the kernel {cfg.variant} "
+                       "but records no kernel_identity: re-run `ubpdsl tune` with this kernel")
+    try:
+        now = kernel_identity(cfg.kernel)
+    except UbpError as exc:
+        raise UbpError(f"tuned configurations {path}: layer {layer!r}: {exc}") from None
+    if now != recorded:
+        raise UbpError(f"tuned configurations {path}: layer {layer!r} was tuned with the kernel {cfg.variant}, which "
+                       "has changed since: re-run `ubpdsl tune` with the current kernel")
 
 
 def configs_for(layers: Mapping[str, Any], target: str, tuned: Mapping[str, KernelConfig] | None = None,
@@ -148,17 +171,11 @@ def configs_for(layers: Mapping[str, Any], target: str, tuned: Mapping[str, Kern
 
 
 def _module_info(model: Any, name: str, mask: Any) -> dict[str, Any]:
-    """Geometry of the model's layer ``name`` (recorded in the manifest), checked against the mask."""
+    """Geometry of the model's layer ``name`` (recorded in the manifest); its kept weights must be the mask's."""
     from torch import nn
 
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        raise BundleError(f"the model has no layer {name!r} (masks.npz names it)") from None
-    weight = getattr(module, "weight", None)
-    if weight is None or tuple(weight.shape) != tuple(mask.shape):
-        got = None if weight is None else tuple(weight.shape)
-        raise BundleError(f"layer {name}: the model's weight has shape {got}, masks.npz says {tuple(mask.shape)}")
+    module = model.get_submodule(name)  # existence and shape: checked by models.check_masks_fit_model
+    weight = module.weight
     if mask.weight is not None:
         # The kept weights must be the model's (one-shot pruning keeps them; a fine-tuned model is
         # checked through its --weights): the mask was made from this model.
@@ -219,7 +236,7 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
                   tuned: Mapping[str, Mapping[str, KernelConfig]] | None = None,
                   model: Any = None, layers: Iterable[str] | None = None, force: bool = False,
                   echo: Callable[[str], None] | None = None, config: KernelConfig | None = None,
-                  kernels: Mapping[str, Any] | None = None) -> Path:
+                  kernels: Mapping[str, Any] | None = None, example: Any = None) -> Path:
     """Compile every layer of ``masks`` for every target into the bundle ``out_dir``; returns its path.
 
     ``masks``: a masks.npz path or ``{name: LayerMask}`` (weights required). ``tuned``:
@@ -227,7 +244,8 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
     ``config`` (default: the default :class:`KernelConfig`). ``kernels``: ``{variant: KernelFunction}``
     for variants that are not shipped (a user's kernel file). ``model``: optional, the pruned torch
     model: its layers must exist with the masks' shapes and weights, and their geometry goes into the
-    manifest. The bundle is assembled in a temporary directory and renamed into place. An existing
+    manifest; ``example`` (its input batch) also checks each pixel mask against its layer's output size.
+    The bundle is assembled in a temporary directory and renamed into place. An existing
     bundle in ``out_dir`` is extended (see the module docstring); with ``force`` it, or any other
     non-empty directory, is replaced.
     """
@@ -267,7 +285,11 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
             raise MaskError(f"layer {name}: masks.npz has no weights; the kernels need them "
                             "(save the masks with weights, e.g. sparsifier.save_masks or `ubpdsl prune`)")
         mask.validate()
-        if model is not None:
+    if model is not None:
+        from ubpdsl.models import check_masks_fit_model
+
+        check_masks_fit_model(model, layer_masks, "masks.npz", example)
+        for name, mask in layer_masks.items():
             modules[name] = _module_info(model, name, mask)
     configs = {t: configs_for(layer_masks, t, tuned.get(t), config) for t in targets}
     user_kernels = dict(kernels or {})
@@ -323,7 +345,13 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
                 "sparsity": round(mask.sparsity, 6), "mask_sha256": mask.content_hash(),
                 "blocks_sha256": blocks_hash(mask.R, mask.C, mask.block, mask.rows, mask.cols),
                 "module": modules.get(name, prev["module"] if prev else None), "targets": {},
+                "kind": mask.kind,
+                "pixels": None if mask.pixel_keep is None else {"shape": list(mask.pixel_keep.shape),
+                                                                "kept": mask.kept_pixels},
             }
+            if mask.pattern is not None:
+                manifest["layers"][name]["pattern"] = {"patterns": len(mask.pattern.library),
+                                                       "kernels_kept": int((mask.pattern.ids >= 0).sum())}
             for t in (old.targets if prev else []):  # kept: this layer's kernels of targets not rebuilt now
                 if not (name in layer_masks and t in targets):
                     manifest["layers"][name]["targets"][t] = prev["targets"][t]
@@ -778,15 +806,16 @@ def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...
     for t in [t for t in tuned if t not in chosen]:  # tuned on (or for) another target: not asked for
         click.echo(f"note: --tuned configurations for {t} are not used: {t} is not a --target", err=True)
         del tuned[t]
-    model = None
+    model = example = None
     if weights is not None and model_spec is None:
         raise UbpError("--weights needs --model")
     if model_spec is not None:
         from ubpdsl.models import resolve_model
 
-        model = resolve_model(model_spec, weights=weights, pretrained=weights is None).model
+        loaded = resolve_model(model_spec, weights=weights, pretrained=weights is None)
+        model, example = loaded.model, loaded.example
     out = export_bundle(mask_path, out_dir, targets=chosen, tuned=tuned, model=model,
-                        layers=layers or None, force=force, echo=click.echo)
+                        layers=layers or None, force=force, echo=click.echo, example=example)
     echo_summary(out)
 
 

@@ -41,11 +41,14 @@ def blocks_hash(M: int, K: int, N: int, rows: np.ndarray, cols: np.ndarray) -> s
 
 
 def layer_hash(shape: tuple[int, ...], N: int, rows: np.ndarray, cols: np.ndarray,
-               weight: np.ndarray | None) -> str:
+               weight: np.ndarray | None, *, pattern: tuple[np.ndarray, np.ndarray] | None = None,
+               pixel_keep: np.ndarray | None = None) -> str:
     """sha256 of a layer's content: weight shape, N, the blocks sorted by (row, col), the weights.
 
     ``shape`` is the weight's own shape (a conv layer's 4-D shape, or [M, K]); ``weight`` None
-    (a mask without weights) hashes differently from any weights.
+    (a mask without weights) hashes differently from any weights. ``pattern`` (library, ids) and
+    ``pixel_keep`` (masks format 2) are hashed after them; without both the digest is the frozen
+    format-1 one.
     """
     rows = np.asarray(rows)
     cols = np.asarray(cols)
@@ -61,6 +64,17 @@ def layer_hash(shape: tuple[int, ...], N: int, rows: np.ndarray, cols: np.ndarra
     else:
         h.update(b"W")
         h.update(np.ascontiguousarray(weight).astype("<f4").tobytes())
+    if pattern is not None:
+        library, ids = (np.asarray(a) for a in pattern)
+        h.update(b"P")
+        h.update(np.asarray(library.shape, dtype="<i8").tobytes())
+        h.update(library.astype(np.uint8).tobytes())
+        h.update(ids.astype("<i2").tobytes())
+    if pixel_keep is not None:
+        keep = np.asarray(pixel_keep)
+        h.update(b"X")
+        h.update(np.asarray(keep.shape, dtype="<i8").tobytes())
+        h.update(keep.astype(np.uint8).tobytes())
     return h.hexdigest()
 
 

@@ -1,17 +1,25 @@
-"""The masks.npz file format ("ubpdsl.masks/1"): which Nx1 blocks of each layer are kept.
+"""The masks.npz file format ("ubpdsl.masks/2"): the kept weights of each layer, by layer kind.
 
 A masks file is a numpy ``.npz`` archive (a zip of ``.npy`` members) holding::
 
-    format            str "ubpdsl.masks/1"
-    <layer>.shape     int64[ndim]  original weight shape, e.g. [96, 16, 1, 1]
-    <layer>.block     int64[2]     [N, 1]
-    <layer>.rows      int32[B]     start row of each block (any row 0..R-N: unaligned)
-    <layer>.cols      int32[B]     column of each block
-    <layer>.weight    float32[R, C] pruned weights (optional)
+    format                   str "ubpdsl.masks/2" ("ubpdsl.masks/1" files still load)
+    <layer>.shape            int64[ndim]  original weight shape, e.g. [96, 16, 1, 1]
+    <layer>.block            int64[2]     [N, 1]
+    <layer>.rows             int32[B]     start row of each block (any row 0..R-N: unaligned)
+    <layer>.cols             int32[B]     column of each block
+    <layer>.weight           float32[R, C] pruned weights (optional)
+    -- version 2 only:
+    <layer>.kind             str "blocks" (the default when absent) or "pattern"
+    <layer>.pattern_library  uint8[P, 3, 3]  kind pattern: the P patterns (4 ones each, centre set)
+    <layer>.pattern_ids      int16[Cout, Cin] kind pattern: pattern of each 3x3 kernel, -1 = removed
+    <layer>.pixel_keep       uint8[Ho, Wo]  optional, any kind: output positions computed (1) or
+                                            dropped (0): semi-structured activation sparsity
 
 The GEMM view of a weight is ``W[R, C]`` with ``R = shape[0]`` and ``C = prod(shape[1:])``.  Layer names
 may contain dots (``features.1.conv.0.0``): a key is split on its *last* dot into layer name and field.
-Blocks are stored sorted by ``(row, col)``.
+Blocks are stored sorted by ``(row, col)``.  A ``pattern`` layer (PatDNN pattern + connectivity pruning
+of a ``[Cout, Cin, 3, 3]`` conv, :class:`PatternMask`) also stores its kept weights as N = 1 blocks,
+which must be exactly the pattern's weights: every consumer that knows only blocks runs it unchanged.
 
 Loading never unpickles (``allow_pickle=False``) and never allocates what a header merely claims: each
 member's ``.npy`` header is read and checked (dtype, shape, size against the zip entry and against the
@@ -37,11 +45,19 @@ from ubpdsl.errors import MaskError
 from ubpdsl.identity import layer_hash
 from ubpdsl.names import check_layer_name
 
-__all__ = ["FORMAT", "LayerMask", "validate_blocks", "save_masks", "load_masks"]
+__all__ = ["FORMAT", "FORMATS", "KINDS", "LayerMask", "PatternMask", "validate_blocks", "validate_pattern_library",
+           "validate_pixel_mask", "save_masks", "load_masks"]
 
-FORMAT = "ubpdsl.masks/1"
-FIELDS = ("shape", "block", "rows", "cols", "weight")
+FORMAT = "ubpdsl.masks/2"
+FORMAT_V1 = "ubpdsl.masks/1"
+FORMATS = (FORMAT_V1, FORMAT)
+KINDS = ("blocks", "pattern")
+FIELDS_V1 = ("shape", "block", "rows", "cols", "weight")
+FIELDS = (*FIELDS_V1, "kind", "pattern_library", "pattern_ids", "pixel_keep")
 REQUIRED = ("shape", "block", "rows", "cols")
+PATTERN_SIZE = 4  # weights kept per 3x3 kernel, the centre included
+MAX_PATTERNS = 56  # C(8, 3): every 4-weight 3x3 pattern with the centre
+MAX_PIXELS = 1 << 24  # largest pixel mask (Ho * Wo)
 MAX_ELEMENTS = 2**31 - 1  # largest R*C accepted (int32 indexing)
 MAX_NDIM = 8
 MAX_BLOCK = 64  # tallest block (N) accepted: kernels keep N accumulators per block
@@ -135,13 +151,119 @@ def _check_shape(shape, layer: str) -> tuple[int, ...]:
     return dims
 
 
+def validate_pattern_library(library, layer: str = "?") -> np.ndarray:
+    """Check a pattern library ``[P, 3, 3]`` of 0/1 entries: 4 ones per pattern, centre kept, no repeats.
+
+    Returns it as ``bool[P, 3, 3]``; raises :class:`MaskError` naming the layer and pattern.
+    """
+    lib = np.asarray(library)
+    if lib.dtype.kind not in "biu":
+        raise MaskError(f"layer {layer!r}: pattern library must be 0/1 integers, got dtype {lib.dtype}")
+    if lib.ndim != 3 or lib.shape[1:] != (3, 3):
+        raise MaskError(f"layer {layer!r}: patterns must be 3x3 (library shape [P, 3, 3]), got {lib.shape}")
+    if not 1 <= lib.shape[0] <= MAX_PATTERNS:
+        raise MaskError(f"layer {layer!r}: a library holds 1..{MAX_PATTERNS} patterns, got {lib.shape[0]}")
+    if ((lib != 0) & (lib != 1)).any():
+        raise MaskError(f"layer {layer!r}: pattern entries must be 0 or 1")
+    lib = lib.astype(bool)
+    for p, pat in enumerate(lib):
+        if int(pat.sum()) != PATTERN_SIZE:
+            raise MaskError(
+                f"layer {layer!r}: pattern {p} keeps {int(pat.sum())} weights (a pattern keeps {PATTERN_SIZE})"
+            )
+        if not pat[1, 1]:
+            raise MaskError(f"layer {layer!r}: pattern {p} does not keep the kernel centre")
+    if len(np.unique(lib.reshape(len(lib), 9), axis=0)) != len(lib):
+        raise MaskError(f"layer {layer!r}: the pattern library repeats a pattern")
+    return lib
+
+
+def validate_pixel_mask(keep, layer: str = "?") -> np.ndarray:
+    """Check a pixel mask ``[Ho, Wo]`` of 0/1 entries with at least one kept position; returns bool."""
+    k = keep.detach().cpu().numpy() if hasattr(keep, "detach") else np.asarray(keep)
+    if k.dtype.kind not in "biu":
+        raise MaskError(f"layer {layer!r}: pixel mask must be 0/1 integers, got dtype {k.dtype}")
+    if k.ndim != 2 or min(k.shape) < 1 or k.size > MAX_PIXELS:
+        raise MaskError(f"layer {layer!r}: pixel mask must be a non-empty [Ho, Wo] array of at most {MAX_PIXELS} "
+                        f"positions, got shape {k.shape}")
+    if ((k != 0) & (k != 1)).any():
+        raise MaskError(f"layer {layer!r}: pixel mask entries must be 0 or 1")
+    if not k.any():
+        raise MaskError(f"layer {layer!r}: pixel mask keeps no output position")
+    return np.array(k, dtype=bool)
+
+
+@dataclass
+class PatternMask:
+    """A pattern + connectivity pruned 3x3 conv: ``ids[o, i]`` indexes ``library`` (-1 = kernel removed).
+
+    ``shape`` is the weight shape ``[Cout, Cin, 3, 3]``; ``library`` becomes ``bool[P, 3, 3]`` and
+    ``ids`` ``int16[Cout, Cin]``. Construction validates (one-line :class:`MaskError`).
+    """
+
+    name: str
+    shape: tuple[int, int, int, int]
+    library: np.ndarray
+    ids: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`MaskError` unless shape, library and ids agree."""
+        try:
+            shape = tuple(int(s) for s in self.shape)
+        except (TypeError, ValueError):
+            raise MaskError(f"layer {self.name!r}: pattern shape must be integers, got {self.shape!r}") from None
+        if len(shape) != 4 or shape[2:] != (3, 3) or min(shape) < 1:
+            raise MaskError(f"layer {self.name!r}: pattern pruning needs 3x3 kernels [Cout, Cin, 3, 3], got {shape}")
+        if math.prod(shape) > MAX_ELEMENTS:
+            raise MaskError(f"layer {self.name!r}: shape {shape} has {math.prod(shape)} elements "
+                            f"(limit {MAX_ELEMENTS})")
+        self.shape = shape  # type: ignore[assignment]
+        self.library = validate_pattern_library(self.library, self.name)
+        ids = np.asarray(self.ids)
+        if ids.dtype.kind not in "iu" or ids.shape != shape[:2]:
+            raise MaskError(
+                f"layer {self.name!r}: pattern ids must be integers of shape {shape[:2]}, got {ids.dtype} {ids.shape}"
+            )
+        bad = np.argwhere((ids < -1) | (ids >= len(self.library)))
+        if len(bad):
+            o, i = (int(v) for v in bad[0])
+            raise MaskError(
+                f"layer {self.name!r}: kernel ({o}, {i}) has pattern id {int(ids[o, i])} "
+                f"(library has {len(self.library)}; -1 = removed)"
+            )
+        self.ids = ids.astype(np.int16)
+
+    def dense_mask(self) -> np.ndarray:
+        """``bool[Cout, Cin, 3, 3]``: True on the kept weights."""
+        lib = np.concatenate([self.library, np.zeros((1, 3, 3), dtype=bool)])  # id -1 -> all zero
+        return lib[self.ids.astype(np.int64)]
+
+    def kept(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, cols)`` of the kept weights in the GEMM view ``[Cout, Cin * 9]``, sorted by (row, col)."""
+        o, i = np.nonzero(self.ids >= 0)
+        pos = np.flatnonzero(self.library.reshape(len(self.library), 9).ravel()).reshape(-1, PATTERN_SIZE) % 9
+        k = pos[self.ids[o, i].astype(np.int64)]  # [kept kernels, 4], ascending within a kernel
+        rows = np.repeat(o, PATTERN_SIZE).astype(np.int64)
+        cols = (i[:, None].astype(np.int64) * 9 + k).ravel()
+        return rows, cols  # np.nonzero is row-major, so (o, i, k) order is (row, col) order
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - PATTERN_SIZE * int((self.ids >= 0).sum()) / float(math.prod(self.shape))
+
+
 @dataclass
 class LayerMask:
-    """The kept blocks of one layer (and optionally its pruned weights).
+    """The kept blocks of one layer (and optionally its pruned weights, pattern and pixel mask).
 
     ``rows``/``cols`` are converted to ``int32``; ``weight`` (if given) to ``float32`` of shape
-    ``[R, C]`` (a weight of the original ``shape`` is reshaped).  Call :meth:`validate` to check the
-    blocks and the weights against each other.
+    ``[R, C]`` (a weight of the original ``shape`` is reshaped).  ``pattern`` makes the layer of kind
+    ``"pattern"`` (its blocks must then be exactly the pattern's kept weights, N = 1: see
+    :meth:`from_pattern`); ``pixel_keep`` (``bool[Ho, Wo]``) is the layer's static output-pixel mask.
+    Call :meth:`validate` to check blocks, weights and pattern against each other.
     """
 
     name: str
@@ -150,6 +272,34 @@ class LayerMask:
     rows: np.ndarray
     cols: np.ndarray
     weight: np.ndarray | None = None
+    pattern: PatternMask | None = None
+    pixel_keep: np.ndarray | None = None
+
+    @classmethod
+    def from_pattern(cls, pattern: PatternMask, weight=None, pixel_keep=None, name: str | None = None) -> LayerMask:
+        """The ``pattern`` layer whose N = 1 blocks are ``pattern``'s kept weights."""
+        rows, cols = pattern.kept()
+        return cls(name or pattern.name, pattern.shape, 1, rows, cols, weight, pattern, pixel_keep)
+
+    @classmethod
+    def dense(cls, name: str, weight, block: int = 1, pixel_keep=None) -> LayerMask:
+        """Every weight of ``weight`` kept, as aligned N x 1 blocks (N = ``block`` if it divides R, else 1)."""
+        w = weight.detach().cpu().numpy() if hasattr(weight, "detach") else np.asarray(weight)
+        shape = tuple(int(d) for d in w.shape)
+        R, C = shape[0], math.prod(shape[1:])
+        N = block if 1 <= block <= MAX_BLOCK and R % block == 0 else 1
+        rows, cols = np.meshgrid(np.arange(0, R, N, dtype=np.int32), np.arange(C, dtype=np.int32), indexing="ij")
+        return cls(name, shape, N, rows.ravel(), cols.ravel(), w, None, pixel_keep)
+
+    @property
+    def kind(self) -> str:
+        """``"pattern"`` with a :class:`PatternMask`, else ``"blocks"``."""
+        return "blocks" if self.pattern is None else "pattern"
+
+    @property
+    def kept_pixels(self) -> int | None:
+        """Output positions computed per image (``None``: no pixel mask, all of them)."""
+        return None if self.pixel_keep is None else int(self.pixel_keep.sum())
 
     def __post_init__(self) -> None:
         check_layer_name(self.name)
@@ -172,6 +322,15 @@ class LayerMask:
                     f"({self.R}, {self.C}) of shape {self.shape}"
                 )
             self.weight = np.array(w, dtype=np.float32, order="C")  # a private, writable copy
+        if self.pattern is not None:
+            if not isinstance(self.pattern, PatternMask):
+                raise MaskError(f"layer {self.name!r}: pattern must be a PatternMask, "
+                                f"got {type(self.pattern).__name__}")
+            if tuple(self.pattern.shape) != self.shape:
+                raise MaskError(f"layer {self.name!r}: pattern shape {tuple(self.pattern.shape)} is not the layer's "
+                                f"weight shape {self.shape}")
+        if self.pixel_keep is not None:
+            self.pixel_keep = validate_pixel_mask(self.pixel_keep, self.name)
 
     @property
     def R(self) -> int:
@@ -203,8 +362,23 @@ class LayerMask:
         return mask
 
     def validate(self) -> None:
-        """Raise :class:`MaskError` unless blocks are in range and disjoint and the weight agrees."""
+        """Raise :class:`MaskError` unless blocks are in range and disjoint, and weight and pattern agree."""
         validate_blocks(self.rows, self.cols, self.R, self.C, self.block, self.name)
+        if self.pattern is not None:
+            self.pattern.validate()
+            if self.block != 1:
+                raise MaskError(f"layer {self.name!r}: a pattern layer stores its kept weights as N = 1 blocks, "
+                                f"got N={self.block}")
+            pr, pc = self.pattern.kept()
+            order = np.lexsort((self.cols, self.rows))
+            br, bc = self.rows[order].astype(np.int64), self.cols[order].astype(np.int64)
+            if len(pr) != len(br) or not (np.array_equal(pr, br) and np.array_equal(pc, bc)):
+                diff = np.nonzero((pr[:len(br)] != br[:len(pr)]) | (pc[:len(br)] != bc[:len(pr)]))[0]
+                k = int(diff[0]) if len(diff) else min(len(pr), len(br))
+                where = (f"pattern keeps ({pr[k]}, {pc[k]})" if k < len(pr) else "pattern keeps no more") + ", " + (
+                    f"blocks keep ({br[k]}, {bc[k]})" if k < len(br) else "blocks keep no more")
+                raise MaskError(f"layer {self.name!r}: the blocks are not the pattern's kept weights "
+                                f"({len(br)} blocks, pattern keeps {len(pr)}; first difference: {where})")
         if self.weight is not None:
             w = self.weight
             if not np.all(np.isfinite(w)):
@@ -221,14 +395,18 @@ class LayerMask:
     def sorted(self) -> LayerMask:
         """A copy with blocks sorted by ``(row, col)``."""
         order = np.lexsort((self.cols, self.rows))
-        return LayerMask(self.name, self.shape, self.block, self.rows[order], self.cols[order], self.weight)
+        return LayerMask(self.name, self.shape, self.block, self.rows[order], self.cols[order], self.weight,
+                         self.pattern, self.pixel_keep)
 
     def content_hash(self) -> str:
-        """SHA-256 hex digest of shape, N, the sorted blocks and the weight bytes (if any).
+        """SHA-256 hex digest of shape, N, the sorted blocks, the weight bytes (if any), pattern and pixel mask.
 
-        Independent of the block order and of the layer name (:func:`ubpdsl.identity.layer_hash`).
+        Independent of the block order and of the layer name (:func:`ubpdsl.identity.layer_hash`); a
+        ``blocks`` layer without pixel mask hashes as in format version 1.
         """
-        return layer_hash(self.shape, self.block, self.rows, self.cols, self.weight)
+        pat = self.pattern
+        return layer_hash(self.shape, self.block, self.rows, self.cols, self.weight,
+                          pattern=None if pat is None else (pat.library, pat.ids), pixel_keep=self.pixel_keep)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +448,12 @@ def save_masks(path: str | os.PathLike, layers: Mapping[str, LayerMask] | Iterab
         arrays[f"{lm.name}.cols"] = s.cols.astype(np.int32)
         if lm.weight is not None:
             arrays[f"{lm.name}.weight"] = lm.weight.astype(np.float32)
+        arrays[f"{lm.name}.kind"] = np.array(lm.kind)
+        if lm.pattern is not None:
+            arrays[f"{lm.name}.pattern_library"] = lm.pattern.library.astype(np.uint8)
+            arrays[f"{lm.name}.pattern_ids"] = lm.pattern.ids.astype(np.int16)
+        if lm.pixel_keep is not None:
+            arrays[f"{lm.name}.pixel_keep"] = lm.pixel_keep.astype(np.uint8)
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -378,13 +562,22 @@ class _Member:
         return arr.reshape(self.shape, order="F" if self.fortran else "C")
 
 
-def _split_key(key: str) -> tuple[str, str]:
+def _split_key(key: str, fields: tuple[str, ...], fmt: str) -> tuple[str, str]:
     layer, dot, field = key.rpartition(".")
     if not dot or not layer:
         raise MaskError(f"unexpected key {key!r} (expected 'format' or '<layer>.<field>')")
-    if field not in FIELDS:
-        raise MaskError(f"layer {layer!r}: unknown field {field!r} in key {key!r} (expected one of {FIELDS})")
+    if field not in fields:
+        raise MaskError(f"layer {layer!r}: unknown field {field!r} in key {key!r} (format {fmt} has "
+                        f"{', '.join(fields)})")
     return layer, field
+
+
+def _read_string(member: _Member, what: str) -> str:
+    """A one-string member (``format``, ``kind``): at most 4 KiB, never an object array."""
+    if member.dtype.kind not in "US" or member.count != 1 or member.nbytes > 4096:
+        raise MaskError(f"{member.where}: {what} must be one string, got {member.dtype} of shape {member.shape}")
+    value = member.read().reshape(()).item()
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, LayerMask]:
@@ -418,18 +611,17 @@ def _load_from_zip(zf: zipfile.ZipFile, path: Path) -> dict[str, LayerMask]:
         members[key] = info
     if "format" not in members:
         raise MaskError(f"{path}: missing 'format' key: not a ubpdsl masks file (expected {FORMAT!r})")
-    fmt = _Member(zf, members.pop("format"), f"{path}: key 'format'")
-    if fmt.dtype.kind not in "US" or fmt.count != 1 or fmt.nbytes > 4096:
-        raise MaskError(f"{path}: 'format' must be one string, got {fmt.dtype} of shape {fmt.shape}")
-    value = fmt.read().reshape(()).item()
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if value != FORMAT:
-        raise MaskError(f"{path}: unsupported masks format {value!r} (this ubpdsl reads {FORMAT!r})")
+    value = _read_string(_Member(zf, members.pop("format"), f"{path}: key 'format'"), "'format'")
+    if value not in FORMATS:
+        hint = (": a schemes.npz sidecar of an earlier ubpdsl; re-run `ubpdsl prune`, whose masks.npz now holds "
+                "the pattern ids and pixel masks" if value == "ubpdsl.schemes/1" else "")
+        raise MaskError(f"{path}: unsupported masks format {value[:80]!r} (this ubpdsl reads "
+                        f"{', '.join(FORMATS)}){hint}")
+    fields = FIELDS_V1 if value == FORMAT_V1 else FIELDS
 
     by_layer: dict[str, dict[str, zipfile.ZipInfo]] = {}
     for key, info in members.items():
-        layer, field = _split_key(key)
+        layer, field = _split_key(key, fields, value)
         by_layer.setdefault(layer, {})[field] = info
 
     out: dict[str, LayerMask] = {}
@@ -490,8 +682,41 @@ def _load_layer(zf: zipfile.ZipFile, path: Path, layer: str, fields: dict[str, z
                 f"({R}, {C}) of shape {shape}"
             )
         weight = m["weight"].read()
-    lm = LayerMask(layer, shape, N, rows, cols, weight)
+
+    kind = _read_string(m["kind"], "kind") if "kind" in m else "blocks"
+    if kind not in KINDS:
+        raise MaskError(f"{m['kind'].where}: unknown layer kind {kind[:80]!r} (this ubpdsl knows "
+                        f"{', '.join(KINDS)})")
+    pat_keys = [f for f in ("pattern_library", "pattern_ids") if f in m]
+    pattern = None
+    if kind != "pattern" and pat_keys:
+        raise MaskError(f"{path}: layer {layer!r}: key {layer + '.' + pat_keys[0]!r} belongs to kind 'pattern', "
+                        f"but the layer is of kind {kind!r}")
+    if kind == "pattern":
+        if len(pat_keys) != 2:
+            raise MaskError(f"{path}: layer {layer!r}: kind 'pattern' needs keys {layer + '.pattern_library'!r} and "
+                            f"{layer + '.pattern_ids'!r}")
+        check("pattern_library", "biu", 3, "pattern library must be 0/1 integers")
+        if m["pattern_library"].count > 9 * MAX_PATTERNS:
+            raise MaskError(f"{m['pattern_library'].where}: at most {MAX_PATTERNS} 3x3 patterns, got shape "
+                            f"{m['pattern_library'].shape}")
+        check("pattern_ids", "iu", 2, "pattern ids must be integers")
+        if len(shape) != 4 or m["pattern_ids"].shape != shape[:2]:
+            raise MaskError(f"{m['pattern_ids'].where}: pattern ids must have shape [Cout, Cin] of a "
+                            f"[Cout, Cin, 3, 3] weight, got {m['pattern_ids'].shape} for weight shape {shape}")
+        try:
+            pattern = PatternMask(layer, shape, m["pattern_library"].read(), m["pattern_ids"].read())
+        except MaskError as e:
+            raise MaskError(f"{path}: {e}") from None
+    keep = None
+    if "pixel_keep" in m:
+        check("pixel_keep", "biu", 2, "pixel mask must be 0/1 integers")
+        if m["pixel_keep"].count > MAX_PIXELS:
+            raise MaskError(f"{m['pixel_keep'].where}: pixel mask of shape {m['pixel_keep'].shape} has more than "
+                            f"{MAX_PIXELS} positions")
+        keep = m["pixel_keep"].read()
     try:
+        lm = LayerMask(layer, shape, N, rows, cols, weight, pattern, keep)
         lm.validate()
     except MaskError as e:
         raise MaskError(f"{path}: {e}") from None

@@ -542,13 +542,18 @@ def gemm_columns(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-            hooks.append(mod.register_forward_hook(
-                lambda m, i, o, name=name: sizes.__setitem__(name, sizes.get(name, 0) + int(o.shape[0])
-                                                             * int(np.prod(o.shape[2:])))))
+            hooks.append((mod, lambda m, i, o, name=name: sizes.__setitem__(
+                name, sizes.get(name, 0) + int(o.shape[0]) * int(np.prod(o.shape[2:])))))
         elif isinstance(mod, nn.Linear):
-            hooks.append(mod.register_forward_hook(
-                lambda m, i, o, name=name: sizes.__setitem__(name, sizes.get(name, 0)
-                                                             + int(np.prod(o.shape[:-1])))))
+            hooks.append((mod, lambda m, i, o, name=name: sizes.__setitem__(
+                name, sizes.get(name, 0) + int(np.prod(o.shape[:-1])))))
+    _run_hooked(model, example, hooks)
+    return sizes
+
+
+def _run_hooked(model: nn.Module, example: torch.Tensor, hooks: list[tuple[nn.Module, Callable[..., None]]]) -> None:
+    """Run ``model`` once on ``example`` (no grad) with forward hooks (which must return None) installed."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks]
     try:
         with torch.no_grad():
             model(example)
@@ -557,13 +562,19 @@ def gemm_columns(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
         raise UbpError(f"the model failed on an example input of shape {list(example.shape)}: "
                        f"{type(exc).__name__}: {first}") from None
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
-    return sizes
 
 
-def check_masks_fit_model(model: nn.Module, masks: Any, source: str = "masks.npz") -> None:
-    """Every layer of ``masks`` ({name: LayerMask}) exists in ``model`` with the mask's weight shape."""
+def check_masks_fit_model(model: nn.Module, masks: Any, source: str = "masks.npz",
+                          example: torch.Tensor | None = None) -> None:
+    """Every layer of ``masks`` ({name: LayerMask}) exists in ``model`` with the mask's weight shape.
+
+    The one owner of this check (export, tune, bench and the torch integration call it). A layer
+    with a pixel mask must be an ungrouped ``Conv2d``; given ``example`` (an input batch), the model
+    runs once and each pixel mask must have the shape ``[Ho, Wo]`` of its layer's output.
+    """
+    pixel_layers = []
     for name, mask in masks.items():
         try:
             module = model.get_submodule(name)
@@ -574,6 +585,37 @@ def check_masks_fit_model(model: nn.Module, masks: Any, source: str = "masks.npz
             got = None if weight is None else tuple(weight.shape)
             raise UbpError(f"layer {name}: the model's weight has shape {got}, {source} says {tuple(mask.shape)}: "
                            "is this the model the masks were made from?")
+        if getattr(mask, "pixel_keep", None) is not None:
+            if not isinstance(module, nn.Conv2d) or module.groups != 1:
+                raise UbpError(f"layer {name}: {source} gives it a pixel mask, but it is a {type(module).__name__}"
+                               f"{'' if not isinstance(module, nn.Conv2d) else ' with groups > 1'} (pixel masks "
+                               "apply to ungrouped Conv2d layers)")
+            pixel_layers.append((name, module))
+    if example is None or not pixel_layers:
+        return
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str, out: torch.Tensor) -> None:  # a hook returns None: its output stays the layer's
+        sizes.setdefault(name, tuple(out.shape[-2:]))
+
+    _run_hooked(model, example, [(m, lambda mod, i, o, n=n: record(n, o)) for n, m in pixel_layers])
+    for name, _ in pixel_layers:
+        keep = masks[name].pixel_keep
+        if name in sizes and tuple(keep.shape) != sizes[name]:
+            raise UbpError(f"layer {name}: {source} has a {keep.shape[0]}x{keep.shape[1]} pixel mask, but the layer's "
+                           f"output is {sizes[name][0]}x{sizes[name][1]} for the example input")
+
+
+def _pixel_columns(mask: Any, n: int) -> int:
+    """n of a layer computing only its pixel mask's kept positions: ``n * kept / (Ho * Wo)``."""
+    keep = getattr(mask, "pixel_keep", None)
+    if keep is None:
+        return n
+    total = int(keep.size)
+    if n % total:
+        raise UbpError(f"layer {mask.name}: n = {n} is not a whole number of {keep.shape[0]}x{keep.shape[1]} images "
+                       "(its pixel mask): give n as output pixels x batch")
+    return n // total * int(keep.sum())
 
 
 def layer_columns(masks: Mapping[str, Any], *, pixels: int | None = None, pixels_map: str | None = None,
@@ -582,12 +624,15 @@ def layer_columns(masks: Mapping[str, Any], *, pixels: int | None = None, pixels
 
     Precedence: an entry of ``pixels_map`` (a JSON file {layer: n}), then the model run on its example
     input (``loaded``: a :class:`~ubpdsl.models.LoadedModel`; n = pixels x batch or tokens x batch),
-    then ``pixels``. A map key that names no layer, a masks layer the model lacks or has another
+    then ``pixels``. A layer with a pixel mask computes only its kept positions: its n is scaled to
+    kept pixels x batch (the given n must be a multiple of the mask's Ho x Wo).
+    A map key that names no layer, a masks layer the model lacks or has another
     shape, and a layer left without n are errors naming the layer.
     """
     out: dict[str, int] = {}
     if loaded is not None:
-        check_masks_fit_model(loaded.model, masks, "the masks file")
+        example = loaded.example if loaded.program is None else None
+        check_masks_fit_model(loaded.model, masks, "the masks file", example)
         cols = loaded.columns()
         out.update({name: cols[name] for name in masks if name in cols})
     if pixels_map:
@@ -612,7 +657,7 @@ def layer_columns(masks: Mapping[str, Any], *, pixels: int | None = None, pixels
         why = (f"the model did not run layer {missing[0]!r} on its example input" if loaded is not None
                else f"layer {missing[0]!r} has no n")
         raise UbpError(f"{why}: give --model (with --input-shape for your own model), --pixels-map or --pixels")
-    return out
+    return {name: _pixel_columns(masks[name], n) if name in masks else n for name, n in out.items()}
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, Any], source: str = "masks.npz") -> nn.Module:

@@ -248,7 +248,8 @@ def _pair(v: Any) -> tuple[int, int]:
 class SparseConv2d(_KernelModule):
     """An ungrouped ``nn.Conv2d`` whose GEMM runs on a ubpdsl kernel (1x1 direct, kxk via im2col)."""
 
-    def __init__(self, conv: nn.Conv2d, kernel: NativeKernel, layer: str = "") -> None:
+    def __init__(self, conv: nn.Conv2d, kernel: NativeKernel, layer: str = "",
+                 pixel_keep: np.ndarray | torch.Tensor | None = None) -> None:
         if conv.groups != 1:
             raise BundleError(f"layer {layer}: grouped/depthwise convolutions stay dense (groups={conv.groups})")
         if conv.padding_mode != "zeros":
@@ -263,6 +264,16 @@ class SparseConv2d(_KernelModule):
             raise BundleError(f"layer {layer}: the kernel is {self.M}x{self.K}, the convolution's GEMM view is "
                               f"{self.out_channels}x{self.in_channels * self.kernel_size[0] * self.kernel_size[1]}")
         self.pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
+        # Semi-structured activation sparsity: only the kept output positions are computed (the kernel
+        # runs on n = kept pixels per image); the others are zero.
+        self.register_buffer("pixel_keep", None)
+        self.register_buffer("kept_index", None, persistent=False)
+        if pixel_keep is not None:
+            from ubpdsl.masks import validate_pixel_mask
+
+            keep = torch.from_numpy(validate_pixel_mask(pixel_keep, layer))
+            self.pixel_keep = keep
+            self.kept_index = torch.nonzero(keep.reshape(-1)).reshape(-1)
 
     def _resolve_padding(self, padding: Any, layer: str) -> tuple[int, int]:
         if padding == "valid":
@@ -275,8 +286,9 @@ class SparseConv2d(_KernelModule):
         return _pair(padding)
 
     def extra_repr(self) -> str:
+        px = "" if self.kept_index is None else f", kept_pixels={self.kept_index.numel()}/{self.pixel_keep.numel()}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, bias={self.bias is not None}, layer={self.layer!r}")
+                f"padding={self.padding}, bias={self.bias is not None}, layer={self.layer!r}{px}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.dim() == 3
@@ -284,6 +296,8 @@ class SparseConv2d(_KernelModule):
             x = x.unsqueeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise UbpError(f"layer {self.layer}: expected input [B, {self.in_channels}, H, W], got {list(x.shape)}")
+        if self.kept_index is not None:
+            return self._forward_kept(x, unbatched)
         if self.pointwise:
             if self.stride != (1, 1):
                 x = x[:, :, :: self.stride[0], :: self.stride[1]]
@@ -296,6 +310,31 @@ class SparseConv2d(_KernelModule):
             y = y.add_(self.bias.view(1, -1, 1))
         y = y.view(y.shape[0], self.out_channels, ho, wo)
         return y[0] if unbatched else y
+
+    def _forward_kept(self, x: torch.Tensor, unbatched: bool) -> torch.Tensor:
+        """Only the kept output positions: their im2col columns gathered straight from the padded input
+        (one pass, no full im2col), the kernel on n = kept pixels per image, then scattered back."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        xp = (F.pad(x, (pw, pw, ph, ph)) if ph or pw else x).contiguous()
+        b, c, hp, wp = xp.shape
+        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+        if tuple(self.pixel_keep.shape) != (ho, wo):
+            raise UbpError(f"layer {self.layer}: its pixel mask is {tuple(self.pixel_keep.shape)}, the output is "
+                           f"{ho}x{wo} for input {list(x.shape)}")
+        key = (hp, wp)
+        if getattr(self, "_gather_key", None) != key:  # flat offsets [K * kept] into one padded image
+            oy, ox = self.kept_index // wo, self.kept_index % wo
+            base = (torch.arange(c).view(c, 1, 1) * (hp * wp) + torch.arange(kh).view(1, kh, 1) * (dh * wp)
+                    + torch.arange(kw).view(1, 1, kw) * dw).reshape(-1, 1)
+            self._gather, self._gather_key = (base + (oy * (sh * wp) + ox * sw).view(1, -1)).reshape(-1), key
+        kept = self.kept_index.numel()
+        cols = xp.reshape(b, -1).index_select(1, self._gather).view(b, self.K, kept)
+        y = self.gemm(cols)  # [B, M, kept]: the dropped columns are never computed
+        if self.bias is not None:
+            y = y.add_(self.bias.view(1, -1, 1))
+        out = y.new_zeros(b, self.out_channels, ho * wo).index_copy_(2, self.kept_index, y)
+        out = out.view(b, self.out_channels, ho, wo)
+        return out[0] if unbatched else out
 
     def _im2col(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """``[B, C*kh*kw, Ho*Wo]`` with columns in (channel, ky, kx) order, as ``F.unfold`` (but faster)."""
@@ -373,7 +412,8 @@ def swap_to_kernels(model: nn.Module, bundle: str | os.PathLike[str] | Bundle, *
                     layers: list[str] | None = None, check_weights: bool = True) -> nn.Module:
     """Replace the model's pruned layers by kernel-backed modules (in place); returns ``model``.
 
-    Every layer of the bundle (or of ``layers``) is swapped. Everything is checked before the first
+    Every layer of the bundle (or of ``layers``) is swapped; a layer with a pixel mask computes only
+    its kept output positions (:class:`SparseConv2d`). Everything is checked before the first
     module changes: the bundle itself (:func:`~ubpdsl.export.load_bundle`), that its kernels run on
     this machine, that each layer exists in the model with the bundle's shape and (``check_weights``)
     exactly the bundle's weights, and that every library loads.
@@ -382,10 +422,15 @@ def swap_to_kernels(model: nn.Module, bundle: str | os.PathLike[str] | Bundle, *
     bundle.check_runs_here(target)
     names = list(layers) if layers is not None else bundle.layers
     plans = [_plan(model, bundle, name, target, check_weights) for name in names]
+    masks = bundle.masks()
+    for plan in plans:
+        if masks[plan.name].pixel_keep is not None and not isinstance(plan.module, nn.Conv2d):
+            raise BundleError(f"layer {plan.name}: the bundle gives it a pixel mask, but it is a "
+                              f"{type(plan.module).__name__} (pixel masks apply to Conv2d layers)")
     kernels = [NativeKernel(p.files) for p in plans]
     for plan, kernel in zip(plans, kernels, strict=True):
         if isinstance(plan.module, nn.Conv2d):
-            new: nn.Module = SparseConv2d(plan.module, kernel, plan.name)
+            new: nn.Module = SparseConv2d(plan.module, kernel, plan.name, masks[plan.name].pixel_keep)
         else:
             new = SparseLinear(plan.module, kernel, plan.name)
         new.train(plan.module.training)

@@ -13,7 +13,9 @@ draws one random order of its positions when prepared; at sparsity ``s`` the fir
 with the usual cubic schedule while the network trains around the holes. The sparsifier has the
 ``groups`` / ``sparsity_level`` / ``step()`` / ``state[fqn]["mask"]`` surface the trainer
 (:func:`ubpdsl.prune.trainer.fit`) drives, so it ramps the same way as the weight sparsifiers.
-Pixel masks are saved in the ``schemes.npz`` sidecar (:mod:`ubpdsl.prune.scheme_masks`).
+Pixel masks are saved in masks.npz (format 2, ``<layer>.pixel_keep``: :mod:`ubpdsl.masks`), beside
+the layer's blocks (:func:`attach_pixel_masks`); a layer whose weights stay dense is written with
+all its weights as blocks.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from torch.nn import functional as F
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from ubpdsl.errors import UbpError
-from ubpdsl.prune.scheme_masks import load_schemes, save_schemes, validate_pixel_mask
+from ubpdsl.masks import LayerMask, load_masks, save_masks, validate_pixel_mask
 from ubpdsl.prune.sparsifier import _check_sparsity
 
-__all__ = ["ActivationSparsifier", "PixelMaskConv2d", "apply_pixel_masks", "random_pixel_masks"]
+__all__ = ["ActivationSparsifier", "PixelMaskConv2d", "apply_pixel_masks", "attach_pixel_masks",
+           "random_pixel_masks"]
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -130,9 +133,15 @@ def _convs(model: nn.Module) -> list[str]:
 
 
 def apply_pixel_masks(model: nn.Module, masks: Mapping[str, Any] | str | Path) -> dict[str, PixelMaskConv2d]:
-    """Wrap the named convolutions of ``model`` with fixed pixel masks (a dict or a schemes.npz)."""
+    """Wrap the named convolutions of ``model`` with fixed pixel masks.
+
+    ``masks``: ``{layer: bool[Ho, Wo]}``, ``{layer: LayerMask}`` (those with a ``pixel_keep``) or a
+    masks.npz path.
+    """
     if not isinstance(masks, Mapping):
-        _, masks = load_schemes(masks)
+        masks = load_masks(masks)
+    masks = {n: (m.pixel_keep if isinstance(m, LayerMask) else m) for n, m in masks.items()}
+    masks = {n: m for n, m in masks.items() if m is not None}
     out = {}
     for name, keep in masks.items():
         try:
@@ -237,9 +246,38 @@ class ActivationSparsifier:
         """``{layer: bool[Ho, Wo]}`` of the current masks."""
         return {g["module_fqn"]: self.state[g["tensor_fqn"]]["mask"].numpy().copy() for g in self.groups}
 
-    def save(self, path: str | Path) -> None:
-        """Write the pixel masks to a schemes.npz sidecar."""
-        save_schemes(path, pixels=self.masks())
+    def to_layer_masks(self, layers: Mapping[str, LayerMask] | None = None, block: int = 4) -> dict[str, LayerMask]:
+        """``layers`` (e.g. a weight sparsifier's) with these pixel masks attached (:func:`attach_pixel_masks`)."""
+        weights = {name: w.conv.weight for name, w in self.wrappers.items()}
+        return attach_pixel_masks(dict(layers or {}), self.masks(), weights, block)
+
+    def save(self, path: str | Path, layers: Mapping[str, LayerMask] | None = None, block: int = 4) -> None:
+        """Write :meth:`to_layer_masks` to a masks.npz."""
+        save_masks(path, self.to_layer_masks(layers, block))
+
+
+def attach_pixel_masks(
+    layers: Mapping[str, LayerMask],
+    pixels: Mapping[str, Any],
+    weights: Mapping[str, Any] | None = None,
+    block: int = 4,
+) -> dict[str, LayerMask]:
+    """A copy of ``layers`` where each layer named in ``pixels`` carries its pixel mask.
+
+    A pixel-masked layer absent from ``layers`` (its weights stay dense) is added with every weight
+    kept (:meth:`LayerMask.dense`, N = ``block`` where it divides the rows), from ``weights[name]``.
+    """
+    import dataclasses
+
+    out = dict(layers)
+    for name, keep in pixels.items():
+        if name in out:
+            out[name] = dataclasses.replace(out[name], pixel_keep=keep)
+        elif weights is not None and name in weights:
+            out[name] = LayerMask.dense(name, weights[name], block, keep)
+        else:
+            raise UbpError(f"pixel mask for {name!r}: the layer has no blocks and no weight was given")
+    return out
 
 
 def random_pixel_masks(

@@ -60,12 +60,7 @@ def _parse_layer_sparsity(items: tuple[str, ...]) -> dict[str, float]:
     "--activation-sparsity",
     type=float,
     metavar="S",
-    help="Also drop S of each conv's output positions (random static pixel masks, to the schemes sidecar).",
-)
-@click.option(
-    "--schemes-output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="schemes.npz sidecar for pattern ids / pixel masks [default: OUTPUT with .schemes.npz].",
+    help="Also drop S of each conv's output positions (random static pixel masks, stored in OUTPUT).",
 )
 @click.option(
     "--importance", type=click.Choice(_IMPORTANCES), default="abs", show_default=True, help="Weight score."
@@ -109,14 +104,15 @@ def prune(
     reweighted_steps: int = 200,
     reweighted_lambda: float = 1e-3,
     activation_sparsity: float | None = None,
-    schemes_output: Path | None = None,
 ) -> None:
     """Prune a model's weights once and write the kept blocks and pruned weights to masks.npz.
 
     Every Linear and ungrouped Conv layer is pruned to Nx1 blocks that may start at any
     row (method bed or optimal), only at multiples of N (aligned), or to single weights
-    (unstructured, stored as N = 1 blocks). Depthwise/grouped convolutions stay dense
-    and are listed as skipped. For gradual pruning during training use
+    (unstructured, stored as N = 1 blocks); method pattern gives 3x3 convs layers of kind
+    pattern. --activation-sparsity adds a pixel mask to each conv (a conv left dense is
+    written with all its weights). Depthwise/grouped convolutions stay dense and are listed
+    as skipped. For gradual pruning during training use
     ubpdsl.prune.sparsifier.UnalignedBlockSparsifier (see docs/pruning.md).
 
     \b
@@ -124,7 +120,7 @@ def prune(
       ubpdsl prune --model mobilenetv2 --sparsity 0.75 --block 4 -o masks.npz
       ubpdsl prune --model mobilenetv2 --sparsity 0.9 --global --skip classifier.1 -o m.npz
       ubpdsl prune --model digits-cnn --weights cnn.pt --sparsity 0.5 --layer-sparsity fc=0.25 -o m.npz
-      ubpdsl prune --model digits-cnn --method pattern --sparsity 0.75 -o m.npz   # + m.schemes.npz
+      ubpdsl prune --model digits-cnn --method pattern --sparsity 0.75 -o m.npz
       ubpdsl prune --model digits-cnn --reweighted --sparsity 0.75 -o m.npz
       ubpdsl prune --model mobilenetv2 --sparsity 0.75 --activation-sparsity 0.3 -o m.npz
     """
@@ -201,6 +197,13 @@ def prune(
     sparsifier.squash_mask()
 
     layers = sparsifier.to_layer_masks(include_weights=True)
+    if activation_sparsity is not None:
+        from ubpdsl.prune.activation import attach_pixel_masks, random_pixel_masks
+
+        shape = tuple(loaded.require_example().shape[1:])
+        pixels = random_pixel_masks(model, shape, activation_sparsity, seed=seed, skip=skip)
+        weights = {name: model.get_submodule(name).weight for name in pixels}
+        layers = attach_pixel_masks(layers, pixels, weights, block)
     if not layers:
         raise UbpError("nothing pruned: every selected layer has sparsity 0")
     from ubpdsl.guard import ensure_dir
@@ -225,20 +228,11 @@ def prune(
     dense = [g["module_fqn"] for g in sparsifier.groups if g["module_fqn"] not in layers]
     for name in dense:
         click.echo(f"dense   {name}: sparsity 0, not written")
-    if method == "pattern" or activation_sparsity is not None:
-        from ubpdsl.prune.scheme_masks import save_schemes
-
-        pats = sparsifier.to_pattern_masks() if method == "pattern" else None
-        pixels = None
-        if activation_sparsity is not None:
-            from ubpdsl.prune.activation import random_pixel_masks
-
-            shape = tuple(loaded.require_example().shape[1:])
-            pixels = random_pixel_masks(model, shape, activation_sparsity, seed=seed, skip=skip)
-        side = schemes_output or output.with_suffix(".schemes.npz")
-        save_schemes(side, pats, pixels)
-        click.echo(f"wrote {side}: {len(pats or {})} pattern layers, {len(pixels or {})} pixel masks")
-    n_eff = 1 if method in ("unstructured", "pattern") else block
+    kinds = [lm.kind for lm in layers.values()]
+    if "pattern" in kinds or activation_sparsity is not None:
+        click.echo(f"{kinds.count('pattern')} pattern layers, "
+                   f"{sum(lm.pixel_keep is not None for lm in layers.values())} pixel masks")
+    n_eff = ",".join(str(n) for n in sorted({lm.block for lm in layers.values()}))  # dense pixel layers: --block
     click.echo(
         f"wrote {output}: {len(layers)} layers, N={n_eff}, method {method}, "
         f"sparsity {1 - kept / max(1, total):.4f} over pruned layers"
@@ -265,6 +259,8 @@ def _layer_rows(layers: dict) -> list[tuple[str, ...]]:
                 "-" if np.isnan(aligned) else f"{aligned:.3f}",
                 str(empty_rows),
                 "yes" if lm.weight is not None else "no",
+                lm.kind,
+                "-" if lm.pixel_keep is None else f"{lm.kept_pixels}/{lm.pixel_keep.size}",
             )
         )
     return rows
@@ -272,7 +268,7 @@ def _layer_rows(layers: dict) -> list[tuple[str, ...]]:
 
 def _format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    left = {0, 1, 2}
+    left = {0, 1, 2, 9}
 
     def fmt(cells: tuple[str, ...]) -> str:
         return "  ".join(
@@ -339,7 +335,8 @@ def inspect(masks_path: Path, plot: Path | None, only: tuple[str, ...]) -> None:
 
     Columns: weight shape, GEMM view RxC, block size N, number of blocks, sparsity,
     fraction of blocks that start at a multiple of N (aligned), rows of W with no
-    kept weight, and whether pruned weights are stored.
+    kept weight, whether pruned weights are stored, the layer kind (blocks or pattern)
+    and the output pixels kept by its pixel mask (- without one).
 
     \b
     Example:
@@ -356,7 +353,7 @@ def inspect(masks_path: Path, plot: Path | None, only: tuple[str, ...]) -> None:
         if unknown:
             raise UbpError(f"{masks_path} has no layer {unknown[0]!r}")
         layers = {n: layers[n] for n in only}
-    header = ("layer", "shape", "RxC", "N", "blocks", "sparsity", "aligned", "empty_rows", "weights")
+    header = ("layer", "shape", "RxC", "N", "blocks", "sparsity", "aligned", "empty_rows", "weights", "kind", "pixels")
     click.echo(_format_table(header, _layer_rows(layers)))
     kept = sum(lm.nnz for lm in layers.values())
     total = sum(lm.R * lm.C for lm in layers.values())

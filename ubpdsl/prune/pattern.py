@@ -13,9 +13,9 @@ pattern that keeps the most importance.
 :class:`~ubpdsl.prune.sparsifier.UnalignedBlockSparsifier`, of which it is a subclass: only the
 mask selection differs. Gradual pruning below 5/9 pattern-prunes the kernels that lose the least
 importance first and leaves the others dense; at and above 5/9 every kernel is patterned and
-the weakest are removed. The kept weights export to masks.npz as N = 1 blocks (every existing
-consumer runs them); the pattern ids go to the ``schemes.npz`` sidecar
-(:mod:`ubpdsl.prune.scheme_masks`).
+the weakest are removed. The kept weights export to masks.npz as layers of kind ``pattern``
+(:class:`~ubpdsl.masks.PatternMask`: library and ids, plus the kept weights as N = 1 blocks that
+every blocks-only consumer runs).
 
 Training is a plain gradual magnitude schedule, not PatDNN's extended ADMM.
 """
@@ -33,8 +33,8 @@ from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from ubpdsl.errors import UbpError
+from ubpdsl.masks import PATTERN_SIZE, PatternMask
 from ubpdsl.prune.gemm import SkippedLayer, find_prunable_layers
-from ubpdsl.prune.scheme_masks import PATTERN_SIZE, PatternMask
 from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier, _check_sparsity
 
 __all__ = [
@@ -243,8 +243,23 @@ class PatternSparsifier(UnalignedBlockSparsifier):
     def _update_global(self, groups: list[dict[str, Any]]) -> None:
         raise UbpError("pattern pruning has no global budget")
 
-    def to_pattern_masks(self) -> dict[str, PatternMask]:
-        """``{layer: PatternMask}`` of every layer whose kernels are all patterned or removed."""
+    def to_layer_masks(self, include_weights: bool = True) -> dict[str, Any]:
+        """``{layer: LayerMask}``; fully patterned layers are of kind ``pattern`` (their :class:`PatternMask`)."""
+        import dataclasses
+
+        out = super().to_layer_masks(include_weights)
+        for name, pm in self.to_pattern_masks(partial_ok=True).items():
+            if name in out:
+                out[name] = dataclasses.replace(out[name], pattern=pm)
+                out[name].validate()
+        return out
+
+    def to_pattern_masks(self, partial_ok: bool = False) -> dict[str, PatternMask]:
+        """``{layer: PatternMask}`` of every layer whose kernels are all patterned or removed.
+
+        A layer that still has dense kernels (sparsity below 5/9) is an error, or left out with
+        ``partial_ok``.
+        """
         out = {}
         for g in self.groups:
             state = self.state.get(g["tensor_fqn"], {})
@@ -252,6 +267,8 @@ class PatternSparsifier(UnalignedBlockSparsifier):
                 continue
             ids = np.asarray(state["pattern_ids"])
             if (ids == -2).any():
+                if partial_ok:
+                    continue
                 raise UbpError(
                     f"layer {g['module_fqn']!r} still has dense kernels (sparsity below "
                     f"{PATTERN_SPARSITY:.3f}): not a pattern mask yet"
