@@ -389,15 +389,16 @@ def _machine() -> dict[str, Any]:
               "win warm can lose 2-4x cold. warm: back-to-back calls with the operands cached (a "
               "microbenchmark). Warm and cold results are cached and stored separately; llvm-mca estimates "
               "ignore it")
-@click.option("--schemes", "schemes_path", default=None, type=click.Path(dir_okay=False),
-              help="schemes.npz: tune its pattern layers' direct 3x3 convolution kernels instead (every point of "
-              "the kernels' tune= spaces; host: timed warm, AArch64: instructions under qemu); needs --image")
-@click.option("--image", default=None, metavar="H,W", help="with --schemes: the image size of the pattern layers")
+@click.option("--patterns", "patterns", is_flag=True,
+              help="tune the direct 3x3 convolution kernels of --mask's pattern layers instead "
+              "(every point of the kernels' tune= spaces; host: timed warm, AArch64: "
+              "instructions under qemu); needs --image")
+@click.option("--image", default=None, metavar="H,W", help="with --patterns: the image size of the pattern layers")
 def tune(mask_path: str, target: str, trials: int, storage: str | None, out_dir: str, layer_names: tuple[str, ...],
          pixels: int | None, pixels_map: str | None, model_spec: str | None, weights: Path | None,
          input_shape: str | None, input_dtype: str | None, batch: int, jobs: int, timeout: float, runner: str | None,
          ssh_options: tuple[str, ...], force: bool, synthetic_weights: bool, seed: int, no_dense: bool,
-         no_progress: bool, cache: str, variants: tuple[str, ...], schemes_path: str | None,
+         no_progress: bool, cache: str, variants: tuple[str, ...], patterns: bool,
          image: str | None) -> None:
     """Tune the kernel of every layer of a masks.npz and write the fastest .so files.
 
@@ -410,15 +411,15 @@ def tune(mask_path: str, target: str, trials: int, storage: str | None, out_dir:
       ubpdsl tune --mask masks.npz --storage postgresql://tuner@db/ubp --trials 64
     Interrupted runs resume where they stopped; unchanged layers come from the cache.
     """
-    if schemes_path is not None:
+    if patterns:
         from ubpdsl.autotune.pattern import tune_pattern_layers
         from ubpdsl.compiler import parse_image
         from ubpdsl.runtime.targets import get_target
 
         if image is None:
-            raise UbpError("--schemes needs --image H,W (the image size the pattern layers run on)")
+            raise UbpError("--patterns needs --image H,W (the image size the pattern layers run on)")
         get_target(target)
-        tune_pattern_layers(mask_path, schemes_path, parse_image(image), target=target, out_dir=out_dir,
+        tune_pattern_layers(mask_path, mask_path, parse_image(image), target=target, out_dir=out_dir,
                             layers=layer_names, variants=variants, echo=click.echo)
         return
     loaded = None

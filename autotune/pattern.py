@@ -5,7 +5,7 @@ times the vector widths of the target), so it is searched exhaustively rather th
 every feasible point is compiled, its output checked against torch's conv2d, and then timed --
 on the host all points in one interleaved run (:func:`ubpdsl.testing.do_bench`, medians), on AArch64 targets by the
 instructions one call executes under qemu (:mod:`ubpdsl.runtime.insncount`; a count, not a
-time). The kernel's defaults are the reference (1.0x). ``ubpdsl tune --schemes`` calls
+time). The kernel's defaults are the reference (1.0x). ``ubpdsl tune --patterns`` calls
 :func:`tune_pattern` for every pattern layer.
 """
 
@@ -133,7 +133,7 @@ def tune_pattern(problem: PatternProblem, target: str = "host", *, variants: tup
 def tune_pattern_layers(mask_path: str, schemes_path: str, image: tuple[int, int], *, target: str = "host",
                         out_dir: str = "build", layers: tuple[str, ...] = (), variants: tuple[str, ...] = (),
                         min_time: float = 0.2, echo: Any = print) -> list[PatternTuneResult]:
-    """``ubpdsl tune --schemes``: tune every pattern layer, write its best kernel to ``out_dir``
+    """``ubpdsl tune --patterns``: tune every pattern layer, write its best kernel to ``out_dir``
     (``<layer>.<target>.so``, ``.h``, ``.packed.bin``) and print default vs tuned."""
     from pathlib import Path
 

@@ -70,13 +70,14 @@ def _problems(mask_path: str, layer: str | None) -> list[Any]:
 @click.option("-o", "--out", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="replace what -o holds (a bundle, or any non-empty directory) "
               "instead of adding to it")
-@click.option("--schemes", "schemes_path", default=None, type=click.Path(dir_okay=False),
-              help="schemes.npz: compile its pattern layers with a direct 3x3 convolution kernel "
-              "(default variant pattern_direct; symbol ubp_pattern_<layer>; needs --image)")
-@click.option("--image", default=None, metavar="H,W", help="with --schemes: the image size of the pattern layers")
+@click.option("--patterns", "patterns", is_flag=True,
+              help="compile the pattern layers of --mask (masks.npz format 2) with a direct 3x3 "
+              "convolution kernel (default variant pattern_direct; symbol ubp_pattern_<layer>; "
+              "needs --image)")
+@click.option("--image", default=None, metavar="H,W", help="with --patterns: the image size of the pattern layers")
 def compile_cmd(mask_path: str, layers: tuple[str, ...], targets: tuple[str, ...], variant: str,
                 kernel_name: str | None, consts: tuple[str, ...], specialize: bool, vector_bits: int | None,
-                check_bounds: bool, out_dir: str, force: bool, schemes_path: str | None,
+                check_bounds: bool, out_dir: str, force: bool, patterns: bool,
                 image: str | None) -> None:
     """Compile the layers of a masks.npz into a bundle: per target .so files, headers, one manifest.
 
@@ -94,8 +95,8 @@ def compile_cmd(mask_path: str, layers: tuple[str, ...], targets: tuple[str, ...
     from ubpdsl.export import echo_summary, export_bundle
     from ubpdsl.kernels import variant_name
 
-    if schemes_path is not None:
-        _compile_patterns(mask_path, schemes_path, image, layers, targets, variant, kernel_name, consts, out_dir)
+    if patterns:
+        _compile_patterns(mask_path, mask_path, image, layers, targets, variant, kernel_name, consts, out_dir)
         return
     spec = variant if kernel_name is None else f"{variant}:{kernel_name}"
     kernel = load_kernel(spec)
@@ -112,13 +113,13 @@ def compile_cmd(mask_path: str, layers: tuple[str, ...], targets: tuple[str, ...
 def _compile_patterns(mask_path: str, schemes_path: str, image: str | None, layers: tuple[str, ...],
                       targets: tuple[str, ...], variant: str, kernel_name: str | None, consts: tuple[str, ...],
                       out_dir: str) -> None:
-    """``compile --schemes``: every pattern layer -> <out>/<target>/<layer>.<target>.so, .h, .packed.bin."""
+    """``compile --patterns``: every pattern layer -> <out>/<target>/<layer>.<target>.so, .h, .packed.bin."""
     from pathlib import Path
 
     from ubpdsl.compiler import compile_kernel, load_pattern_problems, parse_image
 
     if image is None:
-        raise UbpError("--schemes needs --image H,W (the image size the pattern layers run on)")
+        raise UbpError("--patterns needs --image H,W (the image size the pattern layers run on)")
     if variant == DEFAULT_VARIANT and kernel_name is None:
         variant = "pattern_direct"
     kernel = load_kernel(variant if kernel_name is None else f"{variant}:{kernel_name}")

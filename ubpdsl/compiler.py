@@ -171,10 +171,11 @@ def parse_image(text: str) -> tuple[int, int]:
 
 def load_pattern_problems(mask_path: str | Path, schemes_path: str | Path, image: tuple[int, int],
                           layers: tuple[str, ...] = ()) -> list[PatternProblem]:
-    """The pattern layers of a ``schemes.npz`` sidecar with their weights from masks.npz.
+    """The pattern layers of the masks.npz (format 2) at ``schemes_path`` (usually ``mask_path``
+    itself) with their weights from ``mask_path``.
 
     masks.npz holds a pattern layer's kept weights as N = 1 blocks of its GEMM view
-    [Cout, Cin*9]; the sidecar its library and pattern ids. ``image`` is the (H, W) every layer
+    [Cout, Cin*9] beside its library and pattern ids. ``image`` is the (H, W) every layer
     runs on (stride 1, padding 1). A layer without weights, or whose shape disagrees, is a
     one-line MaskError.
     """
