@@ -164,6 +164,24 @@ def pack(data: BlockData) -> np.ndarray:
     return blob
 
 
+def _read_header(blob: np.ndarray | bytes | bytearray | memoryview, what: str,
+                 fields: tuple[str, ...]) -> tuple[np.ndarray, dict[str, int]]:
+    """The blob as uint8 and its header words (int32 little endian) by name; PackError if the
+    blob is not bytes / a 1-D uint8 array or is shorter than the header."""
+    if isinstance(blob, np.ndarray):
+        if blob.dtype != np.uint8 or blob.ndim != 1:
+            raise PackError(f"{what}: must be a 1-D uint8 array, got {blob.dtype} with shape {blob.shape}")
+        raw = np.ascontiguousarray(blob)
+    elif isinstance(blob, (bytes, bytearray, memoryview)):
+        raw = np.frombuffer(bytes(blob), np.uint8)
+    else:
+        raise PackError(f"{what}: must be bytes or a uint8 numpy array, not {type(blob).__name__}")
+    nbytes = 4 * len(fields)
+    if raw.size < nbytes:
+        raise PackError(f"{what}: {int(raw.size)} bytes, shorter than the {nbytes}-byte header")
+    return raw, dict(zip(fields, (int(v) for v in raw[:nbytes].view("<i4")), strict=True))
+
+
 def unpack(blob: np.ndarray | bytes | bytearray | memoryview, *, M: int | None = None, K: int | None = None,
            N: int | None = None, layout: str | None = None, what: str = "packed blob") -> BlockData:
     """Read and fully validate a data-driven blob; the arrays are copies.
@@ -179,18 +197,8 @@ def unpack(blob: np.ndarray | bytes | bytearray | memoryview, *, M: int | None =
     def fail(msg: str) -> PackError:
         return PackError(f"{what}: {msg}")
 
-    if isinstance(blob, np.ndarray):
-        if blob.dtype != np.uint8 or blob.ndim != 1:
-            raise fail(f"must be a 1-D uint8 array, got {blob.dtype} with shape {blob.shape}")
-        raw = np.ascontiguousarray(blob)
-    elif isinstance(blob, (bytes, bytearray, memoryview)):
-        raw = np.frombuffer(bytes(blob), np.uint8)
-    else:
-        raise fail(f"must be bytes or a uint8 numpy array, not {type(blob).__name__}")
+    raw, h = _read_header(blob, what, HEADER_FIELDS)
     size = int(raw.size)
-    if size < HEADER_BYTES:
-        raise fail(f"{size} bytes, shorter than the {HEADER_BYTES}-byte header")
-    h = dict(zip(HEADER_FIELDS, (int(v) for v in raw[:HEADER_BYTES].view("<i4")), strict=True))
     if h["magic"] & 0xFFFFFFFF != MAGIC:
         raise fail(f"magic is 0x{h['magic'] & 0xFFFFFFFF:08x}, not 0x{MAGIC:08x} ('UBP1'): not a packed blob")
     if h["version"] != VERSION:
@@ -426,18 +434,8 @@ def unpack_pattern(blob: np.ndarray | bytes | bytearray | memoryview, *, M: int 
     def fail(msg: str) -> PackError:
         return PackError(f"{what}: {msg}")
 
-    if isinstance(blob, np.ndarray):
-        if blob.dtype != np.uint8 or blob.ndim != 1:
-            raise fail(f"must be a 1-D uint8 array, got {blob.dtype} with shape {blob.shape}")
-        raw = np.ascontiguousarray(blob)
-    elif isinstance(blob, (bytes, bytearray, memoryview)):
-        raw = np.frombuffer(bytes(blob), np.uint8)
-    else:
-        raise fail(f"must be bytes or a uint8 numpy array, not {type(blob).__name__}")
+    raw, h = _read_header(blob, what, PATTERN_HEADER_FIELDS)
     size = int(raw.size)
-    if size < PATTERN_HEADER_BYTES:
-        raise fail(f"{size} bytes, shorter than the {PATTERN_HEADER_BYTES}-byte header")
-    h = dict(zip(PATTERN_HEADER_FIELDS, (int(v) for v in raw[:PATTERN_HEADER_BYTES].view("<i4")), strict=True))
     if h["magic"] & 0xFFFFFFFF != PATTERN_MAGIC:
         raise fail(f"magic is 0x{h['magic'] & 0xFFFFFFFF:08x}, not 0x{PATTERN_MAGIC:08x} ('UBPP'): "
                    "not a packed pattern blob")
