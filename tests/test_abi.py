@@ -133,8 +133,8 @@ def test_block_height_limits_checked_first(N, compile_cache):
 
 def test_abi_codes_are_public_and_stable():
     assert (abi.OK, abi.ERR_HEADER, abi.ERR_BAD_N, abi.ERR_NULL_WEIGHTS, abi.ERR_OUT_OF_BOUNDS,
-            abi.ERR_BAD_BLOB, abi.ERR_BAD_EPILOGUE) == (0, 1, 2, 3, 4, 5, 6)
-    assert set(abi.KERNEL_ERRORS) == {0, 1, 2, 3, 4, 5, 6}
+            abi.ERR_BAD_BLOB, abi.ERR_BAD_EPILOGUE, abi.ERR_BAD_PIXELS) == (0, 1, 2, 3, 4, 5, 6, 7)
+    assert set(abi.KERNEL_ERRORS) == {0, 1, 2, 3, 4, 5, 6, 7}
     assert abi.describe_error(99) == "unknown error code"
     defines = abi.c_return_code_defines()
     for code in abi.KERNEL_ERRORS:
