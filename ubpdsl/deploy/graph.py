@@ -409,10 +409,9 @@ class _Lowering:
                       src=("v", src), dst=("v", out), nchw=0)
         if pre is not None:
             fields["pre_bias"] = np.ascontiguousarray(pre, "<f4")
-        ho, wo = (H - 1) // stride + 1, (W - 1) // stride + 1
-        ws_ = W + 2 if stride == 1 else wo + 1  # the staging of depthwise() in ubp_model.c
-        staged = (H + 2) * ws_ if stride == 1 else 4 * (ho + 1) * ws_
-        self.scratch = max(self.scratch, staged + 16 + ho * ws_ + 16)
+        from ubpdsl.deploy.native import dw_scratch_floats
+
+        self.scratch = max(self.scratch, dw_scratch_floats(H, W, stride))  # the C code owns the staging
         i = self.emit([src], out, **fields)
         if src == INPUT:
             self.nchw_ok.add(i)
@@ -614,7 +613,7 @@ def build_graph_plan(spec: GraphSpec, packed: Mapping[str, np.ndarray | None], b
         if kind == OP_DW:
             rec[6] = 0
         records.append(rec)
-    kernels_off = pay.add(b"\0" * (8 * max(1, len(slots))))
+    kernels_off = pay.add(b"\0" * (2 * 8 * max(1, len(slots))))  # the plain and the _ep entry points
     total = pay.size
     out_f = spec.out_c * spec.out_hw
     header = [MAGIC, VERSION, len(records), batch, C, H, W, out_f, ws, len(slots), kernels_off, total, scratch]
