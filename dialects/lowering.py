@@ -739,7 +739,7 @@ def _python_pass(op: ir.Operation, pass_) -> None:  # noqa: ANN001 - ExternalPas
 CLEANUP = "canonicalize,cse,loop-invariant-code-motion,canonicalize,cse"
 TO_LLVM = (
     "convert-vector-to-scf,lower-affine,convert-scf-to-cf,"
-    "convert-vector-to-llvm,"
+    "convert-vector-to-llvm,convert-ub-to-llvm,"
     "expand-strided-metadata,finalize-memref-to-llvm,convert-arith-to-llvm,convert-index-to-llvm,"
     "convert-func-to-llvm,convert-cf-to-llvm,reconcile-unrealized-casts,canonicalize,cse"
 )

@@ -213,7 +213,7 @@ def test_help_shows_builtin_signatures_and_docs():
         assert fn.__doc__ and len(fn.__doc__) > 40, name
         assert "args" not in str(inspect.signature(fn)) or name in ("range", "static_range", "zeros"), name
     text = pydoc.render_doc(ubl.tiles, renderer=pydoc.plaintext)
-    assert "tiles(n: 'Any', tile: 'int', *, tail: 'str' = 'overlap')" in text
+    assert "tiles(n: 'Any', tile: 'int', *, tail: 'str' = 'overlap', edges: 'bool' = False)" in text
     assert "tail" in inspect.signature(ubl.tiles).parameters
     w_doc = pydoc.render_doc(ubl.BlockSparse, renderer=pydoc.plaintext)
     for member in ("row_blocks", "block_col", "weight", "lookahead", "rows", "cols", "block"):
