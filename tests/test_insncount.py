@@ -113,7 +113,13 @@ def test_kernel_fma_count_is_analytical(variant, target, bits, compile_cache):
     ck = compile_kernel(VARIANTS[variant], problem, target, constants={"TILE": tile}, cache=compile_cache)
     counts, y = count_call(ck.obj, ck.symbol, case.x, ck.packed, M, sve_bits=bits, cache=compile_cache)
     lanes = (bits or 128) // 32
-    # n is covered by whole tiles of TILE registers (the tail tile overlaps the previous one)
-    registers = math.ceil(n / (tile * lanes)) * tile
+    # n is covered by whole tiles of TILE registers, then the tail: on NEON just enough registers
+    # (a power of two) ending at n, on SVE a whole tile ending at n (overlapping the previous one)
+    full, rem = divmod(n, tile * lanes)
+    if target == "aarch64-neon" and rem:
+        tail = 1 << max(0, math.ceil(math.log2(math.ceil(rem / lanes))))
+    else:
+        tail = tile * (rem > 0)
+    registers = full * tile + tail
     assert counts.fma == len(problem.rows) * N * registers
     np.testing.assert_allclose(y, problem.weight @ case.x, rtol=1e-4, atol=1e-4)
