@@ -17,6 +17,7 @@ The packed blob read by data-driven kernels is described (and its constants owne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,6 +137,43 @@ def _global_constant(module_op: ir.Operation, name: str, attr: ir.DenseElementsA
     return memref.get_global(mr_ty, name)
 
 
+def _c32(v: int) -> ir.Value:
+    """An i32 constant of a header word value (values >= 2**31 wrap, as the word is read signed)."""
+    return arith.constant(ir.IntegerType.get_signless(32), v - (1 << 32) if v >= (1 << 31) else v)
+
+
+def _c64(v: int) -> ir.Value:
+    return arith.constant(ir.IntegerType.get_signless(64), v)
+
+
+def _eq(a: ir.Value, b: ir.Value) -> ir.Value:
+    return arith.cmpi(arith.CmpIPredicate.eq, a, b)
+
+
+def _header_checks(words: list[ir.Value], expected: dict[int, int], count_word: int, max_count: int, start: int,
+                   sizes: Callable[[ir.Value], dict[int, ir.Value]], total_word: int) -> tuple[ir.Value, ir.Value]:
+    """``(match, consistent)``, i1 values of a packed blob's i32 header ``words`` (O(1)).
+
+    match: every word of ``expected`` holds its value. consistent: the count word is in
+    [0, max_count], each offset word of ``sizes(count)`` (in order) is where the previous
+    section ends (padded to :data:`ubpdsl.packing.ALIGN`), the first at ``start``, and the
+    total-bytes word is the end of the last. Sizes are computed in i64: no overflow whatever the
+    header words hold.
+    """
+    i64 = ir.IntegerType.get_signless(64)
+    match = arith.constant(ir.IntegerType.get_signless(1), 1)
+    for k, want in expected.items():
+        match = arith.andi(match, _eq(words[k], _c32(want)))
+    count = arith.extsi(i64, words[count_word])
+    consistent = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, count, _c64(0)),
+                            arith.cmpi(arith.CmpIPredicate.sle, count, _c64(max_count)))
+    pos = _c64(start)
+    for k, size in sizes(count).items():
+        consistent = arith.andi(consistent, _eq(arith.extsi(i64, words[k]), pos))
+        pos = arith.addi(pos, arith.andi(arith.addi(size, _c64(pk.ALIGN - 1)), _c64(-pk.ALIGN)))
+    return match, arith.andi(consistent, _eq(arith.extsi(i64, words[total_word]), pos))
+
+
 class _Lowering:
     """The ubp -> upstream rewrites.
 
@@ -226,47 +264,22 @@ class _Lowering:
         ERR_BAD_BLOB when B, the offsets or total_bytes are not those :func:`ubpdsl.packing.pack`
         writes for this M, K, N (O(1): the arrays themselves are trusted)."""
         rec = self.record(op.operands[0])
-        i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
-
-        def c32(v: int) -> ir.Value:
-            return arith.constant(i32, v - (1 << 32) if v >= (1 << 31) else v)
-
         if rec.header is None:
-            return [c32(abi.OK)]
-        words = rec.header
+            return [_c32(abi.OK)]
         expected = {pk.H_MAGIC: pk.MAGIC, pk.H_VERSION: pk.VERSION, pk.H_M: rec.rows, pk.H_K: rec.cols,
                     pk.H_N: rec.block, pk.H_LAYOUT: pk.LAYOUT_CODES[rec.layout]}
-        match = arith.constant(ir.IntegerType.get_signless(1), 1)
-        for k, want in expected.items():
-            match = arith.andi(match, arith.cmpi(arith.CmpIPredicate.eq, words[k], c32(want)))
-        # Sizes in i64: no overflow whatever the (i32) header words hold.
-        def c64(v: int) -> ir.Value:
-            return arith.constant(i64, v)
 
-        def w64(k: int) -> ir.Value:
-            return arith.extsi(i64, words[k])
+        def sizes(nb: ir.Value) -> dict[int, ir.Value]:
+            return {pk.H_OFF_ROW_PTR: _c64(4 * (rec.rows + rec.block + 1)),
+                    pk.H_OFF_BLOCK_ROWS: arith.muli(nb, _c64(4)),
+                    pk.H_OFF_BLOCK_COLS: arith.muli(arith.addi(nb, _c64(pk.COL_PAD)), _c64(4)),
+                    pk.H_OFF_VALUES: arith.muli(nb, _c64(4 * rec.block))}
 
-        def pad(v: ir.Value) -> ir.Value:
-            return arith.andi(arith.addi(v, c64(pk.ALIGN - 1)), c64(-pk.ALIGN))
-
-        def eq(a: ir.Value, b: ir.Value) -> ir.Value:
-            return arith.cmpi(arith.CmpIPredicate.eq, a, b)
-
-        nb = w64(pk.H_B)
-        max_blocks = rec.cols * (rec.rows // rec.block)
-        consistent = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, nb, c64(0)),
-                                arith.cmpi(arith.CmpIPredicate.sle, nb, c64(max_blocks)))
-        pos = c64(pk.padded(pk.HEADER_BYTES))
-        sizes = {pk.H_OFF_ROW_PTR: c64(4 * (rec.rows + rec.block + 1)), pk.H_OFF_BLOCK_ROWS: arith.muli(nb, c64(4)),
-                 pk.H_OFF_BLOCK_COLS: arith.muli(arith.addi(nb, c64(pk.COL_PAD)), c64(4)),
-                 pk.H_OFF_VALUES: arith.muli(nb, c64(4 * rec.block))}
-        for k, size in sizes.items():
-            consistent = arith.andi(consistent, eq(w64(k), pos))
-            pos = arith.addi(pos, pad(size))
-        consistent = arith.andi(consistent, eq(w64(pk.H_TOTAL_BYTES), pos))
-        code = arith.select(consistent, c32(abi.OK), c32(abi.ERR_BAD_BLOB))
-        code = arith.select(match, code, c32(abi.ERR_HEADER))
-        return [arith.select(rec.nonnull, code, c32(abi.ERR_NULL_WEIGHTS))]
+        match, consistent = _header_checks(rec.header, expected, pk.H_B, rec.cols * (rec.rows // rec.block),
+                                           pk.padded(pk.HEADER_BYTES), sizes, pk.H_TOTAL_BYTES)
+        code = arith.select(consistent, _c32(abi.OK), _c32(abi.ERR_BAD_BLOB))
+        code = arith.select(match, code, _c32(abi.ERR_HEADER))
+        return [arith.select(rec.nonnull, code, _c32(abi.ERR_NULL_WEIGHTS))]
 
     # -- block access -----------------------------------------------------------------------
     def row_blocks(self, op: ir.Operation) -> list[ir.Value]:
@@ -555,54 +568,32 @@ class _Lowering:
         n = op.operands[1]
         i1, i32, i64 = (ir.IntegerType.get_signless(b) for b in (1, 32, 64))
         P, T = rec.library.shape
-        words = rec.header
+        expected = {pk.P_MAGIC: pk.PATTERN_MAGIC, pk.P_VERSION: pk.PATTERN_VERSION, pk.P_M: rec.rows,
+                    pk.P_K: rec.cols, pk.P_P: P, pk.P_T: T}
 
-        def c32(v: int) -> ir.Value:
-            return arith.constant(i32, v - (1 << 32) if v >= (1 << 31) else v)
+        def sizes(nk: ir.Value) -> dict[int, ir.Value]:
+            return {pk.P_OFF_LIBRARY: _c64(4 * P * T), pk.P_OFF_FILTER_ORDER: _c64(4 * rec.rows),
+                    pk.P_OFF_GROUP_PTR: _c64(4 * (rec.rows * P + 1)), pk.P_OFF_KERNEL_CHAN: arith.muli(nk, _c64(4)),
+                    pk.P_OFF_VALUES: arith.muli(nk, _c64(4 * T))}
 
-        def c64(v: int) -> ir.Value:
-            return arith.constant(i64, v)
-
-        def w64(k: int) -> ir.Value:
-            return arith.extsi(i64, words[k])
-
-        def pad(v: ir.Value) -> ir.Value:
-            return arith.andi(arith.addi(v, c64(pk.ALIGN - 1)), c64(-pk.ALIGN))
-
-        def eq(a: ir.Value, b: ir.Value) -> ir.Value:
-            return arith.cmpi(arith.CmpIPredicate.eq, a, b)
-
-        match = arith.constant(i1, 1)
-        for k, want in {pk.P_MAGIC: pk.PATTERN_MAGIC, pk.P_VERSION: pk.PATTERN_VERSION, pk.P_M: rec.rows,
-                        pk.P_K: rec.cols, pk.P_P: P, pk.P_T: T}.items():
-            match = arith.andi(match, eq(words[k], c32(want)))
-        nk = w64(pk.P_NK)
-        consistent = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, nk, c64(0)),
-                                arith.cmpi(arith.CmpIPredicate.sle, nk, c64(rec.rows * rec.cols)))
-        pos = c64(pk.padded(pk.PATTERN_HEADER_BYTES))
-        sizes = {pk.P_OFF_LIBRARY: c64(4 * P * T), pk.P_OFF_FILTER_ORDER: c64(4 * rec.rows),
-                 pk.P_OFF_GROUP_PTR: c64(4 * (rec.rows * P + 1)), pk.P_OFF_KERNEL_CHAN: arith.muli(nk, c64(4)),
-                 pk.P_OFF_VALUES: arith.muli(nk, c64(4 * T))}
-        for k, size in sizes.items():
-            consistent = arith.andi(consistent, eq(w64(k), pos))
-            pos = arith.addi(pos, pad(size))
-        consistent = arith.andi(consistent, eq(w64(pk.P_TOTAL_BYTES), pos))
+        match, consistent = _header_checks(rec.header, expected, pk.P_NK, rec.rows * rec.cols,
+                                           pk.padded(pk.PATTERN_HEADER_BYTES), sizes, pk.P_TOTAL_BYTES)
         # The library is read only from a blob whose header matches and is consistent.
         lib_ok = scf.IfOp(arith.andi(match, consistent), [i1], has_else=True)
         with ir.InsertionPoint(lib_ok.then_block):
             view = memref.view(ir.MemRefType.get([P * T], i32), rec.raw, _i(pk.padded(pk.PATTERN_HEADER_BYTES)), [])
             same = arith.constant(i1, 1)
             for q, want in enumerate(rec.library.reshape(-1)):
-                same = arith.andi(same, eq(memref.load(view, [_i(q)]), c32(int(want))))
+                same = arith.andi(same, _eq(memref.load(view, [_i(q)]), _c32(int(want))))
             scf.YieldOp([same])
         with ir.InsertionPoint(lib_ok.else_block):
             scf.YieldOp([arith.constant(i1, 0)])
-        code = arith.select(eq(arith.index_cast(i64, n), c64(rec.height * rec.width)), c32(abi.OK),
-                            c32(abi.ERR_BAD_PIXELS))
-        code = arith.select(lib_ok.results[0], code, c32(abi.ERR_HEADER))
-        code = arith.select(consistent, code, c32(abi.ERR_BAD_BLOB))
-        code = arith.select(match, code, c32(abi.ERR_HEADER))
-        return [arith.select(rec.nonnull, code, c32(abi.ERR_NULL_WEIGHTS))]
+        code = arith.select(_eq(arith.index_cast(i64, n), _c64(rec.height * rec.width)), _c32(abi.OK),
+                            _c32(abi.ERR_BAD_PIXELS))
+        code = arith.select(lib_ok.results[0], code, _c32(abi.ERR_HEADER))
+        code = arith.select(consistent, code, _c32(abi.ERR_BAD_BLOB))
+        code = arith.select(match, code, _c32(abi.ERR_HEADER))
+        return [arith.select(rec.nonnull, code, _c32(abi.ERR_NULL_WEIGHTS))]
 
     def filter_channel(self, op: ir.Operation) -> list[ir.Value]:
         rec = self.record_patterns(op.operands[0])
