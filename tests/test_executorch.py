@@ -47,17 +47,20 @@ class TinyMobileNet(nn.Module):
         return self.classifier(x)
 
 
-@pytest.fixture(scope="module")
-def pruned(tmp_path_factory):
-    torch.manual_seed(0)
-    model = TinyMobileNet()
+def _random_bn(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics so folding matters
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    torch.manual_seed(0)
+    model = _random_bn(TinyMobileNet())
     layers = [n for n, m in model.named_modules()
               if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1]
     sp = UnalignedBlockSparsifier(0.75, block=4, method="bed")
@@ -181,18 +184,7 @@ def test_shim_cross_compiles_for_aarch64(tmp_path):
     assert "ubp_et_register_plan" in info.defined and "ubp_model_run" in info.undefined
 
 
-
 # ---------------------------------------------------------------- the general planner (deploy.graph)
-
-
-def _random_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics so folding matters
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 def _bed(model: nn.Module, layers: list[str]) -> dict:
