@@ -36,7 +36,7 @@ from ubpdsl.dialects import lowering
 from ubpdsl.dialects.ubp import make_context
 from ubpdsl.errors import BuildError, DSLError, MaskError, UbpError
 from ubpdsl.identity import atomic_copy, atomic_write, blocks_hash, bytes_sha256, layer_hash
-from ubpdsl.language.core import PY_RANGE, KernelFunction
+from ubpdsl.language.core import PY_RANGE, HelperFunction, KernelFunction
 from ubpdsl.language.frontend import KernelSpec, PatternSpec, VectorShape, build_ubp_module
 from ubpdsl.names import file_stem
 from ubpdsl.packing import (
@@ -360,12 +360,19 @@ def kernel_globals(kernel: KernelFunction) -> dict[str, Any]:
     (and every ``a.b.c`` attribute chain starting at one) is resolved now and keyed by value, so
     changing ``SCALE = 2.0`` to ``3.0`` rebuilds. Numbers, strings, tuples, modules, DSL builtins
     and functions of ubpdsl itself (whose source the compiler fingerprint covers) are supported;
-    any other value is a :class:`DSLError` naming the global and its line.
+    a ``@ubl.func`` helper is keyed by its source and, recursively, the globals it reads (so
+    editing a helper rebuilds every kernel that calls it); any other value is a
+    :class:`DSLError` naming the global and its line.
     """
+    return _read_globals(kernel, set())
+
+
+def _read_globals(fn: KernelFunction | HelperFunction, seen: set[int]) -> dict[str, Any]:
+    """:func:`kernel_globals` of a kernel or helper; ``seen``: the helpers already keyed (a cycle ends)."""
     import ast
 
     out: dict[str, Any] = {}
-    params = set(kernel.params)
+    params = set(fn.params) if isinstance(fn, KernelFunction) else set(fn.signature.parameters)
 
     def chain(node: ast.AST) -> list[str] | None:
         if isinstance(node, ast.Name):
@@ -375,11 +382,11 @@ def kernel_globals(kernel: KernelFunction) -> dict[str, Any]:
             return None if base is None else [*base, node.attr]
         return None
 
-    for node in (n for st in kernel.tree.body for n in ast.walk(st)):
+    for node in (n for st in fn.tree.body for n in ast.walk(st)):
         names = chain(node) if isinstance(node, ast.Attribute | ast.Name) else None
-        if not names or names[0] in params or names[0] not in kernel.globals:
+        if not names or names[0] in params or names[0] not in fn.globals:
             continue
-        value: Any = kernel.globals[names[0]]
+        value: Any = fn.globals[names[0]]
         for i in range(len(names)):
             if i:
                 if not inspect.ismodule(value) or not hasattr(value, names[i]):
@@ -387,17 +394,22 @@ def kernel_globals(kernel: KernelFunction) -> dict[str, Any]:
                 value = getattr(value, names[i])
             dotted = ".".join(names[: i + 1])
             if dotted not in out:
-                out[dotted] = _global_key(value, dotted, kernel, getattr(node, "lineno", kernel.first_line))
+                out[dotted] = _global_key(value, dotted, fn, getattr(node, "lineno", fn.first_line), seen)
     return out
 
 
-def _global_key(value: Any, name: str, kernel: KernelFunction, line: int) -> Any:
+def _global_key(value: Any, name: str, fn: KernelFunction | HelperFunction, line: int, seen: set[int]) -> Any:
     import types
 
+    if isinstance(value, HelperFunction):
+        if id(value) in seen:  # keyed already (or a recursive helper, which the front end refuses)
+            return ["func", value.name]
+        seen.add(id(value))
+        return ["func", value.name, value.source, _read_globals(value, seen)]
     if value is None or isinstance(value, bool | int | float | str):
         return [type(value).__name__, repr(value)]
     if isinstance(value, tuple | list):
-        return [type(value).__name__, [_global_key(v, name, kernel, line) for v in value]]
+        return [type(value).__name__, [_global_key(v, name, fn, line, seen) for v in value]]
     if isinstance(value, np.generic | np.ndarray):
         arr = np.asarray(value)
         return ["ndarray", arr.dtype.str, list(arr.shape), bytes_sha256(arr)]
@@ -410,7 +422,8 @@ def _global_key(value: Any, name: str, kernel: KernelFunction, line: int) -> Any
     module = getattr(value, "__module__", None) or ""
     if module == "ubpdsl" or module.startswith("ubpdsl."):
         return ["ubpdsl", module, getattr(value, "__qualname__", type(value).__qualname__)]
-    raise DSLError(f"{kernel.filename}:{line}: kernel {kernel.name!r} reads the global {name!r} of type "
+    what = "kernel" if isinstance(fn, KernelFunction) else "helper"
+    raise DSLError(f"{fn.filename}:{line}: {what} {fn.name!r} reads the global {name!r} of type "
                    f"{type(value).__name__}, which cannot be part of its compile key; use a number, string, "
                    "tuple or a constexpr parameter")
 

@@ -65,6 +65,7 @@ from typing import Any
 from ubpdsl.errors import did_you_mean
 from ubpdsl.language.core import (
     BlockSparse,
+    HelperFunction,
     Input,
     KernelFunction,
     Output,
@@ -74,6 +75,7 @@ from ubpdsl.language.core import (
     constexpr,
     finish,
     fma,
+    func,
     kernel,
     load,
     load_pixels,
@@ -88,6 +90,7 @@ from ubpdsl.language.core import (
 
 __all__ = [
     "BlockSparse",
+    "HelperFunction",
     "Input",
     "KernelFunction",
     "Output",
@@ -96,6 +99,7 @@ __all__ = [
     "constexpr",
     "finish",
     "fma",
+    "func",
     "kernel",
     "load",
     "load_pixels",

@@ -389,17 +389,7 @@ def _tune_space(tune: Mapping[str, Sequence[Any]] | None, params: dict[str, type
 
 def _parse(fn: Callable[..., Any], layout: str, aligned: bool, needs_specialized: bool,
            tune: Mapping[str, Sequence[Any]] | None = None) -> KernelFunction:
-    try:
-        lines, first = inspect.getsourcelines(fn)
-        filename = inspect.getsourcefile(fn) or "<kernel>"
-    except (OSError, TypeError) as exc:
-        raise DSLError(f"cannot read the source of kernel {getattr(fn, '__name__', fn)!r}: {exc}") from None
-    source = textwrap.dedent("".join(lines))
-    tree = ast.parse(source)
-    ast.increment_lineno(tree, first - 1)
-    fdef = tree.body[0]
-    if not isinstance(fdef, ast.FunctionDef):
-        raise DSLError(f"{_where(filename, first)}: @kernel must decorate a plain function")
+    fdef, source, filename, first = _read_source(fn, "kernel")
     params: dict[str, type[_ParamKind]] = {}
     a = fdef.args
     if a.vararg or a.kwarg or a.posonlyargs or a.kwonlyargs:
@@ -457,6 +447,90 @@ def kernel(fn: Callable[..., Any] | None = None, *, layout: str = "rotated", ali
         return _parse(f, layout, aligned, specialized, tune)
 
     return wrap(fn) if fn is not None else wrap
+
+
+@dataclass
+class HelperFunction:
+    """A parsed ``@ubl.func`` helper: inlined by the front end wherever a kernel (or helper) calls it."""
+
+    fn: Callable[..., Any]
+    name: str
+    tree: ast.FunctionDef
+    filename: str
+    first_line: int
+    source: str
+    signature: inspect.Signature
+    constexprs: frozenset[str] = frozenset()  # parameters annotated ubl.constexpr (compile-time only)
+    doc: str = ""
+    globals: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise _outside(f"helper {self.name}()")
+
+    @property
+    def where(self) -> str:
+        return _where(self.filename, self.tree.lineno)
+
+
+def _read_source(fn: Callable[..., Any], what: str) -> tuple[ast.FunctionDef, str, str, int]:
+    """The AST (line numbers of the file), dedented source, file name and first line of ``fn``."""
+    try:
+        lines, first = inspect.getsourcelines(fn)
+        filename = inspect.getsourcefile(fn) or f"<{what}>"
+    except (OSError, TypeError) as exc:
+        raise DSLError(f"cannot read the source of {what} {getattr(fn, '__name__', fn)!r}: {exc}") from None
+    source = textwrap.dedent("".join(lines))
+    tree = ast.parse(source)
+    ast.increment_lineno(tree, first - 1)
+    fdef = tree.body[0]
+    if not isinstance(fdef, ast.FunctionDef):
+        raise DSLError(f"{_where(filename, first)}: @{what} must decorate a plain function")
+    return fdef, source, filename, first
+
+
+def func(fn: Callable[..., Any]) -> HelperFunction:
+    """Declare a helper that kernels (and other helpers) call: ``@ubl.func``, like a Triton
+    ``@triton.jit`` function called from another.
+
+    The front end inlines the helper at every call site, so the generated code is the same as
+    if its body were written there. It runs in its own scope: it sees its arguments and its
+    module's globals, not the caller's variables. Arguments are passed positionally or by
+    keyword: SSA values, compile-time constants, operands (X, Y, W), tiles and register tiles;
+    parameters annotated ``ubl.constexpr`` must receive compile-time constants, and defaults
+    must be compile-time constants. A helper returns nothing, one value or a tuple
+    (``return acc``, ``return lo, hi``); a ``return`` inside a generated loop or a run-time
+    ``if`` is refused. Values are passed by value: a helper that updates a register tile
+    returns it (``acc = add_rows(W, k, acc)``). Recursion is refused. Example::
+
+        @ubl.func
+        def row_sum(X, W, r, j, UNROLL: ubl.constexpr = 1):
+            acc = ubl.zeros(j)
+            lo, hi = W.row_blocks(r)
+            for b in ubl.range(lo, hi, unroll=UNROLL):
+                acc = ubl.fma(W.weight(b, 0), ubl.load(X, W.block_col(b), j), acc)
+            return acc
+    """
+    if isinstance(fn, (HelperFunction, KernelFunction)) or not callable(fn):
+        raise DSLError(f"@ubl.func must decorate a plain function, not {type(fn).__name__}")
+    fdef, source, filename, first = _read_source(fn, "ubl.func")
+    a = fdef.args
+    if a.vararg or a.kwarg:
+        raise DSLError(f"{_where(filename, fdef.lineno)}: helper {fdef.name!r}: *args and **kwargs are not supported")
+    sig = inspect.signature(fn)
+    consts = set()
+    for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs]:
+        ann = arg.annotation
+        kind = ann.attr if isinstance(ann, ast.Attribute) else ann.id if isinstance(ann, ast.Name) else None
+        if kind == "constexpr":
+            consts.add(arg.arg)
+    for p in sig.parameters.values():
+        d = p.default
+        if d is not inspect.Parameter.empty and d is not None and not isinstance(d, (bool, int, float, str)):
+            raise DSLError(f"{_where(filename, fdef.lineno)}: helper {fdef.name!r}: the default of {p.name} must "
+                           f"be a compile-time constant (int, float, bool, str), not {type(d).__name__}")
+    return HelperFunction(fn=fn, name=fdef.name, tree=fdef, filename=filename, first_line=first, source=source,
+                          signature=sig, constexprs=frozenset(consts), doc=inspect.getdoc(fn) or "",
+                          globals=fn.__globals__)
 
 
 def is_builtin(obj: Any, name: str | None = None) -> bool:

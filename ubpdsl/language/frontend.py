@@ -34,6 +34,7 @@ from ubpdsl.language.core import (
     OPERAND_ATTRS,
     PY_RANGE,
     BlockSparse,
+    HelperFunction,
     Input,
     KernelFunction,
     Output,
@@ -168,6 +169,23 @@ def _node_line(node: ast.AST) -> int:
     return getattr(node, "lineno", 0)
 
 
+@dataclass
+class _Inlined:
+    """A ``@ubl.func`` helper being inlined: the helper, its call site and the generated-region depth there."""
+
+    helper: HelperFunction
+    site: str  # file:line of the call
+    depth: int  # CodeGen._dynamic at the call ('return' is only allowed at this depth)
+
+
+class _Return(Exception):  # noqa: N818 - control flow, not an error
+    """A helper's ``return`` (compile-time control flow: unwinds to the inlined call)."""
+
+    def __init__(self, value: Any):
+        super().__init__()
+        self.value = value
+
+
 class CodeGen:
     """Emits the ubp module of one kernel for one specialisation."""
 
@@ -189,11 +207,23 @@ class CodeGen:
         self._oob_flag: ir.Value | None = None  # check_bounds: memref<1xi32> holding the status
         self._ranges: dict[ir.Value, tuple[int, int]] = {}  # index values known to lie in [lo, hi)
         self._pw: PWeights | None = None  # the pattern-sparse operand (direct-convolution kernels)
+        # Where names and errors come from: the kernel, or the @ubl.func helper being inlined.
+        self._file = kernel.filename
+        self._globals: dict[str, Any] = kernel.globals
+        self._inline: list[_Inlined] = []  # the helpers being inlined, outermost first
+        self._dynamic = 0  # generated loops and run-time ifs around the current statement
 
     # -- errors -------------------------------------------------------------------------------
     def error(self, msg: str, node: ast.AST | None = None) -> DSLError:
-        line = _node_line(node or self._node) if (node or self._node) else self.k.first_line
-        return DSLError(f"{self.k.filename}:{line}: {msg}")
+        where = node or self._node
+        if where is not None:
+            line = _node_line(where)
+        else:
+            line = self._inline[-1].helper.tree.lineno if self._inline else self.k.first_line
+        if self._inline:
+            calls = (f"helper {i.helper.name!r} called at {i.site}" for i in reversed(self._inline))
+            msg += f" (in {', '.join(calls)})"
+        return DSLError(f"{self._file}:{line}: {msg}")
 
     # -- module -------------------------------------------------------------------------------
     @property
@@ -305,7 +335,7 @@ class CodeGen:
     # -- statements ---------------------------------------------------------------------------
     def visit_body(self, stmts: list[ast.stmt], top: bool = False) -> None:
         for i, st in enumerate(stmts):
-            if isinstance(st, ast.Return):
+            if isinstance(st, ast.Return) and not self._inline:
                 if st.value is not None:
                     raise self.error("a kernel returns nothing (its C function returns the status)", st)
                 if not (top and i == len(stmts) - 1):
@@ -338,6 +368,11 @@ class CodeGen:
             self.visit_if(st)
         elif isinstance(st, ast.Pass):
             pass
+        elif isinstance(st, ast.Return):  # in a helper (visit_body handles the kernel's own)
+            if self._dynamic != self._inline[-1].depth:
+                raise self.error("'return' inside a generated loop or a run-time if is not supported in a "
+                                 "helper: assign the result and return it after the loop", st)
+            raise _Return(None if st.value is None else self.expr(st.value))
         else:
             raise self.error(f"unsupported statement in a kernel: {type(st).__name__}", st)
 
@@ -373,20 +408,35 @@ class CodeGen:
         fn = self.expr(it.func)
         args = [self.expr(a) for a in it.args]
         kwargs = {kw.arg: self.expr(kw.value) for kw in it.keywords}
+        if is_builtin(fn, "static_range"):
+            self.loop_static(st, args, kwargs)
+            return
+        self._dynamic += 1
+        try:
+            self.loop_dynamic(st, fn, args, kwargs)
+        finally:
+            self._dynamic -= 1
+
+    def loop_static(self, st: ast.For, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """``for i in ubl.static_range(...)``: the body once per value, the loop variable a constant."""
+        it = st.iter
+        bounds = self._range_args(args, kwargs, it, allow_unroll=False)
+        lo, hi, step = (self._static_int(b, it, "ubl.static_range bounds") for b in bounds[:3])
+        if step == 0:
+            raise self.error("ubl.static_range step must not be 0", it)
+        trips = len(PY_RANGE(lo, hi, step))
+        if trips > MAX_STATIC_TRIPS:
+            raise self.error(f"ubl.static_range unrolls {trips} iterations, more than {MAX_STATIC_TRIPS}: "
+                             "use range() for a loop in the generated code", it)
+        for v in PY_RANGE(lo, hi, step):
+            self.assign(st.target, v)
+            self.visit_body(st.body)
+
+    def loop_dynamic(self, st: ast.For, fn: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """A loop in the generated code: ``ubl.tiles``, ``range`` or ``ubl.range``."""
+        it = st.iter
         if is_builtin(fn, "tiles"):
             self.loop_tiles(st, args, kwargs)
-        elif is_builtin(fn, "static_range"):
-            bounds = self._range_args(args, kwargs, it, allow_unroll=False)
-            lo, hi, step = (self._static_int(b, it, "ubl.static_range bounds") for b in bounds[:3])
-            if step == 0:
-                raise self.error("ubl.static_range step must not be 0", it)
-            trips = len(PY_RANGE(lo, hi, step))
-            if trips > MAX_STATIC_TRIPS:
-                raise self.error(f"ubl.static_range unrolls {trips} iterations, more than {MAX_STATIC_TRIPS}: "
-                                 "use range() for a loop in the generated code", it)
-            for v in PY_RANGE(lo, hi, step):
-                self.assign(st.target, v)
-                self.visit_body(st.body)
         elif fn is PY_RANGE or is_builtin(fn, "range"):
             peel = kwargs.pop("peel", 0) if is_builtin(fn, "range") else 0
             lo, hi, step, unroll = self._range_args(args, kwargs, it, allow_unroll=is_builtin(fn, "range"))
@@ -708,6 +758,14 @@ class CodeGen:
             return
         if not isinstance(cond, ir.Value) or cond.type != self.i1:
             raise self.error("an if condition must be a comparison or a compile-time constant", st.test)
+        self._dynamic += 1
+        try:
+            self._if_dynamic(st, cond)
+        finally:
+            self._dynamic -= 1
+
+    def _if_dynamic(self, st: ast.If, cond: ir.Value) -> None:
+        """A run-time ``if``: an scf.if yielding the variables its branches assign."""
         names = self._carried(st.body + st.orelse)
         scope = set(self.env)
         init = self._flatten(names)
@@ -743,13 +801,13 @@ class CodeGen:
         if isinstance(node, ast.Name):
             if node.id in self.env:
                 return self.env[node.id]
-            if node.id in self.k.globals:
-                return self.k.globals[node.id]
+            if node.id in self._globals:
+                return self._globals[node.id]
             if node.id == "range":
                 return PY_RANGE
             if node.id in ("min", "max", "len", "print"):
                 return {"min": min, "max": max, "len": len, "print": print}[node.id]
-            known = [*self.env, *self.k.globals, "range", "min", "max", "len", "print"]
+            known = [*self.env, *self._globals, "range", "min", "max", "len", "print"]
             raise self.error(f"name {node.id!r} is not defined{did_you_mean(node.id, known)}")
         if isinstance(node, ast.Attribute):
             return self.attribute(self.expr(node.value), node.attr, node)
@@ -864,7 +922,43 @@ class CodeGen:
             return handler(node, *args, **kwargs)
         if fn in (min, max):
             return self.min_max(fn, args, kwargs, node)
-        raise self.error(f"cannot call {_describe(fn)} in a kernel")
+        if isinstance(fn, HelperFunction):
+            return self.inline(fn, args, kwargs, node)
+        if isinstance(fn, KernelFunction):
+            raise self.error(f"cannot call kernel {fn.name!r} from a kernel: declare the shared code with "
+                             "@ubl.func and call that", node)
+        if callable(fn) and hasattr(fn, "__code__"):  # a plain Python function
+            raise self.error(f"cannot call function {fn.__name__!r} in a kernel: declare it with @ubl.func "
+                             "(a kernel calls ubl builtins, W's methods, min/max and @ubl.func helpers)", node)
+        raise self.error(f"cannot call {_describe(fn)} in a kernel", node)
+
+    def inline(self, h: HelperFunction, args: list[Any], kwargs: dict[str, Any], node: ast.AST) -> Any:
+        """Call the ``@ubl.func`` helper ``h``: its body emitted here, in its own scope; its return value."""
+        if any(i.helper is h for i in self._inline):
+            chain = " -> ".join([*(i.helper.name for i in self._inline), h.name])
+            raise self.error(f"helper {h.name!r} is recursive ({chain}): helpers are inlined, so a helper "
+                             "cannot call itself", node)
+        try:
+            bound = h.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise self.error(f"helper {h.name}() ({h.where}): {exc}", node) from None
+        bound.apply_defaults()
+        for name in sorted(h.constexprs):
+            v = bound.arguments[name]
+            if isinstance(v, (ir.Value, Dense, Weights, PWeights, Tile, RegTile)) or v is None:
+                raise self.error(f"helper {h.name}(): {name} is ubl.constexpr, so it needs a compile-time "
+                                 f"constant, got {_describe(v)}", node)
+        saved = (self.env, self._globals, self._file)
+        self._inline.append(_Inlined(h, f"{self._file}:{_node_line(node)}", self._dynamic))
+        self.env, self._globals, self._file = dict(bound.arguments), h.globals, h.filename
+        try:
+            self.visit_body(h.tree.body)
+            return None
+        except _Return as ret:
+            return ret.value
+        finally:
+            self._inline.pop()
+            self.env, self._globals, self._file = saved
 
     def min_max(self, fn: Any, args: list[Any], kwargs: dict[str, Any], node: ast.AST) -> Any:
         """``min``/``max`` of integers: folded when all are compile-time, else arith.minsi/maxsi."""
