@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import ubpdsl.language as ubl
-from ubpdsl.compiler import compile_kernel, emit, kernel_globals, random_problem
+from ubpdsl.compiler import compile_kernel, emit, kernel_globals, random_pattern_problem, random_problem
 from ubpdsl.errors import DSLError
 from ubpdsl.kernels import get_variant, kernel_identity
 from ubpdsl.runtime.cache import CompileCache
@@ -111,6 +112,19 @@ def test_inlined_helper_emits_the_inline_kernels_code(target):
         a = emit(inline, p, target, "ubp", constants=consts)
         b = emit(my_kernel, p, target, "ubp", constants=consts)
         assert a == b
+
+
+def test_pattern_direct_shares_its_reduction_through_a_helper():
+    """Both loop orders of the shipped pattern kernel call one helper, and emit the same loads and FMAs."""
+    k = get_variant("pattern_direct")
+    calls = re.findall(r"= (\w+)\(X, W,", k.source)
+    assert len(calls) == 2 and len(set(calls)) == 1
+    p = random_pattern_problem(4, 3, 6, 9, num_patterns=4, seed=2)
+    counts = []
+    for fo in (False, True):
+        ubp = emit(k, p, "aarch64-neon", "ubp", constants={"FILTERS_OUTER": fo, "ROWS": 2})
+        counts.append((ubp.count("vector.fma"), ubp.count("ubp.load_tile")))
+    assert counts[0] == counts[1] and counts[0][0] > 0
 
 
 # -- mistakes: one DSLError naming the file:line in the helper ---------------------------------

@@ -146,6 +146,35 @@ def aligned_rows(X: ubl.Input, Y: ubl.Output, W: ubl.BlockSparse, TILE: ubl.cons
                         ubl.store(Y, r0 + i, j, acc[i])
 
 
+@ubl.func
+def filter_rows(X, W, f, r0, j, ROWS: ubl.constexpr, UNROLL: ubl.constexpr):
+    """The output rows r0 .. r0 + ROWS - 1 of filter f over tile j: a register tile of ROWS rows.
+
+    The kernels of f are summed pattern by pattern: the kernels of one pattern share its 4
+    constant tap offsets (dy, dx), so the loop over them (unrolled UNROLL times) is shifted
+    loads of the input channel's rows and 4 x ROWS FMAs.
+    """
+    acc = ubl.zeros(ROWS, j)
+    for p in ubl.static_range(W.num_patterns):
+        lo, hi = W.pattern_kernels(f, p)
+        for k in ubl.range(lo, hi, unroll=UNROLL):
+            c = W.kernel_channel(k)
+            for t in ubl.static_range(W.taps):
+                dy, dx = W.tap(p, t)
+                w = W.tap_weight(k, t)
+                for i in ubl.static_range(ROWS):
+                    acc[i] = ubl.fma(w, ubl.load_pixels(X, c, r0 + i + dy, j, dx), acc[i])
+    return acc
+
+
+@ubl.func
+def store_rows(Y, W, o, r0, j, acc, ROWS: ubl.constexpr):
+    """Store the ROWS rows of acc to the rows r0.. of output channel o (rows past the image skipped)."""
+    for i in ubl.static_range(ROWS):
+        if r0 + i < W.height:
+            ubl.store_pixels(Y, o, r0 + i, j, acc[i])
+
+
 @ubl.kernel(tune={"TILE": TILES, "UNROLL": UNROLLS, "ROWS": [1, 2, 4, 8], "FILTERS_OUTER": [False, True]})
 def pattern_direct(X: ubl.Input, Y: ubl.Output, W: ubl.PatternSparse, TILE: ubl.constexpr = 2,
                    UNROLL: ubl.constexpr = 1, ROWS: ubl.constexpr = 4, FILTERS_OUTER: ubl.constexpr = False):
@@ -161,7 +190,9 @@ def pattern_direct(X: ubl.Input, Y: ubl.Output, W: ubl.PatternSparse, TILE: ubl.
     a row (their taps left/right of the image shift a zero in).
     FILTERS_OUTER walks filters outside the rows (each filter's output plane at once) instead
     of inside the tiles (each input tile reused by every filter while it is in L1).
-    UNROLL unrolls the loop over the kernels of one pattern.
+    UNROLL unrolls the loop over the kernels of one pattern. Both loop orders share the
+    reduction (:data:`filter_rows`) and the stores (:data:`store_rows`), ``@ubl.func`` helpers
+    inlined by the front end.
     """
     H = W.height
     if FILTERS_OUTER:
@@ -169,37 +200,15 @@ def pattern_direct(X: ubl.Input, Y: ubl.Output, W: ubl.PatternSparse, TILE: ubl.
             o = W.filter_channel(f)
             for r0 in ubl.range(0, H, ROWS, peel=1):
                 for j in ubl.tiles(W.width, TILE, edges=True):
-                    acc = ubl.zeros(ROWS, j)
-                    for p in ubl.static_range(W.num_patterns):
-                        lo, hi = W.pattern_kernels(f, p)
-                        for k in ubl.range(lo, hi, unroll=UNROLL):
-                            c = W.kernel_channel(k)
-                            for t in ubl.static_range(W.taps):
-                                dy, dx = W.tap(p, t)
-                                w = W.tap_weight(k, t)
-                                for i in ubl.static_range(ROWS):
-                                    acc[i] = ubl.fma(w, ubl.load_pixels(X, c, r0 + i + dy, j, dx), acc[i])
-                    for i in ubl.static_range(ROWS):
-                        if r0 + i < H:
-                            ubl.store_pixels(Y, o, r0 + i, j, acc[i])
+                    acc = filter_rows(X, W, f, r0, j, ROWS=ROWS, UNROLL=UNROLL)
+                    store_rows(Y, W, o, r0, j, acc, ROWS=ROWS)
     else:
         for r0 in ubl.range(0, H, ROWS, peel=1):
             for j in ubl.tiles(W.width, TILE, edges=True):
                 for f in range(W.rows):
-                    acc = ubl.zeros(ROWS, j)
-                    for p in ubl.static_range(W.num_patterns):
-                        lo, hi = W.pattern_kernels(f, p)
-                        for k in ubl.range(lo, hi, unroll=UNROLL):
-                            c = W.kernel_channel(k)
-                            for t in ubl.static_range(W.taps):
-                                dy, dx = W.tap(p, t)
-                                w = W.tap_weight(k, t)
-                                for i in ubl.static_range(ROWS):
-                                    acc[i] = ubl.fma(w, ubl.load_pixels(X, c, r0 + i + dy, j, dx), acc[i])
+                    acc = filter_rows(X, W, f, r0, j, ROWS=ROWS, UNROLL=UNROLL)
                     o = W.filter_channel(f)
-                    for i in ubl.static_range(ROWS):
-                        if r0 + i < H:
-                            ubl.store_pixels(Y, o, r0 + i, j, acc[i])
+                    store_rows(Y, W, o, r0, j, acc, ROWS=ROWS)
 
 
 VARIANTS = {
