@@ -311,3 +311,15 @@ def test_compile_cli_builds_a_user_kernel_with_a_helper(tmp_path):
     x = np.random.default_rng(5).standard_normal((8, 23)).astype(np.float32)
     y = HostKernel(host / "fc.host.so", "ubp_fc", 12, 8)(x, packed)
     np.testing.assert_allclose(y, 2.0 * (p.weight @ x), rtol=1e-5, atol=1e-5)
+
+
+def test_doc_helper_example_runs(tmp_path, compile_cache):
+    """The @ubl.func example of docs/dsl.md computes W @ x."""
+    text = (ROOT / "docs" / "dsl.md").read_text()
+    code = next(b.split("```", 1)[0] for b in text.split("```python\n")[1:] if "@ubl.func" in b.split("```", 1)[0])
+    (tmp_path / "doc_helper.py").write_text(code)
+    p = random_problem(14, 11, 4, 0.5, seed=6)
+    x = np.random.default_rng(7).standard_normal((11, 29)).astype(np.float32)
+    ck = compile_kernel(get_variant(f"{tmp_path / 'doc_helper.py'}:my_kernel"), p, "host",
+                        constants={"UNROLL": 2}, cache=compile_cache)
+    np.testing.assert_allclose(ck(x), p.weight @ x, rtol=1e-5, atol=1e-5)

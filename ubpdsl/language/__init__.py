@@ -46,6 +46,21 @@ Inside a kernel:
   ``ubl.finish(Y, r, j)`` once a row is complete (see docs/dsl.md, *Epilogues*).
 * ``ubl.zeros(j)`` is a zero tile; ``ubl.zeros(N, j)`` is N of them (a register tile, indexed
   with compile-time integers: ``acc[p]``, ``acc[p] = 0.0``).
+* Helpers: ``@ubl.func`` declares a function a kernel (or another helper) calls, like a Triton
+  ``@triton.jit`` function calling another. The front end inlines it at each call site (the
+  code is the same as the body written there), in its own scope (its parameters and its
+  module's globals); arguments by position or keyword (values, constants, operands, tiles,
+  register tiles), compile-time defaults, ``ubl.constexpr`` parameters; it returns nothing,
+  a value or a tuple. Recursion and Python-only constructs are DSLErrors at the helper's
+  file:line; a changed helper changes the compile key of every kernel that calls it::
+
+      @ubl.func
+      def add_row_blocks(X, W, r, j, acc, UNROLL: ubl.constexpr = 1):
+          lo, hi = W.row_blocks(r)
+          for b in ubl.range(lo, hi, unroll=UNROLL):
+              acc = ubl.block_fma(W, b, ubl.load(X, W.block_col(b), j), acc)
+          return acc
+
 See docs/dsl.md for the reference (each construct with an example); ``help(ubl.tiles)`` etc.
 document each builtin.
 
