@@ -317,8 +317,8 @@ BUILTINS = ("tiles", "range", "static_range", "zeros", "load", "store", "finish"
 
 
 @dataclass
-class KernelFunction:
-    """A parsed DSL kernel: its AST, parameters and compile-time defaults."""
+class _ParsedFunction:
+    """What the front end reads of a decorated function: its AST (with the file's line numbers)."""
 
     fn: Callable[..., Any]
     name: str
@@ -326,6 +326,12 @@ class KernelFunction:
     filename: str
     first_line: int
     source: str
+
+
+@dataclass
+class KernelFunction(_ParsedFunction):
+    """A parsed DSL kernel: its AST, parameters and compile-time defaults."""
+
     params: dict[str, type[_ParamKind]]
     defaults: dict[str, Any]
     layout: str = "rotated"
@@ -450,15 +456,9 @@ def kernel(fn: Callable[..., Any] | None = None, *, layout: str = "rotated", ali
 
 
 @dataclass
-class HelperFunction:
+class HelperFunction(_ParsedFunction):
     """A parsed ``@ubl.func`` helper: inlined by the front end wherever a kernel (or helper) calls it."""
 
-    fn: Callable[..., Any]
-    name: str
-    tree: ast.FunctionDef
-    filename: str
-    first_line: int
-    source: str
     signature: inspect.Signature
     constexprs: frozenset[str] = frozenset()  # parameters annotated ubl.constexpr (compile-time only)
     doc: str = ""
