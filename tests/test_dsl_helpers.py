@@ -208,6 +208,23 @@ def test_helper_mistakes_name_file_and_line(tmp_path, case):
         assert f"called at {path}:{_line(path, call, after=kernel_line)})" in msg
 
 
+def test_helper_from_another_file_names_that_file(tmp_path, monkeypatch):
+    """``import mylib`` + ``mylib.helper(...)``: found through the module, its errors name mylib.py."""
+    lib_path = tmp_path / "dsl_helper_lib.py"
+    lib_path.write_text(HEADER + textwrap.dedent(ERRORS["python-only construct"][0]) + GOOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "dsl_helper_lib", raising=False)
+    path = tmp_path / "userk2.py"
+    path.write_text("import dsl_helper_lib\n" + HEADER + KERNEL.format(call="dsl_helper_lib.zero_row(Y, r, j)"))
+    emit(get_variant(str(path)), random_problem(8, 6, 4, 0.5, seed=0), "host", "ubp")  # compiles
+    path.write_text("import dsl_helper_lib\n" + HEADER + KERNEL.format(call="dsl_helper_lib.spin(Y, r, j)"))
+    with pytest.raises(DSLError) as exc:
+        emit(get_variant(str(path)), random_problem(8, 6, 4, 0.5, seed=0), "host", "ubp")
+    call_line = _line(str(path), "dsl_helper_lib.spin(")
+    assert str(exc.value).startswith(f"{lib_path}:{_line(str(lib_path), 'while True')}: unsupported statement")
+    assert str(exc.value).endswith(f"(in helper 'spin' called at {path}:{call_line})")
+
+
 def test_bad_helper_definitions():
     with pytest.raises(DSLError, match="default of s must be a compile-time constant"):
         @ubl.func
