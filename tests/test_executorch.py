@@ -244,6 +244,41 @@ def test_graph_plan_mobilenet_blocks_match_masked_model(tiny_graph, batch):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+def _kinds(plan) -> list[int]:
+    n_ops = int(plan.blob[:128].view("<i8")[2])
+    return plan.blob[128:128 * (1 + n_ops)].view("<i8").reshape(-1, 16)[:, 0].tolist()
+
+
+@pytest.mark.parametrize("band_bytes", [1, 4096, 1 << 30])  # one output row, a few rows, the whole plane
+@pytest.mark.parametrize("batch", [1, 2])
+def test_graph_plan_fused_expand_depthwise_matches(pruned, tmp_path, band_bytes, batch):
+    """Every pruned expand + depthwise fused (kind 5) in bands, the other pruned 1x1 convs on kind 1
+    (bias, residual and ReLU6 through the kernels' _ep), the plan stopped at the pool: the classifier
+    is the tail, run by torch."""
+    from ubpdsl.deploy.graph import build_graph_plan, trace_graph
+    from ubpdsl.deploy.native import ModelRunner
+
+    model, masks, dep = pruned
+    x = torch.randn(batch, 3, 32, 32)
+    spec = trace_graph(model, masks, x, start="features_0_2", stop="flatten", fuse_min_bytes=0,
+                       band_bytes=band_bytes)
+    plan = build_graph_plan(spec, {n: k.packed for n, k in dep.kernels.items()}, batch)
+    kinds = _kinds(plan)
+    assert kinds.count(5) == 2 and kinds.count(1) == 4 and 6 not in kinds  # 2 fused expands, 3 projects, final
+    with torch.no_grad():
+        ref = model(x)
+        got = spec.tail(ModelRunner(plan, dep.kernels)(spec.head(x).contiguous()))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_graph_stop_node_must_exist(pruned):
+    from ubpdsl.deploy.graph import trace_graph
+
+    model, masks, _ = pruned
+    with pytest.raises(PlanError, match="stop node 'nope'"):
+        trace_graph(model, masks, torch.randn(1, 3, 32, 32), stop="nope")
+
+
 class _Odd(nn.Module):
     """Every general op the MobileNetV2 and digits models do not use: strided / padded / grouped
     convs, a standalone BN, an add that is not fused, avg pool with padding, 4-D output."""

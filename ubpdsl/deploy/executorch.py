@@ -192,21 +192,25 @@ class DeployedMobileNet(nn.Module):
 
 
 class DeployedGraph(nn.Module):
-    """[head (dense, XNNPACK)] -> ``ubpdsl::subgraph`` (a :mod:`ubpdsl.deploy.graph` plan) -> torch's output shape.
+    """[head] -> ``ubpdsl::subgraph`` (a :mod:`ubpdsl.deploy.graph` plan) -> [tail]; head and tail dense (XNNPACK).
 
     ``head``: the part of the model before the plan's ``start`` (None: the plan takes the input);
-    ``out_shape``: one example's output shape (the operator returns ``[B, prod(out_shape)]``).
+    ``out_shape``: one example's output shape of the plan (the operator returns ``[B, prod(out_shape)]``);
+    ``tail``: the part after the plan's ``stop`` (None: the plan's output is the model's).
     """
 
-    def __init__(self, head: nn.Module | None, plan_id: int, out_shape: tuple[int, ...]) -> None:
+    def __init__(self, head: nn.Module | None, plan_id: int, out_shape: tuple[int, ...],
+                 tail: nn.Module | None = None) -> None:
         super().__init__()
         self.head = head
         self.subgraph = SubgraphModule(plan_id)
         self.out_shape = tuple(int(d) for d in out_shape)
+        self.tail = tail
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.subgraph(self.head(x) if self.head is not None else x)
-        return y if len(self.out_shape) == 1 else y.reshape(y.shape[0], *self.out_shape)
+        y = y if len(self.out_shape) == 1 else y.reshape(y.shape[0], *self.out_shape)
+        return self.tail(y) if self.tail is not None else y
 
 
 def export_pte(model: nn.Module, example: torch.Tensor, path: Path | None = None) -> bytes:

@@ -91,9 +91,10 @@ class GraphDeployment:
 
 def prepare_graph(model: nn.Module, masks: Mapping[str, LayerMask], example: torch.Tensor,
                   out_dir: str | os.PathLike[str], *, tuned: Mapping[str, Any] | None = None,
-                  start: str | None = None) -> GraphDeployment:
+                  start: str | None = None, stop: str | None = None, **plan_options: Any) -> GraphDeployment:
     """Trace ``model`` on ``example``, fold BN, export host kernels for its pruned layers (the
-    folded weights) to ``out_dir/bundle`` and load them (``start``: see :func:`trace_graph`)."""
-    spec = trace_graph(model, masks, example, start=start)
+    folded weights) to ``out_dir/bundle`` and load them (``start``, ``stop``, ``plan_options``:
+    see :func:`trace_graph`)."""
+    spec = trace_graph(model, masks, example, start=start, stop=stop, **plan_options)
     bundle, kernels = _host_kernels(spec.masks, out_dir, tuned)
     return GraphDeployment(spec, bundle, kernels)

@@ -51,6 +51,14 @@ FUSE_MIN_BYTES = 1 << 20
 BAND_BYTES = 400 << 10
 NO_RES = -3
 ALIGN = 64
+OP_CONV, OP_MAXPOOL, OP_AVGPOOL, OP_GAP, OP_FLATTEN, OP_ADD, OP_AFFINE, OP_OUTPUT = range(6, 14)
+#: record field names of kinds 1..5 (index = position in the int64[16] record); OP_DW's ``nchw``
+#: (its source is the model input in [B, C, H, W]) shares the clamp field
+FIELDS = ["kind", "src", "dst", "C", "M", "HW", "kernel", "packed", "bias", "res", "H", "W", "stride", "weights",
+          "pre_bias", "clamp"]
+#: record field names of the general kinds 6..13
+GENERAL_FIELDS = ["kind", "src", "dst", "C", "M", "geom", "kernel", "packed", "bias", "res", "H", "W", "unused",
+                  "weights", "tmp", "clamp"]
 
 
 class PlanError(UbpError):
@@ -188,6 +196,55 @@ def _aligned_bytes(size: int) -> np.ndarray:
     buf = np.zeros(size + ALIGN, np.uint8)
     start = (-buf.ctypes.data) % ALIGN
     return buf[start:start + size]
+
+
+def field_index(kind: int, name: str) -> int:
+    """Position of field ``name`` in a record of op ``kind`` (the one table of the record layout)."""
+    if kind >= OP_CONV:
+        return GENERAL_FIELDS.index(name)
+    return FIELDS.index("clamp" if name == "nchw" else name)
+
+
+def empty_record() -> list[int]:
+    """A record with every optional field unset: packed, bias, weights, pre-bias / im2col -1, no residual."""
+    rec = [0] * REC
+    rec[6] = rec[7] = rec[8] = rec[13] = rec[14] = -1
+    rec[9] = NO_RES
+    return rec
+
+
+def encode_plan(records: list[list[int]], pay: _Payload, slots: list[str], batch: int,
+                in_shape: tuple[int, int, int], out_features: int, workspace: int, scratch: int) -> PlanBlob:
+    """The plan blob: header, ``records`` (``pay`` must have been started at ``head_bytes(len(records))``),
+    the payload and the two kernel tables (plain and ``_ep`` entry points, filled by binding)."""
+    kernels_off = pay.add(b"\0" * (2 * 8 * max(1, len(slots))))
+    total = pay.size
+    C, H, W = in_shape
+    header = [MAGIC, VERSION, len(records), batch, C, H, W, out_features, workspace, len(slots), kernels_off, total,
+              scratch]
+    blob = _aligned_bytes(total)
+    head = np.zeros(REC * (1 + len(records)), "<i8")
+    head[:len(header)] = header
+    if records:
+        head[REC:] = np.asarray(records, "<i8").ravel()
+    blob[:] = np.frombuffer(head.tobytes() + b"".join(pay.parts), np.uint8)
+    return PlanBlob(blob, slots, batch, (batch, C, H, W), (batch, out_features), workspace)
+
+
+def head_bytes(n_ops: int) -> int:
+    """Bytes of the header and ``n_ops`` records (where the payload starts)."""
+    return 8 * REC * (1 + n_ops)
+
+
+def band_rows(hidden: int, H: int, W: int, stride: int, budget: int = BAND_BYTES) -> int:
+    """Output rows per band of a fused expand + depthwise (kind 5) so one band's expanded rows fit ``budget``."""
+    return _band_rows(hidden, H, W, stride, budget)
+
+
+def band_buffer_floats(cin: int, hidden: int, H: int, W: int, stride: int, band: int) -> tuple[int, int]:
+    """Floats of a fused op's band buffers: input rows ``[cin, rows, W]``, expanded rows ``[hidden, rows, W]``."""
+    rows = min(H, band * stride + 3 - stride)
+    return cin * rows * W, hidden * rows * W
 
 
 def _band_rows(hidden: int, H: int, W: int, stride: int, budget: int) -> int:
