@@ -1,32 +1,30 @@
-"""Plan any sequential-ish pruned CNN for the channel-major C runtime (``ubp_model_run``).
+"""Plan a pruned CNN for the channel-major C runtime (``ubp_model_run``): the one planner.
 
 The model is traced with ``torch.fx`` (shapes from one example input) and lowered node by node
-into the ops of a plan blob (format in :mod:`ubpdsl.deploy.plan`; the general kinds 6..13 are
-documented below and run by ``native/ubp_model.c``):
+into the ops of a plan blob (format and record layout in :mod:`ubpdsl.deploy.plan`, run by
+``native/ubp_model.c``):
 
-* ``Conv2d`` (any kernel, stride, padding, groups; dilation 1) and ``Linear``: im2col into the
-  workspace (columns = batch x output pixels), then the layer's ubpdsl kernel when it is pruned
-  (its mask in ``masks``; groups 1), else a dense GEMM on the folded weights. A following
-  ``BatchNorm2d`` is folded into the weights (:func:`ubpdsl.deploy.plan.fold_bn`), a following
-  residual add and ReLU / ReLU6 / Hardtanh(0, 6) become its epilogue;
-* a depthwise 3x3 conv (padding 1, stride 1 or 2) followed by ReLU6 runs on the MobileNetV2
-  depthwise op (kind 2), which also applies the producer's bias + ReLU6 while staging its input;
+* a pruned 1x1 conv (stride 1, no padding, groups 1) or pruned ``Linear``: op kind 1, its ubpdsl
+  kernel over the whole batch (n = batch x pixels); a following ``BatchNorm2d`` is folded into
+  the weights (:func:`ubpdsl.deploy.plan.fold_bn`), a following residual add and ReLU / ReLU6 /
+  Hardtanh(0, 6) are stored through the kernel's fused-epilogue entry point (``_ep``);
+* the inverted-residual pattern -- a pruned 1x1 expand (+ BN + ReLU6) whose sole user is a
+  depthwise 3x3 (+ BN + ReLU6) -- runs fused (kind 5) when the expanded tensor is large
+  (``fuse_min_bytes``): the expand is computed in bands of output rows that the depthwise consumes
+  from cache; otherwise the expand's bias + ReLU6 are applied by the depthwise while staging;
+* a depthwise 3x3 conv (padding 1, stride 1 or 2) followed by ReLU6: the depthwise op (kind 2);
+* any other ``Conv2d`` (any kernel, stride, padding, groups; dilation 1) or ``Linear``: kind 6,
+  im2col into the workspace (columns = batch x output pixels), then the ubpdsl kernel when pruned
+  (groups 1), else a dense GEMM on the folded weights, with the same fused BN / add / activation;
 * max / average pools kxk, adaptive average pool to 1, flatten (a transpose from [C, B, H, W] to
   the [C*H*W, B] columns of a linear layer; free when H = W = 1), residual adds, standalone
-  BatchNorm and activations, dropout / identity (nothing);
+  BatchNorm and activations, dropout / identity (nothing): kinds 7..12;
 * anything else is a :class:`~ubpdsl.deploy.plan.PlanError` naming the node.
 
-General op records (int64[16]): kind, src, dst, C (input channels or features), M (output
-channels), geometry offset (payload int64[8]: kernel h, w, stride h, w, padding h, w, groups --
-for an average pool count_include_pad --, source is NCHW), kernel slot (-1 dense), packed
-offset, bias offset, residual buffer (-3 none), H, W (input plane), unused, weights offset
-(dense weights [M, K]; an affine op's scales), im2col buffer (-1 none), clamp (0 none, 1 ReLU,
-2 ReLU6). Kinds: 6 conv / linear, 7 max pool, 8 average pool, 9 global average pool, 10 flatten,
-11 add, 12 per-channel affine, 13 output ([C, B, H*W] -> [B, C*H*W]).
-
-``start`` splits the model: the nodes up to that one (e.g. a dense stem) stay a torch module
-(:attr:`GraphSpec.head`, run by XNNPACK inside ExecuTorch) and the plan starts from its output.
-Buffers are placed in one workspace by lifetime (largest first, lowest free offset).
+``start`` / ``stop`` cut the model: the nodes up to ``start`` (e.g. a dense stem) and after
+``stop`` (e.g. a dense classifier) stay torch modules (:attr:`GraphSpec.head`, :attr:`GraphSpec.tail`,
+run by XNNPACK inside ExecuTorch). Buffers are placed in one workspace by lifetime (largest first,
+lowest free offset).
 """
 
 from __future__ import annotations
