@@ -725,8 +725,13 @@ def build_bundle_main(target: str, out: Path, source: Path = BUNDLE_MAIN_C) -> P
 
 
 def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer: str, x: np.ndarray, *,
-                    exe: Path | None = None, sve_bits: int | None = 256, timeout: float = 120) -> np.ndarray:
+                    exe: Path | None = None, sve_bits: int | None = 256, timeout: float = 120,
+                    bias: np.ndarray | None = None, residual: np.ndarray | None = None, lo: float | None = None,
+                    hi: float | None = None) -> np.ndarray:
     """Run ``layer``'s ``target`` kernel from the bundle through the C program; returns y [M, n].
+
+    Given any of ``bias`` ([M]), ``residual`` ([M, n]), ``lo``, ``hi``, the program calls the
+    kernel's fused-epilogue entry point ``<symbol>_ep``: y = clamp(W x + bias + residual, lo, hi).
 
     AArch64 targets run under qemu-user with Debian's AArch64 glibc (``libc6-arm64-cross``); SVE
     kernels with a ``sve_bits`` vector length. ``target`` :data:`AARCH64_DISPATCH` (``"aarch64"``)
@@ -749,6 +754,18 @@ def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer:
         xfile = Path(tmp) / "x.f32"
         x.tofile(xfile)
         argv = [str(prog), str(b.root), target, layer, str(xfile), str(x.shape[1])]
+        if bias is not None or residual is not None or lo is not None or hi is not None:
+            ep = []
+            for name, arr, shape in (("bias", bias, (files.M,)), ("residual", residual, (files.M, x.shape[1]))):
+                if arr is None:
+                    ep.append("-")
+                    continue
+                arr = np.ascontiguousarray(arr, dtype="<f4")
+                if arr.shape != shape:
+                    raise UbpError(f"layer {layer}: {name} must be {list(shape)}, got {list(arr.shape)}")
+                arr.tofile(Path(tmp) / f"{name}.f32")
+                ep.append(str(Path(tmp) / f"{name}.f32"))
+            argv += [*ep, repr(float("-inf" if lo is None else lo)), repr(float("inf" if hi is None else hi))]
         if _is_aarch64(target):
             sysroot = qemu.aarch64_sysroot()
             if sysroot is None:
