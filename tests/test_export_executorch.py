@@ -138,6 +138,16 @@ def test_export_executorch_cli_end_to_end(tmp_path, capsys, batch):
         with torch.no_grad():
             ref = ref_model(x)
         torch.testing.assert_close(prog(x), ref, rtol=1e-4, atol=1e-5)
+    # the same directory from C++ without Python (README steps): examples/executorch_cpp/et_main.cpp
+    from ubpdsl.deploy.et_export import build_cpp_example, cpp_example_args
+
+    exe = build_cpp_example(out, tmp_path / "et_main")
+    x.numpy().astype("<f4").tofile(tmp_path / "x.f32")
+    r = subprocess.run([str(exe), str(out), str(tmp_path / "x.f32"), *cpp_example_args(out)], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PLAN_ID=str(manifest["plan_id"])))
+    assert r.returncode == 0, r.stderr
+    got = torch.tensor([float(v) for v in r.stdout.split()]).reshape(ref.shape)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     # the pruned part runs on our operator: without its plan registered the program fails
     det.register_plan(manifest["plan_id"], None)
     with pytest.raises(Exception):  # noqa: B017 - ExecuTorch raises its own RuntimeError

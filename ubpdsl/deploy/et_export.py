@@ -39,10 +39,12 @@ from torch import nn
 
 from ubpdsl.errors import UbpError
 
-__all__ = ["FORMAT", "export_executorch", "load_executorch"]
+__all__ = ["FORMAT", "build_cpp_example", "cpp_example_args", "export_executorch", "load_executorch"]
 
 FORMAT = "ubpdsl.executorch/1"
 MANIFEST = "manifest.json"
+#: a C++ program that loads an export directory without Python (README steps 1-5)
+CPP_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "executorch_cpp" / "et_main.cpp"
 
 
 def _require_executorch() -> None:
@@ -185,7 +187,11 @@ y = prog(x)                              # x: torch.float32 tensor of shape {m['
 4. Allocate `ubp_model_workspace_bytes(plan)` bytes ({m['workspace_bytes']}), 64-byte aligned, and call
    `ubp_et_register_plan({m['plan_id']}, plan, workspace)` (0 = ok). One workspace per plan: do
    not run the program on two threads at once.
-5. Load and run `model.pte` as any program (`executorch::extension::Module`).
+5. Load and run `model.pte` as any program (`executorch::extension::Module`, or `Program::load` +
+   `load_method`), with the XNNPACK backend and the optimized (or portable) kernels linked in.
+
+`examples/executorch_cpp/et_main.cpp` in the ubpdsl sources does all five steps against the
+ExecuTorch wheel's libraries (`ubpdsl.deploy.et_export.build_cpp_example` builds it).
 
 ```c
 int32_t ubp_model_bind(void *plan, int64_t slot, int32_t (*fn)(const float *, float *, int64_t, const void *));
@@ -263,3 +269,35 @@ def load_executorch(path: str | os.PathLike[str], threads: int = 1) -> LoadedPro
     det.register_plan(int(m["plan_id"]), runner)
     program = det.load_pte((root / "model.pte").read_bytes(), threads)
     return LoadedProgram(program, runner, m)
+
+
+def build_cpp_example(export_dir: str | os.PathLike[str], out: str | os.PathLike[str],
+                      source: Path = CPP_EXAMPLE) -> Path:
+    """Compile ``examples/executorch_cpp/et_main.cpp`` with the system C++ compiler against the
+    installed ExecuTorch (its runtime, optimized kernels and XNNPACK backend) and ``export_dir``'s
+    ``libubp_et.so``; returns the program (run it with :func:`cpp_example_args`)."""
+    import subprocess
+
+    from ubpdsl.deploy.executorch import _CXX_DEFS, _et_root, _includes
+    from ubpdsl.errors import BuildError
+
+    root = _et_root()
+    if not source.is_file():
+        raise UbpError(f"{source} not found: the C++ example lives in the source tree (examples/executorch_cpp)")
+    lib, shim = root / "lib", Path(export_dir).resolve() / "libubp_et.so"
+    cmd = [os.environ.get("CXX", "c++"), "-std=c++17", "-O1", *_CXX_DEFS, *_includes(root), str(source), "-o", str(out),
+           "-Wl,--no-as-needed", str(shim), f"-L{lib}", "-lexecutorch", "-lexecutorch_kernels_optimized",
+           "-lexecutorch_backend_xnnpack", "-ldl", f"-Wl,-rpath,{lib}", f"-Wl,-rpath,{shim.parent}"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise BuildError(f"no C++ compiler for the ExecuTorch example: {exc}") from None
+    if r.returncode != 0:
+        raise BuildError(f"building et_main failed: {r.stderr.strip()[-2000:]}")
+    return Path(out)
+
+
+def cpp_example_args(export_dir: str | os.PathLike[str]) -> list[str]:
+    """The kernel-slot arguments of ``et_main`` for ``export_dir`` (from its checked manifest)."""
+    m = _manifest(Path(export_dir))
+    return [str(v) for s in m["kernel_slots"] for v in (s["so"], s["symbol"], s["symbol_ep"] or "-")]
