@@ -26,9 +26,9 @@ import torch  # noqa: E402
 from common import machine_header  # noqa: E402
 from torch import nn  # noqa: E402
 
+from ubpdsl.deploy.graph import build_graph_plan  # noqa: E402
 from ubpdsl.deploy.native import PROFILE_KINDS, ModelRunner  # noqa: E402
-from ubpdsl.deploy.pipeline import prepare_subgraph  # noqa: E402
-from ubpdsl.deploy.plan import build_plan, split_mobilenet  # noqa: E402
+from ubpdsl.deploy.pipeline import MOBILENET_V2, prepare_graph  # noqa: E402
 from ubpdsl.models import build_model  # noqa: E402
 from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier  # noqa: E402
 
@@ -51,13 +51,12 @@ def main() -> None:
     sp.squash_mask()
     masks = sp.to_layer_masks()
     out = Path(tempfile.mkdtemp(prefix="ubp-fused-ep-"))
-    dep = prepare_subgraph(model, masks, out)
+    dep = prepare_graph(model, masks, torch.zeros(1, 3, 224, 224), out, **MOBILENET_V2)
     packed = {n: k.packed for n, k in dep.kernels.items()}
-    runners = {mode: ModelRunner(build_plan(dep.sub, packed, args.batch, dep.hw), dep.kernels,
+    runners = {mode: ModelRunner(build_graph_plan(dep.spec, packed, args.batch), dep.kernels,
                                  fused_epilogues=mode == "fused") for mode in ("fused", "separate")}
-    stem, _, _ = split_mobilenet(model)
     with torch.no_grad():
-        s = stem(torch.randn(args.batch, 3, 224, 224)).contiguous()
+        s = dep.spec.head(torch.randn(args.batch, 3, 224, 224)).contiguous()
     ys = {m: r(s) for m, r in runners.items()}
     torch.testing.assert_close(ys["fused"], ys["separate"], rtol=1e-4, atol=1e-5)
     print(f"# MobileNetV2 subgraph, {len(masks)} 1x1 convs at {args.sparsity:.0%} (BED, N=4, default wros), "

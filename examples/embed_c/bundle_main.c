@@ -2,7 +2,7 @@
  * Running one layer of a ubpdsl bundle from plain C: no generated header at build time, the
  * kernel library is opened at run time with dlopen.
  *
- *   bundle_main BUNDLE_DIR TARGET LAYER [X_FILE N]
+ *   bundle_main BUNDLE_DIR TARGET LAYER [X_FILE N [BIAS_FILE RES_FILE LO HI]]
  *
  * TARGET "aarch64" picks the variant this CPU runs (ubp_dispatch.h): aarch64-sve where the CPU
  * has SVE, aarch64-neon otherwise; an explicit aarch64-sve on a CPU without SVE is refused
@@ -14,6 +14,9 @@
  * kernel, loads and validates the packed weights, then computes y[M, n] = W . x[K, n]:
  *   - with X_FILE: x is K*n little-endian float32 values read from that file;
  *   - without: n = 5 and x[k][j] = ((k * 7 + j * 3) % 11 - 5) / 4.0 (as main.c).
+ *   - with BIAS_FILE RES_FILE LO HI: through the kernel's fused-epilogue entry point <symbol>_ep,
+ *     y = clamp(W x + bias + residual, LO, HI): BIAS_FILE M float32 values or '-' (none),
+ *     RES_FILE M*n float32 values or '-', LO / HI the clamp bounds (-inf inf: no clamp).
  * y is printed one row per line with "%.9g".
  *
  * Nothing in the bundle is trusted: a malformed index row, a file name that is not a plain name
@@ -33,6 +36,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,6 +47,23 @@
 #include "ubp_dispatch.h"
 
 typedef int32_t (*ubp_kernel_fn)(const float *x, float *y, int64_t n, const void *packed_w);
+
+/* The fused-epilogue entry point <symbol>_ep and its argument (the public ABI of ubpdsl.abi; every
+ * generated <layer>.h declares the same struct under the same guard). */
+#ifndef UBP_EPILOGUE_DEFINED
+#define UBP_EPILOGUE_DEFINED
+#define UBP_EPILOGUE_VERSION 1
+#define UBP_EP_CLAMP 1u
+typedef struct ubp_epilogue {
+    uint32_t version;
+    uint32_t flags;
+    const float *bias;
+    const float *residual;
+    float lo, hi;
+} ubp_epilogue;
+#endif
+typedef int32_t (*ubp_kernel_ep_fn)(const float *x, float *y, int64_t n, const void *packed_w,
+                                    const ubp_epilogue *ep);
 
 enum { EXIT_IO = 1, EXIT_KERNEL = 2, EXIT_BUNDLE = 3 };
 enum { NCOLS = 9, MAX_BLOCK = 64, COL_PAD = 16, HEADER_WORDS = 12 };
@@ -368,8 +389,8 @@ static int check_blob(const char *name, const void *blob, size_t size, const str
 /* ------------------------------------------------------------------------------------------ main */
 
 int main(int argc, char **argv) {
-    if (argc != 4 && argc != 6) {
-        fprintf(stderr, "usage: %s BUNDLE_DIR TARGET LAYER [X_FILE N]\n", argv[0]);
+    if (argc != 4 && argc != 6 && argc != 10) {
+        fprintf(stderr, "usage: %s BUNDLE_DIR TARGET LAYER [X_FILE N [BIAS_FILE RES_FILE LO HI]]\n", argv[0]);
         return EXIT_IO;
     }
     const char *target = argv[2];
@@ -429,7 +450,7 @@ int main(int argc, char **argv) {
 
     int64_t n = 5;
     float *x;
-    if (argc == 6) {
+    if (argc >= 6) {
         char *end = NULL;
         errno = 0;
         long long v = strtoll(argv[5], &end, 10);
@@ -454,7 +475,43 @@ int main(int argc, char **argv) {
     float *y = malloc(sizeof(float) * (size_t)(e.M * n));
     if (!y) return EXIT_IO;
 
-    int32_t krc = kernel(x, y, n, packed);
+    int32_t krc;
+    float *bias = NULL, *res = NULL;
+    if (argc == 10) { /* the fused epilogue: y = clamp(W x + bias + residual, LO, HI) in <symbol>_ep */
+        char ep_symbol[300];
+        snprintf(ep_symbol, sizeof ep_symbol, "%s_ep", e.symbol);
+        ubp_kernel_ep_fn kernel_ep = (ubp_kernel_ep_fn)dlsym(lib, ep_symbol);
+        if (!kernel_ep) {
+            fprintf(stderr, "%s has no symbol %s\n", real_so, ep_symbol);
+            return EXIT_BUNDLE;
+        }
+        size_t size = 0;
+        if (strcmp(argv[6], "-") != 0) {
+            bias = read_regular(NULL, argv[6], (long long)(sizeof(float) * e.M), &size, &why);
+            if (!bias || size != sizeof(float) * (size_t)e.M) {
+                fprintf(stderr, "%s must hold M = %lld float32 values\n", argv[6], (long long)e.M);
+                return EXIT_IO;
+            }
+        }
+        if (strcmp(argv[7], "-") != 0) {
+            res = read_regular(NULL, argv[7], (long long)(sizeof(float) * e.M * n), &size, &why);
+            if (!res || size != sizeof(float) * (size_t)(e.M * n)) {
+                fprintf(stderr, "%s must hold M*n = %lld*%lld float32 values\n", argv[7], (long long)e.M, (long long)n);
+                return EXIT_IO;
+            }
+        }
+        char *end_lo = NULL, *end_hi = NULL;
+        const float lo = strtof(argv[8], &end_lo), hi = strtof(argv[9], &end_hi);
+        if (!end_lo || *end_lo || !end_hi || *end_hi || !(lo <= hi)) {
+            fprintf(stderr, "LO and HI must be numbers (inf, -inf allowed) with LO <= HI, got %s %s\n", argv[8],
+                    argv[9]);
+            return EXIT_IO;
+        }
+        ubp_epilogue ep = {UBP_EPILOGUE_VERSION, (isinf(lo) && isinf(hi)) ? 0u : UBP_EP_CLAMP, bias, res, lo, hi};
+        krc = kernel_ep(x, y, n, packed, &ep);
+    } else {
+        krc = kernel(x, y, n, packed);
+    }
     if (krc != 0) {
         fprintf(stderr, "kernel %s returned error code %d\n", e.symbol, (int)krc);
         return EXIT_KERNEL;
@@ -465,6 +522,8 @@ int main(int argc, char **argv) {
     }
     free(x);
     free(y);
+    free(bias);
+    free(res);
     free(packed);
     dlclose(lib);
     return 0;

@@ -24,8 +24,7 @@ from ubpdsl.autotune.measure import machine_info
 from ubpdsl.benchsuite import interleaved_medians
 from ubpdsl.deploy import executorch as det
 from ubpdsl.deploy.native import PROFILE_KINDS
-from ubpdsl.deploy.pipeline import prepare_subgraph
-from ubpdsl.deploy.plan import split_mobilenet
+from ubpdsl.deploy.pipeline import MOBILENET_V2, prepare_graph
 from ubpdsl.masks import save_masks
 from ubpdsl.models import build_model
 
@@ -63,19 +62,19 @@ def main_executorch(args, argv: list[str]) -> int:
     how = "default kernels (wros)"
     args.trials = 3 if args.trials is None else args.trials
     if not args.no_tune:
-        from ubpdsl.deploy.plan import extract_subgraph
+        from ubpdsl.deploy.graph import trace_graph
 
         t = time.perf_counter()
-        folded = extract_subgraph(pruned, masks).masks  # tuning depends on the block structure and n
+        folded = trace_graph(pruned, masks, torch.zeros(1, 3, 224, 224), **MOBILENET_V2).masks  # BN folded
         save_masks(out / "folded_masks.npz", folded)
         pixels = gemm_columns(pruned, torch.zeros(1, 3, 224, 224))
         tuned, how = tune_host(out / "folded_masks.npz", out, {n: pixels[n] for n in folded}, args.trials)
         print(f"tuning: {how} ({time.perf_counter() - t:.0f} s)", flush=True)
     t = time.perf_counter()
-    dep = prepare_subgraph(pruned, masks, out, tuned=tuned)
+    dep = prepare_graph(pruned, masks, torch.zeros(1, 3, 224, 224), out, tuned=tuned, **MOBILENET_V2)
     print(f"kernels for the folded weights: {dep.bundle.root} ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    stem, _, classifier = split_mobilenet(pruned)
+    stem = dep.spec.head
     photos = sample_photos()
     latency: dict[str, float] = {}
     batches: dict[str, dict] = {}
@@ -85,7 +84,7 @@ def main_executorch(args, argv: list[str]) -> int:
         t = time.perf_counter()
         runner = dep.runner(batch)
         det.register_plan(batch, runner)  # plan id = batch size
-        ours = det.DeployedMobileNet(stem, batch, classifier).eval()
+        ours = det.DeployedGraph(stem, batch, dep.spec.out_shape, dep.spec.tail).eval()
         x = torch.cat([photos["china.jpg"], photos["flower.jpg"]] * batch)[:batch].contiguous()
         dense_pte = det.export_pte(dense, x, out / f"dense_b{batch}.pte")
         ours_pte = det.export_pte(ours, x, out / f"ubpdsl_b{batch}.pte")

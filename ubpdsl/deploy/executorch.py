@@ -1,9 +1,9 @@
-"""A pruned MobileNetV2 in ExecuTorch: the channel-major subgraph as one custom operator, the rest on XNNPACK.
+"""A pruned model in ExecuTorch: its channel-major plan as one custom operator, the rest on XNNPACK.
 
 * torch side: ``ubpdsl::subgraph(Tensor x, int plan_id) -> Tensor`` and its out variant
   ``ubpdsl::subgraph.out`` (torch.library; eager calls run the plan through ``libubp_model``), so
-  ``torch.export`` keeps the subgraph as one node, the XNNPACK partitioner takes the stem and the
-  classifier, and ``to_executorch`` picks the out variant.
+  ``torch.export`` keeps the subgraph as one node, the XNNPACK partitioner takes the dense head and
+  tail (e.g. a stem and a classifier), and ``to_executorch`` picks the out variant.
 * ExecuTorch side: ``libubp_et.so`` (``native/et_shim.cpp`` + ``ubp_model.c``, built with the
   system C++ compiler against the wheel's headers and ``libexecutorch.so``) registers the same
   operator with ExecuTorch's registry when it is loaded. The plan (weights and bound kernels) and
@@ -25,7 +25,7 @@ from torch import nn
 from ubpdsl.deploy.native import NATIVE_DIR, ModelRunner, compile_model_object
 from ubpdsl.errors import BuildError, RunError, UbpError
 
-__all__ = ["DeployedGraph", "DeployedMobileNet", "SubgraphModule", "build_et_shim", "et_available", "export_pte",
+__all__ = ["DeployedGraph", "SubgraphModule", "build_et_shim", "et_available", "export_pte",
            "load_pte", "register_plan", "build_et_shim_aarch64"]
 
 SHIM_CPP = NATIVE_DIR / "et_shim.cpp"
@@ -178,35 +178,26 @@ class SubgraphModule(nn.Module):
         return torch.ops.ubpdsl.subgraph(x, self.plan_id)
 
 
-class DeployedMobileNet(nn.Module):
-    """stem (dense) -> ``ubpdsl::subgraph`` (pruned blocks, final conv, pool) -> classifier (dense)."""
-
-    def __init__(self, stem: nn.Module, plan_id: int, classifier: nn.Module) -> None:
-        super().__init__()
-        self.stem = stem
-        self.subgraph = SubgraphModule(plan_id)
-        self.classifier = classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.subgraph(self.stem(x)))
-
-
 class DeployedGraph(nn.Module):
-    """[head (dense, XNNPACK)] -> ``ubpdsl::subgraph`` (a :mod:`ubpdsl.deploy.graph` plan) -> torch's output shape.
+    """[head] -> ``ubpdsl::subgraph`` (a :mod:`ubpdsl.deploy.graph` plan) -> [tail]; head and tail dense (XNNPACK).
 
     ``head``: the part of the model before the plan's ``start`` (None: the plan takes the input);
-    ``out_shape``: one example's output shape (the operator returns ``[B, prod(out_shape)]``).
+    ``out_shape``: one example's output shape of the plan (the operator returns ``[B, prod(out_shape)]``);
+    ``tail``: the part after the plan's ``stop`` (None: the plan's output is the model's).
     """
 
-    def __init__(self, head: nn.Module | None, plan_id: int, out_shape: tuple[int, ...]) -> None:
+    def __init__(self, head: nn.Module | None, plan_id: int, out_shape: tuple[int, ...],
+                 tail: nn.Module | None = None) -> None:
         super().__init__()
         self.head = head
         self.subgraph = SubgraphModule(plan_id)
         self.out_shape = tuple(int(d) for d in out_shape)
+        self.tail = tail
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.subgraph(self.head(x) if self.head is not None else x)
-        return y if len(self.out_shape) == 1 else y.reshape(y.shape[0], *self.out_shape)
+        y = y if len(self.out_shape) == 1 else y.reshape(y.shape[0], *self.out_shape)
+        return self.tail(y) if self.tail is not None else y
 
 
 def export_pte(model: nn.Module, example: torch.Tensor, path: Path | None = None) -> bytes:

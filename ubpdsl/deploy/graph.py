@@ -1,32 +1,30 @@
-"""Plan any sequential-ish pruned CNN for the channel-major C runtime (``ubp_model_run``).
+"""Plan a pruned CNN for the channel-major C runtime (``ubp_model_run``): the one planner.
 
 The model is traced with ``torch.fx`` (shapes from one example input) and lowered node by node
-into the ops of a plan blob (format in :mod:`ubpdsl.deploy.plan`; the general kinds 6..13 are
-documented below and run by ``native/ubp_model.c``):
+into the ops of a plan blob (format and record layout in :mod:`ubpdsl.deploy.plan`, run by
+``native/ubp_model.c``):
 
-* ``Conv2d`` (any kernel, stride, padding, groups; dilation 1) and ``Linear``: im2col into the
-  workspace (columns = batch x output pixels), then the layer's ubpdsl kernel when it is pruned
-  (its mask in ``masks``; groups 1), else a dense GEMM on the folded weights. A following
-  ``BatchNorm2d`` is folded into the weights (:func:`ubpdsl.deploy.plan.fold_bn`), a following
-  residual add and ReLU / ReLU6 / Hardtanh(0, 6) become its epilogue;
-* a depthwise 3x3 conv (padding 1, stride 1 or 2) followed by ReLU6 runs on the MobileNetV2
-  depthwise op (kind 2), which also applies the producer's bias + ReLU6 while staging its input;
+* a pruned 1x1 conv (stride 1, no padding, groups 1) or pruned ``Linear``: op kind 1, its ubpdsl
+  kernel over the whole batch (n = batch x pixels); a following ``BatchNorm2d`` is folded into
+  the weights (:func:`ubpdsl.deploy.plan.fold_bn`), a following residual add and ReLU / ReLU6 /
+  Hardtanh(0, 6) are stored through the kernel's fused-epilogue entry point (``_ep``);
+* the inverted-residual pattern -- a pruned 1x1 expand (+ BN + ReLU6) whose sole user is a
+  depthwise 3x3 (+ BN + ReLU6) -- runs fused (kind 5) when the expanded tensor is large
+  (``fuse_min_bytes``): the expand is computed in bands of output rows that the depthwise consumes
+  from cache; otherwise the expand's bias + ReLU6 are applied by the depthwise while staging;
+* a depthwise 3x3 conv (padding 1, stride 1 or 2) followed by ReLU6: the depthwise op (kind 2);
+* any other ``Conv2d`` (any kernel, stride, padding, groups; dilation 1) or ``Linear``: kind 6,
+  im2col into the workspace (columns = batch x output pixels), then the ubpdsl kernel when pruned
+  (groups 1), else a dense GEMM on the folded weights, with the same fused BN / add / activation;
 * max / average pools kxk, adaptive average pool to 1, flatten (a transpose from [C, B, H, W] to
   the [C*H*W, B] columns of a linear layer; free when H = W = 1), residual adds, standalone
-  BatchNorm and activations, dropout / identity (nothing);
+  BatchNorm and activations, dropout / identity (nothing): kinds 7..12;
 * anything else is a :class:`~ubpdsl.deploy.plan.PlanError` naming the node.
 
-General op records (int64[16]): kind, src, dst, C (input channels or features), M (output
-channels), geometry offset (payload int64[8]: kernel h, w, stride h, w, padding h, w, groups --
-for an average pool count_include_pad --, source is NCHW), kernel slot (-1 dense), packed
-offset, bias offset, residual buffer (-3 none), H, W (input plane), unused, weights offset
-(dense weights [M, K]; an affine op's scales), im2col buffer (-1 none), clamp (0 none, 1 ReLU,
-2 ReLU6). Kinds: 6 conv / linear, 7 max pool, 8 average pool, 9 global average pool, 10 flatten,
-11 add, 12 per-channel affine, 13 output ([C, B, H*W] -> [B, C*H*W]).
-
-``start`` splits the model: the nodes up to that one (e.g. a dense stem) stay a torch module
-(:attr:`GraphSpec.head`, run by XNNPACK inside ExecuTorch) and the plan starts from its output.
-Buffers are placed in one workspace by lifetime (largest first, lowest free offset).
+``start`` / ``stop`` cut the model: the nodes up to ``start`` (e.g. a dense stem) and after
+``stop`` (e.g. a dense classifier) stay torch modules (:attr:`GraphSpec.head`, :attr:`GraphSpec.tail`,
+run by XNNPACK inside ExecuTorch). Buffers are placed in one workspace by lifetime (largest first,
+lowest free offset).
 """
 
 from __future__ import annotations
@@ -43,29 +41,39 @@ from torch.nn import functional as F
 
 from ubpdsl.deploy.plan import (
     ALIGN,
-    MAGIC,
+    BAND_BYTES,
+    FUSE_MIN_BYTES,
     NO_RES,
+    OP_ADD,
+    OP_AFFINE,
+    OP_AVGPOOL,
+    OP_CONV,
     OP_DW,
+    OP_EXPAND_DW,
+    OP_FLATTEN,
+    OP_GAP,
     OP_INPUT,
-    REC,
-    VERSION,
+    OP_MAXPOOL,
+    OP_OUTPUT,
+    OP_PW,
     PlanBlob,
     PlanError,
-    _aligned_bytes,
     _Payload,
+    band_buffer_floats,
+    band_rows,
+    empty_record,
+    encode_plan,
+    field_index,
     fold_bn,
     folded_mask,
+    head_bytes,
 )
 from ubpdsl.masks import LayerMask
 
 __all__ = ["GraphSpec", "trace_graph", "build_graph_plan", "OP_CONV", "OP_MAXPOOL", "OP_AVGPOOL", "OP_GAP",
            "OP_FLATTEN", "OP_ADD", "OP_AFFINE", "OP_OUTPUT"]
 
-OP_CONV, OP_MAXPOOL, OP_AVGPOOL, OP_GAP, OP_FLATTEN, OP_ADD, OP_AFFINE, OP_OUTPUT = range(6, 14)
-FIELDS = ["kind", "src", "dst", "C", "M", "geom", "kernel", "packed", "bias", "res", "H", "W", "unused", "weights",
-          "tmp", "clamp"]
 INPUT, OUTPUT = -1, -2
-_DW_FIELDS = {"C": 3, "H": 10, "W": 11, "stride": 12, "weights": 13, "bias": 8, "pre_bias": 14, "nchw": 15}
 
 _RELU = {nn.ReLU, F.relu, torch.relu, torch.relu_, F.relu_, "relu", "relu_"}
 _RELU6 = {nn.ReLU6, F.relu6, "relu6"}
@@ -81,7 +89,7 @@ class _Op:
     fields: dict[str, Any]
     reads: list[int]
     writes: int | None
-    temp: int | None = None
+    temps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +107,8 @@ class GraphSpec:
     scratch_floats: int  # depthwise staging (op kind 2)
     nchw_ok: set[int] = field(default_factory=set)  # op indices that read the model input in NCHW
     head: nn.Module | None = None  # the part before ``start`` (None: the plan starts at the model input)
+    tail: nn.Module | None = None  # the part after ``stop`` (None: the plan ends at the model output)
+    fixed: set[int] = field(default_factory=set)  # buffers sized for one image whatever the batch (bands)
 
 
 def _target_key(node: fx.Node, modules: Mapping[str, nn.Module]) -> Any:
@@ -127,12 +137,17 @@ def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
 
 
 def trace_graph(model: nn.Module, masks: Mapping[str, LayerMask], example: torch.Tensor, *,
-                start: str | None = None) -> GraphSpec:
+                start: str | None = None, stop: str | None = None, fuse_min_bytes: int | None = FUSE_MIN_BYTES,
+                band_bytes: int = BAND_BYTES) -> GraphSpec:
     """Trace ``model`` (eval mode) on ``example`` ([B, C, H, W]) and lower it (see the module docstring).
 
     ``masks``: the pruned layers (module names). ``start``: an fx node name (a module's name with
     dots as underscores, e.g. ``relu`` or ``features_0_2``) after which the plan begins; the nodes
-    up to it become :attr:`GraphSpec.head`.
+    up to it become :attr:`GraphSpec.head`. ``stop``: the node whose value the plan returns; the
+    nodes after it become :attr:`GraphSpec.tail` (e.g. a dense classifier left to XNNPACK).
+    A pruned 1x1 conv (+ BN + ReLU6) feeding a depthwise 3x3 + ReLU6 whose output is larger than
+    ``fuse_min_bytes`` per image runs fused with it (op kind 5) in bands of about ``band_bytes``
+    (None: never fuse; smaller blocks gain more at batch > 1 from one kernel call over the batch).
     """
     if model.training:
         raise PlanError("put the model in eval mode before planning (BatchNorm is folded)")
@@ -147,16 +162,24 @@ def trace_graph(model: nn.Module, masks: Mapping[str, LayerMask], example: torch
 
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
-    return _Lowering(gm, masks, start).run()
+    low = _Lowering(gm, masks, start, stop)
+    low.fuse_min_bytes, low.band_bytes = fuse_min_bytes, band_bytes
+    return low.run()
 
 
 class _Lowering:
-    def __init__(self, gm: fx.GraphModule, masks: Mapping[str, LayerMask], start: str | None) -> None:
+    def __init__(self, gm: fx.GraphModule, masks: Mapping[str, LayerMask], start: str | None,
+                 stop: str | None = None) -> None:
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.masks = masks
         self.nodes = list(gm.graph.nodes)
         self.start = start
+        self.stop = stop
+        self.stop_node: fx.Node | None = None
+        self.fixed: set[int] = set()
+        self.fuse_min_bytes: int | None = FUSE_MIN_BYTES
+        self.band_bytes = BAND_BYTES
         self.ops: list[_Op] = []
         self.sizes: dict[int, int] = {}
         self.value: dict[fx.Node, int] = {}  # node -> virtual buffer (INPUT for the input)
@@ -172,14 +195,22 @@ class _Lowering:
         self.sizes[vid] = int(floats)
         return vid
 
-    def emit(self, reads: list[int], writes: int | None, temp: int | None = None, **fields: Any) -> int:
-        self.ops.append(_Op(fields, [r for r in reads if r is not None], writes, temp))
+    def new_fixed(self, floats: int) -> int:
+        """A buffer of ``floats`` whatever the batch (a fused op's band buffers: one image at a time)."""
+        vid = self.new(floats)
+        self.fixed.add(vid)
+        return vid
+
+    def emit(self, reads: list[int], writes: int | None, temps: list[int] | None = None, **fields: Any) -> int:
+        self.ops.append(_Op(fields, [r for r in reads if r is not None], writes, list(temps or [])))
         return len(self.ops) - 1
 
     def key(self, node: fx.Node) -> Any:
         return _target_key(node, self.modules)
 
     def sole_user(self, node: fx.Node) -> fx.Node | None:
+        if node is self.stop_node:
+            return None  # nothing after the plan's last node is fused into it
         users = list(node.users)
         return users[0] if len(users) == 1 and users[0].op != "output" else None
 
@@ -213,9 +244,11 @@ class _Lowering:
         if len(placeholders) != 1:
             raise PlanError(f"the model must take one input, it takes {len(placeholders)}")
         first = placeholders[0]
-        head = None
+        head = tail = None
         if self.start is not None:
             head, first = self._split_head()
+        if self.stop is not None:
+            tail, self.stop_node = self._split_tail()
         self.in_node = first
         self.value[first] = INPUT
         in_shape = _shape(first)[1:]
@@ -229,6 +262,9 @@ class _Lowering:
                 out_node = node.args[0]
                 break
             self.lower(node)
+            if self.stop_node is not None and self.stop_node in self.value:
+                out_node = self.stop_node
+                break
         if not isinstance(out_node, fx.Node) or out_node not in self.value:
             raise PlanError("the model must return one tensor")
         if self.value[out_node] == INPUT:
@@ -236,7 +272,29 @@ class _Lowering:
         oshape = _shape(out_node)[1:]
         out_c, out_hw = (oshape[0], int(np.prod(oshape[1:]))) if len(oshape) >= 1 else (1, 1)
         return GraphSpec(self.ops, self.sizes, self.folded, tuple(in_shape), oshape, self.value[out_node], out_hw,
-                         out_c, self.scratch, self.nchw_ok, head)
+                         out_c, self.scratch, self.nchw_ok, head, tail, self.fixed)
+
+    def _split_tail(self) -> tuple[nn.Module, fx.Node]:
+        by_name = {n.name: n for n in self.nodes}
+        if self.stop not in by_name or by_name[self.stop].op in ("placeholder", "output", "get_attr"):
+            names = ", ".join(n.name for n in self.nodes if n.op not in ("placeholder", "output"))
+            raise PlanError(f"stop node {self.stop!r} is not a node of the traced model ({names})")
+        cut = by_name[self.stop]
+        if cut in self.done:
+            raise PlanError(f"stop node {self.stop!r} is before the start node {self.start!r}")
+        idx = self.nodes.index(cut)
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {cut: graph.placeholder("x")}
+        for n in self.nodes[idx + 1:]:
+            for a in n.all_input_nodes:
+                if a in env:
+                    continue
+                if a.op != "get_attr":
+                    raise PlanError(f"cannot stop at {self.stop!r}: node {n.name} also uses {a.name} from before it")
+                env[a] = graph.node_copy(a, lambda b: env[b])
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            self.done.add(n)
+        return fx.GraphModule(self.gm, graph), cut
 
     def _split_head(self) -> tuple[nn.Module, fx.Node]:
         by_name = {n.name: n for n in self.nodes}
@@ -332,15 +390,7 @@ class _Lowering:
         src = self.src(node, x)
         ishape = _shape(x)[1:]
         last, bnm, res, clamp = self.chain(node, bn=not is_lin, res_ok=True)
-        w = m.weight.detach()
-        if bnm is not None:
-            wf, bias = fold_bn(w, bnm)
-            if m.bias is not None:
-                s = (bnm.weight / torch.sqrt(bnm.running_var + bnm.eps)).detach().double()
-                bias = (bias + (m.bias.detach().double() * s).float().numpy()).astype(np.float32)
-        else:
-            wf = w.reshape(w.shape[0], -1).float().numpy()
-            bias = None if m.bias is None else m.bias.detach().float().numpy()
+        wf, bias = self.folded_weights(m, bnm)
         for n in self._between(node, last):
             self.done.add(n)
         if is_lin:
@@ -361,14 +411,37 @@ class _Lowering:
             if self.dw_ok(node):
                 return self.depthwise(node, last, src, wf, bias, C, H, W, _pair(m.stride)[0])
         oshape = _shape(last)[1:]
-        out = self.new(int(np.prod(oshape)))
-        self.value[last] = out
         kh, kw, sh, sw, ph, pw, groups = geom
         direct = is_lin or (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
-        fields: dict[str, Any] = dict(kind=OP_CONV, C=C, M=M, H=H, W=W, res=NO_RES, clamp=clamp)
         # the depthwise after this conv applies its bias + ReLU6 while staging (no epilogue pass here)
         u = self.sole_user(last)
         defer = (clamp == 2 and res is None and u is not None and self.dw_ok(u))
+        pruned = name in self.masks
+        if pruned:
+            if groups != 1:
+                raise PlanError(f"node {node.name}: a pruned grouped convolution is not supported")
+            mask = self.masks[name]
+            if tuple(mask.shape) != tuple(m.weight.shape):
+                raise PlanError(f"layer {name}: mask shape {tuple(mask.shape)} != weight {tuple(m.weight.shape)}")
+            self.folded[name] = folded_mask(mask, wf)
+            if defer and direct and not is_lin and self.fuse_min_bytes is not None and \
+                    4 * M * H * W > self.fuse_min_bytes:
+                return self.expand_depthwise(u, src, name, bias, C, H, W, M)
+        out = self.new(int(np.prod(oshape)))
+        self.value[last] = out
+        if pruned and direct:  # kind 1: the kernel, bias (+ residual) + clamp fused into its stores (_ep)
+            fields: dict[str, Any] = dict(kind=OP_PW, src=("v", src), dst=("v", out), C=C, M=M, HW=H * W,
+                                          kernel=name, clamp=0)
+            if defer:
+                self.pre_bias[out] = np.zeros(M, np.float32) if bias is None else bias
+            elif bias is not None or res is not None or clamp:
+                fields["bias"] = np.ascontiguousarray(np.zeros(M, np.float32) if bias is None else bias, "<f4")
+                fields["clamp"] = clamp
+                if res is not None:
+                    fields["res"] = ("v", self.value[res])
+            self.emit([src, self.value[res] if res is not None and not defer else None], out, **fields)
+            return
+        fields = dict(kind=OP_CONV, C=C, M=M, H=H, W=W, res=NO_RES, clamp=clamp)
         if defer:
             self.pre_bias[out] = np.zeros(M, np.float32) if bias is None else bias
             fields["clamp"] = 0
@@ -376,13 +449,7 @@ class _Lowering:
             fields["bias"] = np.ascontiguousarray(bias, "<f4")
         if res is not None:
             fields["res"] = ("v", self.value[res])
-        if name in self.masks:
-            if groups != 1:
-                raise PlanError(f"node {node.name}: a pruned grouped convolution is not supported")
-            mask = self.masks[name]
-            if tuple(mask.shape) != tuple(m.weight.shape):
-                raise PlanError(f"layer {name}: mask shape {tuple(mask.shape)} != weight {tuple(m.weight.shape)}")
-            self.folded[name] = folded_mask(mask, wf)
+        if pruned:
             fields["kernel"] = name
         else:
             fields["weights"] = np.ascontiguousarray(wf, "<f4")
@@ -394,9 +461,47 @@ class _Lowering:
         fields["geom"] = np.asarray([*geom, 0], "<i8")  # NCHW flag set when planned at batch > 1
         fields["src"] = ("v", src)
         fields["dst"] = ("v", out)
-        i = self.emit([src, self.value[res] if res is not None else None], out, temp, **fields)
+        i = self.emit([src, self.value[res] if res is not None else None], out, [temp] if temp is not None else [],
+                      **fields)
         if src == INPUT and not direct and (res is None or self.value[res] != INPUT):
             self.nchw_ok.add(i)
+
+    def expand_depthwise(self, dw: fx.Node, src: int, name: str, pre: np.ndarray | None, C: int, H: int, W: int,
+                         hidden: int) -> None:
+        """Pruned 1x1 expand (+ BN + ReLU6, folded: ``pre``) feeding the depthwise ``dw``: op kind 5, the
+        expand computed in bands of output rows that the depthwise consumes from cache."""
+        m = self.modules[dw.target]
+        last, bnm, _, _ = self.chain(dw, bn=True, res_ok=False)
+        wf, bias = self.folded_weights(m, bnm)
+        for n in self._between(dw, last):
+            self.done.add(n)
+        stride = _pair(m.stride)[0]
+        band = band_rows(hidden, H, W, stride, self.band_bytes)
+        xf, ef = band_buffer_floats(C, hidden, H, W, stride, band)
+        xb, eb = self.new_fixed(xf), self.new_fixed(ef)
+        out = self.new(int(np.prod(_shape(last)[1:])))
+        self.value[last] = out
+        from ubpdsl.deploy.native import dw_scratch_floats
+
+        self.scratch = max(self.scratch, dw_scratch_floats(H, W, stride))
+        f32 = lambda a: np.ascontiguousarray(np.zeros(hidden, np.float32) if a is None else a, "<f4")  # noqa: E731
+        # fields reused by kind 5: HW = output rows per band, res / clamp = the two band buffers
+        self.emit([src], out, [xb, eb], kind=OP_EXPAND_DW, src=("v", src), dst=("v", out), C=hidden, M=C, HW=band,
+                  kernel=name, H=H, W=W, stride=stride, weights=np.ascontiguousarray(wf, "<f4"), bias=f32(bias),
+                  pre_bias=f32(pre), res=("v", xb), clamp=("v", eb))
+
+    @staticmethod
+    def folded_weights(m: nn.Module, bnm: nn.BatchNorm2d | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``m``'s weights as [M, K] and bias with ``bnm`` (if any) folded in."""
+        w = m.weight.detach()
+        if bnm is None:
+            bias = None if m.bias is None else m.bias.detach().float().numpy()
+            return w.reshape(w.shape[0], -1).float().numpy(), bias
+        wf, bias = fold_bn(w, bnm)
+        if m.bias is not None:
+            s = (bnm.weight / torch.sqrt(bnm.running_var + bnm.eps)).detach().double()
+            bias = (bias + (m.bias.detach().double() * s).float().numpy()).astype(np.float32)
+        return wf, bias
 
     def depthwise(self, node: fx.Node, last: fx.Node, src: int, wf: np.ndarray, bias: np.ndarray | None, C: int,
                   H: int, W: int, stride: int) -> None:
@@ -536,7 +641,7 @@ def build_graph_plan(spec: GraphSpec, packed: Mapping[str, np.ndarray | None], b
     for a mask-specialised kernel)."""
     if batch < 1:
         raise PlanError(f"batch must be >= 1, got {batch}")
-    ops = [_Op(dict(o.fields), list(o.reads), o.writes, o.temp) for o in spec.ops]
+    ops = [_Op(dict(o.fields), list(o.reads), o.writes, list(o.temps)) for o in spec.ops]
     sizes = dict(spec.sizes)
     C, H, W = spec.in_shape
     # at batch > 1 the input is [B, C, H, W]: ops that can read it so get the NCHW flag, the others
@@ -574,32 +679,22 @@ def build_graph_plan(spec: GraphSpec, packed: Mapping[str, np.ndarray | None], b
     # lifetimes -> offsets
     life: dict[int, list[int]] = {}
     for i, o in enumerate(ops):
-        for v in [*o.reads, o.writes, o.temp]:
+        for v in [*o.reads, o.writes, *o.temps]:
             if v is not None and v >= 0:
                 life.setdefault(v, [i, i])[1] = i
-    offsets, arena = _place({v: (4 * batch * sizes[v], a, b) for v, (a, b) in life.items()})
+    offsets, arena = _place({v: (4 * (1 if v in spec.fixed else batch) * sizes[v], a, b)
+                             for v, (a, b) in life.items()})
     ws = arena
     scratch = ws
     ws += 4 * spec.scratch_floats + (-4 * spec.scratch_floats) % ALIGN
 
-    head_bytes = 8 * REC * (1 + len(ops))
-    pay = _Payload(head_bytes)
+    pay = _Payload(head_bytes(len(ops)))
     slots: list[str] = []
     records: list[list[int]] = []
     for o in ops:
-        rec = [0] * REC
+        rec = empty_record()
         kind = o.fields["kind"]
-        names = FIELDS
-        rec[7] = rec[8] = rec[13] = rec[14] = -1  # packed, bias, weights, tmp / pre-bias
-        rec[6] = -1
-        rec[9] = NO_RES
         for k, v in o.fields.items():
-            if kind == OP_DW and k in _DW_FIELDS:
-                idx = _DW_FIELDS[k]
-            elif kind == OP_INPUT and k == "HW":
-                idx = 5
-            else:
-                idx = names.index(k)
             if isinstance(v, tuple):  # a virtual buffer
                 v = offsets[v[1]] if v[1] >= 0 else v[1]
             elif isinstance(v, np.ndarray):
@@ -607,21 +702,10 @@ def build_graph_plan(spec: GraphSpec, packed: Mapping[str, np.ndarray | None], b
             elif k == "kernel":
                 slots.append(v)
                 p = packed.get(v)
-                rec[7] = -1 if p is None else pay.add(np.ascontiguousarray(p, np.uint8))
+                rec[field_index(kind, "packed")] = -1 if p is None else pay.add(np.ascontiguousarray(p, np.uint8))
                 v = len(slots) - 1
-            rec[idx] = int(v)
+            rec[field_index(kind, k)] = int(v)
         if kind == OP_DW:
             rec[6] = 0
         records.append(rec)
-    kernels_off = pay.add(b"\0" * (2 * 8 * max(1, len(slots))))  # the plain and the _ep entry points
-    total = pay.size
-    out_f = spec.out_c * spec.out_hw
-    header = [MAGIC, VERSION, len(records), batch, C, H, W, out_f, ws, len(slots), kernels_off, total, scratch]
-    blob = _aligned_bytes(total)
-    head = np.zeros(REC * (1 + len(records)), "<i8")
-    head[:len(header)] = header
-    if records:
-        head[REC:] = np.asarray(records, "<i8").ravel()
-    blob[:] = np.frombuffer(head.tobytes() + b"".join(pay.parts), np.uint8)
-    return PlanBlob(blob, slots, batch, (batch, C, H, W), (batch, out_f), ws)
-
+    return encode_plan(records, pay, slots, batch, (C, H, W), spec.out_c * spec.out_hw, ws, scratch)

@@ -1,10 +1,9 @@
-"""From a pruned model to a runnable channel-major plan: fold, (tune), export kernels, plan.
+"""From a pruned model to a runnable channel-major plan: trace, fold, (tune), export kernels, plan.
 
->>> dep = prepare_subgraph(pruned_model, masks, "build/mbv2")      # MobileNetV2 blocks (hand-written)
->>> runner = dep.runner(batch=1)                                     # ubp_model_run with its workspace
->>> y = runner(stem_output)                                          # [1, 1280], pooled
 >>> gdep = prepare_graph(pruned_cnn, masks, example, "build/cnn")   # any traced CNN (deploy.graph)
 >>> gdep.runner(batch=3)(x)                                          # [3, features]
+>>> mb = prepare_graph(pruned_mbv2, masks, x, "build/mbv2", **MOBILENET_V2)  # stem / classifier stay dense
+>>> mb.spec.tail(mb(mb.spec.head(x)))                                # the whole model
 """
 
 from __future__ import annotations
@@ -20,37 +19,13 @@ from torch import nn
 
 from ubpdsl.deploy.graph import GraphSpec, build_graph_plan, trace_graph
 from ubpdsl.deploy.native import ModelRunner
-from ubpdsl.deploy.plan import Subgraph, build_plan, extract_subgraph
 from ubpdsl.masks import LayerMask
 
-__all__ = ["Deployment", "GraphDeployment", "prepare_graph", "prepare_subgraph"]
+__all__ = ["GraphDeployment", "MOBILENET_V2", "prepare_graph"]
 
-
-@dataclass
-class Deployment:
-    """The folded subgraph, its kernel bundle and the loaded kernels."""
-
-    sub: Subgraph
-    bundle: Any
-    kernels: dict[str, Any]
-    hw: tuple[int, int]
-    runners: dict[int, ModelRunner] = field(default_factory=dict)
-
-    def runner(self, batch: int) -> ModelRunner:
-        """The plan for ``batch`` (built once per batch size, bound to the loaded kernels)."""
-        if batch not in self.runners:
-            plan = build_plan(self.sub, {n: k.packed for n, k in self.kernels.items()}, batch, self.hw)
-            self.runners[batch] = ModelRunner(plan, self.kernels)
-        return self.runners[batch]
-
-
-def prepare_subgraph(model: nn.Module, masks: Mapping[str, LayerMask], out_dir: str | os.PathLike[str], *,
-                     tuned: Mapping[str, Any] | None = None, hw: tuple[int, int] = (112, 112)) -> Deployment:
-    """Fold BN into ``model``'s pruned convs, export host kernels for the folded weights to
-    ``out_dir/bundle`` (``tuned``: ``{layer: KernelConfig}``) and load them."""
-    sub = extract_subgraph(model, masks)
-    bundle, kernels = _host_kernels(sub.masks, out_dir, tuned)
-    return Deployment(sub, bundle, kernels, hw)
+#: where a MobileNetV2 (ubpdsl.models / torchvision names) is cut: the stem and the classifier stay
+#: dense (XNNPACK), everything between them (blocks, final 1x1 conv, pool) is one plan
+MOBILENET_V2 = {"start": "features_0_2", "stop": "flatten"}
 
 
 def _host_kernels(folded: Mapping[str, LayerMask], out_dir: str | os.PathLike[str],
@@ -91,9 +66,10 @@ class GraphDeployment:
 
 def prepare_graph(model: nn.Module, masks: Mapping[str, LayerMask], example: torch.Tensor,
                   out_dir: str | os.PathLike[str], *, tuned: Mapping[str, Any] | None = None,
-                  start: str | None = None) -> GraphDeployment:
+                  start: str | None = None, stop: str | None = None, **plan_options: Any) -> GraphDeployment:
     """Trace ``model`` on ``example``, fold BN, export host kernels for its pruned layers (the
-    folded weights) to ``out_dir/bundle`` and load them (``start``: see :func:`trace_graph`)."""
-    spec = trace_graph(model, masks, example, start=start)
+    folded weights) to ``out_dir/bundle`` and load them (``start``, ``stop``, ``plan_options``:
+    see :func:`trace_graph`)."""
+    spec = trace_graph(model, masks, example, start=start, stop=stop, **plan_options)
     bundle, kernels = _host_kernels(spec.masks, out_dir, tuned)
     return GraphDeployment(spec, bundle, kernels)
