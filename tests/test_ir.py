@@ -120,3 +120,17 @@ def test_write_prefetch_of_y_reaches_every_target():
     filecheck(emit(VARIANTS["aligned_rows"], aligned, "host", "asm", constants=consts), "CHECK: prefetchw\n")
     for target in ("aarch64-neon", "aarch64-sve"):
         filecheck(emit(VARIANTS["wros"], PROBLEM, target, "asm", constants=consts), "CHECK: prfm pstl1keep\n")
+
+
+@pytest.mark.parametrize("variant", ["wros", "aligned_rows"])
+def test_aarch64_default_is_no_software_prefetch(variant):
+    """AArch64 targets ship PREFETCH=0, YPREFETCH=0 (runtime.targets); the kernel's own default
+    (X and Y prefetch 8 ahead) stays on x86-64, and an explicit constant wins everywhere."""
+    problem = random_problem(12, 16, 4, 0.75, aligned=VARIANTS[variant].aligned)
+    kernel = VARIANTS[variant]
+    assert kernel.defaults["PREFETCH"] > 0 and kernel.defaults["YPREFETCH"] > 0
+    assert "prefetch" in emit(kernel, problem, "host", "asm")
+    for target in ("aarch64-neon", "aarch64-sve"):
+        assert "prfm" not in emit(kernel, problem, target, "asm"), target
+        asm = emit(kernel, problem, target, "asm", constants={"PREFETCH": 8})
+        filecheck(asm, "CHECK: prfm pldl1keep\nCHECK-NOT: prfm pstl1keep\n")
