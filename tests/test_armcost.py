@@ -46,6 +46,10 @@ def test_arm_bench_quick(tmp_path, target, vl):
         assert est and set(est) == set(floor)
         # a real kernel's inner loop is at or above the core's FMA-throughput floor (4-digit rounding)
         assert all(0 < floor[c] <= est[c] + 1e-4 for c in est), (est, floor)
+    from ubpdsl.armcost import read_csv, write_csv
+
+    write_csv(read_csv(tmp_path / f"{stem}.csv"), tmp_path / "again.csv")  # reports merge from saved runs
+    assert (tmp_path / "again.csv").read_text() == (tmp_path / f"{stem}.csv").read_text()
     md = (tmp_path / f"{stem}.md").read_text()
     assert "estimate" in md.lower() and "(floor 0." in md
     assert "(floor 0." in res.stdout

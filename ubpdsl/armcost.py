@@ -37,8 +37,8 @@ from ubpdsl.runtime.cache import CompileCache
 from ubpdsl.runtime.insncount import CLASSES, count_call
 
 __all__ = ["ARM_TARGETS", "MCA_CPUS", "KERNELS", "VECTOR_REGISTERS", "register_tile", "ArmRow", "LoopCost",
-           "inner_loop_cost", "call_cost", "mca_text", "measure_case", "run_cases", "write_csv", "summary",
-           "render_markdown"]
+           "inner_loop_cost", "call_cost", "mca_text", "measure_case", "run_cases", "write_csv", "read_csv",
+           "summary", "render_markdown"]
 
 #: Vector lengths (bits) counted per target (None: NEON, fixed 128-bit).
 ARM_TARGETS: dict[str, tuple[int | None, ...]] = {"aarch64-neon": (None,), "aarch64-sve": (128, 256, 512)}
@@ -221,6 +221,27 @@ def write_csv(rows: Sequence[ArmRow], path: Path) -> None:
                        + [f"{r.class_per_lane(c):.4f}" for c in CLASSES] + [r.loop_insns, r.loop_fmas]
                        + [f"{r.mca[c]:.4f}" if c in r.mca else "" for c in cpus]
                        + [f"{r.mca_floor[c]:.4f}" if c in r.mca_floor else "" for c in cpus])
+
+
+def read_csv(path: Path) -> list[ArmRow]:
+    """The rows of a CSV written by :func:`write_csv` (to merge runs into one report)."""
+    rows = []
+    try:
+        with open(path, newline="") as f:
+            for d in csv.DictReader(f):
+                cpus = [k[4:-len("_cycles_per_lane_est")] for k in d if k.startswith("mca_") and k.endswith("_est")]
+                rows.append(ArmRow(
+                    d["shape"], int(d["M"]), int(d["K"]), int(d["n"]), int(d["N"]), float(d["sparsity"]),
+                    d["kernel"], d["variant"], d["target"], int(d["vl_bits"]), d["constants"], int(d["blocks"]),
+                    int(d["useful_lanes"]), {c: int(d[c]) for c in (*CLASSES, "total")},
+                    int(d["loop_insns"]) if d["loop_insns"] else None,
+                    int(d["loop_fmas"]) if d["loop_fmas"] else None,
+                    {c: float(d[f"mca_{c}_cycles_per_lane_est"]) for c in cpus if d[f"mca_{c}_cycles_per_lane_est"]},
+                    {c: float(d[f"mca_{c}_floor_cycles_per_lane"]) for c in cpus
+                     if d.get(f"mca_{c}_floor_cycles_per_lane")}))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise UbpError(f"{path}: not an arm_counts CSV ({type(e).__name__}: {e})") from None
+    return rows
 
 
 def _geo(vals: Iterable[float]) -> float:
