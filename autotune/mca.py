@@ -179,7 +179,7 @@ def fma_floor(cpu: str, vector_bits: int, scalable: bool = False) -> float:
     lo, hi = 100, 300
     c_lo = mca_cycles(body, "", cpu=cpu, iterations=lo) * lo
     c_hi = mca_cycles(body, "", cpu=cpu, iterations=hi) * hi
-    return (c_hi - c_lo) / (hi - lo) / (acc * vector_bits // 32)
+    return round((c_hi - c_lo) / (hi - lo) / (acc * vector_bits // 32), 6)  # 0.0625, not 0.06249999
 
 
 def split_tile_loop(loops: dict[str, Loop]) -> tuple[Loop, list[Loop], list[Loop], list[Loop]]:

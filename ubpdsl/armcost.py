@@ -276,10 +276,10 @@ def summary(rows: Sequence[ArmRow]) -> list[dict[str, Any]]:
 
 
 def mca_text(est: float | None, floor: float | None) -> str:
-    """An estimate beside its floor: ``0.2525 (floor 0.250)``; ``-`` without an estimate."""
+    """An estimate beside its floor: ``0.2525 (floor 0.2500)``; ``-`` without an estimate."""
     if est is None:
         return "-"
-    return f"{est:.4f}" + (f" (floor {floor:.3f})" if floor is not None else "")
+    return f"{est:.4f}" + (f" (floor {floor:.4f})" if floor is not None else "")
 
 
 def render_markdown(rows: Sequence[ArmRow], command: str, baseline: Sequence[ArmRow] | None = None) -> str:
