@@ -22,6 +22,7 @@ from it as an estimate (the CLI and summary do).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import subprocess
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from ubpdsl.errors import BuildError, UbpError
 
-__all__ = ["Loop", "parse_loops", "split_tile_loop", "block_loops", "mca_cycles", "estimate_cycles",
+__all__ = ["Loop", "parse_loops", "split_tile_loop", "block_loops", "mca_cycles", "fma_floor", "estimate_cycles",
            "estimate_label"]
 
 
@@ -129,8 +130,9 @@ def parse_loops(asm: str) -> tuple[dict[str, Loop], list[str]]:
     return loops, outside
 
 
-def mca_cycles(instructions: list[str], target: str, triple: str = "aarch64", cpu: str | None = None) -> float:
-    """Steady-state cycles per iteration of ``instructions`` (llvm-mca, 100 iterations).
+def mca_cycles(instructions: list[str], target: str, triple: str = "aarch64", cpu: str | None = None, *,
+               iterations: int | None = None) -> float:
+    """Steady-state cycles per iteration of ``instructions`` (llvm-mca, 100 iterations unless given).
 
     ``cpu`` overrides the target's default ``-mcpu`` (e.g. ``cortex-a55`` for a NEON build).
     """
@@ -142,7 +144,7 @@ def mca_cycles(instructions: list[str], target: str, triple: str = "aarch64", cp
     with tempfile.TemporaryDirectory(prefix="ubp-mca-") as tmp:
         src = Path(tmp) / "body.s"
         src.write_text("\n".join(instructions) + "\n")
-        iters = 100 if len(instructions) < 2000 else 3
+        iters = iterations or (100 if len(instructions) < 2000 else 3)
         proc = subprocess.run([str(tool("llvm-mca")), f"-mtriple={triple}", f"-mcpu={cpu}",
                                f"-iterations={iters}", "-all-views=false", "-summary-view", str(src)],
                               capture_output=True, text=True, timeout=300)
@@ -154,6 +156,30 @@ def mca_cycles(instructions: list[str], target: str, triple: str = "aarch64", cp
     if not m or not it:
         raise BuildError("llvm-mca printed no cycle count")
     return int(m.group(1)) / int(it.group(1))
+
+
+#: Independent accumulators of the FMA-only loop: enough to hide any modelled FMA latency at full issue.
+_FLOOR_ACCUMULATORS = 24
+
+
+@functools.cache
+def fma_floor(cpu: str, vector_bits: int, scalable: bool = False) -> float:
+    """llvm-mca's throughput floor, cycles per fp32 lane, of ``cpu`` for a kernel needing one FMA lane per lane.
+
+    A generated loop of independent vector FMAs only (NEON ``fmla v.4s``; SVE predicated
+    ``fmla z.s`` when ``scalable``, ``vector_bits`` wide as the core implements it), run at two
+    iteration counts so that the pipeline's fill cancels: the model's own bound, which no FMA
+    kernel's inner loop can go under. Computed once per process and core.
+    """
+    acc = _FLOOR_ACCUMULATORS
+    if scalable:
+        body = [f"fmla z{i}.s, p0/m, z{acc}.s, z{acc + 1}.s" for i in range(acc)]
+    else:
+        body = [f"fmla v{i}.4s, v{acc}.4s, v{acc + 1}.4s" for i in range(acc)]
+    lo, hi = 100, 300
+    c_lo = mca_cycles(body, "", cpu=cpu, iterations=lo) * lo
+    c_hi = mca_cycles(body, "", cpu=cpu, iterations=hi) * hi
+    return round((c_hi - c_lo) / (hi - lo) / (acc * vector_bits // 32), 6)  # 0.0625, not 0.06249999
 
 
 def split_tile_loop(loops: dict[str, Loop]) -> tuple[Loop, list[Loop], list[Loop], list[Loop]]:

@@ -115,9 +115,14 @@ def _canonical(variant: str, constants: dict[str, Any], specialize: bool, vector
     return Config(variant, consts, spec, vb)
 
 
+def _defaults(kernel: Any, target: Target) -> dict[str, Any]:
+    """A kernel's default constants on ``target`` (the target's :attr:`~Target.kernel_defaults` win)."""
+    return {**kernel.defaults, **target.kernel_constants(kernel.constexprs, None)}
+
+
 def default_config(target: Target, variant: str = DEFAULT_VARIANT) -> Config:
     """What ``ubpdsl compile`` builds without options: wros (or ``variant``) with its default constants."""
-    return _canonical(variant, dict(get_variant(variant).defaults), False, None, target)
+    return _canonical(variant, _defaults(get_variant(variant), target), False, None, target)
 
 
 #: Output size (bytes) above which non-temporal stores of Y are worth seeding.
@@ -158,13 +163,14 @@ def seed_configs(layer: Layer, target: Target, weights: bool) -> list[Config]:
         seeds.append(_canonical("wros_unrolled", {"TILE": min(2, need)}, True, None, target))
     seeds.append(_canonical("wros", {"TILE": small_tile, "UNROLL": 2}, False, None, target))
     if target.is_aarch64:
-        # The register tile that fills AArch64's 32 vector registers (TILE=6 at N=4 on NEON), with
-        # and without software prefetch: the cost model (instruction count x llvm-mca) ranks them.
+        # The register tile that fills AArch64's 32 vector registers (TILE=6 at N=4 on NEON), without
+        # (the target's default) and with software prefetch: the cost model (instruction count x
+        # llvm-mca) ranks them, a device runner times them.
         from ubpdsl.armcost import register_tile
 
         reg_tile = register_tile(layer.problem.N, scalable=target.scalable)
         seeds.append(_canonical("wros", {"TILE": reg_tile}, False, None, target))
-        seeds.append(_canonical("wros", {"TILE": reg_tile, "PREFETCH": 0, "YPREFETCH": 0}, False, None, target))
+        seeds.append(_canonical("wros", {"TILE": reg_tile, "PREFETCH": 8, "YPREFETCH": 8}, False, None, target))
     out: list[Config] = []
     for c in seeds:
         if c not in out and infeasible(c, layer, target, weights) is None:
@@ -225,7 +231,7 @@ def suggest(trial: Any, layer: Layer, target: Target, weights: bool, variants: A
     names = sorted(variants or VARIANTS)
     variant = trial.suggest_categorical("variant", names)
     kernel = get_variant(variant)
-    constants: dict[str, Any] = dict(kernel.defaults)  # undeclared knobs: explicit defaults (one canonical key)
+    constants = _defaults(kernel, target)  # undeclared knobs: explicit defaults (one canonical key)
     choices = knob_choices(names)
     for name in sorted(choices):
         value = trial.suggest_categorical(name, choices[name])

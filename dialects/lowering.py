@@ -320,7 +320,7 @@ class _Lowering:
         if len(accs) != rec.block:
             raise BuildError(f"ubp.block_fma: needs {rec.block} accumulators, got {len(accs)}")
         xt = ir.VectorType(x.type)
-        if xt.scalable and rec.block % 4 == 0 and xt.shape[0] % 4 == 0:
+        if xt.scalable and (rec.block % 4 == 0 or rec.block == 2) and xt.shape[0] % 4 == 0:
             return self._sve_block_fma(rec, b, x, accs)
         # One vector load of the block's N weights, each lane broadcast from it: AArch64 then
         # loads the block with one ldr q and FMAs by element (not N scalar loads).
@@ -335,7 +335,9 @@ class _Lowering:
     def _sve_block_fma(self, rec: _Weights, b: ir.Value, x: ir.Value, accs: list[ir.Value]) -> list[ir.Value]:
         """SVE: each 4 weights replicated to every 128-bit segment (``dupq``) and FMAed by index
         (``fmla z.s, z.s, z.s[i]``), not broadcast lane by lane; x and the accumulators are
-        handled as their ``vector<[4]xf32>`` registers."""
+        handled as their ``vector<[4]xf32>`` registers. A block of 2 weights is loaded as 64 bits
+        into the low half of each segment (``ldr d`` + ``dupq``; not ``ld1rd``, whose all-true
+        predicate the masked tail cannot spare), not one ``dup`` per weight."""
         f32, i32, i64 = ir.F32Type.get(), ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
         reg = ir.VectorType.get([4], f32, scalable=[True])
         parts = ir.VectorType(x.type).shape[0] // 4
@@ -343,7 +345,7 @@ class _Lowering:
         out = []
         for lane, acc in enumerate(accs):
             if lane % 4 == 0:
-                wq = vector.load(ir.VectorType.get([4], f32), rec.values,
+                wq = vector.load(ir.VectorType.get([min(4, rec.block)], f32), rec.values,
                                  [arith.addi(arith.muli(b, _i(rec.block)), _i(lane))])
                 ins = vector.scalable_insert(wq, llvm.mlir_poison(reg), 0)
                 wdup = llvm.call_intrinsic(reg, "llvm.aarch64.sve.dupq.lane.nxv4f32",

@@ -11,6 +11,11 @@ imply but the (possibly virtualised) CPU does not advertise are explicitly disab
 AArch64 targets are fixed: NEON is ``cortex-a76`` (ARMv8.2-A + NEON, no SVE; run under
 ``qemu-aarch64 -cpu cortex-a76``), SVE is ``neoverse-v1`` + ``+sve`` with vector-length
 agnostic code (``vector_bits`` = 128, the architectural minimum; ``scalable=True``).
+
+A target may also set kernel constants' defaults (:attr:`Target.kernel_defaults`): on AArch64
+the kernels ship without software prefetch (``PREFETCH=0``, ``YPREFETCH=0``): the cores' own
+prefetchers follow the row streams, and the prefetches are only extra instructions per block and
+row in the counts (docs/arm_counts.md). The knobs stay: ``--const`` and the tuner set them.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class Target:
             (correctness only; timed by a cost model or a remote runner).
         mca_cpu: ``llvm-mca -mcpu`` of the cost model (None: no estimates for this target).
         mca_lanes: fp32 lanes the cost model assumes per vector (SVE: the modelled CPU's width).
+        kernel_defaults: (constexpr, value) pairs replacing a kernel's own default on this target,
+            for every kernel that declares that constexpr (given constants still win).
     """
 
     name: str
@@ -52,6 +59,7 @@ class Target:
     runner: str = "native"
     mca_cpu: str | None = None
     mca_lanes: int | None = None
+    kernel_defaults: tuple[tuple[str, object], ...] = ()
 
     @property
     def arch(self) -> str:
@@ -73,6 +81,10 @@ class Target:
         if self.features:
             flags.append(f"-mattr={self.features}")
         return flags
+
+    def kernel_constants(self, constexprs: list[str], constants: dict[str, object] | None) -> dict[str, object]:
+        """``constants`` over this target's :attr:`kernel_defaults` for a kernel's ``constexprs``."""
+        return {**{k: v for k, v in self.kernel_defaults if k in constexprs}, **(constants or {})}
 
     def cache_key(self) -> dict[str, object]:
         """A JSON-serialisable dict identifying the generated code's target (not how it is run)."""
@@ -99,8 +111,12 @@ class Target:
         return replace(self, features=",".join(feats), vector_bits=vector_bits)
 
 
-#: Fields of :class:`Target` that say how kernels are run or costed, not how code is generated.
-_RUN_FIELDS = ("runner", "mca_cpu", "mca_lanes")
+#: Fields of :class:`Target` that say how kernels are run or costed, not how code is generated
+#: (kernel_defaults only fills in constants, which key every build themselves).
+_RUN_FIELDS = ("runner", "mca_cpu", "mca_lanes", "kernel_defaults")
+
+#: AArch64 kernels' defaults: no software prefetch (see the module docstring).
+_AARCH64_DEFAULTS: tuple[tuple[str, object], ...] = (("PREFETCH", 0), ("YPREFETCH", 0))
 
 
 # /proc/cpuinfo flag -> LLVM x86 feature name, for the features that matter to fp32 GEMM
@@ -205,6 +221,7 @@ _AARCH64_NEON = Target(
     runner="qemu-aarch64",
     mca_cpu="cortex-a76",
     mca_lanes=4,
+    kernel_defaults=_AARCH64_DEFAULTS,
 )
 
 _AARCH64_SVE = Target(
@@ -217,6 +234,7 @@ _AARCH64_SVE = Target(
     runner="qemu-aarch64",
     mca_cpu="neoverse-v1",
     mca_lanes=8,  # Neoverse V1 implements 256-bit SVE
+    kernel_defaults=_AARCH64_DEFAULTS,
 )
 
 #: The target registry: every target, by name (the host's is detected on first use).

@@ -40,9 +40,43 @@ def test_arm_bench_quick(tmp_path, target, vl):
         assert int(r["fma"]) == B * N * (2 * full + tail)
         parts = sum(int(r[c]) for c in ("fma", "load", "store", "prefetch", "other"))
         assert parts == int(r["total"]) > int(r["fma"])
-        mca = [float(v) for k, v in r.items() if k.startswith("mca_") and v]
-        assert mca and all(v > 0 for v in mca)
-    assert "estimate" in (tmp_path / f"{stem}.md").read_text().lower()
+        est = {k[4:-len("_cycles_per_lane_est")]: float(v) for k, v in r.items() if k.endswith("_est") and v}
+        floor = {k[4:-len("_floor_cycles_per_lane")]: float(v) for k, v in r.items()
+                 if k.endswith("_floor_cycles_per_lane")}
+        assert est and set(est) == set(floor)
+        # a real kernel's inner loop is at or above the core's FMA-throughput floor (4-digit rounding)
+        assert all(0 < floor[c] <= est[c] + 1e-4 for c in est), (est, floor)
+    from ubpdsl.armcost import read_csv, write_csv
+
+    write_csv(read_csv(tmp_path / f"{stem}.csv"), tmp_path / "again.csv")  # reports merge from saved runs
+    assert (tmp_path / "again.csv").read_text() == (tmp_path / f"{stem}.csv").read_text()
+    md = (tmp_path / f"{stem}.md").read_text()
+    assert "estimate" in md.lower() and "(floor 0." in md
+    assert "(floor 0." in res.stdout
+
+
+@pytest.mark.parametrize(("cpu", "bits", "scalable"), [("cortex-a76", 128, False), ("cortex-a55", 128, False),
+                                                       ("neoverse-v1", 128, False), ("neoverse-v1", 256, True)])
+def test_fma_floor_is_llvm_mca_fma_throughput(tmp_path, cpu, bits, scalable):
+    """The floor is the core model's FMA throughput: checked against llvm-mca's own IPC of a
+    differently written FMA loop (by-element FMAs, rotating sources, 1000 iterations)."""
+    import re
+
+    from ubpdsl.autotune.mca import fma_floor
+    from ubpdsl.runtime.toolchain import tool
+
+    if scalable:
+        body = [f"fmla z{8 + i}.s, z{2 + i % 4}.s, z{i % 2}.s[{i % 4}]" for i in range(20)]  # Zm in z0-z7
+    else:
+        body = [f"fmla v{i}.4s, v{20 + i % 4}.4s, v{28 + i % 2}.s[{i % 4}]" for i in range(20)]
+    src = tmp_path / "fma.s"
+    src.write_text("\n".join(body) + "\n")
+    out = subprocess.run([str(tool("llvm-mca")), "-mtriple=aarch64", f"-mcpu={cpu}", "-iterations=1000",
+                          "-all-views=false", "-summary-view", str(src)], capture_output=True, text=True,
+                         check=True).stdout
+    ipc = float(re.search(r"IPC:\s+([\d.]+)", out).group(1))
+    expected = 1 / (ipc * bits / 32)  # cycles per fp32 lane at the model's FMA issue rate
+    assert fma_floor(cpu, bits, scalable) == pytest.approx(expected, rel=0.01)
 
 
 def test_arm_bench_rejects_vl_on_neon(tmp_path):

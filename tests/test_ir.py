@@ -120,3 +120,33 @@ def test_write_prefetch_of_y_reaches_every_target():
     filecheck(emit(VARIANTS["aligned_rows"], aligned, "host", "asm", constants=consts), "CHECK: prefetchw\n")
     for target in ("aarch64-neon", "aarch64-sve"):
         filecheck(emit(VARIANTS["wros"], PROBLEM, target, "asm", constants=consts), "CHECK: prfm pstl1keep\n")
+
+
+@pytest.mark.parametrize("variant", ["wros", "aligned_rows"])
+def test_aarch64_default_is_no_software_prefetch(variant):
+    """AArch64 targets ship PREFETCH=0, YPREFETCH=0 (runtime.targets); the kernel's own default
+    (X and Y prefetch 8 ahead) stays on x86-64, and an explicit constant wins everywhere."""
+    problem = random_problem(12, 16, 4, 0.75, aligned=VARIANTS[variant].aligned)
+    kernel = VARIANTS[variant]
+    assert kernel.defaults["PREFETCH"] > 0 and kernel.defaults["YPREFETCH"] > 0
+    assert "prefetch" in emit(kernel, problem, "host", "asm")
+    for target in ("aarch64-neon", "aarch64-sve"):
+        assert "prfm" not in emit(kernel, problem, target, "asm"), target
+        asm = emit(kernel, problem, target, "asm", constants={"PREFETCH": 8})
+        filecheck(asm, "CHECK: prfm pldl1keep\nCHECK-NOT: prfm pstl1keep\n")
+
+
+def test_sve_block_of_two_weights_is_one_segment_replicate():
+    """SVE, N = 2: the block's 2 weights are one 64-bit load replicated to every 128-bit segment
+    (dupq) and FMAed by index 0 and 1, not one dup per weight; the block loop is one instruction
+    shorter than with per-weight dups (33 before)."""
+    from ubpdsl.autotune.mca import block_loops
+
+    problem = random_problem(16, 16, 2, 0.5)
+    asm = emit(VARIANTS["wros"], problem, "aarch64-sve", "asm", constants={"TILE": 8})
+    body = max(block_loops(asm), key=lambda lp: len(lp.body)).body
+    fmlas = [i for i in body if i.startswith("fmla")]
+    assert len(fmlas) == 16 and {i[-3:] for i in fmlas} == {"[0]", "[1]"}, fmlas
+    assert sum(i.startswith("ldr\td") for i in body) == 1
+    assert not [i for i in body if i.startswith("mov") and ".s" in i], body  # no per-weight dup
+    assert len(body) <= 32

@@ -545,3 +545,13 @@ def test_aligned_empty_is_cache_line_aligned_and_used_for_outputs() -> None:
     x = np.ones((4, 9), np.float32)
     _, _, y = check_kernel_args("k", 6, 4, x, None, None)
     assert y.shape == (6, 9) and y.ctypes.data % 64 == 0
+
+
+def test_target_kernel_defaults_fill_only_declared_missing_constants():
+    from ubpdsl.runtime.targets import get_target
+
+    neon = get_target("aarch64-neon")
+    assert neon.kernel_constants(["TILE", "PREFETCH"], {"TILE": 6}) == {"PREFETCH": 0, "TILE": 6}
+    assert neon.kernel_constants(["PREFETCH"], {"PREFETCH": 8}) == {"PREFETCH": 8}
+    assert neon.kernel_constants(["TILE"], None) == {}
+    assert get_target("host").kernel_constants(["PREFETCH"], None) == {}

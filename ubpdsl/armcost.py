@@ -11,7 +11,9 @@ for ``aarch64-neon`` or ``aarch64-sve``, runs one call under qemu with our count
   the 32 vector registers (:func:`register_tile`), unless given;
 * llvm-mca cycles per useful lane of the kernel's inner (block) loop for several cores
   (NEON: Cortex-A76, Cortex-A55, Neoverse-V1; SVE: Neoverse-V1 with its 256-bit vectors):
-  **estimates** of steady-state throughput, not times (no caches, no loop overhead outside).
+  **estimates** of steady-state throughput, not times (no caches, no loop overhead outside),
+  each beside the model's own floor for that core (:func:`ubpdsl.autotune.mca.fma_floor`: an
+  FMA-only loop of the same vector width; one FMA lane per useful lane cannot go under it).
 
 Cycles per useful lane of a loop = llvm-mca cycles per iteration / (FMA instructions in the
 body x fp32 lanes per vector), so it needs no knowledge of TILE or UNROLL.
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ubpdsl.autotune.mca import block_loops, mca_cycles
+from ubpdsl.autotune.mca import block_loops, fma_floor, mca_cycles
 from ubpdsl.bench_peers import Case
 from ubpdsl.compiler import compile_kernel, emit
 from ubpdsl.errors import UbpError
@@ -35,7 +37,8 @@ from ubpdsl.runtime.cache import CompileCache
 from ubpdsl.runtime.insncount import CLASSES, count_call
 
 __all__ = ["ARM_TARGETS", "MCA_CPUS", "KERNELS", "VECTOR_REGISTERS", "register_tile", "ArmRow", "LoopCost",
-           "inner_loop_cost", "call_cost", "measure_case", "run_cases", "write_csv", "summary", "render_markdown"]
+           "inner_loop_cost", "call_cost", "mca_text", "measure_case", "run_cases", "write_csv", "read_csv",
+           "summary", "render_markdown"]
 
 #: Vector lengths (bits) counted per target (None: NEON, fixed 128-bit).
 ARM_TARGETS: dict[str, tuple[int | None, ...]] = {"aarch64-neon": (None,), "aarch64-sve": (128, 256, 512)}
@@ -68,11 +71,13 @@ def register_tile(N: int, registers: int = VECTOR_REGISTERS, reserved: int = 1, 
 
 @dataclass(frozen=True)
 class LoopCost:
-    """The inner block loop of a kernel: its size and llvm-mca cycles per useful lane per core."""
+    """The inner block loop of a kernel: its size and llvm-mca cycles per useful lane per core
+    (``floor``: the core's FMA-throughput floor in the same unit, :func:`fma_floor`)."""
 
     insns: int
     fmas: int
     cycles_per_lane: dict[str, float]
+    floor: dict[str, float] = field(default_factory=dict)
 
 
 def inner_loop_cost(asm: str, target: str, cpus: Sequence[tuple[str, int]]) -> LoopCost | None:
@@ -89,7 +94,8 @@ def inner_loop_cost(asm: str, target: str, cpus: Sequence[tuple[str, int]]) -> L
     if nf == 0:
         return None
     cyc = {cpu: mca_cycles(loop.body, target, cpu=cpu) / (nf * bits // 32) for cpu, bits in cpus}
-    return LoopCost(len(loop.body), nf, cyc)
+    floor = {cpu: fma_floor(cpu, bits, target == "aarch64-sve") for cpu, bits in cpus}
+    return LoopCost(len(loop.body), nf, cyc, floor)
 
 
 def call_cost(obj: Path, symbol: str, x: Any, packed: Any, M: int, asm: str, target: str, *,
@@ -130,6 +136,7 @@ class ArmRow:
     loop_insns: int | None
     loop_fmas: int | None
     mca: dict[str, float] = field(default_factory=dict)  # cycles per useful lane of the inner loop
+    mca_floor: dict[str, float] = field(default_factory=dict)  # the core's FMA-throughput floor, same unit
 
     @property
     def per_lane(self) -> float:
@@ -173,7 +180,7 @@ def measure_case(case: Case, target: str, *, vls: Sequence[int | None] | None = 
                                vl or 128, ",".join(f"{k}={v}" for k, v in sorted(ck.constants.items())), B,
                                B * case.N * case.n, counts.as_dict(),
                                loop.insns if loop else None, loop.fmas if loop else None,
-                               dict(loop.cycles_per_lane) if loop else {}))
+                               dict(loop.cycles_per_lane) if loop else {}, dict(loop.floor) if loop else {}))
     return rows
 
 
@@ -204,14 +211,37 @@ def write_csv(rows: Sequence[ArmRow], path: Path) -> None:
         w.writerow(["shape", "M", "K", "n", "N", "sparsity", "kernel", "variant", "target", "vl_bits", "constants",
                     "blocks", "useful_lanes", *CLASSES, "total", "insns_per_lane",
                     *[f"{c}_per_lane" for c in CLASSES], "loop_insns", "loop_fmas",
-                    *[f"mca_{c}_cycles_per_lane_est" for c in cpus]])
+                    *[f"mca_{c}_cycles_per_lane_est" for c in cpus],
+                    *[f"mca_{c}_floor_cycles_per_lane" for c in cpus]])
         for r in rows:
             d = asdict(r)
             w.writerow([d[k] for k in ("shape", "M", "K", "n", "N", "sparsity", "kernel", "variant", "target",
                                        "vl_bits", "constants", "blocks", "useful_lanes")]
                        + [r.counts[c] for c in (*CLASSES, "total")] + [f"{r.per_lane:.4f}"]
                        + [f"{r.class_per_lane(c):.4f}" for c in CLASSES] + [r.loop_insns, r.loop_fmas]
-                       + [f"{r.mca[c]:.4f}" if c in r.mca else "" for c in cpus])
+                       + [f"{r.mca[c]:.4f}" if c in r.mca else "" for c in cpus]
+                       + [f"{r.mca_floor[c]:.4f}" if c in r.mca_floor else "" for c in cpus])
+
+
+def read_csv(path: Path) -> list[ArmRow]:
+    """The rows of a CSV written by :func:`write_csv` (to merge runs into one report)."""
+    rows = []
+    try:
+        with open(path, newline="") as f:
+            for d in csv.DictReader(f):
+                cpus = [k[4:-len("_cycles_per_lane_est")] for k in d if k.startswith("mca_") and k.endswith("_est")]
+                rows.append(ArmRow(
+                    d["shape"], int(d["M"]), int(d["K"]), int(d["n"]), int(d["N"]), float(d["sparsity"]),
+                    d["kernel"], d["variant"], d["target"], int(d["vl_bits"]), d["constants"], int(d["blocks"]),
+                    int(d["useful_lanes"]), {c: int(d[c]) for c in (*CLASSES, "total")},
+                    int(d["loop_insns"]) if d["loop_insns"] else None,
+                    int(d["loop_fmas"]) if d["loop_fmas"] else None,
+                    {c: float(d[f"mca_{c}_cycles_per_lane_est"]) for c in cpus if d[f"mca_{c}_cycles_per_lane_est"]},
+                    {c: float(d[f"mca_{c}_floor_cycles_per_lane"]) for c in cpus
+                     if d.get(f"mca_{c}_floor_cycles_per_lane")}))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise UbpError(f"{path}: not an arm_counts CSV ({type(e).__name__}: {e})") from None
+    return rows
 
 
 def _geo(vals: Iterable[float]) -> float:
@@ -236,10 +266,20 @@ def summary(rows: Sequence[ArmRow]) -> list[dict[str, Any]]:
             item[f"{c}_per_lane"] = _geo(r.class_per_lane(c) for r in rs)
         for cpu in _mca_cpus(rs):
             item[f"mca_{cpu}"] = _geo(r.mca[cpu] for r in rs if cpu in r.mca)
+            floors = {r.mca_floor[cpu] for r in rs if cpu in r.mca_floor}
+            if floors:
+                item[f"mca_floor_{cpu}"] = min(floors)
         item["loop_insns"] = rs[0].loop_insns
         item["loop_fmas"] = rs[0].loop_fmas
         out.append(item)
     return out
+
+
+def mca_text(est: float | None, floor: float | None) -> str:
+    """An estimate beside its floor: ``0.2525 (floor 0.2500)``; ``-`` without an estimate."""
+    if est is None:
+        return "-"
+    return f"{est:.4f}" + (f" (floor {floor:.4f})" if floor is not None else "")
 
 
 def render_markdown(rows: Sequence[ArmRow], command: str, baseline: Sequence[ArmRow] | None = None) -> str:
@@ -248,8 +288,9 @@ def render_markdown(rows: Sequence[ArmRow], command: str, baseline: Sequence[Arm
     lines = ["# AArch64 instruction counts and llvm-mca estimates", "",
              "Counts: executed instructions of one kernel call under qemu-aarch64 (our TCG plugin, kernel "
              "function only), divided by useful lanes (B x N x n: one kept weight times one pixel). "
-             "Estimates: llvm-mca steady-state cycles per useful lane of the inner block loop. "
-             "Neither is a time.", "", f"Command: `{command}`", ""]
+             "Estimates: llvm-mca steady-state cycles per useful lane of the inner block loop, beside the "
+             "model's floor for that core (a generated loop of independent FMAs of the same vector width: "
+             "one FMA lane per useful lane cannot go under it). Neither is a time.", "", f"Command: `{command}`", ""]
 
     def table(rs: Sequence[ArmRow], title: str) -> None:
         lines.extend([f"## {title}", "",
@@ -261,7 +302,7 @@ def render_markdown(rows: Sequence[ArmRow], command: str, baseline: Sequence[Arm
             lines.append(
                 f"| {it['target']} | {it['vl_bits']} | {it['N']} | {it['sparsity']:.0%} | {it['kernel']} | "
                 f"{it['insns_per_lane']:.3f} | " + " | ".join(f"{it[f'{c}_per_lane']:.3f}" for c in CLASSES)
-                + f" | {loop} | " + " | ".join(f"{it[f'mca_{c}']:.4f}" if f"mca_{c}" in it else "-" for c in cpus)
+                + f" | {loop} | " + " | ".join(mca_text(it.get(f"mca_{c}"), it.get(f"mca_floor_{c}")) for c in cpus)
                 + " |")
         ratio = {}
         for it in summary(rs):
@@ -282,5 +323,5 @@ def render_markdown(rows: Sequence[ArmRow], command: str, baseline: Sequence[Arm
         loop = f"{r.loop_insns}/{r.loop_fmas}" if r.loop_insns else "-"
         lines.append(f"| {r.shape} | {r.N} | {r.sparsity:.0%} | {r.kernel} | {r.vl_bits} | {r.per_lane:.3f} | "
                      f"{r.class_per_lane('fma'):.3f} | {loop} | "
-                     + " | ".join(f"{r.mca[c]:.4f}" if c in r.mca else "-" for c in cpus) + " |")
+                     + " | ".join(mca_text(r.mca.get(c), r.mca_floor.get(c)) for c in cpus) + " |")
     return "\n".join(lines) + "\n"

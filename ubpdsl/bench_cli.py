@@ -77,8 +77,11 @@ def _arm_bench(target: str, shapes: str | None, sparsity: str | None, block: str
     command = "ubpdsl bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     (out / f"{stem}.md").write_text(armcost.render_markdown(rows, command))
     for it in armcost.summary(rows):
+        mca = ", ".join(f"{k[4:]} {armcost.mca_text(v, it.get(f'mca_floor_{k[4:]}'))}" for k, v in it.items()
+                        if k.startswith("mca_") and not k.startswith("mca_floor_"))
         click.echo(f"{it['target']} VL {it['vl_bits']} N={it['N']} {it['sparsity']:.0%} {it['kernel']}: "
-                   f"{it['insns_per_lane']:.3f} instructions per useful lane (count)")
+                   f"{it['insns_per_lane']:.3f} instructions per useful lane (count)"
+                   + (f"; llvm-mca cycles/lane (estimate) {mca}" if mca else ""))
     click.echo(f"wrote {out / (stem + '.csv')}, {out / (stem + '.md')} in {time.perf_counter() - t0:.0f}s", err=True)
 
 

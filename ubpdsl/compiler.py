@@ -267,12 +267,12 @@ def _spec(kernel: KernelFunction, problem: Problem | PatternProblem, target: Tar
         if specialize or check_bounds:
             raise DSLError(f"kernel {kernel.name!r}: pattern kernels are data-driven and unchecked "
                            "(no --specialize, no --check-bounds)")
-        consts = kernel.resolve_constants(constants)
+        consts = kernel.resolve_constants(target.kernel_constants(kernel.constexprs, constants))
         pspec = PatternSpec(problem.height, problem.width, problem.taps())
         data = problem.pattern_data() if problem.weight is not None else None
         return KernelSpec(symbol, problem.M, problem.K, 1, vec, consts, None, False, pspec), data
     check_shape(problem.M, problem.K, problem.N, layer=problem.name)  # before anything is sized from them
-    consts = kernel.resolve_constants(constants)
+    consts = kernel.resolve_constants(target.kernel_constants(kernel.constexprs, constants))
     baked = None
     data = None
     if problem.weight is not None or specialize or kernel.needs_specialized:
