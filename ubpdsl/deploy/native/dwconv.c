@@ -12,6 +12,8 @@
  * index; a tap that would cross into the neighbouring row (the left column, and for stride 1 the
  * right column) is multiplied by a 0/1 column mask built once per plane shape. Outputs are stored
  * in place (whole rows), so there is no compaction pass.
+ * Stride 2 on even rows of at least DW_S2_DIRECT outputs skips the staging: it deinterleaves in
+ * registers (dw_rows_s2_direct, clang vector extensions).
  *
  * Public symbols (for tests and benchmarks; the model runtime calls the static functions):
  *   int64_t ubp_dwconv3x3_scratch_floats(int64_t H, int64_t W, int64_t stride);
