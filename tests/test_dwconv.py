@@ -60,3 +60,12 @@ def test_scratch_size_is_positive_and_rejects_bad_strides():
     assert dw_scratch_floats(7, 7, 1) > 0 and dw_scratch_floats(112, 112, 2) > 0
     with pytest.raises(UbpError):
         dw_scratch_floats(7, 7, 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(H=st.integers(1, 9), half=st.integers(32, 90), B=st.integers(1, 2), pre=st.booleans(),
+       clamp=st.sampled_from([0, 1, 2]), nchw=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_depthwise_stride2_wide_even_rows(H, half, B, pre, clamp, nchw, seed):
+    """Stride 2 on even rows of 64 floats or more: the unstaged path (whole blocks of output columns,
+    the last block overlapping the one before when the row is not a whole number of blocks)."""
+    _check(2, B, H, 2 * half, 2, pre, clamp, nchw, seed)

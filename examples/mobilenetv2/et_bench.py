@@ -40,6 +40,22 @@ def _profile(runner, x: torch.Tensor, reps: int) -> dict[str, float]:
     return {k: float(v) for k, v in zip(PROFILE_KINDS, np.median(runs, axis=0), strict=True)}
 
 
+def _compiled_dense(dense: torch.nn.Module, x: torch.Tensor):
+    """``torch.compile(dense)`` compiled for ``x`` (one warm-up call), or None when inductor fails
+    here (printed, the row is then left out)."""
+    t = time.perf_counter()
+    try:
+        compiled = torch.compile(dense, dynamic=False)
+        with torch.no_grad():
+            y = compiled(x)
+            torch.testing.assert_close(y, dense(x), rtol=1e-3, atol=1e-3)
+    except Exception as exc:  # noqa: BLE001 -- any inductor/toolchain failure just drops the row
+        print(f"torch.compile of the dense model failed, no such row: {type(exc).__name__}: {exc}"[:300])
+        return None
+    print(f"torch.compile (dense, batch {x.shape[0]}): {time.perf_counter() - t:.0f} s", flush=True)
+    return compiled
+
+
 def main_executorch(args, argv: list[str]) -> int:
     from ubpdsl.demo import tune_host
     from ubpdsl.models import gemm_columns
@@ -109,9 +125,11 @@ def main_executorch(args, argv: list[str]) -> int:
                 "top5_agreement_vs_dense": len(set(top_d) & set(top_k)) / 5, "top5_same_as_masked": top_m == top_k,
                 "max_abs_diff_vs_masked": float((g - mk).abs().max())})
 
+        compiled = _compiled_dense(dense, x) if args.torch_compile else None
         with torch.no_grad():
             fns = {
                 "dense_torch": lambda x=x: dense(x),
+                **({"dense_torch_compile": lambda c=compiled, x=x: c(x)} if compiled is not None else {}),
                 "dense_executorch_xnnpack": lambda p=dense_et, x=x: p(x),
                 "ubpdsl_executorch": lambda p=ours_et, x=x: p(x),
                 "ubpdsl_subgraph_standalone_c": lambda r=runner, s=stem_out: r(s),
@@ -120,8 +138,8 @@ def main_executorch(args, argv: list[str]) -> int:
         reps = 30 if args.quick else 100
         prof = _profile(runner, stem_out, reps)
         with torch.no_grad():
-            cpu_fns = {k: fns[k] for k in ("dense_executorch_xnnpack", "ubpdsl_executorch",
-                                           "ubpdsl_subgraph_standalone_c")}
+            cpu_fns = {k: fns[k] for k in ("dense_torch_compile", "dense_executorch_xnnpack", "ubpdsl_executorch",
+                                           "ubpdsl_subgraph_standalone_c") if k in fns}
             cpu = {k: 1e3 * v for k, v in
                    interleaved_medians(cpu_fns, min_reps=reps, max_reps=reps, clock="thread").items()}
         breakdown[f"b{batch}"] = {

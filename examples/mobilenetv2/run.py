@@ -107,6 +107,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="executorch: fewer rounds, default kernels unless "
                     "--trials is given, batch 8 timed too (under 10 minutes on 2 cores)")
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 8], help="executorch: batch sizes")
+    ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
+                    help="executorch: leave out the dense torch.compile row (its compile takes minutes)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)

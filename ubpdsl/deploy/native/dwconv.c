@@ -12,6 +12,8 @@
  * index; a tap that would cross into the neighbouring row (the left column, and for stride 1 the
  * right column) is multiplied by a 0/1 column mask built once per plane shape. Outputs are stored
  * in place (whole rows), so there is no compaction pass.
+ * Stride 2 on even rows of at least DW_S2_DIRECT outputs skips the staging: it deinterleaves in
+ * registers (dw_rows_s2_direct, clang vector extensions).
  *
  * Public symbols (for tests and benchmarks; the model runtime calls the static functions):
  *   int64_t ubp_dwconv3x3_scratch_floats(int64_t H, int64_t W, int64_t stride);
@@ -202,6 +204,90 @@ static inline __attribute__((always_inline)) void dw_chunk_s2(const dw_shape *s,
     }
 }
 
+#if defined(__clang__)
+/* Stride 2 on even-width planes at least DW_S2_DIRECT outputs wide, without staging (clang vector extensions,
+ * so x86 and AArch64 alike): per output row and block of DW_V output columns j0.., each of the
+ * three input rows is loaded as 2 * DW_V consecutive floats x[2 j0 ..], the producer epilogue
+ * applied in registers and split into even and odd columns by two shuffles (vpermt2ps; uzp1/uzp2
+ * on NEON). The left tap x[2 j - 1] is the odd vector shifted by one lane, its first lane carried
+ * from the previous block (0 at the left edge). A row's last block overlaps the one before it
+ * (starts at Wo - DW_V), so no block reads past its row and there are no tails; its first left
+ * lane is x[2 j0 - 1], activated alone. A padding row reads a real row with zero weights. */
+#define DW_V 8
+#ifndef DW_S2_DIRECT
+#define DW_S2_DIRECT 32 /* measured: faster than staging from 56 output columns on, even below */
+#endif
+typedef float dw_vf __attribute__((vector_size(4 * DW_V)));
+
+static inline dw_vf dw_vld(const float *p) {
+    dw_vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) dw_vf dw_vact(dw_vf v, dw_vf pbv, dw_vf zero, dw_vf six, int pre) {
+    return pre ? __builtin_elementwise_min(__builtin_elementwise_max(v + pbv, zero), six) : v;
+}
+
+/* acc + the taps of one input row x for output columns j0 .. j0 + DW_V - 1; *p: the odd columns of
+ * the previous block (lane DW_V - 1 is x[2 j0 - 1]), replaced by this block's. */
+static inline __attribute__((always_inline)) dw_vf dw_s2_row(dw_vf acc, const float *x, int64_t j0, const dw_vf *w,
+                                                             dw_vf *p, dw_vf pbv, dw_vf zero, dw_vf six, int pre) {
+    const dw_vf lo = dw_vact(dw_vld(x + 2 * j0), pbv, zero, six, pre);
+    const dw_vf hi = dw_vact(dw_vld(x + 2 * j0 + DW_V), pbv, zero, six, pre);
+    const dw_vf e = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
+    const dw_vf o = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15);
+    const dw_vf left = __builtin_shufflevector(*p, o, 7, 8, 9, 10, 11, 12, 13, 14);
+    *p = o;
+    return acc + w[0] * left + w[1] * e + w[2] * o;
+}
+
+static inline __attribute__((always_inline)) void dw_rows_s2_direct(const dw_shape *s, const float *band, int64_t y0,
+                                                                    int64_t oy0, int64_t oy1, const float *w,
+                                                                    float bias, float pb, int pre, int clamp,
+                                                                    float *restrict out) {
+    const int64_t H = s->H, W = s->W, Wo = s->Wo, last = Wo - DW_V;
+    const dw_vf zero = {0}, six = zero + 6.0f, pbv = zero + pb, bv = zero + bias;
+    dw_vf wv[9], wz[3] = {zero, zero, zero};
+    for (int t = 0; t < 9; ++t) wv[t] = zero + w[t];
+    for (int64_t oy = oy0; oy < oy1; ++oy, out += Wo) {
+        const int64_t iy = 2 * oy, top = iy > 0 ? iy - 1 : iy, bot = iy + 1 < H ? iy + 1 : iy;
+        const float *r0 = band + (top - y0) * W, *r1 = band + (iy - y0) * W, *r2 = band + (bot - y0) * W;
+        const dw_vf *w0 = iy > 0 ? wv : wz, *w1 = wv + 3, *w2 = iy + 1 < H ? wv + 6 : wz;
+        dw_vf p0 = zero, p1 = zero, p2 = zero;
+        for (int64_t j0 = 0;; j0 += DW_V) {
+            if (j0 > last) { /* the overlapping last block: carry x[2 j0 - 1] alone */
+                if (j0 == last + DW_V) break;
+                j0 = last;
+                p0[DW_V - 1] = dw_vact(zero + r0[2 * j0 - 1], pbv, zero, six, pre)[0];
+                p1[DW_V - 1] = dw_vact(zero + r1[2 * j0 - 1], pbv, zero, six, pre)[0];
+                p2[DW_V - 1] = dw_vact(zero + r2[2 * j0 - 1], pbv, zero, six, pre)[0];
+            }
+            dw_vf acc = dw_s2_row(bv, r0, j0, w0, &p0, pbv, zero, six, pre);
+            acc = dw_s2_row(acc, r1, j0, w1, &p1, pbv, zero, six, pre);
+            acc = dw_s2_row(acc, r2, j0, w2, &p2, pbv, zero, six, pre);
+            if (clamp) acc = __builtin_elementwise_max(acc, zero);
+            if (clamp == 2) acc = __builtin_elementwise_min(acc, six);
+            memcpy(out + j0, &acc, sizeof acc);
+            if (j0 == last) break;
+        }
+    }
+}
+
+/* Stride 2 rows: the direct path where it applies, else the staged phases. */
+static inline __attribute__((always_inline)) void dw_chunk_s2_any(const dw_shape *s, const float *band, int64_t y0,
+                                                                  int64_t yend, int64_t oy0, int64_t oy1,
+                                                                  const float *w, float bias, float pb, int pre,
+                                                                  int clamp, float *restrict out) {
+    if (!(s->W & 1) && s->Wo >= DW_S2_DIRECT && s->Wo >= DW_V)
+        dw_rows_s2_direct(s, band, y0, oy0, oy1, w, bias, pb, pre, clamp, out);
+    else
+        dw_chunk_s2(s, band, y0, yend, oy0, oy1, w, bias, pb, pre, clamp, out);
+}
+#else
+#define dw_chunk_s2_any dw_chunk_s2
+#endif
+
 /* Output rows oy0..oy1-1 of one plane, in chunks; ``band`` holds input rows y0..yend-1 of the
  * plane (at least those the outputs need), ``out`` points at output row oy0. Specialised for
  * stride, pre-bias and clamp. */
@@ -217,10 +303,10 @@ DW_ROWS(dw_rows_s1_pre, dw_chunk_s1, 1, 2, DW_WIDE)
 DW_ROWS(dw_rows_s1_relu6, dw_chunk_s1, 0, 2, DW_WIDE)
 DW_ROWS(dw_rows_s1_relu, dw_chunk_s1, 0, 1, DW_WIDE)
 DW_ROWS(dw_rows_s1_none, dw_chunk_s1, 0, 0, DW_WIDE)
-DW_ROWS(dw_rows_s2_pre, dw_chunk_s2, 1, 2, )
-DW_ROWS(dw_rows_s2_relu6, dw_chunk_s2, 0, 2, )
-DW_ROWS(dw_rows_s2_relu, dw_chunk_s2, 0, 1, )
-DW_ROWS(dw_rows_s2_none, dw_chunk_s2, 0, 0, )
+DW_ROWS(dw_rows_s2_pre, dw_chunk_s2_any, 1, 2, )
+DW_ROWS(dw_rows_s2_relu6, dw_chunk_s2_any, 0, 2, )
+DW_ROWS(dw_rows_s2_relu, dw_chunk_s2_any, 0, 1, )
+DW_ROWS(dw_rows_s2_none, dw_chunk_s2_any, 0, 0, )
 #undef DW_ROWS
 
 typedef void (*dw_rows_fn)(const dw_shape *, const float *, int64_t, int64_t, int64_t, int64_t, const float *, float,
@@ -242,7 +328,7 @@ static void dw_rows_generic(const dw_shape *s, const float *band, int64_t y0, in
         if (s->stride == 1)
             dw_chunk_s1(s, band, y0, yend, o, e, w, bias, pb, pre, clamp, out + (o - oy0) * s->Wo);
         else
-            dw_chunk_s2(s, band, y0, yend, o, e, w, bias, pb, pre, clamp, out + (o - oy0) * s->Wo);
+            dw_chunk_s2_any(s, band, y0, yend, o, e, w, bias, pb, pre, clamp, out + (o - oy0) * s->Wo);
     }
 }
 
