@@ -1,6 +1,6 @@
 """Pattern (PatDNN) direct convolution and a pixel-masked UBP layer vs dense vs our UBP kernel.
 
-    .venv/bin/python benchmarks/bench_pattern.py [--sparsity 0.78] [--pixel-keep 0.5] [--quick] [--no-neon]
+    .venv/bin/python benchmarks/bench_pattern.py [--sparsity 0.78] [--pixel-keep 0.5] [--quick] [--no-host] [--no-neon]
 
 Per 3x3 layer (ResNet / MobileNet-like shapes, stride 1, padding 1) one Gaussian weight is
 pruned twice to the same number of kept weights: by ``pattern_masks`` (8 patterns of 4 weights
@@ -216,12 +216,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two small layers")
     ap.add_argument("--min-time", type=float, default=0.4)
     ap.add_argument("--no-neon", action="store_true", help="skip the qemu instruction counts")
+    ap.add_argument("--no-host", action="store_true", help="skip the host timings (counts only)")
     args = ap.parse_args()
     shapes = QUICK if args.quick else SHAPES
     print(machine_header())
-    print(f"# host, single thread, sparsity {args.sparsity}, warm caches; times are medians of one interleaved run")
     print(f"# pixel-masked UBP layer: {args.pixel_keep} of the output positions kept (random static mask)")
-    host_rows(shapes, args.sparsity, args.pixel_keep, args.min_time)
+    if not args.no_host:
+        print(f"# host, single thread, sparsity {args.sparsity}, warm caches; times are medians of one interleaved run")
+        host_rows(shapes, args.sparsity, args.pixel_keep, args.min_time)
     if not args.no_neon:
         print("\n# AArch64 NEON: executed instructions of one call under qemu (cortex-a76 model, no SVE)")
         neon_rows(shapes, args.sparsity, args.pixel_keep)
