@@ -198,3 +198,16 @@ def test_export_cli_image_option(pm, tmp_path, capsys):
     assert cli.main(["export", "--mask", str(tmp_path / "m.npz"), "--image", "9", "-o", str(tmp_path / "c")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --image must be H,W") and err.count("\n") == 1
+
+
+def test_pattern_kernel_refuses_other_geometry(pm, bundle):
+    from ubpdsl.torch_ops import NativeKernel
+
+    model, _, _ = pm
+    kernel = NativeKernel(load_bundle(bundle).kernel("0"))
+    assert (kernel.M, kernel.K) == (12, 5)
+    strided = nn.Conv2d(5, 12, 3, stride=2, padding=1)
+    with pytest.raises(BundleError, match=r"layer 0: its pattern kernel computes a 3x3 convolution with stride 1"):
+        SparseConv2d(strided, kernel, "0")
+    with pytest.raises(BundleError, match="and a pixel mask"):
+        SparseConv2d(model[0], kernel, "0", pixel_keep=np.ones((H, W), bool))

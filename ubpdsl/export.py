@@ -64,7 +64,7 @@ from ubpdsl.config import DEFAULT_VARIANT, KernelConfig
 from ubpdsl.errors import MaskError, PackError, UbpError
 from ubpdsl.guard import ensure_dir, read_json
 from ubpdsl.identity import blocks_hash, file_sha256
-from ubpdsl.names import check_layer_name, check_unique_stems, kernel_symbol
+from ubpdsl.names import check_layer_name, check_unique_stems, file_stem, kernel_symbol
 from ubpdsl.packing import unpack, unpack_pattern
 from ubpdsl.runtime.targets import TARGET_NAMES
 
@@ -319,7 +319,6 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
     from ubpdsl.compiler import PatternProblem, Problem, compile_kernel
     from ubpdsl.kernels import PATTERN_VARIANTS
     from ubpdsl.masks import load_masks, save_masks
-    from ubpdsl.names import file_stem
     from ubpdsl.runtime.targets import get_target
     from ubpdsl.runtime.toolchain import toolchain_versions
 
@@ -697,7 +696,7 @@ def _check_layer_entry(root: Path, name: str, entry: Any, targets: dict[str, Any
                     or entry["K"] % 9 or entry["N"] != 1):
                 raise _fail(root, f"layer {name!r} ({t}): a pattern kernel needs an image [H, W], K = 9 x Cin "
                                   "and N = 1")
-        symbol = pattern_symbol(kernel_symbol(name)[4:]) if op == "pattern" else kernel_symbol(name)
+        symbol = pattern_symbol(file_stem(name)) if op == "pattern" else kernel_symbol(name)
         if (not isinstance(files, dict) or not isinstance(shas, dict) or "so" not in files or "header" not in files
                 or not set(files) <= {"so", "header", "packed"}):
             raise _fail(root, f"layer {name!r} ({t}): the manifest lists no .so or header")

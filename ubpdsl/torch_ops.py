@@ -271,8 +271,8 @@ class SparseConv2d(_KernelModule):
         self.pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
         # The direct pattern kernel: x is the image [Cin, H*W] itself, compiled for one H x W.
         self.image = kernel.files.image if kernel.files.op == "pattern" else None
-        if self.image is not None and (self.kernel_size, self.stride, self.padding, self.dilation, pixel_keep) != (
-                (3, 3), (1, 1), (1, 1), (1, 1), None):
+        if self.image is not None and ((self.kernel_size, self.stride, self.padding, self.dilation) != (
+                (3, 3), (1, 1), (1, 1), (1, 1)) or pixel_keep is not None):
             raise BundleError(f"layer {layer}: its pattern kernel computes a 3x3 convolution with stride 1, padding 1 "
                               f"and no pixel mask; the layer has stride {self.stride}, padding {self.padding}"
                               f"{'' if pixel_keep is None else ' and a pixel mask'}")
