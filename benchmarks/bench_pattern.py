@@ -1,6 +1,7 @@
 """Pattern (PatDNN) direct convolution and a pixel-masked UBP layer vs dense vs our UBP kernel.
 
     .venv/bin/python benchmarks/bench_pattern.py [--sparsity 0.78] [--pixel-keep 0.5] [--quick] [--no-host] [--no-neon]
+        [--clock thread|wall]
 
 Per 3x3 layer (ResNet / MobileNet-like shapes, stride 1, padding 1) one Gaussian weight is
 pruned twice to the same number of kept weights: by ``pattern_masks`` (8 patterns of 4 weights
@@ -17,6 +18,8 @@ is checked against torch first. Then executed AArch64 NEON instructions of one c
 kernel under qemu (pattern, UBP GEMM, pixel-masked UBP, and the UBP kernel with every block
 kept as the dense reference), from :mod:`ubpdsl.runtime.insncount`, in total and per useful
 lane (one kept weight times one computed pixel, as in ``ubpdsl bench --target aarch64-neon``).
+Host times use this thread's CPU time by default (``--clock thread``): on a shared, overloaded
+machine a wall-clock sample of a long call includes the time it was descheduled.
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import machine_header  # noqa: E402
 
+from ubpdsl.benchsuite import interleaved_medians  # noqa: E402
 from ubpdsl.compiler import PatternProblem, Problem, compile_kernel  # noqa: E402
 from ubpdsl.kernels import PATTERN_VARIANTS, VARIANTS  # noqa: E402
 from ubpdsl.prune.pattern import pattern_masks  # noqa: E402
 from ubpdsl.prune.selectors import bed_select, blocks_to_mask  # noqa: E402
 from ubpdsl.runtime.loader import HostKernel, aligned_copy, aligned_empty  # noqa: E402
-from ubpdsl.testing import do_bench  # noqa: E402
 
 #: (name, Cout, Cin, H, W): ResNet-18 stage convs and MobileNet/VGG-like 3x3 layers.
 SHAPES = [
@@ -50,6 +53,14 @@ SHAPES = [
 QUICK = [("resnet_s4", 256, 256, 14, 14), ("small_odd", 32, 16, 13, 11)]
 N = 4
 PATTERN_GRID = [({"TILE": t, "ROWS": r}, vb) for t in (1, 2, 4) for r in (4, 8) for vb in (512, 256)]
+CLOCK = "thread"  # set by --clock
+
+
+def do_bench(fns, min_time: float) -> dict[str, float]:
+    """Median seconds per call of each function, interleaved, warm caches, on the chosen clock."""
+    return interleaved_medians(fns, min_time=min_time, cache="warm", clock=CLOCK)
+
+
 UBP_GRID = [({"TILE": t, "UNROLL": u}, vb) for t in (2, 4) for u in (1, 2) for vb in (512, 256)]
 
 
@@ -217,12 +228,17 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=0.4)
     ap.add_argument("--no-neon", action="store_true", help="skip the qemu instruction counts")
     ap.add_argument("--no-host", action="store_true", help="skip the host timings (counts only)")
+    ap.add_argument("--clock", choices=("thread", "wall"), default="thread",
+                    help="time host calls by this thread's CPU time (default) or the wall clock")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = args.clock
     shapes = QUICK if args.quick else SHAPES
     print(machine_header())
     print(f"# pixel-masked UBP layer: {args.pixel_keep} of the output positions kept (random static mask)")
     if not args.no_host:
-        print(f"# host, single thread, sparsity {args.sparsity}, warm caches; times are medians of one interleaved run")
+        print(f"# host, single thread, sparsity {args.sparsity}, warm caches; times are medians of one interleaved run "
+              f"({args.clock} clock)")
         host_rows(shapes, args.sparsity, args.pixel_keep, args.min_time)
     if not args.no_neon:
         print("\n# AArch64 NEON: executed instructions of one call under qemu (cortex-a76 model, no SVE)")
