@@ -1,7 +1,7 @@
 """Pattern (PatDNN) direct convolution and a pixel-masked UBP layer vs dense vs our UBP kernel.
 
     .venv/bin/python benchmarks/bench_pattern.py [--sparsity 0.78] [--pixel-keep 0.5] [--quick] [--no-host] [--no-neon]
-        [--clock thread|wall]
+        [--clock thread|wall] [--neon-rows 8]
 
 Per 3x3 layer (ResNet / MobileNet-like shapes, stride 1, padding 1) one Gaussian weight is
 pruned twice to the same number of kept weights: by ``pattern_masks`` (8 patterns of 4 weights
@@ -177,7 +177,7 @@ def host_rows(shapes, sparsity: float, keep: float, min_time: float) -> list[str
     return out
 
 
-def neon_rows(shapes, sparsity: float, keep: float) -> list[str]:
+def neon_rows(shapes, sparsity: float, keep: float, rows: int = 8) -> list[str]:
     from ubpdsl.armcost import register_tile
     from ubpdsl.runtime.insncount import count_call
 
@@ -198,7 +198,7 @@ def neon_rows(shapes, sparsity: float, keep: float) -> list[str]:
         lanes = {"pattern": kept * h * w, "ubp": len(ubp.rows) * N * h * w, "pixel": len(ubp.rows) * N * xpix.shape[1],
                  "dense": cout * k_full * h * w}
         for label, kernel, problem, xin, consts in (
-                ("pattern", PATTERN_VARIANTS["pattern_direct"], pat, x, {"TILE": 1 if w < 8 else 2, "ROWS": 4}),
+                ("pattern", PATTERN_VARIANTS["pattern_direct"], pat, x, {"TILE": 1 if w < 8 else 2, "ROWS": rows}),
                 ("ubp", VARIANTS["wros"], ubp, xcol, tile), ("pixel", VARIANTS["wros"], ubp, xpix, tile),
                 ("dense", VARIANTS["wros"], dense, xcol, tile)):
             ck = compile_kernel(kernel, problem, "aarch64-neon", constants=consts)
@@ -228,6 +228,7 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=0.4)
     ap.add_argument("--no-neon", action="store_true", help="skip the qemu instruction counts")
     ap.add_argument("--no-host", action="store_true", help="skip the host timings (counts only)")
+    ap.add_argument("--neon-rows", type=int, default=8, help="ROWS of the pattern kernel counted on NEON (default 8)")
     ap.add_argument("--clock", choices=("thread", "wall"), default="thread",
                     help="time host calls by this thread's CPU time (default) or the wall clock")
     args = ap.parse_args()
@@ -241,8 +242,9 @@ def main() -> None:
               f"({args.clock} clock)")
         host_rows(shapes, args.sparsity, args.pixel_keep, args.min_time)
     if not args.no_neon:
-        print("\n# AArch64 NEON: executed instructions of one call under qemu (cortex-a76 model, no SVE)")
-        neon_rows(shapes, args.sparsity, args.pixel_keep)
+        print("\n# AArch64 NEON: executed instructions of one call under qemu (cortex-a76 model, no SVE); "
+              f"pattern_direct TILE=2 (1 below 8 columns), ROWS={args.neon_rows}; wros TILE from register_tile(4)")
+        neon_rows(shapes, args.sparsity, args.pixel_keep, args.neon_rows)
 
 
 if __name__ == "__main__":
