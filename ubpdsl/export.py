@@ -12,6 +12,14 @@
       <target>/<layer>.packed.bin   packed weights (data-driven kernels; absent when baked)
       <target>/kernels.tsv          the same per-layer facts as plain text, for C programs
 
+A pattern-kind layer (PatDNN masks) runs on the direct 3x3 pattern kernel (``pattern_direct``,
+symbol ``ubp_pattern_<layer>``, a "UBPP" blob, x = the image [Cin, H*W], n = H*W) where that
+applies: no pixel mask, a 3x3 convolution with stride 1, padding 1, dilation 1 (checked on the
+model when one is given) and a known image size (``images``, else the model run on its example).
+Otherwise it runs as N = 1 blocks of its GEMM view on the block kernel. The manifest records
+which per target: ``"op": "pattern"`` with ``"image": [H, W]``, or ``"op": "gemm"``
+(:func:`pattern_layer_images` decides).
+
 (``<layer>`` is the layer name with every character outside ``[A-Za-z0-9_]`` replaced by ``_``;
 the kernel symbol is ``ubp_<layer>``.) One directory per target keeps headers and packed weights of
 different targets apart, since a tuned configuration may differ per target.
@@ -57,8 +65,8 @@ from ubpdsl.config import DEFAULT_VARIANT, KernelConfig
 from ubpdsl.errors import MaskError, PackError, UbpError
 from ubpdsl.guard import ensure_dir, read_json
 from ubpdsl.identity import blocks_hash, file_sha256
-from ubpdsl.names import check_layer_name, check_unique_stems, kernel_symbol
-from ubpdsl.packing import unpack
+from ubpdsl.names import check_layer_name, check_unique_stems, file_stem, kernel_symbol
+from ubpdsl.packing import unpack, unpack_pattern
 from ubpdsl.runtime.targets import TARGET_NAMES
 
 __all__ = [
@@ -72,6 +80,7 @@ __all__ = [
     "export_bundle",
     "load_bundle",
     "load_tuned_configs",
+    "pattern_layer_images",
 ]
 
 BUNDLE_FORMAT = "ubpdsl.bundle/1"
@@ -82,7 +91,11 @@ MANIFEST = "manifest.json"
 MASKS = "masks.npz"
 INDEX = "kernels.tsv"
 #: The tab-separated columns of kernels.tsv (the C reader, examples/embed_c/bundle_main.c, reads them in this order).
+#: K is the rows of x the kernel reads: Cin for a pattern kernel (x = the image, n = H*W).
 INDEX_COLUMNS = ("layer", "symbol", "M", "K", "N", "so", "packed", "so_sha256", "packed_sha256")
+#: What runs a layer (the manifest's per-target ``"op"``): its GEMM view on a block kernel, or the
+#: direct 3x3 pattern kernel.
+OPS = ("gemm", "pattern")
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 
 
@@ -171,6 +184,50 @@ def configs_for(layers: Mapping[str, Any], target: str, tuned: Mapping[str, Kern
 # ------------------------------------------------------------------------------------------- export
 
 
+def _pattern_geometry(module: Any) -> bool:
+    """The convolution the pattern kernel computes: 3x3, stride 1, padding 1, dilation 1, ungrouped."""
+    from torch import nn
+
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (3, 3) and tuple(module.stride) == (1, 1)
+            and module.padding in ((1, 1), "same") and tuple(module.dilation) == (1, 1) and module.groups == 1
+            and module.padding_mode == "zeros")
+
+
+def pattern_layer_images(masks: Mapping[str, Any], *, model: Any = None, example: Any = None,
+                         images: Mapping[str, tuple[int, int]] | tuple[int, int] | None = None
+                         ) -> dict[str, tuple[int, int]]:
+    """``{layer: (H, W)}`` of the pattern-kind layers of ``masks`` that run on the pattern kernel.
+
+    A pattern layer qualifies without a pixel mask, when its convolution is 3x3 with stride 1,
+    padding 1, dilation 1 and no groups (checked on ``model`` when given) and its input image size
+    is known: ``images`` (one ``(H, W)`` for every pattern layer, or per layer), else the model run
+    once on ``example``. Every other layer runs as N = 1 blocks on the block kernel.
+    """
+    from ubpdsl.compiler import MAX_DIM
+
+    cand = [n for n, m in masks.items() if m.kind == "pattern" and m.pixel_keep is None]
+    if model is not None:
+        cand = [n for n in cand if _pattern_geometry(model.get_submodule(n))]
+    out: dict[str, tuple[int, int]] = {}
+    if isinstance(images, tuple):
+        images = dict.fromkeys(cand, images)
+    for n in cand:
+        if images is not None and n in images:
+            out[n] = (int(images[n][0]), int(images[n][1]))
+    rest = [n for n in cand if n not in out]
+    if rest and model is not None and example is not None:
+        from ubpdsl.models import _run_hooked
+
+        def record(name: str, inp: Any) -> None:
+            out.setdefault(name, tuple(int(v) for v in inp[0].shape[-2:]))
+
+        _run_hooked(model, example, [(model.get_submodule(n), lambda mod, i, o, n=n: record(n, i)) for n in rest])
+    for n, (h, w) in out.items():
+        if not (1 <= h <= MAX_DIM and 1 <= w <= MAX_DIM and h * w <= MAX_DIM):
+            raise UbpError(f"layer {n}: image {h}x{w} for the pattern kernel is out of range")
+    return out
+
+
 def _module_info(model: Any, name: str, mask: Any) -> dict[str, Any]:
     """Geometry of the model's layer ``name`` (recorded in the manifest); its kept weights must be the mask's."""
     from torch import nn
@@ -200,10 +257,15 @@ def _write_index(target_dir: Path, target: str, layers: Mapping[str, Any]) -> No
     for name, entry in layers.items():
         te = entry["targets"][target]
         files, shas = te["files"], te["sha256"]
-        row = [name, te["symbol"], entry["M"], entry["K"], entry["N"], Path(files["so"]).name,
+        row = [name, te["symbol"], entry["M"], _kernel_k(entry, te), entry["N"], Path(files["so"]).name,
                Path(files["packed"]).name if "packed" in files else None, shas["so"], shas.get("packed")]
         lines.append("\t".join("-" if v is None else str(v) for v in row))
     (target_dir / INDEX).write_text("\n".join(lines) + "\n")
+
+
+def _kernel_k(entry: Mapping[str, Any], te: Mapping[str, Any]) -> int:
+    """Rows of x the layer's kernel reads: K of the GEMM view, Cin (= K / 9) for a pattern kernel."""
+    return entry["K"] // 9 if te.get("op") == "pattern" else entry["K"]
 
 
 def _existing_bundle(out: Path, force: bool) -> Bundle | None:
@@ -237,7 +299,8 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
                   tuned: Mapping[str, Mapping[str, KernelConfig]] | None = None,
                   model: Any = None, layers: Iterable[str] | None = None, force: bool = False,
                   echo: Callable[[str], None] | None = None, config: KernelConfig | None = None,
-                  kernels: Mapping[str, Any] | None = None, example: Any = None) -> Path:
+                  kernels: Mapping[str, Any] | None = None, example: Any = None,
+                  images: Mapping[str, tuple[int, int]] | tuple[int, int] | None = None) -> Path:
     """Compile every layer of ``masks`` for every target into the bundle ``out_dir``; returns its path.
 
     ``masks``: a masks.npz path or ``{name: LayerMask}`` (weights required). ``tuned``:
@@ -245,12 +308,17 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
     ``config`` (default: the default :class:`KernelConfig`). ``kernels``: ``{variant: KernelFunction}``
     for variants that are not shipped (a user's kernel file). ``model``: optional, the pruned torch
     model: its layers must exist with the masks' shapes and weights, and their geometry goes into the
-    manifest; ``example`` (its input batch) also checks each pixel mask against its layer's output size.
+    manifest; ``example`` (its input batch) also checks each pixel mask against its layer's output size
+    and gives the image size of pattern layers. ``images``: the image size of pattern layers (one
+    ``(H, W)`` or per layer); pattern layers run on the pattern kernel where it applies
+    (:func:`pattern_layer_images`), else as N = 1 blocks.
     The bundle is assembled in a temporary directory and renamed into place. An existing
     bundle in ``out_dir`` is extended (see the module docstring); with ``force`` it, or any other
     non-empty directory, is replaced.
     """
-    from ubpdsl.compiler import Problem, compile_kernel
+    from ubpdsl.abi import pattern_symbol
+    from ubpdsl.compiler import PatternProblem, Problem, compile_kernel
+    from ubpdsl.kernels import PATTERN_VARIANTS
     from ubpdsl.masks import load_masks, save_masks
     from ubpdsl.runtime.targets import get_target
     from ubpdsl.runtime.toolchain import toolchain_versions
@@ -292,7 +360,12 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
         check_masks_fit_model(model, layer_masks, "masks.npz", example)
         for name, mask in layer_masks.items():
             modules[name] = _module_info(model, name, mask)
+    direct = pattern_layer_images(layer_masks, model=model, example=example, images=images)
     configs = {t: configs_for(layer_masks, t, tuned.get(t), config) for t in targets}
+    for per_layer in configs.values():  # a pattern kernel unless the config names one
+        for name in direct:
+            if per_layer[name].variant not in PATTERN_VARIANTS:
+                per_layer[name] = KernelConfig("pattern_direct")
     user_kernels = dict(kernels or {})
     for t, per_layer in configs.items():
         for name, cfg in per_layer.items():
@@ -365,13 +438,20 @@ def export_bundle(masks: str | os.PathLike[str] | Mapping[str, Any], out_dir: st
             for name, mask in layer_masks.items():
                 cfg = configs[t][name]
                 kernel = user_kernels.get(cfg.variant) or cfg.kernel
-                ck = compile_kernel(kernel, Problem.from_mask(mask), cfg.target_for(get_target(t)),
+                if name in direct:
+                    problem: Any = PatternProblem.from_mask(mask.pattern, mask.weight, *direct[name])
+                    symbol = pattern_symbol(file_stem(name))
+                else:
+                    problem, symbol = Problem.from_mask(mask), kernel_symbol(name)
+                ck = compile_kernel(kernel, problem, cfg.target_for(get_target(t)),
                                     constants=dict(cfg.constants), specialize=cfg.specialize,
-                                    symbol=kernel_symbol(name), check_bounds=cfg.check_bounds)
+                                    symbol=symbol, check_bounds=cfg.check_bounds)
                 files = ck.save(tdir)
                 rel = {k: f"{t}/{p.name}" for k, p in files.items()}
                 manifest["layers"][name]["targets"][t] = {
                     "symbol": ck.symbol, "config": cfg.to_json(), "config_source": cfg.source,
+                    "op": "pattern" if name in direct else "gemm",
+                    **({"image": list(direct[name])} if name in direct else {}),
                     "constants": ck.constants, "specialized": ck.specialized,
                     "files": rel, "sha256": {k: file_sha256(p) for k, p in files.items()},
                     "kernel": {k: ck.manifest[k] for k in ("triple", "cpu", "features", "cache_key", "mask_hash",
@@ -420,6 +500,13 @@ class KernelFiles:
     packed: Path | None
     features: str
     triple: str
+    op: str = "gemm"  # "pattern": the direct 3x3 pattern kernel (x = the image [Cin, H*W]), see OPS
+    image: tuple[int, int] | None = None  # (H, W) a pattern kernel was compiled for
+
+    @property
+    def x_rows(self) -> int:
+        """Rows of x the kernel reads: K of the GEMM view, Cin (= K / 9) for a pattern kernel."""
+        return self.K // 9 if self.op == "pattern" else self.K
 
     def packed_weights(self) -> np.ndarray | None:
         """The packed weight blob (uint8, 64-byte aligned copy) or None for baked kernels."""
@@ -471,9 +558,11 @@ class Bundle:
             raise BundleError(f"bundle {self.root}: layer {layer!r} was not exported for {target} "
                               f"(targets: {', '.join(entry['targets'])})")
         files = t["files"]
+        op = t.get("op", "gemm")
         return KernelFiles(layer, target, t["symbol"], entry["M"], entry["K"], entry["N"], self.root / files["so"],
                            self.root / files["header"], self.root / files["packed"] if "packed" in files else None,
-                           t["kernel"]["features"], t["kernel"]["triple"])
+                           t["kernel"]["features"], t["kernel"]["triple"], op,
+                           tuple(t["image"]) if op == "pattern" else None)
 
     def pick_target(self, machine: str | None = None, cpu_flags: set[str] | None = None) -> str:
         """The bundle target this machine runs natively: ``host`` on x86-64; on AArch64 ``aarch64-sve``
@@ -569,10 +658,15 @@ def _check_so(root: Path, rel: str, target: str, triple: str, symbol: str) -> No
         raise _fail(root, f"{rel} does not export the kernel {symbol}")
 
 
-def _check_packed(root: Path, rel: str, M: int, K: int, N: int) -> None:
-    """The blob is a valid packed weight blob for M, K, N (header and content, ubpdsl.packing.unpack)."""
+def _check_packed(root: Path, rel: str, M: int, K: int, N: int, op: str = "gemm") -> None:
+    """The blob is a valid packed weight blob for M, K, N (header and content, ubpdsl.packing.unpack),
+    or for a pattern kernel a valid pattern blob for M, K / 9 (ubpdsl.packing.unpack_pattern)."""
     try:
-        unpack(np.fromfile(root / rel, dtype=np.uint8), M=M, K=K, N=N, what=rel)
+        blob = np.fromfile(root / rel, dtype=np.uint8)
+        if op == "pattern":
+            unpack_pattern(blob, M=M, K=K // 9, what=rel)
+        else:
+            unpack(blob, M=M, K=K, N=N, what=rel)
     except PackError as exc:
         raise _fail(root, str(exc)) from None
 
@@ -590,9 +684,20 @@ def _check_layer_entry(root: Path, name: str, entry: Any, targets: dict[str, Any
         have = set(per_target) if isinstance(per_target, dict) else set()
         missing = sorted(set(targets) - have) or sorted(have - set(targets))
         raise _fail(root, f"layer {name!r} has no kernel for {', '.join(missing) or '?'}")
-    symbol = kernel_symbol(name)
+    from ubpdsl.abi import pattern_symbol
+
     for t, te in per_target.items():
         files, shas, kern = (te.get(k) if isinstance(te, dict) else None for k in ("files", "sha256", "kernel"))
+        op = te.get("op", "gemm") if isinstance(te, dict) else None
+        if op not in OPS:
+            raise _fail(root, f"layer {name!r} ({t}): op {op!r} is not one of {', '.join(OPS)}")
+        if op == "pattern":
+            image = te.get("image")
+            if (not isinstance(image, list) or len(image) != 2 or not all(type(v) is int and v >= 1 for v in image)
+                    or entry["K"] % 9 or entry["N"] != 1):
+                raise _fail(root, f"layer {name!r} ({t}): a pattern kernel needs an image [H, W], K = 9 x Cin "
+                                  "and N = 1")
+        symbol = pattern_symbol(file_stem(name)) if op == "pattern" else kernel_symbol(name)
         if (not isinstance(files, dict) or not isinstance(shas, dict) or "so" not in files or "header" not in files
                 or not set(files) <= {"so", "header", "packed"}):
             raise _fail(root, f"layer {name!r} ({t}): the manifest lists no .so or header")
@@ -624,7 +729,7 @@ def _check_index(root: Path, target: str, path: Path, layers: dict[str, Any]) ->
         seen.add(cells[0])
         te = entry["targets"][target]
         files, shas = te["files"], te["sha256"]
-        want = [cells[0], te.get("symbol"), str(entry["M"]), str(entry["K"]), str(entry["N"]),
+        want = [cells[0], te.get("symbol"), str(entry["M"]), str(_kernel_k(entry, te)), str(entry["N"]),
                 Path(files["so"]).name, Path(files["packed"]).name if "packed" in files else "-",
                 shas.get("so"), shas.get("packed", "-")]
         if cells != want:
@@ -673,7 +778,7 @@ def load_bundle(path: str | os.PathLike[str] | Bundle, *, check_host: bool = Fal
                 _check_file(root, rel, shas.get(kind))
             _check_so(root, files["so"], t, targets[t]["triple"], te["symbol"])
             if "packed" in files:
-                _check_packed(root, files["packed"], M, K, N)
+                _check_packed(root, files["packed"], M, K, N, te.get("op", "gemm"))
             elif not te.get("specialized"):
                 raise _fail(root, f"layer {name!r} ({t}): a data-driven kernel without packed weights")
     bundle = Bundle(root, manifest)
@@ -747,8 +852,8 @@ def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer:
     b = load_bundle(bundle)
     files = b.kernel(layer, "aarch64-neon" if target == AARCH64_DISPATCH else target)
     x = np.ascontiguousarray(x, dtype="<f4")
-    if x.ndim != 2 or x.shape[0] != files.K:
-        raise UbpError(f"layer {layer}: x must be [K={files.K}, n], got {list(x.shape)}")
+    if x.ndim != 2 or x.shape[0] != files.x_rows:
+        raise UbpError(f"layer {layer}: x must be [K={files.x_rows}, n], got {list(x.shape)}")
     with tempfile.TemporaryDirectory(prefix="ubp-bundle-main-") as tmp:
         prog = exe or build_bundle_main(target, Path(tmp) / "bundle_main")
         xfile = Path(tmp) / "x.f32"
@@ -795,6 +900,8 @@ def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer:
 @click.option("--layer", "layers", multiple=True, help="export only this layer (repeatable)")
 @model_options(what="The pruned model: the masks are checked against it and its layer geometry recorded "
                "(bundle); the model to export (--runtime executorch).")
+@click.option("--image", default=None, metavar="H,W", help="input image size of the pattern layers (else from "
+              "--model's example input): they run on the direct 3x3 pattern kernel, not as N=1 blocks")
 @click.option("-o", "--out", "out_dir", default="bundle", show_default=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="replace what -o holds (a bundle, or any non-empty directory) "
               "instead of adding to it")
@@ -809,8 +916,8 @@ def run_bundle_main(bundle: str | os.PathLike[str] | Bundle, target: str, layer:
               help="executorch: the id the program calls its plan by (unique per application)")
 def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...], layers: tuple[str, ...],
            model_spec: str | None, weights: str | None, input_shape: str | None, input_dtype: str | None,
-           batch: int, out_dir: str, force: bool, runtime: str, start: str | None, stop: str | None,
-           plan_id: int) -> None:
+           batch: int, image: str | None, out_dir: str, force: bool, runtime: str, start: str | None,
+           stop: str | None, plan_id: int) -> None:
     """Build a bundle: every pruned layer's kernel per target, packed weights, headers, one manifest;
     or (--runtime executorch) an ExecuTorch program of the whole model.
 
@@ -836,6 +943,8 @@ def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...
     and C++. The program's batch is --batch.
     """
     if runtime == "executorch":
+        if image is not None:
+            raise UbpError("--image applies to bundles (pattern layers run as N=1 blocks in --runtime executorch)")
         return _export_executorch(mask_path, tuned_paths, targets, layers, model_spec, weights, input_shape,
                                   input_dtype, batch, out_dir, force, start, stop, plan_id)
     if start or stop:
@@ -856,8 +965,11 @@ def export(mask_path: str, tuned_paths: tuple[str, ...], targets: tuple[str, ...
     if model_spec is not None:
         loaded = load_model(model_spec, weights, input_shape, input_dtype, batch, pretrained=weights is None)
         model, example = loaded.model, loaded.example
+    from ubpdsl.compiler import parse_image
+
     out = export_bundle(mask_path, out_dir, targets=chosen, tuned=tuned, model=model,
-                        layers=layers or None, force=force, echo=click.echo, example=example)
+                        layers=layers or None, force=force, echo=click.echo, example=example,
+                        images=None if image is None else parse_image(image))
     echo_summary(out)
 
 

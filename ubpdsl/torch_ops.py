@@ -13,7 +13,10 @@ Modules (built by :func:`swap_to_kernels` from a bundle made by ``ubpdsl export`
   (``[C, H*W]`` per image, a view); any other ``kxk`` convolution goes through im2col
   (a strided view of the padded input, copied once: columns ordered (channel, ky, kx) like
   ``F.unfold`` and like the weight's GEMM view);
-  stride, padding and dilation as in the original layer; bias added afterwards.
+  stride, padding and dilation as in the original layer; bias added afterwards. A pattern layer
+  exported with the direct pattern kernel (the manifest's ``"op": "pattern"``: 3x3, stride 1,
+  padding 1) runs on the image itself (``[Cin, H*W]``, a view; no im2col) at the image size it
+  was compiled for.
 * :class:`SparseLinear`: ``x[..., K]`` is transposed to ``[K, n]`` with n the flattened batch.
 
 Depthwise/grouped convolutions and every layer not in the bundle stay dense torch modules.
@@ -55,7 +58,7 @@ class NativeKernel:
     def __init__(self, files: KernelFiles) -> None:
         self.files = files
         self.name = files.layer
-        self.M, self.K = int(files.M), int(files.K)
+        self.M, self.K = int(files.M), int(files.x_rows)  # x rows: Cin for a pattern kernel
         try:
             self._lib, fn = load_symbol(files.so, files.symbol)
         except OSError as exc:
@@ -246,7 +249,8 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 class SparseConv2d(_KernelModule):
-    """An ungrouped ``nn.Conv2d`` whose GEMM runs on a ubpdsl kernel (1x1 direct, kxk via im2col)."""
+    """An ungrouped ``nn.Conv2d`` whose GEMM runs on a ubpdsl kernel (1x1 direct, kxk via im2col),
+    or a pattern layer on its direct 3x3 pattern kernel (``kernel.files.op == "pattern"``)."""
 
     def __init__(self, conv: nn.Conv2d, kernel: NativeKernel, layer: str = "",
                  pixel_keep: np.ndarray | torch.Tensor | None = None) -> None:
@@ -260,10 +264,18 @@ class SparseConv2d(_KernelModule):
         self.stride = _pair(conv.stride)
         self.dilation = _pair(conv.dilation)
         self.padding = self._resolve_padding(conv.padding, layer)
-        if (self.out_channels, self.in_channels * self.kernel_size[0] * self.kernel_size[1]) != (self.M, self.K):
-            raise BundleError(f"layer {layer}: the kernel is {self.M}x{self.K}, the convolution's GEMM view is "
-                              f"{self.out_channels}x{self.in_channels * self.kernel_size[0] * self.kernel_size[1]}")
+        gemm_k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        if (self.out_channels, gemm_k) != (self.M, kernel.files.K):
+            raise BundleError(f"layer {layer}: the kernel is {self.M}x{kernel.files.K}, the convolution's GEMM view "
+                              f"is {self.out_channels}x{gemm_k}")
         self.pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
+        # The direct pattern kernel: x is the image [Cin, H*W] itself, compiled for one H x W.
+        self.image = kernel.files.image if kernel.files.op == "pattern" else None
+        if self.image is not None and ((self.kernel_size, self.stride, self.padding, self.dilation) != (
+                (3, 3), (1, 1), (1, 1), (1, 1)) or pixel_keep is not None):
+            raise BundleError(f"layer {layer}: its pattern kernel computes a 3x3 convolution with stride 1, padding 1 "
+                              f"and no pixel mask; the layer has stride {self.stride}, padding {self.padding}"
+                              f"{'' if pixel_keep is None else ' and a pixel mask'}")
         # Semi-structured activation sparsity: only the kept output positions are computed (the kernel
         # runs on n = kept pixels per image); the others are zero.
         self.register_buffer("pixel_keep", None)
@@ -287,6 +299,8 @@ class SparseConv2d(_KernelModule):
 
     def extra_repr(self) -> str:
         px = "" if self.kept_index is None else f", kept_pixels={self.kept_index.numel()}/{self.pixel_keep.numel()}"
+        if self.image is not None:
+            px += f", pattern_kernel={self.image[0]}x{self.image[1]}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, bias={self.bias is not None}, layer={self.layer!r}{px}")
 
@@ -298,7 +312,13 @@ class SparseConv2d(_KernelModule):
             raise UbpError(f"layer {self.layer}: expected input [B, {self.in_channels}, H, W], got {list(x.shape)}")
         if self.kept_index is not None:
             return self._forward_kept(x, unbatched)
-        if self.pointwise:
+        if self.image is not None:
+            if tuple(x.shape[2:]) != self.image:
+                raise UbpError(f"layer {self.layer}: its pattern kernel was built for {self.image[0]}x{self.image[1]} "
+                               f"images, got input {list(x.shape)} (export the bundle for this image size)")
+            ho, wo = self.image
+            cols = x.reshape(x.shape[0], self.in_channels, ho * wo)
+        elif self.pointwise:
             if self.stride != (1, 1):
                 x = x[:, :, :: self.stride[0], :: self.stride[1]]
             ho, wo = x.shape[2], x.shape[3]

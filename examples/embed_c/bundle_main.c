@@ -17,6 +17,9 @@
  *   - with BIAS_FILE RES_FILE LO HI: through the kernel's fused-epilogue entry point <symbol>_ep,
  *     y = clamp(W x + bias + residual, LO, HI): BIAS_FILE M float32 values or '-' (none),
  *     RES_FILE M*n float32 values or '-', LO / HI the clamp bounds (-inf inf: no clamp).
+ * A pattern layer exported with the direct 3x3 pattern kernel (symbol ubp_pattern_<layer>, a "UBPP"
+ * blob) reads the image itself: K is Cin and n must be H*W of the image it was built for (the
+ * manifest's "image"; any other n makes the kernel return 7, UBP_ERR_BAD_PIXELS). The blob's magic tells the two apart.
  * y is printed one row per line with "%.9g".
  *
  * Nothing in the bundle is trusted: a malformed index row, a file name that is not a plain name
@@ -68,6 +71,8 @@ typedef int32_t (*ubp_kernel_ep_fn)(const float *x, float *y, int64_t n, const v
 enum { EXIT_IO = 1, EXIT_KERNEL = 2, EXIT_BUNDLE = 3 };
 enum { NCOLS = 9, MAX_BLOCK = 64, COL_PAD = 16, HEADER_WORDS = 12 };
 #define MAGIC 0x31504255u /* "UBP1" */
+#define PATTERN_MAGIC 0x50504255u /* "UBPP" */
+enum { PATTERN_HEADER_WORDS = 13, PATTERN_TAPS = 4, MAX_PATTERNS = 56 };
 #define MAX_INDEX_BYTES (16L << 20)
 #define MAX_FILE_BYTES (4LL << 30)
 
@@ -386,6 +391,66 @@ static int check_blob(const char *name, const void *blob, size_t size, const str
     return 0;
 }
 
+/* The pattern blob (ubpdsl.packing.unpack_pattern's checks the kernel relies on): header, sections,
+ * filter_order a permutation, group_ptr from 0 to NK never decreasing, channels in 0..K-1. The
+ * library itself is compared with the compiled-in one by the kernel (it returns 1 otherwise). */
+static int check_pattern_blob(const char *name, const void *blob, size_t size, const struct entry *e) {
+    const int32_t *h = blob;
+    if (size < PATTERN_HEADER_WORDS * 4 || (uint32_t)h[0] != PATTERN_MAGIC || h[1] != 1 || e->N != 1) {
+        fprintf(stderr, "%s is not a packed pattern blob (too short, bad magic or version)\n", name);
+        return 1;
+    }
+    if (h[2] != e->M || h[3] != e->K) {
+        fprintf(stderr, "%s does not hold the pattern weights of a %lldx%lld layer\n", name, (long long)e->M,
+                (long long)e->K);
+        return 1;
+    }
+    int64_t P = h[4], T = h[5], NK = h[6], total = h[12];
+    if (P < 1 || P > MAX_PATTERNS || T != PATTERN_TAPS || NK < 0 || NK > e->M * e->K || total != (int64_t)size) {
+        fprintf(stderr, "%s: inconsistent header (P=%lld, T=%lld, NK=%lld, total %lld bytes, file %zu bytes)\n", name,
+                (long long)P, (long long)T, (long long)NK, (long long)total, size);
+        return 1;
+    }
+    int64_t off[5] = {h[7], h[8], h[9], h[10], h[11]};
+    int64_t len[5] = {4 * P * T, 4 * e->M, 4 * (e->M * P + 1), 4 * NK, 4 * NK * T};
+    for (int i = 0; i < 5; i++)
+        if (off[i] < PATTERN_HEADER_WORDS * 4 || off[i] % 64 || off[i] + len[i] > total) {
+            fprintf(stderr, "%s: section %d [%lld, +%lld) lies outside the %lld-byte blob\n", name, i,
+                    (long long)off[i], (long long)len[i], (long long)total);
+            return 1;
+        }
+    const char *base = blob;
+    const int32_t *order = (const int32_t *)(base + off[1]), *gptr = (const int32_t *)(base + off[2]);
+    const int32_t *chan = (const int32_t *)(base + off[3]);
+    char *seen = calloc((size_t)e->M, 1);
+    if (!seen) return 1;
+    for (int64_t f = 0; f < e->M; f++) {
+        if (order[f] < 0 || order[f] >= e->M || seen[order[f]]) {
+            fprintf(stderr, "%s: filter_order is not a permutation of 0..%lld\n", name, (long long)(e->M - 1));
+            free(seen);
+            return 1;
+        }
+        seen[order[f]] = 1;
+    }
+    free(seen);
+    if (gptr[0] != 0 || gptr[e->M * P] != NK) {
+        fprintf(stderr, "%s: group_ptr does not run from 0 to NK=%lld\n", name, (long long)NK);
+        return 1;
+    }
+    for (int64_t g = 0; g < e->M * P; g++)
+        if (gptr[g + 1] < gptr[g] || gptr[g + 1] > NK) {
+            fprintf(stderr, "%s: group_ptr decreases at %lld\n", name, (long long)(g + 1));
+            return 1;
+        }
+    for (int64_t k = 0; k < NK; k++)
+        if (chan[k] < 0 || chan[k] >= e->K) {
+            fprintf(stderr, "%s: kernel %lld reads input channel %d, outside 0..%lld\n", name, (long long)k, chan[k],
+                    (long long)(e->K - 1));
+            return 1;
+        }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------ main */
 
 int main(int argc, char **argv) {
@@ -433,7 +498,10 @@ int main(int argc, char **argv) {
         packed = read_regular(dir, e.packed, MAX_FILE_BYTES, &size, &why);
         if (!packed) return why;
         snprintf(path, sizeof path, "%s/%s", dir, e.packed);
-        if (check_sha(dir, e.packed, packed, size, e.packed_sha) || check_blob(path, packed, size, &e))
+        if (check_sha(dir, e.packed, packed, size, e.packed_sha))
+            return EXIT_BUNDLE;
+        int pattern = size >= 4 && *(const uint32_t *)packed == PATTERN_MAGIC;
+        if (pattern ? check_pattern_blob(path, packed, size, &e) : check_blob(path, packed, size, &e))
             return EXIT_BUNDLE;
     }
 
