@@ -258,6 +258,21 @@ def test_graph_stop_node_must_exist(pruned):
         trace_graph(model, masks, torch.randn(1, 3, 32, 32), stop="nope")
 
 
+def test_graph_planner_refuses_pixel_masked_layers(pruned):
+    """An activation (pixel) mask the planner would ignore must be an error, not a silently denser result."""
+    import dataclasses
+
+    from ubpdsl.deploy.graph import trace_graph
+
+    model, masks, _ = pruned
+    name = next(iter(masks))
+    keep = np.ones((4, 4), dtype=bool)
+    keep[0, 0] = False
+    bad = {**masks, name: dataclasses.replace(masks[name], pixel_keep=keep)}
+    with pytest.raises(PlanError, match=f"layer {name} has an activation"):
+        trace_graph(model, bad, torch.randn(1, 3, 32, 32))
+
+
 class _Odd(nn.Module):
     """Every general op the MobileNetV2 and digits models do not use: strided / padded / grouped
     convs, a standalone BN, an add that is not fused, avg pool with padding, 4-D output."""

@@ -421,6 +421,9 @@ class _Lowering:
             if groups != 1:
                 raise PlanError(f"node {node.name}: a pruned grouped convolution is not supported")
             mask = self.masks[name]
+            if getattr(mask, "pixel_keep", None) is not None:
+                raise PlanError(f"layer {name} has an activation (pixel) mask: the channel-major planner does "
+                                "not run pixel-masked layers; export them as a bundle (ubpdsl export --runtime bundle)")
             if tuple(mask.shape) != tuple(m.weight.shape):
                 raise PlanError(f"layer {name}: mask shape {tuple(mask.shape)} != weight {tuple(m.weight.shape)}")
             self.folded[name] = folded_mask(mask, wf)
