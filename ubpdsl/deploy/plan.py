@@ -12,7 +12,7 @@ Plan blob (little-endian; read by ``native/ubp_model.c``)::
                        workspace bytes, n_kernels, kernel table offset, total bytes, scratch offset
     int64 ops[n_ops][16]   kind (1 sparse 1x1, 2 depthwise, 3 pool, 4 input to channel-major,
                        5 expand + depthwise fused in bands of output rows),
-                       src, dst, C, M, HW, kernel slot, packed offset, bias offset, residual,
+                       src, dst, C (a sparse op: its K), M, HW, kernel slot, packed offset, bias offset, residual,
                        H, W, stride, weights offset, pre-bias offset, clamp (0 none, 1 ReLU, 2 ReLU6;
                        for a depthwise op: 1 = its source is the model input in [B, C, H, W])
     payload            biases, depthwise weights [C, 9], packed sparse weights (64-byte aligned)
@@ -44,13 +44,62 @@ __all__ = ["Block", "Subgraph", "PlanBlob", "fold_bn", "folded_mask", "extract_s
 MAGIC = 0x4D504255
 VERSION = 2
 REC = 16
-OP_PW, OP_DW, OP_POOL, OP_INPUT, OP_EXPAND_DW = 1, 2, 3, 4, 5
+# The format's numbers, owned here: native/ubp_model.c includes the header c_plan_header() generates
+# from them (native.py writes it at build time), so Python and C cannot drift.
+#: header words (C: ``H_<name>``)
+HEADER_FIELDS = ("MAGIC", "VERSION", "NOPS", "BATCH", "CIN", "HIN", "WIN", "COUT", "WS_BYTES", "NKERNELS",
+                 "KERNELS_OFF", "TOTAL_BYTES", "SCRATCH_OFF")
+#: op record fields of kinds 1..5 (C: ``F_<NAME>``)
+OP_FIELDS = ("kind", "src", "dst", "C", "M", "HW", "kernel", "packed", "bias", "res", "H", "W", "stride", "weights",
+             "pre_bias", "clamp")
+#: op record fields of the general kinds 6..13 (C: ``G_<NAME>``; planned by ubpdsl.deploy.graph)
+GRAPH_FIELDS = ("kind", "src", "dst", "C", "M", "geom", "kernel", "packed", "bias", "res", "H", "W", "unused",
+                "weights", "tmp", "clamp")
+#: the int64[8] geometry of a general conv / pool (C: ``GM_<NAME>``)
+GEOM_FIELDS = ("kh", "kw", "sh", "sw", "ph", "pw", "groups", "nchw")
+#: fields reused by some kinds (C name -> the field it reuses): OP_EXPAND_DW's output rows per band
+#: and band buffers, OP_DW's "source is [B, C, H, W]" flag
+FIELD_ALIASES = {"F_BAND": "F_HW", "F_XB": "F_RES", "F_EB": "F_CLAMP", "F_SRC_NCHW": "F_CLAMP"}
+#: op kinds (C: ``OP_<NAME>``)
+OP_KINDS = {"PW": 1, "DW": 2, "POOL": 3, "INPUT": 4, "EXPAND_DW": 5, "CONV": 6, "MAXPOOL": 7, "AVGPOOL": 8,
+            "GAP": 9, "FLATTEN": 10, "ADD": 11, "AFFINE": 12, "OUTPUT": 13}
+#: epilogue clamp codes (C: ``CLAMP_<NAME>``)
+CLAMPS = {"NONE": 0, "RELU": 1, "RELU6": 2}
+#: buffer ids that are not workspace offsets
+BUF_INPUT, BUF_OUTPUT = -1, -2
+OP_PW, OP_DW, OP_POOL, OP_INPUT, OP_EXPAND_DW = (OP_KINDS[k] for k in ("PW", "DW", "POOL", "INPUT", "EXPAND_DW"))
 #: blocks whose expanded tensor (per image) is larger than this run expand + depthwise fused in bands
 FUSE_MIN_BYTES = 1 << 20
 #: target size of one band's expanded buffer (stays in L2 between the kernel and the depthwise)
 BAND_BYTES = 400 << 10
 NO_RES = -3
 ALIGN = 64
+
+
+def c_plan_header() -> str:
+    """``ubp_plan.h``: the plan format's numbers for ``native/ubp_model.c`` (generated, never edited)."""
+    from ubpdsl import packing
+
+    def enum(prefix: str, names: tuple[str, ...]) -> str:
+        return "enum { " + ", ".join(f"{prefix}{n.upper()} = {i}" for i, n in enumerate(names)) + " };"
+
+    lines = ["/* generated from ubpdsl/deploy/plan.py (the owner of the plan format): do not edit */",
+             "#ifndef UBP_PLAN_DEFINED", "#define UBP_PLAN_DEFINED",
+             f"#define UBP_MODEL_MAGIC 0x{MAGIC:08x}LL", f"#define UBP_MODEL_VERSION {VERSION}", f"#define REC {REC}",
+             f"#define UBP_PLAN_ALIGN {ALIGN}", f"#define UBP_NO_RES ({NO_RES})",
+             f"#define UBP_BUF_INPUT ({BUF_INPUT})", f"#define UBP_BUF_OUTPUT ({BUF_OUTPUT})",
+             f"#define UBP_PACK_MAGIC 0x{packing.MAGIC:08x}", f"#define UBP_PACK_HEADER_WORDS {packing.HEADER_WORDS}",
+             f"#define UBP_PATTERN_MAGIC 0x{packing.PATTERN_MAGIC:08x}",
+             f"#define UBP_PATTERN_HEADER_WORDS {packing.PATTERN_HEADER_WORDS}",
+             enum("H_", HEADER_FIELDS), enum("F_", OP_FIELDS), enum("G_", GRAPH_FIELDS), enum("GM_", GEOM_FIELDS),
+             "enum { " + ", ".join(f"{k} = {v}" for k, v in FIELD_ALIASES.items()) + " };",
+             "enum { " + ", ".join(f"OP_{k} = {v}" for k, v in OP_KINDS.items()) + " };",
+             "enum { " + ", ".join(f"CLAMP_{k} = {v}" for k, v in CLAMPS.items()) + " };",
+             "/* packed blob header words read by the plan check (ubpdsl.packing owns the formats) */",
+             f"enum {{ PK_M = {packing.H_M}, PK_K = {packing.H_K}, PK_TOTAL = {packing.H_TOTAL_BYTES}, "
+             f"PP_M = {packing.P_M}, PP_K = {packing.P_K}, PP_TOTAL = {packing.P_TOTAL_BYTES} }};",
+             "#endif", ""]
+    return "\n".join(lines)
 
 
 class PlanError(UbpError):
@@ -260,16 +309,14 @@ def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: in
         rec[7] = rec[8] = -1  # packed, bias
         rec[9] = NO_RES
         rec[14] = -1  # pre-bias
-        names = ["kind", "src", "dst", "C", "M", "HW", "kernel", "packed", "bias", "res", "H", "W", "stride",
-                 "weights", "pre_bias", "clamp"]
         for k, v in kw.items():
-            rec[names.index(k)] = int(v)
+            rec[OP_FIELDS.index(k)] = int(v)
         ops.append(rec)
 
-    def sparse(name: str, src: int, dst: int, M: int, hw_: int, **kw: int) -> None:
+    def sparse(name: str, src: int, dst: int, K: int, M: int, hw_: int, **kw: int) -> None:
         p = packed.get(name)
         slots.append(name)
-        op(kind=OP_PW, src=src, dst=dst, M=M, HW=hw_, kernel=len(slots) - 1,
+        op(kind=OP_PW, src=src, dst=dst, C=K, M=M, HW=hw_, kernel=len(slots) - 1,
            packed=-1 if p is None else pay.add(np.ascontiguousarray(p, np.uint8)), **kw)
 
     f32 = lambda a: np.ascontiguousarray(a, "<f4")  # noqa: E731
@@ -296,17 +343,17 @@ def build_plan(sub: Subgraph, packed: Mapping[str, np.ndarray | None], batch: in
                pre_bias=pay.add(f32(b.expand_bias)), res=XB, clamp=EB)
         else:
             if b.expand is not None:
-                sparse(b.expand, src, E, b.hidden, h * w)
+                sparse(b.expand, src, E, b.cin, b.hidden, h * w)
                 pre = pay.add(f32(b.expand_bias))
                 src = E
             op(kind=OP_DW, src=src, dst=D, C=b.hidden, H=h, W=w, stride=b.stride,
                weights=pay.add(f32(b.dw_weight)), bias=pay.add(f32(b.dw_bias)), pre_bias=pre,
                clamp=int(src_nchw and i == 0))  # clamp field = "source is [B, C, H, W]" for OP_DW
         out = X[1] if cur == X[0] else X[0]
-        sparse(b.project, D, out, b.cout, ho * wo, bias=pay.add(f32(b.project_bias)),
+        sparse(b.project, D, out, b.hidden, b.cout, ho * wo, bias=pay.add(f32(b.project_bias)),
                res=cur if b.residual else NO_RES, clamp=0)
         cur, h, w = out, ho, wo
-    sparse(sub.final, cur, E, sub.cout, h * w)
+    sparse(sub.final, cur, E, sub.blocks[-1].cout, sub.cout, h * w)
     op(kind=OP_POOL, src=E, dst=-2, C=sub.cout, HW=h * w, bias=pay.add(f32(sub.final_bias)), clamp=2)
 
     kernels_off = pay.add(b"\0" * (2 * 8 * len(slots)))  # the plain and the _ep entry points
