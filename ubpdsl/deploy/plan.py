@@ -89,15 +89,14 @@ def c_plan_header() -> str:
              f"#define UBP_PLAN_ALIGN {ALIGN}", f"#define UBP_NO_RES ({NO_RES})",
              f"#define UBP_BUF_INPUT ({BUF_INPUT})", f"#define UBP_BUF_OUTPUT ({BUF_OUTPUT})",
              f"#define UBP_PACK_MAGIC 0x{packing.MAGIC:08x}", f"#define UBP_PACK_HEADER_WORDS {packing.HEADER_WORDS}",
-             f"#define UBP_PATTERN_MAGIC 0x{packing.PATTERN_MAGIC:08x}",
-             f"#define UBP_PATTERN_HEADER_WORDS {packing.PATTERN_HEADER_WORDS}",
              enum("H_", HEADER_FIELDS), enum("F_", OP_FIELDS), enum("G_", GRAPH_FIELDS), enum("GM_", GEOM_FIELDS),
              "enum { " + ", ".join(f"{k} = {v}" for k, v in FIELD_ALIASES.items()) + " };",
              "enum { " + ", ".join(f"OP_{k} = {v}" for k, v in OP_KINDS.items()) + " };",
              "enum { " + ", ".join(f"CLAMP_{k} = {v}" for k, v in CLAMPS.items()) + " };",
-             "/* packed blob header words read by the plan check (ubpdsl.packing owns the formats) */",
-             f"enum {{ PK_M = {packing.H_M}, PK_K = {packing.H_K}, PK_TOTAL = {packing.H_TOTAL_BYTES}, "
-             f"PP_M = {packing.P_M}, PP_K = {packing.P_K}, PP_TOTAL = {packing.P_TOTAL_BYTES} }};",
+             "/* the packed blob format the plan check validates (ubpdsl.packing owns it) */",
+             f"#define UBP_PACK_VERSION {packing.VERSION}", f"#define UBP_PACK_COL_PAD {packing.COL_PAD}",
+             f"#define UBP_PACK_ALIGN {packing.ALIGN}", f"#define UBP_PACK_MAX_BLOCK {packing.MAX_BLOCK}",
+             f"#define UBP_PACK_MAX_DIM {packing.MAX_DIM}", enum("PK_", packing.HEADER_FIELDS),
              "#endif", ""]
     return "\n".join(lines)
 

@@ -55,12 +55,13 @@ static inline float clampf(float v, int64_t mode) {
 
 static const int64_t *header(const void *plan) { return (const int64_t *)plan; }
 
-static int32_t plan_check(const void *plan, int64_t nbytes);
+static int32_t plan_check(const void *plan, int64_t nbytes, int deep);
 
-/* 0 if the plan passes plan_check() against the size its header declares, else the error code */
+/* 0 if the plan passes plan_check() against the size its header declares (every field in O(n_ops);
+ * the packed blobs' content is ubp_model_validate's, once at load time), else the error code */
 static int32_t check_plan(const void *plan) {
     if (!plan) return E_HEADER;
-    return plan_check(plan, header(plan)[H_TOTAL_BYTES]);
+    return plan_check(plan, header(plan)[H_TOTAL_BYTES], 0);
 }
 
 int64_t ubp_model_workspace_bytes(const void *plan) {
@@ -510,7 +511,8 @@ static double now(void) {
 
 typedef struct {
     const char *plan;
-    int64_t nbytes, pay_lo, pay_hi, ws, in_f, out_f, nk, B, scratch_off, scratch_f;
+    int64_t nbytes, pay_lo, pay_hi, ws, in_f, out_f, nk, B, scratch_off;
+    int deep; /* also the packed blobs' content (ubp_model_validate), not only their headers */
 } vplan;
 
 /* a * b, or -1 if either is negative or the product exceeds V_LIMIT */
@@ -541,16 +543,47 @@ static int v_pay(const vplan *v, int64_t off, int64_t nbytes, int64_t align) {
 /* optional float vector: -1 (none) or n floats in the payload */
 static int v_floats_opt(const vplan *v, int64_t off, int64_t n) { return off == -1 || v_pay(v, off, 4 * n, 4); }
 
-/* a packed blob at off (or -1: none) for a kernel of M rows and K inputs (K < 0: not checked) */
-static int v_packed(const vplan *v, int64_t off, int64_t M, int64_t K) {
+static int64_t v_pk_pad(int64_t n) { return (n + UBP_PACK_ALIGN - 1) / UBP_PACK_ALIGN * UBP_PACK_ALIGN; }
+
+/* a packed blob (ubpdsl.packing's data-driven format) at off, or -1: none, for a kernel of M rows and
+ * K inputs. Its header must describe the one layout pack() writes, inside the payload; with `deep`
+ * (ubp_model_validate), also its content in O(M + B): row_ptr from 0 to B, never decreasing, no
+ * block starting past row M - N, block_rows agreeing, columns in [0, K) and sorted per row, the
+ * padding repeating the last column -- everything a kernel indexes with. (Overlapping blocks of
+ * one column are memory safe; ubpdsl.packing.unpack refuses them when a blob is read from a file.) */
+static int v_packed(const vplan *v, int64_t off, int64_t M, int64_t K, int deep) {
     if (off == -1) return 1;
-    if (!v_pay(v, off, 4 * UBP_PATTERN_HEADER_WORDS, UBP_PLAN_ALIGN)) return 0;
+    if (!v_pay(v, off, 4 * UBP_PACK_HEADER_WORDS, UBP_PLAN_ALIGN)) return 0;
     const int32_t *p = (const int32_t *)(v->plan + off);
-    int64_t total, m, k;
-    if ((uint32_t)p[0] == UBP_PACK_MAGIC) total = p[PK_TOTAL], m = p[PK_M], k = p[PK_K];
-    else if ((uint32_t)p[0] == UBP_PATTERN_MAGIC) total = p[PP_TOTAL], m = p[PP_M], k = -1;
-    else return 0;
-    return v_pay(v, off, total, UBP_PLAN_ALIGN) && m == M && (K < 0 || k < 0 || k == K);
+    const int64_t m = p[PK_M], k = p[PK_K], n = p[PK_N], nb = p[PK_B];
+    if ((uint32_t)p[PK_MAGIC] != UBP_PACK_MAGIC || p[PK_VERSION] != UBP_PACK_VERSION || m != M || k != K ||
+        m < 1 || m > UBP_PACK_MAX_DIM || k < 1 || k > UBP_PACK_MAX_DIM || n < 1 || n > UBP_PACK_MAX_BLOCK ||
+        n > m || (p[PK_LAYOUT] != 0 && p[PK_LAYOUT] != 1) || nb < 0 || nb > k * (m / n))
+        return 0;
+    int64_t pos = v_pk_pad(4 * UBP_PACK_HEADER_WORDS);
+    const int64_t o_rp = pos;
+    pos += v_pk_pad(4 * (m + n + 1));
+    const int64_t o_br = pos;
+    pos += v_pk_pad(4 * nb);
+    const int64_t o_bc = pos;
+    pos += v_pk_pad(4 * (nb + UBP_PACK_COL_PAD));
+    const int64_t o_v = pos;
+    pos += v_pk_pad(4 * nb * n);
+    if (p[PK_OFF_ROW_PTR] != o_rp || p[PK_OFF_BLOCK_ROWS] != o_br || p[PK_OFF_BLOCK_COLS] != o_bc ||
+        p[PK_OFF_VALUES] != o_v || p[PK_TOTAL_BYTES] != pos || !v_pay(v, off, pos, UBP_PLAN_ALIGN))
+        return 0;
+    if (!deep) return 1;
+    const int32_t *rp = (const int32_t *)(v->plan + off + o_rp), *br = (const int32_t *)(v->plan + off + o_br);
+    const int32_t *bc = (const int32_t *)(v->plan + off + o_bc);
+    if (rp[0] != 0 || rp[m + n] != nb || rp[m - n + 1] != nb) return 0;
+    for (int64_t r = 0; r < m + n; ++r) {
+        if (rp[r + 1] < rp[r]) return 0;
+        for (int64_t i = rp[r]; i < rp[r + 1]; ++i)
+            if (br[i] != r || bc[i] < 0 || bc[i] >= k || (i > rp[r] && bc[i] <= bc[i - 1])) return 0;
+    }
+    for (int64_t i = nb; i < nb + UBP_PACK_COL_PAD; ++i)
+        if (bc[i] != (nb ? bc[nb - 1] : 0)) return 0;
+    return 1;
 }
 
 static int v_slot(const vplan *v, int64_t slot) { return slot >= 0 && slot < v->nk; }
@@ -578,7 +611,7 @@ static int v_op_mobilenet(const vplan *v, const int64_t *op) {
     case OP_PW: { /* y[M, n] = W[M, K] x[K, n], K = F_C, n = B * HW */
         const int64_t K = op[F_C], M = op[F_M], n = v_mul(B, op[F_HW]);
         return v_dim(K) && v_dim(M) && v_dim(op[F_HW]) && v_slot(v, op[F_KERNEL]) &&
-               v_packed(v, op[F_PACKED], M, K) && v_buf(v, op[F_SRC], v_mul(K, n), 0) &&
+               v_packed(v, op[F_PACKED], M, K, v->deep) && v_buf(v, op[F_SRC], v_mul(K, n), 0) &&
                v_buf(v, op[F_DST], v_mul(M, n), 1) && v_floats_opt(v, op[F_BIAS], M) &&
                v_res(v, op[F_RES], v_mul(M, n)) && v_clamp(op[F_CLAMP]);
     }
@@ -601,7 +634,7 @@ static int v_op_mobilenet(const vplan *v, const int64_t *op) {
         if (band < 1 || band > Ho) return 0;
         int64_t rows = (band - 1) * s + 3;
         if (rows > H) rows = H;
-        return v_slot(v, op[F_KERNEL]) && v_packed(v, op[F_PACKED], hidden, K) &&
+        return v_slot(v, op[F_KERNEL]) && v_packed(v, op[F_PACKED], hidden, K, v->deep) &&
                v_buf(v, op[F_SRC], v_mul3(K, B, v_mul(H, W)), 0) &&
                v_buf(v, op[F_DST], v_mul3(hidden, B, v_mul(Ho, Wo)), 1) && v_buf(v, op[F_XB], v_mul3(K, rows, W), 1) &&
                v_buf(v, op[F_EB], v_mul3(hidden, rows, W), 1) && v_pay(v, op[F_WEIGHTS], v_mul(36, hidden), 4) &&
@@ -646,11 +679,11 @@ static int v_op_general(const vplan *v, const int64_t *op) {
         !v_res(v, op[G_RES], v_mul(M, N)))
         return 0;
     if (op[G_KERNEL] >= 0) /* the sparse kernel: groups 1, K = C * kh * kw */
-        return groups == 1 && v_slot(v, op[G_KERNEL]) && v_packed(v, op[G_PACKED], M, v_mul(C, taps));
+        return groups == 1 && v_slot(v, op[G_KERNEL]) && v_packed(v, op[G_PACKED], M, v_mul(C, taps), v->deep);
     return op[G_KERNEL] == -1 && v_pay(v, op[G_WEIGHTS], v_mul3(4, M, Kg), 4);
 }
 
-static int32_t plan_check(const void *plan, int64_t nbytes) {
+static int32_t plan_check(const void *plan, int64_t nbytes, int deep) {
     if (!plan || nbytes < 8 * REC) return E_HEADER;
     const int64_t *h = header(plan);
     if (h[H_MAGIC] != UBP_MODEL_MAGIC || h[H_VERSION] != UBP_MODEL_VERSION || h[H_TOTAL_BYTES] != nbytes)
@@ -658,7 +691,7 @@ static int32_t plan_check(const void *plan, int64_t nbytes) {
     const int64_t n_ops = h[H_NOPS], nk = h[H_NKERNELS], kt = h[H_KERNELS_OFF];
     if (n_ops < 0 || n_ops > (nbytes / (8 * REC)) - 1 || nk < 0 || nk > (1 << 20)) return E_PLAN;
     vplan v = {(const char *)plan, nbytes, 8 * REC * (1 + n_ops), kt, h[H_WS_BYTES], 0, 0, nk, h[H_BATCH],
-               h[H_SCRATCH_OFF], 0};
+               h[H_SCRATCH_OFF], deep};
     /* the kernel table: 2 * n_kernels pointers after the payload, inside the blob */
     if (kt < v.pay_lo || kt % 8 != 0 || kt > nbytes || 2 * 8 * nk > nbytes - kt) return E_PLAN;
     if (!v_dim(v.B) || v.ws < 0 || v.ws > V_LIMIT || !v_dim(h[H_CIN]) || !v_dim(h[H_HIN]) || !v_dim(h[H_WIN]) ||
@@ -677,7 +710,7 @@ static int32_t plan_check(const void *plan, int64_t nbytes) {
     return 0;
 }
 
-int32_t ubp_model_validate(const void *plan, int64_t nbytes) { return plan_check(plan, nbytes); }
+int32_t ubp_model_validate(const void *plan, int64_t nbytes) { return plan_check(plan, nbytes, 1); }
 
 /* 0 if every op that calls kernel `slot` has M output rows and K inputs (the kernel's shape), else
  * E_PLAN: the binder's check for kernels whose shape is not in a packed blob. */
