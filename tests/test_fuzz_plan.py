@@ -145,3 +145,35 @@ def test_binder_refuses_a_kernel_of_the_wrong_shape(plans):
     fresh = type(p)(p.blob.copy(), p.kernel_slots, p.batch, p.in_shape, p.out_shape, p.workspace_bytes)
     with pytest.raises(RunError, match="out of range"):
         ModelRunner(fresh, swapped)
+
+
+def test_the_c_runtime_takes_the_plan_format_from_python():
+    """plan.py owns the format's numbers: ubp_model.c includes the generated ubp_plan.h and
+    defines none of them itself; the built library is the one made with the current header."""
+    import re
+
+    from ubpdsl.deploy import plan as fmt
+    from ubpdsl.deploy.native import MODEL_SOURCES
+
+    head = fmt.c_plan_header()
+    for name, value in fmt.OP_KINDS.items():
+        assert f"OP_{name} = {value}" in head
+    for i, name in enumerate(fmt.HEADER_FIELDS):
+        assert f"H_{name} = {i}" in head
+    for i, name in enumerate(fmt.OP_FIELDS):
+        assert f"F_{name.upper()} = {i}" in head
+    for i, name in enumerate(fmt.GRAPH_FIELDS):
+        assert f"G_{name.upper()} = {i}" in head
+    assert f"UBP_MODEL_VERSION {fmt.VERSION}" in head and f"0x{fmt.MAGIC:08x}" in head
+    def defined(text: str) -> set[str]:
+        names = set(re.findall(r"#define\s+(\w+)", text))
+        for body in re.findall(r"enum\s*\{([^}]*)\}", text):
+            names |= {m.group(1) for m in re.finditer(r"(\w+)\s*(?:=[^,]*)?(?:,|$)", body.strip())}
+        return names
+
+    generated = defined(head) - {"UBP_PLAN_DEFINED"}
+    assert {"OP_CONV", "F_KIND", "G_TMP", "GM_NCHW", "H_SCRATCH_OFF", "CLAMP_RELU6", "REC"} <= generated
+    for src in MODEL_SOURCES:
+        twice = defined(src.read_text()) & generated
+        assert not twice, f"{src.name} defines {sorted(twice)} by hand"
+    assert '#include "ubp_plan.h"' in MODEL_SOURCES[0].read_text()

@@ -43,10 +43,13 @@ from torch.nn import functional as F
 
 from ubpdsl.deploy.plan import (
     ALIGN,
+    GRAPH_FIELDS,
     MAGIC,
     NO_RES,
     OP_DW,
+    OP_FIELDS,
     OP_INPUT,
+    OP_KINDS,
     REC,
     VERSION,
     PlanBlob,
@@ -61,11 +64,12 @@ from ubpdsl.masks import LayerMask
 __all__ = ["GraphSpec", "trace_graph", "build_graph_plan", "OP_CONV", "OP_MAXPOOL", "OP_AVGPOOL", "OP_GAP",
            "OP_FLATTEN", "OP_ADD", "OP_AFFINE", "OP_OUTPUT"]
 
-OP_CONV, OP_MAXPOOL, OP_AVGPOOL, OP_GAP, OP_FLATTEN, OP_ADD, OP_AFFINE, OP_OUTPUT = range(6, 14)
-FIELDS = ["kind", "src", "dst", "C", "M", "geom", "kernel", "packed", "bias", "res", "H", "W", "unused", "weights",
-          "tmp", "clamp"]
+OP_CONV, OP_MAXPOOL, OP_AVGPOOL, OP_GAP, OP_FLATTEN, OP_ADD, OP_AFFINE, OP_OUTPUT = (
+    OP_KINDS[k] for k in ("CONV", "MAXPOOL", "AVGPOOL", "GAP", "FLATTEN", "ADD", "AFFINE", "OUTPUT"))
+FIELDS = list(GRAPH_FIELDS)
 INPUT, OUTPUT = -1, -2
-_DW_FIELDS = {"C": 3, "H": 10, "W": 11, "stride": 12, "weights": 13, "bias": 8, "pre_bias": 14, "nchw": 15}
+_DW_FIELDS = {k: OP_FIELDS.index(k) for k in ("C", "H", "W", "stride", "weights", "bias", "pre_bias")} | {
+    "nchw": OP_FIELDS.index("clamp")}  # OP_DW's "source is [B, C, H, W]" flag
 
 _RELU = {nn.ReLU, F.relu, torch.relu, torch.relu_, F.relu_, "relu", "relu_"}
 _RELU6 = {nn.ReLU6, F.relu6, "relu6"}
