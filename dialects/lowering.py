@@ -492,8 +492,11 @@ class _Lowering:
         zero64 = arith.constant(i64, 0)
         ok = arith.andi(arith.cmpi(arith.CmpIPredicate.eq, version, c32(abi.EPILOGUE_VERSION)),
                         arith.cmpi(arith.CmpIPredicate.eq, arith.andi(flags, c32(~abi.EP_KNOWN_FLAGS)), c32(0)))
-        code = arith.select(ok, c32(abi.OK), c32(abi.ERR_BAD_EPILOGUE))
         clamp = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(flags, c32(abi.EP_CLAMP)), c32(0))
+        # a NaN bound would be skipped by the clamp's compares (a silent wrong result): refused
+        nan_bound = arith.ori(arith.cmpf(arith.CmpFPredicate.UNO, lo, lo), arith.cmpf(arith.CmpFPredicate.UNO, hi, hi))
+        ok = arith.andi(ok, arith.xori(arith.andi(clamp, nan_bound), arith.constant(ir.IntegerType.get_signless(1), 1)))
+        code = arith.select(ok, c32(abi.OK), c32(abi.ERR_BAD_EPILOGUE))
         lo = arith.select(clamp, lo, arith.constant(f32, float("-inf")))
         hi = arith.select(clamp, hi, arith.constant(f32, float("inf")))
         has_bias = arith.cmpi(arith.CmpIPredicate.ne, bias_i, zero64)
