@@ -566,7 +566,8 @@ class _Lowering:
     def check_patterns(self, op: ir.Operation) -> list[ir.Value]:
         """ERR_NULL_WEIGHTS for a NULL blob, ERR_HEADER when magic, version, M, K, P, T or the library
         differ from the kernel's, ERR_BAD_BLOB when NK, the offsets or total_bytes are not those
-        :func:`ubpdsl.packing.pack_pattern` writes, ERR_BAD_PIXELS when n != H * W; else OK."""
+        :func:`ubpdsl.packing.pack_pattern` writes or group_ptr does not run from 0 to NK,
+        ERR_BAD_PIXELS when n != H * W; else OK."""
         rec = self.record_patterns(op.operands[0])
         n = op.operands[1]
         i1, i32, i64 = (ir.IntegerType.get_signless(b) for b in (1, 32, 64))
@@ -581,18 +582,22 @@ class _Lowering:
 
         match, consistent = _header_checks(rec.header, expected, pk.P_NK, rec.rows * rec.cols,
                                            pk.padded(pk.PATTERN_HEADER_BYTES), sizes, pk.P_TOTAL_BYTES)
-        # The library is read only from a blob whose header matches and is consistent.
-        lib_ok = scf.IfOp(arith.andi(match, consistent), [i1], has_else=True)
+        # The library (and group_ptr's two ends) are read only from a blob whose header matches and is
+        # consistent; group_ptr must run from 0 to NK, the kernel count the header sizes its arrays by.
+        lib_ok = scf.IfOp(arith.andi(match, consistent), [i1, i1], has_else=True)
         with ir.InsertionPoint(lib_ok.then_block):
             view = memref.view(ir.MemRefType.get([P * T], i32), rec.raw, _i(pk.padded(pk.PATTERN_HEADER_BYTES)), [])
             same = arith.constant(i1, 1)
             for q, want in enumerate(rec.library.reshape(-1)):
                 same = arith.andi(same, _eq(memref.load(view, [_i(q)]), _c32(int(want))))
-            scf.YieldOp([same])
+            ends = arith.andi(_eq(memref.load(rec.group_ptr, [_i(0)]), _c32(0)),
+                              _eq(memref.load(rec.group_ptr, [_i(rec.rows * P)]), rec.header[pk.P_NK]))
+            scf.YieldOp([same, ends])
         with ir.InsertionPoint(lib_ok.else_block):
-            scf.YieldOp([arith.constant(i1, 0)])
+            scf.YieldOp([arith.constant(i1, 0), arith.constant(i1, 0)])
         code = arith.select(_eq(arith.index_cast(i64, n), _c64(rec.height * rec.width)), _c32(abi.OK),
                             _c32(abi.ERR_BAD_PIXELS))
+        code = arith.select(lib_ok.results[1], code, _c32(abi.ERR_BAD_BLOB))
         code = arith.select(lib_ok.results[0], code, _c32(abi.ERR_HEADER))
         code = arith.select(consistent, code, _c32(abi.ERR_BAD_BLOB))
         code = arith.select(match, code, _c32(abi.ERR_HEADER))
