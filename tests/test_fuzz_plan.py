@@ -177,3 +177,23 @@ def test_the_c_runtime_takes_the_plan_format_from_python():
         twice = defined(src.read_text()) & generated
         assert not twice, f"{src.name} defines {sorted(twice)} by hand"
     assert '#include "ubp_plan.h"' in MODEL_SOURCES[0].read_text()
+
+
+def test_executorch_shim_refuses_a_forged_plan(plans):
+    """The ExecuTorch shim runs the same check when a plan is registered: a code, not an abort.
+    (It trusts the size the header declares: ubp_et_register_plan takes no size.)"""
+    try:
+        from ubpdsl.deploy import executorch as det
+    except ImportError:  # pragma: no cover
+        pytest.skip("torch.library pieces missing")
+    if not det.et_available():
+        pytest.skip("executorch (optional extra) is not installed")
+    _, p, _ = plans[2]
+    shim = det._shim()
+    for word, value in ((0, 0), (16 + 1, 1 << 40), (16 + 3, -5), (10, 3), (9, 1 << 40)):
+        bad = p.blob.copy()
+        bad.view("<i8")[word] = value
+        assert shim.ubp_et_register_plan(5, bad.ctypes.data, None) == 2, (word, value)
+    ok = p.blob.copy()
+    assert shim.ubp_et_register_plan(5, ok.ctypes.data, None) == 0
+    assert shim.ubp_et_register_plan(5, None, None) == 0  # unregister
