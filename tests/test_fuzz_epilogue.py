@@ -15,10 +15,10 @@ import ctypes
 
 import numpy as np
 import pytest
-import torch
 from fuzz_support import record, report
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_epilogue import torch_reference
 
 from ubpdsl import abi
 from ubpdsl.compiler import compile_kernel, random_problem
@@ -41,18 +41,6 @@ def kernels(compile_cache):
         ck = compile_kernel(variant, problem, "host", cache=compile_cache)
         out[name] = (problem, ck, HostKernel(ck.so, ck.symbol, ck.M, ck.K, epilogue=True))
     return out
-
-
-def _reference(w, x, bias, res, clamp):
-    y = torch.from_numpy(w).double() @ torch.from_numpy(x).double()
-    if bias is not None:
-        y = y + torch.from_numpy(bias).double()[:, None]
-    if res is not None:
-        y = y + torch.from_numpy(res).double()
-    if clamp is not None:
-        lo, hi = (torch.tensor(v, dtype=torch.float64) for v in clamp)
-        y = torch.minimum(torch.maximum(y, lo), hi)  # min(max(v, lo), hi) with NaN propagated, as torch.clamp
-    return y.numpy()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -86,7 +74,7 @@ def test_fuzz_epilogue_struct(kernels, variant, version, flags, use_bias, use_re
     elif rc != abi.OK:
         why = f"returned {rc} ({abi.describe_error(rc)}) for a valid struct"
     else:
-        ref = _reference(problem.weight, x, bias, res, (lo, hi) if flags & abi.EP_CLAMP else None)
+        ref = torch_reference(problem.weight, x, bias, res, (lo, hi) if flags & abi.EP_CLAMP else None)
         scale = float((np.abs(problem.weight) @ np.abs(x)).max(initial=1.0)) + 4
         if not np.allclose(y, ref, rtol=1e-5, atol=1e-5 * scale, equal_nan=True):
             bad = ~np.isclose(y, ref, rtol=1e-5, atol=1e-5 * scale, equal_nan=True)
