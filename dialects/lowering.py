@@ -494,8 +494,11 @@ class _Lowering:
         zero64 = arith.constant(i64, 0)
         ok = arith.andi(arith.cmpi(arith.CmpIPredicate.eq, version, c32(abi.EPILOGUE_VERSION)),
                         arith.cmpi(arith.CmpIPredicate.eq, arith.andi(flags, c32(~abi.EP_KNOWN_FLAGS)), c32(0)))
-        code = arith.select(ok, c32(abi.OK), c32(abi.ERR_BAD_EPILOGUE))
         clamp = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(flags, c32(abi.EP_CLAMP)), c32(0))
+        # a NaN bound would be skipped by the clamp's compares (a silent wrong result): refused
+        nan_bound = arith.ori(arith.cmpf(arith.CmpFPredicate.UNO, lo, lo), arith.cmpf(arith.CmpFPredicate.UNO, hi, hi))
+        ok = arith.andi(ok, arith.xori(arith.andi(clamp, nan_bound), arith.constant(ir.IntegerType.get_signless(1), 1)))
+        code = arith.select(ok, c32(abi.OK), c32(abi.ERR_BAD_EPILOGUE))
         lo = arith.select(clamp, lo, arith.constant(f32, float("-inf")))
         hi = arith.select(clamp, hi, arith.constant(f32, float("inf")))
         has_bias = arith.cmpi(arith.CmpIPredicate.ne, bias_i, zero64)
@@ -565,7 +568,8 @@ class _Lowering:
     def check_patterns(self, op: ir.Operation) -> list[ir.Value]:
         """ERR_NULL_WEIGHTS for a NULL blob, ERR_HEADER when magic, version, M, K, P, T or the library
         differ from the kernel's, ERR_BAD_BLOB when NK, the offsets or total_bytes are not those
-        :func:`ubpdsl.packing.pack_pattern` writes, ERR_BAD_PIXELS when n != H * W; else OK."""
+        :func:`ubpdsl.packing.pack_pattern` writes or group_ptr does not run from 0 to NK,
+        ERR_BAD_PIXELS when n != H * W; else OK."""
         rec = self.record_patterns(op.operands[0])
         n = op.operands[1]
         i1, i32, i64 = (ir.IntegerType.get_signless(b) for b in (1, 32, 64))
@@ -580,18 +584,22 @@ class _Lowering:
 
         match, consistent = _header_checks(rec.header, expected, pk.P_NK, rec.rows * rec.cols,
                                            pk.padded(pk.PATTERN_HEADER_BYTES), sizes, pk.P_TOTAL_BYTES)
-        # The library is read only from a blob whose header matches and is consistent.
-        lib_ok = scf.IfOp(arith.andi(match, consistent), [i1], has_else=True)
+        # The library (and group_ptr's two ends) are read only from a blob whose header matches and is
+        # consistent; group_ptr must run from 0 to NK, the kernel count the header sizes its arrays by.
+        lib_ok = scf.IfOp(arith.andi(match, consistent), [i1, i1], has_else=True)
         with ir.InsertionPoint(lib_ok.then_block):
             view = memref.view(ir.MemRefType.get([P * T], i32), rec.raw, _i(pk.padded(pk.PATTERN_HEADER_BYTES)), [])
             same = arith.constant(i1, 1)
             for q, want in enumerate(rec.library.reshape(-1)):
                 same = arith.andi(same, _eq(memref.load(view, [_i(q)]), _c32(int(want))))
-            scf.YieldOp([same])
+            ends = arith.andi(_eq(memref.load(rec.group_ptr, [_i(0)]), _c32(0)),
+                              _eq(memref.load(rec.group_ptr, [_i(rec.rows * P)]), rec.header[pk.P_NK]))
+            scf.YieldOp([same, ends])
         with ir.InsertionPoint(lib_ok.else_block):
-            scf.YieldOp([arith.constant(i1, 0)])
+            scf.YieldOp([arith.constant(i1, 0), arith.constant(i1, 0)])
         code = arith.select(_eq(arith.index_cast(i64, n), _c64(rec.height * rec.width)), _c32(abi.OK),
                             _c32(abi.ERR_BAD_PIXELS))
+        code = arith.select(lib_ok.results[1], code, _c32(abi.ERR_BAD_BLOB))
         code = arith.select(lib_ok.results[0], code, _c32(abi.ERR_HEADER))
         code = arith.select(consistent, code, _c32(abi.ERR_BAD_BLOB))
         code = arith.select(match, code, _c32(abi.ERR_HEADER))

@@ -84,7 +84,7 @@ KERNEL_ERRORS: dict[int, str] = {
     ERR_NULL_WEIGHTS: "packed_w is NULL but this kernel reads its weights from the packed blob",
     ERR_OUT_OF_BOUNDS: "out-of-bounds access caught by a bounds-checked (--check-bounds) build",
     ERR_BAD_BLOB: "packed weight blob is inconsistent (block count, offsets or total size)",
-    ERR_BAD_EPILOGUE: "the ubp_epilogue struct has an unknown version or unknown flags",
+    ERR_BAD_EPILOGUE: "the ubp_epilogue struct has an unknown version, unknown flags or a NaN clamp bound",
     ERR_BAD_PIXELS: "n is not H*W of the image this convolution kernel was compiled for",
 }
 
@@ -131,7 +131,8 @@ typedef struct ubp_epilogue {{
     uint32_t flags;          /* UBP_EP_CLAMP or 0; unknown bits: UBP_ERR_BAD_EPILOGUE */
     const float *bias;       /* [M] per-row bias, or NULL */
     const float *residual;   /* [M, n] row-major like y (must not overlap y), or NULL */
-    float lo, hi;            /* clamp bounds when flags & UBP_EP_CLAMP (ReLU: 0, INFINITY; ReLU6: 0, 6) */
+    float lo, hi;            /* clamp bounds when flags & UBP_EP_CLAMP (ReLU: 0, INFINITY; ReLU6: 0, 6);
+                                NaN: UBP_ERR_BAD_EPILOGUE */
 }} ubp_epilogue;
 #endif"""
 

@@ -42,6 +42,8 @@ from torch.nn import functional as F
 from ubpdsl.deploy.plan import (
     ALIGN,
     BAND_BYTES,
+    BUF_INPUT,
+    BUF_OUTPUT,
     FUSE_MIN_BYTES,
     NO_RES,
     OP_ADD,
@@ -73,7 +75,7 @@ from ubpdsl.masks import LayerMask
 __all__ = ["GraphSpec", "trace_graph", "build_graph_plan", "OP_CONV", "OP_MAXPOOL", "OP_AVGPOOL", "OP_GAP",
            "OP_FLATTEN", "OP_ADD", "OP_AFFINE", "OP_OUTPUT"]
 
-INPUT, OUTPUT = -1, -2
+INPUT, OUTPUT = BUF_INPUT, BUF_OUTPUT
 
 _RELU = {nn.ReLU, F.relu, torch.relu, torch.relu_, F.relu_, "relu", "relu_"}
 _RELU6 = {nn.ReLU6, F.relu6, "relu6"}

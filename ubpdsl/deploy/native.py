@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ubpdsl import abi
-from ubpdsl.deploy.plan import PlanBlob
+from ubpdsl.deploy.plan import PlanBlob, c_plan_header
 from ubpdsl.errors import BuildError, RunError
 
 __all__ = ["NATIVE_DIR", "build_model_lib", "compile_model_object", "ModelRunner", "PROFILE_KINDS", "dwconv3x3",
@@ -34,7 +34,8 @@ MODEL_SOURCES = (MODEL_C, NATIVE_DIR / "dwconv.c")
 #: what ubp_model_run_profiled accumulates, in this order
 PROFILE_KINDS = ("input layout", "sparse kernels", "epilogues", "depthwise", "pool",
                  "fused expand + depthwise: depthwise", "fused expand + depthwise: band copy + expand kernel")
-ERRORS = {10: "plan header mismatch", 11: "a kernel slot is not bound", 12: "bad op in the plan"}
+ERRORS = {10: "plan header mismatch", 11: "a kernel slot is not bound", 12: "bad op in the plan",
+          13: "an offset, size or shape in the plan is out of range"}
 
 
 def _flags(target: str) -> list[str]:
@@ -65,14 +66,16 @@ def _zig_build(name: str, target: str, mode: str) -> Path:
 
     flags = [*_flags(target), mode]
     ep_header = "#include <stdint.h>\n" + abi.c_epilogue_struct() + "\n"  # ubp_model.c includes it
+    plan_header = c_plan_header()  # and this one
     src = hashlib.sha256(b"".join(p.read_bytes() for p in MODEL_SOURCES)).hexdigest()
 
     def build(out: Path) -> None:
         (out.parent / "ubp_epilogue.h").write_text(ep_header)
+        (out.parent / "ubp_plan.h").write_text(plan_header)
         run_tool([*zig_cmd(), "cc", *flags, f"-I{out.parent}", str(MODEL_C), "-o", str(out)],
                  what=f"zig cc ({name})")
 
-    return _cached(name, {"src": src, "flags": flags, "ep_header": ep_header}, build)
+    return _cached(name, {"src": src, "flags": flags, "ep_header": ep_header, "plan_header": plan_header}, build)
 
 
 def compile_model_object(target: str = "host") -> Path:
@@ -93,6 +96,10 @@ def _load(path: Path, mode: int = os.RTLD_LOCAL) -> ctypes.CDLL:
     lib.ubp_model_bind.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.ubp_model_bind_ep.restype = ctypes.c_int32
     lib.ubp_model_bind_ep.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.ubp_model_validate.restype = ctypes.c_int32
+    lib.ubp_model_validate.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.ubp_model_check_slot.restype = ctypes.c_int32
+    lib.ubp_model_check_slot.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3]
     for fn in (lib.ubp_model_run, lib.ubp_model_run_profiled):
         fn.restype = ctypes.c_int32
     lib.ubp_model_run.argtypes = [ctypes.c_void_p] * 4
@@ -152,8 +159,15 @@ class ModelRunner:
         self._kernels = [kernels[name] for name in plan.kernel_slots]  # keep the .so files loaded
         self._lib = _host_lib()
         ptr = plan.blob.ctypes.data
+        rc = self._lib.ubp_model_validate(ptr, plan.blob.nbytes)
+        if rc != 0:
+            raise RunError(f"not a valid plan: {ERRORS.get(rc, f'code {rc}')}")
         for slot, k in enumerate(self._kernels):
-            rc = self._lib.ubp_model_bind(ptr, slot, k.address)
+            rc = 0
+            if getattr(k, "M", None) is not None and getattr(k, "K", None) is not None:
+                rc = self._lib.ubp_model_check_slot(ptr, slot, int(k.M), int(k.K))
+            if rc == 0:
+                rc = self._lib.ubp_model_bind(ptr, slot, k.address)
             ep = getattr(k, "ep_address", None) if fused_epilogues else None
             if rc == 0 and ep is not None:
                 rc = self._lib.ubp_model_bind_ep(ptr, slot, ep)

@@ -16,14 +16,14 @@ Plan blob (little-endian)::
                        by ubp_model_bind_ep(); a kind 1 op with a bias then stores
                        clamp(W x + bias + residual) in one pass (NULL: the kernel, then a C pass)
 
-Records of kinds 1..5 (:data:`FIELDS`): kind (1 sparse 1x1 / linear, 2 depthwise 3x3, 3 pool with
+Records of kinds 1..5 (:data:`OP_FIELDS`): kind (1 sparse 1x1 / linear, 2 depthwise 3x3, 3 pool with
 bias + clamp, 4 input [B, C, HW] to channel-major, 5 expand 1x1 + depthwise fused in bands of output
-rows), src, dst, C, M, HW, kernel slot, packed offset, bias offset, residual, H, W, stride, weights
+rows), src, dst, C (a sparse op: its K), M, HW, kernel slot, packed offset, bias offset, residual, H, W, stride, weights
 offset, pre-bias offset, clamp (0 none, 1 ReLU, 2 ReLU6; for a depthwise op: 1 = its source is the
 model input in [B, C, H, W]). Kind 5 reuses HW as output rows per band and residual / clamp as the
 workspace offsets of its two band buffers (input rows, expanded rows; one image at a time).
 
-Records of the general kinds 6..13 (:data:`GENERAL_FIELDS`): kind, src, dst, C (input channels or
+Records of the general kinds 6..13 (:data:`GRAPH_FIELDS`): kind, src, dst, C (input channels or
 features), M (output channels), geometry offset (payload int64[8]: kernel h, w, stride h, w,
 padding h, w, groups -- for an average pool count_include_pad --, source is NCHW), kernel slot (-1
 dense), packed offset, bias offset, residual buffer, H, W (input plane), unused, weights offset
@@ -48,26 +48,71 @@ from ubpdsl.errors import UbpError
 from ubpdsl.masks import LayerMask
 
 __all__ = ["PlanBlob", "PlanError", "fold_bn", "folded_mask", "field_index", "empty_record", "encode_plan",
-           "head_bytes", "band_rows", "band_buffer_floats"]
+           "head_bytes", "band_rows", "band_buffer_floats", "c_plan_header"]
 
 MAGIC = 0x4D504255
 VERSION = 2
 REC = 16
-OP_PW, OP_DW, OP_POOL, OP_INPUT, OP_EXPAND_DW = 1, 2, 3, 4, 5
+NO_RES = -3
+ALIGN = 64
+# The format's numbers, owned here: native/ubp_model.c includes the header c_plan_header() generates
+# from them (native.py writes it at build time), so Python and C cannot drift.
+#: header words (C: ``H_<name>``)
+HEADER_FIELDS = ("MAGIC", "VERSION", "NOPS", "BATCH", "CIN", "HIN", "WIN", "COUT", "WS_BYTES", "NKERNELS",
+                 "KERNELS_OFF", "TOTAL_BYTES", "SCRATCH_OFF")
+#: record fields of kinds 1..5 (index = position in the int64[16] record; C: ``F_<NAME>``)
+OP_FIELDS = ("kind", "src", "dst", "C", "M", "HW", "kernel", "packed", "bias", "res", "H", "W", "stride", "weights",
+             "pre_bias", "clamp")
+#: record fields of the general kinds 6..13 (C: ``G_<NAME>``)
+GRAPH_FIELDS = ("kind", "src", "dst", "C", "M", "geom", "kernel", "packed", "bias", "res", "H", "W", "unused",
+                "weights", "tmp", "clamp")
+#: the int64[8] geometry of a general conv / pool (C: ``GM_<NAME>``)
+GEOM_FIELDS = ("kh", "kw", "sh", "sw", "ph", "pw", "groups", "nchw")
+#: fields reused by some kinds (C name -> the field it reuses): OP_EXPAND_DW's output rows per band
+#: and band buffers, OP_DW's "source is [B, C, H, W]" flag
+FIELD_ALIASES = {"F_BAND": "F_HW", "F_XB": "F_RES", "F_EB": "F_CLAMP", "F_SRC_NCHW": "F_CLAMP"}
+#: op kinds (C: ``OP_<NAME>``)
+OP_KINDS = {"PW": 1, "DW": 2, "POOL": 3, "INPUT": 4, "EXPAND_DW": 5, "CONV": 6, "MAXPOOL": 7, "AVGPOOL": 8,
+            "GAP": 9, "FLATTEN": 10, "ADD": 11, "AFFINE": 12, "OUTPUT": 13}
+#: epilogue clamp codes (C: ``CLAMP_<NAME>``)
+CLAMPS = {"NONE": 0, "RELU": 1, "RELU6": 2}
+#: buffer ids that are not workspace offsets
+BUF_INPUT, BUF_OUTPUT = -1, -2
+OP_PW, OP_DW, OP_POOL, OP_INPUT, OP_EXPAND_DW = (OP_KINDS[k] for k in ("PW", "DW", "POOL", "INPUT", "EXPAND_DW"))
+OP_CONV, OP_MAXPOOL, OP_AVGPOOL, OP_GAP, OP_FLATTEN, OP_ADD, OP_AFFINE, OP_OUTPUT = (
+    OP_KINDS[k] for k in ("CONV", "MAXPOOL", "AVGPOOL", "GAP", "FLATTEN", "ADD", "AFFINE", "OUTPUT"))
+#: record field names as lists (OP_DW's ``nchw`` shares the clamp field: :func:`field_index`)
+FIELDS = list(OP_FIELDS)
+GENERAL_FIELDS = list(GRAPH_FIELDS)
 #: expands whose output (per image) is larger than this run fused with their depthwise in bands
 FUSE_MIN_BYTES = 1 << 20
 #: target size of one band's expanded buffer (stays in L2 between the kernel and the depthwise)
 BAND_BYTES = 400 << 10
-NO_RES = -3
-ALIGN = 64
-OP_CONV, OP_MAXPOOL, OP_AVGPOOL, OP_GAP, OP_FLATTEN, OP_ADD, OP_AFFINE, OP_OUTPUT = range(6, 14)
-#: record field names of kinds 1..5 (index = position in the int64[16] record); OP_DW's ``nchw``
-#: (its source is the model input in [B, C, H, W]) shares the clamp field
-FIELDS = ["kind", "src", "dst", "C", "M", "HW", "kernel", "packed", "bias", "res", "H", "W", "stride", "weights",
-          "pre_bias", "clamp"]
-#: record field names of the general kinds 6..13
-GENERAL_FIELDS = ["kind", "src", "dst", "C", "M", "geom", "kernel", "packed", "bias", "res", "H", "W", "unused",
-                  "weights", "tmp", "clamp"]
+
+
+def c_plan_header() -> str:
+    """``ubp_plan.h``: the plan format's numbers for ``native/ubp_model.c`` (generated, never edited)."""
+    from ubpdsl import packing
+
+    def enum(prefix: str, names: tuple[str, ...]) -> str:
+        return "enum { " + ", ".join(f"{prefix}{n.upper()} = {i}" for i, n in enumerate(names)) + " };"
+
+    lines = ["/* generated from ubpdsl/deploy/plan.py (the owner of the plan format): do not edit */",
+             "#ifndef UBP_PLAN_DEFINED", "#define UBP_PLAN_DEFINED",
+             f"#define UBP_MODEL_MAGIC 0x{MAGIC:08x}LL", f"#define UBP_MODEL_VERSION {VERSION}", f"#define REC {REC}",
+             f"#define UBP_PLAN_ALIGN {ALIGN}", f"#define UBP_NO_RES ({NO_RES})",
+             f"#define UBP_BUF_INPUT ({BUF_INPUT})", f"#define UBP_BUF_OUTPUT ({BUF_OUTPUT})",
+             f"#define UBP_PACK_MAGIC 0x{packing.MAGIC:08x}", f"#define UBP_PACK_HEADER_WORDS {packing.HEADER_WORDS}",
+             enum("H_", HEADER_FIELDS), enum("F_", OP_FIELDS), enum("G_", GRAPH_FIELDS), enum("GM_", GEOM_FIELDS),
+             "enum { " + ", ".join(f"{k} = {v}" for k, v in FIELD_ALIASES.items()) + " };",
+             "enum { " + ", ".join(f"OP_{k} = {v}" for k, v in OP_KINDS.items()) + " };",
+             "enum { " + ", ".join(f"CLAMP_{k} = {v}" for k, v in CLAMPS.items()) + " };",
+             "/* the packed blob format the plan check validates (ubpdsl.packing owns it) */",
+             f"#define UBP_PACK_VERSION {packing.VERSION}", f"#define UBP_PACK_COL_PAD {packing.COL_PAD}",
+             f"#define UBP_PACK_ALIGN {packing.ALIGN}", f"#define UBP_PACK_MAX_BLOCK {packing.MAX_BLOCK}",
+             f"#define UBP_PACK_MAX_DIM {packing.MAX_DIM}", enum("PK_", packing.HEADER_FIELDS),
+             "#endif", ""]
+    return "\n".join(lines)
 
 
 class PlanError(UbpError):

@@ -11,14 +11,10 @@
  *
  * Public symbols (new; the per-layer kernel ABI is unchanged):
  *   int64_t ubp_model_workspace_bytes(const void *plan);
- *   int32_t ubp_model_shape(const void *plan, int64_t *shape) {
-    if (!plan || !check_header(plan)) return E_HEADER;
-    const int64_t *h = header(plan);
-    shape[0] = h[H_BATCH], shape[1] = h[H_CIN], shape[2] = h[H_HIN], shape[3] = h[H_WIN], shape[4] = h[H_COUT];
-    return 0;
-}
-
-int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn);
+ *   int32_t ubp_model_validate(const void *plan, int64_t nbytes);   every field of a plan of nbytes bytes
+ *       in range (below); 0 or an error code. The other entry points run the same check against the
+ *       size the header declares, so a forged plan gives an error code, never a wild read or write.
+ *   int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn);
  *   int32_t ubp_model_bind_ep(void *plan, int64_t slot, ubp_kernel_ep_fn fn);   (optional: a sparse
  *       op with a bias then calls the kernel's <symbol>_ep, bias/residual/clamp fused into its stores)
  *   int32_t ubp_model_shape(const void *plan, int64_t shape[5]);   -> B, C_in, H_in, W_in, C_out
@@ -32,33 +28,22 @@ int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn);
 #include <time.h>
 
 #include "ubp_epilogue.h" /* the ubp_epilogue struct, generated from ubpdsl/abi.py at build time */
+#include "ubp_plan.h"     /* the plan format's numbers, generated from ubpdsl/deploy/plan.py */
 
 typedef int32_t (*ubp_kernel_fn)(const float *x, float *y, int64_t n, const void *packed_w);
 typedef int32_t (*ubp_kernel_ep_fn)(const float *x, float *y, int64_t n, const void *packed_w,
                                     const ubp_epilogue *ep);
 
-#define UBP_MODEL_MAGIC 0x4d504255LL /* "UBPM" */
-#define UBP_MODEL_VERSION 2
-#define REC 16
-
-enum { H_MAGIC, H_VERSION, H_NOPS, H_BATCH, H_CIN, H_HIN, H_WIN, H_COUT, H_WS_BYTES, H_NKERNELS,
-       H_KERNELS_OFF, H_TOTAL_BYTES, H_SCRATCH_OFF };
-enum { OP_PW = 1, OP_DW = 2, OP_POOL = 3, OP_INPUT = 4, OP_EXPAND_DW = 5 };
-/* op record fields */
-enum { F_KIND, F_SRC, F_DST, F_C, F_M, F_HW, F_KERNEL, F_PACKED, F_BIAS, F_RES, F_H, F_W, F_STRIDE,
-       F_WEIGHTS, F_PRE_BIAS, F_CLAMP };
-/* OP_EXPAND_DW reuses three fields: output rows per band, and the workspace offsets of its
- * input and expanded band buffers */
-enum { F_BAND = F_HW, F_XB = F_RES, F_EB = F_CLAMP };
-/* OP_DW: F_CLAMP != 0 means its source is in [B, C, H, W] (the model input) */
-enum { F_SRC_NCHW = F_CLAMP };
-/* clamp codes: 0 none, 1 ReLU (>= 0), 2 ReLU6 */
-/* buffer ids: -1 model input, -2 model output, >= 0 byte offset into the workspace */
+/* ubp_plan.h: H_* header words, F_* op record fields (OP_EXPAND_DW reuses three: F_BAND output rows
+ * per band, F_XB / F_EB the workspace offsets of its input and expanded band buffers; OP_DW's
+ * F_SRC_NCHW != 0: its source is [B, C, H, W]), OP_* kinds, CLAMP_* codes (0 none, 1 ReLU, 2 ReLU6).
+ * Buffer ids: -1 model input, -2 model output, >= 0 byte offset into the workspace. */
 
 /* error codes */
 #define E_HEADER 10
 #define E_UNBOUND 11
 #define E_OP 12
+#define E_PLAN 13 /* an offset, size or shape of the plan is out of range */
 #define E_KERNEL_BASE 100 /* + the kernel's own return code */
 
 static inline float clampf(float v, int64_t mode) {
@@ -70,25 +55,31 @@ static inline float clampf(float v, int64_t mode) {
 
 static const int64_t *header(const void *plan) { return (const int64_t *)plan; }
 
-static int check_header(const void *plan) {
-    const int64_t *h = header(plan);
-    return h[H_MAGIC] == UBP_MODEL_MAGIC && h[H_VERSION] == UBP_MODEL_VERSION;
+static int32_t plan_check(const void *plan, int64_t nbytes, int deep);
+
+/* 0 if the plan passes plan_check() against the size its header declares (every field in O(n_ops);
+ * the packed blobs' content is ubp_model_validate's, once at load time), else the error code */
+static int32_t check_plan(const void *plan) {
+    if (!plan) return E_HEADER;
+    return plan_check(plan, header(plan)[H_TOTAL_BYTES], 0);
 }
 
 int64_t ubp_model_workspace_bytes(const void *plan) {
-    if (!plan || !check_header(plan)) return -1;
+    if (check_plan(plan) != 0) return -1;
     return header(plan)[H_WS_BYTES];
 }
 
 int32_t ubp_model_shape(const void *plan, int64_t *shape) {
-    if (!plan || !check_header(plan)) return E_HEADER;
+    const int32_t bad = check_plan(plan);
+    if (bad) return bad;
     const int64_t *h = header(plan);
     shape[0] = h[H_BATCH], shape[1] = h[H_CIN], shape[2] = h[H_HIN], shape[3] = h[H_WIN], shape[4] = h[H_COUT];
     return 0;
 }
 
 int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn) {
-    if (!plan || !check_header(plan)) return E_HEADER;
+    const int32_t bad = check_plan(plan);
+    if (bad) return bad;
     const int64_t *h = header(plan);
     if (slot < 0 || slot >= h[H_NKERNELS]) return E_OP;
     ubp_kernel_fn *table = (ubp_kernel_fn *)((char *)plan + h[H_KERNELS_OFF]);
@@ -97,7 +88,8 @@ int32_t ubp_model_bind(void *plan, int64_t slot, ubp_kernel_fn fn) {
 }
 
 int32_t ubp_model_bind_ep(void *plan, int64_t slot, ubp_kernel_ep_fn fn) {
-    if (!plan || !check_header(plan)) return E_HEADER;
+    const int32_t bad = check_plan(plan);
+    if (bad) return bad;
     const int64_t *h = header(plan);
     if (slot < 0 || slot >= h[H_NKERNELS]) return E_OP;
     ubp_kernel_ep_fn *table = (ubp_kernel_ep_fn *)((char *)plan + h[H_KERNELS_OFF]) + h[H_NKERNELS];
@@ -209,14 +201,9 @@ static double now(void);
 /* ---- general graph ops (kinds 6..13, planned by ubpdsl.deploy.graph) ----------------------------
  * Activations are channel-major [C, B, H, W]; a flattened value [F, B] is the same with H = W = 1
  * (the GEMM columns of a linear layer), so a linear layer is a 1x1 conv on it. */
-enum { OP_CONV = 6, OP_MAXPOOL = 7, OP_AVGPOOL = 8, OP_GAP = 9, OP_FLATTEN = 10, OP_ADD = 11, OP_AFFINE = 12,
-       OP_OUTPUT = 13 };
-/* their record fields: G_C input channels, G_M output channels, G_H / G_W input plane, G_GEOM the
- * payload offset of int64 geom[8] (below), G_TMP a workspace offset for im2col columns (-1 none) */
-enum { G_KIND, G_SRC, G_DST, G_C, G_M, G_GEOM, G_KERNEL, G_PACKED, G_BIAS, G_RES, G_H, G_W, G_UNUSED,
-       G_WEIGHTS, G_TMP, G_CLAMP };
-/* geom: kernel h, w; stride h, w; pad h, w; groups (avg pool: count_include_pad); source is NCHW */
-enum { GM_KH, GM_KW, GM_SH, GM_SW, GM_PH, GM_PW, GM_GROUPS, GM_NCHW };
+/* their record fields (G_* in ubp_plan.h): G_C input channels, G_M output channels, G_H / G_W input
+ * plane, G_GEOM the payload offset of int64 geom[8] (GM_*: kernel h, w; stride h, w; pad h, w; groups
+ * (avg pool: count_include_pad); source is NCHW), G_TMP a workspace offset for im2col columns (-1 none) */
 
 static inline int64_t g_out(int64_t in, int64_t k, int64_t s, int64_t p) { return (in + 2 * p - k) / s + 1; }
 
@@ -511,12 +498,248 @@ static double now(void) {
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
+/* ---- plan validation ------------------------------------------------------------------------------
+ * plan_check() proves, in O(n_ops), that running the plan stays inside its buffers: every op kind is
+ * known, every shape is positive and every product of shapes fits (no overflow), every workspace
+ * buffer [offset, offset + size) lies in the workspace the header declares, model input / output
+ * accesses fit their shapes (the input is never written), every payload item (biases, weights,
+ * geometry, packed blobs -- their size from their own header) lies between the op records and the
+ * kernel table, kernel slots are < n_kernels, clamp codes and flags are known, and the depthwise
+ * scratch fits. Kernel shapes: a packed blob's M and K must be the op's (the kernel checks the blob
+ * against itself); a mask-specialised kernel's shape is the binder's to check (ubpdsl.deploy.native). */
+#define V_LIMIT ((int64_t)1 << 40) /* largest element count or byte size of anything in a plan */
+
+typedef struct {
+    const char *plan;
+    int64_t nbytes, pay_lo, pay_hi, ws, in_f, out_f, nk, B, scratch_off;
+    int deep; /* also the packed blobs' content (ubp_model_validate), not only their headers */
+} vplan;
+
+/* a * b, or -1 if either is negative or the product exceeds V_LIMIT */
+static int64_t v_mul(int64_t a, int64_t b) {
+    int64_t r;
+    if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r) || r > V_LIMIT) return -1;
+    return r;
+}
+
+static int64_t v_mul3(int64_t a, int64_t b, int64_t c) { return v_mul(v_mul(a, b), c); }
+
+static int v_dim(int64_t v) { return v >= 1 && v <= V_LIMIT; }
+
+/* buffer `id` holds nfloats floats (written when `write`) */
+static int v_buf(const vplan *v, int64_t id, int64_t nfloats, int write) {
+    if (nfloats < 0) return 0;
+    if (id == UBP_BUF_INPUT) return !write && nfloats <= v->in_f;
+    if (id == UBP_BUF_OUTPUT) return nfloats <= v->out_f;
+    if (id < 0 || id % 4 != 0 || id > v->ws) return 0;
+    return nfloats <= (v->ws - id) / 4;
+}
+
+/* a payload item of nbytes at off, aligned to `align` */
+static int v_pay(const vplan *v, int64_t off, int64_t nbytes, int64_t align) {
+    return nbytes >= 0 && off >= v->pay_lo && off % align == 0 && off <= v->pay_hi && nbytes <= v->pay_hi - off;
+}
+
+/* optional float vector: -1 (none) or n floats in the payload */
+static int v_floats_opt(const vplan *v, int64_t off, int64_t n) { return off == -1 || v_pay(v, off, 4 * n, 4); }
+
+static int64_t v_pk_pad(int64_t n) { return (n + UBP_PACK_ALIGN - 1) / UBP_PACK_ALIGN * UBP_PACK_ALIGN; }
+
+/* a packed blob (ubpdsl.packing's data-driven format) at off, or -1: none, for a kernel of M rows and
+ * K inputs. Its header must describe the one layout pack() writes, inside the payload; with `deep`
+ * (ubp_model_validate), also its content in O(M + B): row_ptr from 0 to B, never decreasing, no
+ * block starting past row M - N, block_rows agreeing, columns in [0, K) and sorted per row, the
+ * padding repeating the last column -- everything a kernel indexes with. (Overlapping blocks of
+ * one column are memory safe; ubpdsl.packing.unpack refuses them when a blob is read from a file.) */
+static int v_packed(const vplan *v, int64_t off, int64_t M, int64_t K, int deep) {
+    if (off == -1) return 1;
+    if (!v_pay(v, off, 4 * UBP_PACK_HEADER_WORDS, UBP_PLAN_ALIGN)) return 0;
+    const int32_t *p = (const int32_t *)(v->plan + off);
+    const int64_t m = p[PK_M], k = p[PK_K], n = p[PK_N], nb = p[PK_B];
+    if ((uint32_t)p[PK_MAGIC] != UBP_PACK_MAGIC || p[PK_VERSION] != UBP_PACK_VERSION || m != M || k != K ||
+        m < 1 || m > UBP_PACK_MAX_DIM || k < 1 || k > UBP_PACK_MAX_DIM || n < 1 || n > UBP_PACK_MAX_BLOCK ||
+        n > m || (p[PK_LAYOUT] != 0 && p[PK_LAYOUT] != 1) || nb < 0 || nb > k * (m / n))
+        return 0;
+    int64_t pos = v_pk_pad(4 * UBP_PACK_HEADER_WORDS);
+    const int64_t o_rp = pos;
+    pos += v_pk_pad(4 * (m + n + 1));
+    const int64_t o_br = pos;
+    pos += v_pk_pad(4 * nb);
+    const int64_t o_bc = pos;
+    pos += v_pk_pad(4 * (nb + UBP_PACK_COL_PAD));
+    const int64_t o_v = pos;
+    pos += v_pk_pad(4 * nb * n);
+    if (p[PK_OFF_ROW_PTR] != o_rp || p[PK_OFF_BLOCK_ROWS] != o_br || p[PK_OFF_BLOCK_COLS] != o_bc ||
+        p[PK_OFF_VALUES] != o_v || p[PK_TOTAL_BYTES] != pos || !v_pay(v, off, pos, UBP_PLAN_ALIGN))
+        return 0;
+    if (!deep) return 1;
+    const int32_t *rp = (const int32_t *)(v->plan + off + o_rp), *br = (const int32_t *)(v->plan + off + o_br);
+    const int32_t *bc = (const int32_t *)(v->plan + off + o_bc);
+    if (rp[0] != 0 || rp[m + n] != nb || rp[m - n + 1] != nb) return 0;
+    for (int64_t r = 0; r < m + n; ++r) {
+        if (rp[r + 1] < rp[r]) return 0;
+        for (int64_t i = rp[r]; i < rp[r + 1]; ++i)
+            if (br[i] != r || bc[i] < 0 || bc[i] >= k || (i > rp[r] && bc[i] <= bc[i - 1])) return 0;
+    }
+    for (int64_t i = nb; i < nb + UBP_PACK_COL_PAD; ++i)
+        if (bc[i] != (nb ? bc[nb - 1] : 0)) return 0;
+    return 1;
+}
+
+static int v_slot(const vplan *v, int64_t slot) { return slot >= 0 && slot < v->nk; }
+
+static int v_clamp(int64_t c) { return c == CLAMP_NONE || c == CLAMP_RELU || c == CLAMP_RELU6; }
+
+static int v_res(const vplan *v, int64_t id, int64_t nfloats) {
+    return id == UBP_NO_RES || v_buf(v, id, nfloats, 0);
+}
+
+/* the depthwise of an H x W plane at `stride` finds its scratch in the workspace */
+static int v_scratch(const vplan *v, int64_t H, int64_t W, int64_t stride) {
+    if (!v_dim(H) || !v_dim(W) || (stride != 1 && stride != 2)) return 0;
+    const int64_t need = ubp_dwconv3x3_scratch_floats(H, W, stride);
+    return need >= 0 && v->scratch_off >= 0 && v->scratch_off % 4 == 0 && v->scratch_off <= v->ws &&
+           need <= (v->ws - v->scratch_off) / 4;
+}
+
+static int v_op_mobilenet(const vplan *v, const int64_t *op) {
+    const int64_t B = v->B;
+    switch (op[F_KIND]) {
+    case OP_INPUT:
+        return v_dim(op[F_C]) && v_dim(op[F_HW]) && v_buf(v, UBP_BUF_INPUT, v_mul3(B, op[F_C], op[F_HW]), 0) &&
+               v_buf(v, op[F_DST], v_mul3(B, op[F_C], op[F_HW]), 1);
+    case OP_PW: { /* y[M, n] = W[M, K] x[K, n], K = F_C, n = B * HW */
+        const int64_t K = op[F_C], M = op[F_M], n = v_mul(B, op[F_HW]);
+        return v_dim(K) && v_dim(M) && v_dim(op[F_HW]) && v_slot(v, op[F_KERNEL]) &&
+               v_packed(v, op[F_PACKED], M, K, v->deep) && v_buf(v, op[F_SRC], v_mul(K, n), 0) &&
+               v_buf(v, op[F_DST], v_mul(M, n), 1) && v_floats_opt(v, op[F_BIAS], M) &&
+               v_res(v, op[F_RES], v_mul(M, n)) && v_clamp(op[F_CLAMP]);
+    }
+    case OP_DW: {
+        const int64_t C = op[F_C], H = op[F_H], W = op[F_W], s = op[F_STRIDE];
+        if (!v_dim(C) || !v_scratch(v, H, W, s)) return 0;
+        const int64_t Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
+        return v_buf(v, op[F_SRC], v_mul3(C, B, v_mul(H, W)), 0) && v_buf(v, op[F_DST], v_mul3(C, B, v_mul(Ho, Wo)), 1) &&
+               v_pay(v, op[F_WEIGHTS], v_mul(36, C), 4) && v_pay(v, op[F_BIAS], v_mul(4, C), 4) &&
+               v_floats_opt(v, op[F_PRE_BIAS], C) && (op[F_SRC_NCHW] == 0 || op[F_SRC_NCHW] == 1);
+    }
+    case OP_POOL:
+        return v_dim(op[F_C]) && v_dim(op[F_HW]) && v_buf(v, op[F_SRC], v_mul3(op[F_C], B, op[F_HW]), 0) &&
+               v_buf(v, op[F_DST], v_mul(B, op[F_C]), 1) && v_floats_opt(v, op[F_BIAS], op[F_C]) &&
+               v_clamp(op[F_CLAMP]);
+    case OP_EXPAND_DW: { /* hidden = F_C, K = F_M; bands of F_BAND output rows through F_XB / F_EB */
+        const int64_t hidden = op[F_C], K = op[F_M], band = op[F_BAND], H = op[F_H], W = op[F_W], s = op[F_STRIDE];
+        if (!v_dim(hidden) || !v_dim(K) || !v_scratch(v, H, W, s)) return 0;
+        const int64_t Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
+        if (band < 1 || band > Ho) return 0;
+        int64_t rows = (band - 1) * s + 3;
+        if (rows > H) rows = H;
+        return v_slot(v, op[F_KERNEL]) && v_packed(v, op[F_PACKED], hidden, K, v->deep) &&
+               v_buf(v, op[F_SRC], v_mul3(K, B, v_mul(H, W)), 0) &&
+               v_buf(v, op[F_DST], v_mul3(hidden, B, v_mul(Ho, Wo)), 1) && v_buf(v, op[F_XB], v_mul3(K, rows, W), 1) &&
+               v_buf(v, op[F_EB], v_mul3(hidden, rows, W), 1) && v_pay(v, op[F_WEIGHTS], v_mul(36, hidden), 4) &&
+               v_pay(v, op[F_BIAS], v_mul(4, hidden), 4) && v_pay(v, op[F_PRE_BIAS], v_mul(4, hidden), 4);
+    }
+    default:
+        return 0;
+    }
+}
+
+static int v_op_general(const vplan *v, const int64_t *op) {
+    const int64_t B = v->B, C = op[G_C], H = op[G_H], W = op[G_W], kind = op[G_KIND];
+    if (!v_dim(C) || !v_dim(H) || !v_dim(W) || !v_clamp(op[G_CLAMP])) return 0;
+    const int64_t plane = v_mul(H, W), n = v_mul(B, plane), in = v_mul(C, n);
+    if (kind == OP_GAP)
+        return v_buf(v, op[G_SRC], in, 0) && v_buf(v, op[G_DST], v_mul(C, B), 1);
+    if (kind == OP_FLATTEN || kind == OP_OUTPUT)
+        return v_buf(v, op[G_SRC], in, 0) && v_buf(v, op[G_DST], in, 1);
+    if (kind == OP_ADD || kind == OP_AFFINE)
+        return v_buf(v, op[G_SRC], in, 0) && v_buf(v, op[G_DST], in, 1) && v_res(v, op[G_RES], in) &&
+               v_floats_opt(v, op[G_WEIGHTS], C) && v_floats_opt(v, op[G_BIAS], C);
+    /* conv / linear and the kxk pools: their geometry */
+    if (!v_pay(v, op[G_GEOM], 8 * 8, 8)) return 0;
+    const int64_t *g = (const int64_t *)(v->plan + op[G_GEOM]);
+    const int64_t kh = g[GM_KH], kw = g[GM_KW], sh = g[GM_SH], sw = g[GM_SW], ph = g[GM_PH], pw = g[GM_PW];
+    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || kh > 4096 || kw > 4096 || sh > 4096 ||
+        sw > 4096 || ph > 4096 || pw > 4096 || H + 2 * ph < kh || W + 2 * pw < kw ||
+        (g[GM_NCHW] != 0 && g[GM_NCHW] != 1))
+        return 0;
+    const int64_t Ho = g_out(H, kh, sh, ph), Wo = g_out(W, kw, sw, pw), N = v_mul3(B, Ho, Wo);
+    if (kind == OP_MAXPOOL || kind == OP_AVGPOOL)
+        return v_buf(v, op[G_SRC], in, 0) && v_buf(v, op[G_DST], v_mul(C, N), 1);
+    if (kind != OP_CONV) return 0;
+    const int64_t M = op[G_M], groups = g[GM_GROUPS];
+    if (!v_dim(M) || groups < 1 || C % groups != 0 || M % groups != 0) return 0;
+    const int64_t Kg = v_mul3(C / groups, kh, kw), taps = v_mul(kh, kw);
+    /* no im2col buffer: the source is the GEMM operand itself (1x1, stride 1, no padding) */
+    if (op[G_TMP] == -1 && (taps != 1 || sh != 1 || sw != 1 || ph != 0 || pw != 0 || g[GM_NCHW] != 0)) return 0;
+    if (op[G_TMP] != -1 && (op[G_TMP] < 0 || !v_buf(v, op[G_TMP], v_mul(op[G_KERNEL] >= 0 ? v_mul(C, taps) : Kg, N), 1)))
+        return 0;
+    if (!v_buf(v, op[G_SRC], in, 0) || !v_buf(v, op[G_DST], v_mul(M, N), 1) || !v_floats_opt(v, op[G_BIAS], M) ||
+        !v_res(v, op[G_RES], v_mul(M, N)))
+        return 0;
+    if (op[G_KERNEL] >= 0) /* the sparse kernel: groups 1, K = C * kh * kw */
+        return groups == 1 && v_slot(v, op[G_KERNEL]) && v_packed(v, op[G_PACKED], M, v_mul(C, taps), v->deep);
+    return op[G_KERNEL] == -1 && v_pay(v, op[G_WEIGHTS], v_mul3(4, M, Kg), 4);
+}
+
+static int32_t plan_check(const void *plan, int64_t nbytes, int deep) {
+    if (!plan || nbytes < 8 * REC) return E_HEADER;
+    const int64_t *h = header(plan);
+    if (h[H_MAGIC] != UBP_MODEL_MAGIC || h[H_VERSION] != UBP_MODEL_VERSION || h[H_TOTAL_BYTES] != nbytes)
+        return E_HEADER;
+    const int64_t n_ops = h[H_NOPS], nk = h[H_NKERNELS], kt = h[H_KERNELS_OFF];
+    if (n_ops < 0 || n_ops > (nbytes / (8 * REC)) - 1 || nk < 0 || nk > (1 << 20)) return E_PLAN;
+    vplan v = {(const char *)plan, nbytes, 8 * REC * (1 + n_ops), kt, h[H_WS_BYTES], 0, 0, nk, h[H_BATCH],
+               h[H_SCRATCH_OFF], deep};
+    /* the kernel table: 2 * n_kernels pointers after the payload, inside the blob */
+    if (kt < v.pay_lo || kt % 8 != 0 || kt > nbytes || 2 * 8 * nk > nbytes - kt) return E_PLAN;
+    if (!v_dim(v.B) || v.ws < 0 || v.ws > V_LIMIT || !v_dim(h[H_CIN]) || !v_dim(h[H_HIN]) || !v_dim(h[H_WIN]) ||
+        !v_dim(h[H_COUT]))
+        return E_PLAN;
+    v.in_f = v_mul(v_mul(v.B, h[H_CIN]), v_mul(h[H_HIN], h[H_WIN]));
+    v.out_f = v_mul(v.B, h[H_COUT]);
+    if (v.in_f < 0 || v.out_f < 0) return E_PLAN;
+    const int64_t *ops = h + REC;
+    for (int64_t i = 0; i < n_ops; ++i) {
+        const int64_t *op = ops + REC * i;
+        const int64_t kind = op[F_KIND];
+        if (kind < OP_PW || kind > OP_OUTPUT) return E_OP;
+        if (!(kind < OP_CONV ? v_op_mobilenet(&v, op) : v_op_general(&v, op))) return E_PLAN;
+    }
+    return 0;
+}
+
+int32_t ubp_model_validate(const void *plan, int64_t nbytes) { return plan_check(plan, nbytes, 1); }
+
+/* 0 if every op that calls kernel `slot` has M output rows and K inputs (the kernel's shape), else
+ * E_PLAN: the binder's check for kernels whose shape is not in a packed blob. */
+int32_t ubp_model_check_slot(const void *plan, int64_t slot, int64_t M, int64_t K) {
+    const int32_t bad = check_plan(plan);
+    if (bad) return bad;
+    const int64_t *h = header(plan);
+    if (slot < 0 || slot >= h[H_NKERNELS]) return E_OP;
+    for (int64_t i = 0; i < h[H_NOPS]; ++i) {
+        const int64_t *op = h + REC * (1 + i);
+        int64_t m = -1, k = -1;
+        if (op[F_KIND] == OP_PW && op[F_KERNEL] == slot) m = op[F_M], k = op[F_C];
+        else if (op[F_KIND] == OP_EXPAND_DW && op[F_KERNEL] == slot) m = op[F_C], k = op[F_M];
+        else if (op[G_KIND] == OP_CONV && op[G_KERNEL] == slot) {
+            const int64_t *g = (const int64_t *)((const char *)plan + op[G_GEOM]);
+            m = op[G_M], k = op[G_C] * g[GM_KH] * g[GM_KW];
+        } else continue;
+        if (m != M || k != K) return E_PLAN;
+    }
+    return 0;
+}
+
 /* seconds_per_kind (optional, 7 doubles, accumulated): input, sparse kernels, epilogues,
  * depthwise, pool, fused expand + depthwise: its depthwise, fused: its band copies + kernel.
  * The general ops (kinds 6..13) count their sparse kernel calls as sparse kernels and everything
  * else (im2col, dense GEMMs, pools, layout, adds) as epilogues. */
 int32_t ubp_model_run_profiled(const void *plan, const float *x, float *y, void *workspace, double *prof) {
-    if (!plan || !check_header(plan)) return E_HEADER;
+    const int32_t bad = check_plan(plan);
+    if (bad) return bad;
 
     const int64_t *h = header(plan);
     const int64_t *ops = h + REC;
