@@ -58,8 +58,7 @@ def plans(tmp_path_factory):
     from test_executorch import TinyMobileNet, _bed, _Odd, _random_bn
 
     from ubpdsl.deploy.graph import build_graph_plan
-    from ubpdsl.deploy.pipeline import prepare_graph, prepare_subgraph
-    from ubpdsl.deploy.plan import build_plan
+    from ubpdsl.deploy.pipeline import MOBILENET_V2, prepare_graph
     from ubpdsl.models import DigitsCNN
 
     tmp = tmp_path_factory.mktemp("plans")
@@ -68,10 +67,9 @@ def plans(tmp_path_factory):
     mb = _random_bn(TinyMobileNet())
     masks = _bed(mb, [n for n, m in mb.named_modules()
                       if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1])
-    dep = prepare_subgraph(mb, masks, tmp / "mb", hw=(16, 16))
-    packed = {n: k.packed for n, k in dep.kernels.items()}
     for name, batch, kw in (("mobilenet b1", 1, {}), ("mobilenet b2 fused", 2, {"fuse_min_bytes": 0, "band_bytes": 1})):
-        out.append((name, build_plan(dep.sub, packed, batch, dep.hw, **kw), dep.kernels))
+        g = prepare_graph(mb, masks, torch.randn(batch, 3, 32, 32), tmp / name.replace(" ", "_"), **MOBILENET_V2, **kw)
+        out.append((name, build_graph_plan(g.spec, {n: k.packed for n, k in g.kernels.items()}, batch), g.kernels))
     torch.manual_seed(1)
     graphs = (("digits", _random_bn(DigitsCNN()), ["conv2", "conv3", "fc"], torch.randn(2, 1, 8, 8)),
               ("general ops", _random_bn(_Odd()), ["a", "c"], torch.randn(2, 3, 11, 13)),
@@ -80,7 +78,9 @@ def plans(tmp_path_factory):
         g = prepare_graph(model, _bed(model, layers), x, tmp / name.replace(" ", "_"))
         out.append((name, build_graph_plan(g.spec, {n: k.packed for n, k in g.kernels.items()}, 2), g.kernels))
     kinds = {int(k) for _, p, _ in out for k in p.blob.view("<i8")[16:16 * (1 + int(p.blob.view("<i8")[2])):16]}
-    assert kinds == set(range(1, 14)), kinds  # every op kind is fuzzed
+    # every op kind a planner emits is fuzzed; kind 3 (pool + bias + clamp) is written by no planner
+    # since the planners became one, and is reached only by the word damage of the kind field
+    assert kinds == set(range(1, 14)) - {3}, kinds
     return out
 
 
