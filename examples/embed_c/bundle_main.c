@@ -335,6 +335,18 @@ static int find_entry(const char *dir, const char *layer, struct entry *e) {
 
 /* ------------------------------------------------------------------------------ the packed blob */
 
+/* Every section starts after the header on a 64-byte boundary and ends inside the blob. */
+static int check_sections(const char *name, const int64_t *off, const int64_t *len, int n, int64_t header,
+                          int64_t total) {
+    for (int i = 0; i < n; i++)
+        if (off[i] < header || off[i] % 64 || off[i] + len[i] > total) {
+            fprintf(stderr, "%s: section %d [%lld, +%lld) lies outside the %lld-byte blob\n", name, i,
+                    (long long)off[i], (long long)len[i], (long long)total);
+            return 1;
+        }
+    return 0;
+}
+
 /* The same checks as ubpdsl.packing's validator: header, sizes and the block structure. */
 static int check_blob(const char *name, const void *blob, size_t size, const struct entry *e) {
     const int32_t *h = blob;
@@ -356,12 +368,7 @@ static int check_blob(const char *name, const void *blob, size_t size, const str
     }
     int64_t off[4] = {h[7], h[8], h[9], h[10]};
     int64_t len[4] = {4 * (e->M + e->N + 1), 4 * B, 4 * (B + COL_PAD), 4 * B * e->N};
-    for (int i = 0; i < 4; i++)
-        if (off[i] < HEADER_WORDS * 4 || off[i] % 64 || off[i] + len[i] > total) {
-            fprintf(stderr, "%s: section %d [%lld, +%lld) lies outside the %lld-byte blob\n", name, i,
-                    (long long)off[i], (long long)len[i], (long long)total);
-            return 1;
-        }
+    if (check_sections(name, off, len, 4, HEADER_WORDS * 4, total)) return 1;
     const char *base = blob;
     const int32_t *row_ptr = (const int32_t *)(base + off[0]);
     const int32_t *rows = (const int32_t *)(base + off[1]);
@@ -413,12 +420,7 @@ static int check_pattern_blob(const char *name, const void *blob, size_t size, c
     }
     int64_t off[5] = {h[7], h[8], h[9], h[10], h[11]};
     int64_t len[5] = {4 * P * T, 4 * e->M, 4 * (e->M * P + 1), 4 * NK, 4 * NK * T};
-    for (int i = 0; i < 5; i++)
-        if (off[i] < PATTERN_HEADER_WORDS * 4 || off[i] % 64 || off[i] + len[i] > total) {
-            fprintf(stderr, "%s: section %d [%lld, +%lld) lies outside the %lld-byte blob\n", name, i,
-                    (long long)off[i], (long long)len[i], (long long)total);
-            return 1;
-        }
+    if (check_sections(name, off, len, 5, PATTERN_HEADER_WORDS * 4, total)) return 1;
     const char *base = blob;
     const int32_t *order = (const int32_t *)(base + off[1]), *gptr = (const int32_t *)(base + off[2]);
     const int32_t *chan = (const int32_t *)(base + off[3]);
