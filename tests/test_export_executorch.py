@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -148,6 +150,16 @@ def test_export_executorch_cli_end_to_end(tmp_path, capsys, batch):
     assert r.returncode == 0, r.stderr
     got = torch.tensor([float(v) for v in r.stdout.split()]).reshape(ref.shape)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # a forged plan.bin (the first op writes 1 TiB past its workspace) is refused before it runs
+    forged = out.parent / "forged"
+    shutil.copytree(out, forged)
+    words = np.fromfile(forged / "plan.bin", "<i8")
+    words[16 + 2] = 1 << 40  # op 0, dst
+    words.tofile(forged / "plan.bin")
+    r = subprocess.run([str(exe), str(forged), str(tmp_path / "x.f32"), *cpp_example_args(forged)],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PLAN_ID=str(manifest["plan_id"])))
+    assert r.returncode == 1 and "plan.bin is not a valid plan" in r.stderr, (r.returncode, r.stderr)
     # the pruned part runs on our operator: without its plan registered the program fails
     det.register_plan(manifest["plan_id"], None)
     with pytest.raises(Exception):  # noqa: B017 - ExecuTorch raises its own RuntimeError

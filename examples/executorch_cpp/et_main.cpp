@@ -4,7 +4,8 @@
 //
 // One triple per kernel slot, in manifest.json's order ("-": no _ep symbol); PLAN_ID is the
 // manifest's plan id (default 0). Follows DIR/README.md: libubp_et.so (linked) registers
-// ubpdsl::subgraph.out; DIR/plan.bin is read into 64-byte aligned memory; each slot's kernel .so
+// ubpdsl::subgraph.out; DIR/plan.bin is read into 64-byte aligned memory and validated
+// (ubp_model_validate); each slot's kernel .so
 // is dlopen'ed and bound into the plan (ubp_model_bind / ubp_model_bind_ep); a workspace of
 // ubp_model_workspace_bytes is registered with ubp_et_register_plan; then DIR/model.pte is loaded
 // with ExecuTorch's Program / Method API (XNNPACK backend and optimized kernels linked in) and run
@@ -28,6 +29,7 @@ extern "C" {
 int32_t ubp_model_bind(void *plan, int64_t slot, int32_t (*fn)(const float *, float *, int64_t, const void *));
 int32_t ubp_model_bind_ep(void *plan, int64_t slot, void *fn_ep);
 int64_t ubp_model_workspace_bytes(const void *plan);
+int32_t ubp_model_validate(const void *plan, int64_t nbytes);
 int32_t ubp_et_register_plan(int64_t id, const void *plan, void *workspace);
 }
 
@@ -65,6 +67,9 @@ int main(int argc, char **argv) {
   if (raw.empty()) return std::fprintf(stderr, "cannot read plan.bin\n"), 1;
   void *plan = std::aligned_alloc(64, (raw.size() + 63) / 64 * 64);
   std::memcpy(plan, raw.data(), raw.size());
+  // plan.bin is a file: check every offset, size and packed blob in it before binding or running
+  if (const int32_t rc = ubp_model_validate(plan, static_cast<int64_t>(raw.size())); rc != 0)
+    return std::fprintf(stderr, "plan.bin is not a valid plan (ubp_model_validate: %d)\n", rc), 1;
   for (int i = 3, slot = 0; i < argc; i += 3, ++slot) {
     void *h = dlopen((dir + "/" + argv[i]).c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!h) return std::fprintf(stderr, "dlopen %s: %s\n", argv[i], dlerror()), 1;

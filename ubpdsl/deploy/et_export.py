@@ -177,6 +177,8 @@ y = prog(x)                              # x: torch.float32 tensor of shape {m['
    `libexecutorch`; `ubp_model.c` includes `dwconv.c` and `ubp_epilogue.h`). Its static
    initialiser registers `ubpdsl::subgraph.out`.
 2. Read `plan.bin` into memory aligned to 64 bytes; it must stay alive and is modified by binding.
+   Check it with `ubp_model_validate(plan, size_in_bytes)` (0 = ok) before anything else: it is
+   a file, and the runtime trusts a validated plan's offsets.
 3. For each kernel slot, `dlopen` its `.so` and bind its symbols (`ubp_model_bind(plan, slot,
    dlsym(h, symbol))`, and, if given, `ubp_model_bind_ep(plan, slot, dlsym(h, symbol_ep))`):
 
@@ -197,6 +199,7 @@ ExecuTorch wheel's libraries (`ubpdsl.deploy.et_export.build_cpp_example` builds
 int32_t ubp_model_bind(void *plan, int64_t slot, int32_t (*fn)(const float *, float *, int64_t, const void *));
 int32_t ubp_model_bind_ep(void *plan, int64_t slot, void *fn_ep);
 int64_t ubp_model_workspace_bytes(const void *plan);
+int32_t ubp_model_validate(const void *plan, int64_t nbytes);
 int32_t ubp_et_register_plan(int64_t id, const void *plan, void *workspace);
 ```
 """
