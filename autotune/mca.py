@@ -158,6 +158,22 @@ def mca_cycles(instructions: list[str], target: str, triple: str = "aarch64", cp
     return int(m.group(1)) / int(it.group(1))
 
 
+@functools.cache
+def scheduling_model(cpu: str, triple: str = "aarch64") -> str:
+    """The scheduling model llvm-mca uses for ``-mcpu=cpu``, from its resource names (``A57Unit*`` ->
+    ``A57``): LLVM maps several cores onto another core's model (LLVM 22: cortex-a76 -> A57)."""
+    from ubpdsl.runtime.toolchain import tool
+
+    with tempfile.TemporaryDirectory(prefix="ubp-mca-") as tmp:
+        src = Path(tmp) / "body.s"
+        src.write_text("fmla v0.4s, v1.4s, v2.4s\n")
+        proc = subprocess.run([str(tool("llvm-mca")), f"-mtriple={triple}", f"-mcpu={cpu}", "-iterations=1",
+                               "-all-views=false", "-resource-pressure", str(src)],
+                              capture_output=True, text=True, timeout=300)
+    m = re.search(r"^\[[\d.]+\]\s+-\s+([A-Za-z0-9]+?)Unit", proc.stdout, re.M)
+    return m.group(1) if m else "unknown"
+
+
 #: Independent accumulators of the FMA-only loop: enough to hide any modelled FMA latency at full issue.
 _FLOOR_ACCUMULATORS = 24
 

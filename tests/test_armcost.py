@@ -105,3 +105,17 @@ def test_tuner_objective_counts_fewer_instructions_without_prefetch(compile_cach
     # every block of every tile issues one prefetch (PREFETCH=8): at least B*tiles more instructions
     assert costs[8]["insns"] - costs[0]["insns"] >= case.blocks * tiles
     assert all(c["cpi"] > 0 and c["cycles"] == c["insns"] * c["cpi"] for c in costs.values())
+
+
+def test_scheduling_model_is_named_for_every_reported_core():
+    """The report names the llvm-mca model behind each core; LLVM 22 maps cortex-a76 to the A57 model,
+    which is why the A76's own core (neoverse-n1) is estimated too."""
+    from ubpdsl.armcost import MCA_CPUS
+    from ubpdsl.autotune.mca import fma_floor, scheduling_model
+
+    cores = {c for cpus in MCA_CPUS.values() for c, _ in cpus}
+    models = {c: scheduling_model(c) for c in cores}
+    assert "unknown" not in models.values(), models
+    assert "neoverse-n1" in cores and models["neoverse-n1"] != models["cortex-a76"]
+    if models["cortex-a76"] == "A57":  # two 128-bit pipes in N1 vs one 128-bit FMLA per cycle in A57
+        assert fma_floor("neoverse-n1", 128) < fma_floor("cortex-a76", 128)

@@ -44,7 +44,9 @@ __all__ = ["ARM_TARGETS", "MCA_CPUS", "KERNELS", "VECTOR_REGISTERS", "register_t
 ARM_TARGETS: dict[str, tuple[int | None, ...]] = {"aarch64-neon": (None,), "aarch64-sve": (128, 256, 512)}
 #: llvm-mca cores per target, with the vector length (bits) the core implements.
 MCA_CPUS: dict[str, tuple[tuple[str, int], ...]] = {
-    "aarch64-neon": (("cortex-a76", 128), ("cortex-a55", 128), ("neoverse-v1", 128)),
+    # neoverse-n1: the Cortex-A76's core (LLVM 22 schedules -mcpu=cortex-a76 with the Cortex-A57
+    # model, one 128-bit FMLA per cycle; its Neoverse-N1 model has the A76's two FP/ASIMD pipes)
+    "aarch64-neon": (("cortex-a76", 128), ("neoverse-n1", 128), ("cortex-a55", 128), ("neoverse-v1", 128)),
     "aarch64-sve": (("neoverse-v1", 256),),
 }
 #: (label, variant, which mask of the case) compared on the same counts.
