@@ -156,7 +156,7 @@ def test_export_executorch_cli_end_to_end(tmp_path, capsys, batch):
     words = np.fromfile(forged / "plan.bin", "<i8")
     words[16 + 2] = 1 << 40  # op 0, dst
     words.tofile(forged / "plan.bin")
-    r = subprocess.run([str(exe), str(forged), str(tmp_path / "x.f32"), *cpp_example_args(forged)],
+    r = subprocess.run([str(exe), str(forged), str(tmp_path / "x.f32"), *cpp_example_args(out)],
                        capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PLAN_ID=str(manifest["plan_id"])))
     assert r.returncode == 1 and "plan.bin is not a valid plan" in r.stderr, (r.returncode, r.stderr)
