@@ -263,9 +263,14 @@ def _write_index(target_dir: Path, target: str, layers: Mapping[str, Any]) -> No
     (target_dir / INDEX).write_text("\n".join(lines) + "\n")
 
 
+def _x_rows(K: int, op: str) -> int:
+    """Rows of x a layer's kernel reads: K of the GEMM view, Cin (= K / 9) for a pattern kernel."""
+    return K // 9 if op == "pattern" else K
+
+
 def _kernel_k(entry: Mapping[str, Any], te: Mapping[str, Any]) -> int:
-    """Rows of x the layer's kernel reads: K of the GEMM view, Cin (= K / 9) for a pattern kernel."""
-    return entry["K"] // 9 if te.get("op") == "pattern" else entry["K"]
+    """:func:`_x_rows` of a manifest entry and its target entry."""
+    return _x_rows(entry["K"], te.get("op", "gemm"))
 
 
 def _existing_bundle(out: Path, force: bool) -> Bundle | None:
@@ -505,8 +510,8 @@ class KernelFiles:
 
     @property
     def x_rows(self) -> int:
-        """Rows of x the kernel reads: K of the GEMM view, Cin (= K / 9) for a pattern kernel."""
-        return self.K // 9 if self.op == "pattern" else self.K
+        """Rows of x the kernel reads (:func:`_x_rows`)."""
+        return _x_rows(self.K, self.op)
 
     def packed_weights(self) -> np.ndarray | None:
         """The packed weight blob (uint8, 64-byte aligned copy) or None for baked kernels."""
@@ -664,7 +669,7 @@ def _check_packed(root: Path, rel: str, M: int, K: int, N: int, op: str = "gemm"
     try:
         blob = np.fromfile(root / rel, dtype=np.uint8)
         if op == "pattern":
-            unpack_pattern(blob, M=M, K=K // 9, what=rel)
+            unpack_pattern(blob, M=M, K=_x_rows(K, op), what=rel)
         else:
             unpack(blob, M=M, K=K, N=N, what=rel)
     except PackError as exc:

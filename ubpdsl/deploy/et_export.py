@@ -70,6 +70,7 @@ def export_executorch(model: nn.Module, masks: Mapping[str, Any], example: torch
     _require_executorch()
     from ubpdsl.deploy import executorch as det
     from ubpdsl.deploy.pipeline import prepare_graph
+    from ubpdsl.deploy.plan import header_words
     from ubpdsl.export import load_bundle
     from ubpdsl.guard import ensure_dir
     from ubpdsl.identity import file_sha256
@@ -102,7 +103,7 @@ def export_executorch(model: nn.Module, masks: Mapping[str, Any], example: torch
         finally:
             det.register_plan(plan_id, previous, executorch=False)
         blob = np.array(runner.plan.blob)  # a copy: kernel slots as planned (empty), not the bound addresses
-        kernels_off = int(blob[:128].view("<i8")[10])
+        kernels_off = header_words(blob)["KERNELS_OFF"]
         blob[kernels_off:kernels_off + 16 * len(runner.plan.kernel_slots)] = 0
         (tmp / "plan.bin").write_bytes(blob.tobytes())
         shutil.copyfile(det.build_et_shim(), tmp / "libubp_et.so")
@@ -248,7 +249,7 @@ def load_executorch(path: str | os.PathLike[str], threads: int = 1) -> LoadedPro
     _require_executorch()
     from ubpdsl.deploy import executorch as det
     from ubpdsl.deploy.native import ModelRunner
-    from ubpdsl.deploy.plan import PlanBlob, _aligned_bytes
+    from ubpdsl.deploy.plan import PlanBlob, _aligned_bytes, header_words
     from ubpdsl.export import load_bundle
     from ubpdsl.torch_ops import NativeKernel
 
@@ -257,17 +258,17 @@ def load_executorch(path: str | os.PathLike[str], threads: int = 1) -> LoadedPro
     raw = (root / "plan.bin").read_bytes()
     blob = _aligned_bytes(len(raw))
     blob[:] = np.frombuffer(raw, np.uint8)
-    head = blob[:128].view("<i8") if len(raw) >= 128 else None
+    h = header_words(blob)
     slots = [s.get("layer") if isinstance(s, dict) else None for s in m["kernel_slots"]]
-    if head is None or int(head[11]) != len(raw) or int(head[9]) != len(slots) or int(head[3]) != m["batch"]:
+    if h is None or h["TOTAL_BYTES"] != len(raw) or h["NKERNELS"] != len(slots) or h["BATCH"] != m["batch"]:
         raise UbpError(f"{root / 'plan.bin'}: its header does not match the manifest")
     bundle = load_bundle(root / "bundle", check_host=True)
     missing = [s for s in slots if s not in bundle.layers]
     if missing:
         raise UbpError(f"{root / 'bundle'} has no kernel for layer {missing[0]!r}")
     kernels = {name: NativeKernel(bundle.kernel(name)) for name in set(slots)}
-    B, C, H, W, F = (int(v) for v in head[3:8])
-    plan = PlanBlob(blob, slots, B, (B, C, H, W), (B, F), int(head[8]))
+    B, C, H, W, F = (h[k] for k in ("BATCH", "CIN", "HIN", "WIN", "COUT"))
+    plan = PlanBlob(blob, slots, B, (B, C, H, W), (B, F), h["WS_BYTES"])
     runner = ModelRunner(plan, kernels)
     det.register_plan(int(m["plan_id"]), runner)
     program = det.load_pte((root / "model.pte").read_bytes(), threads)

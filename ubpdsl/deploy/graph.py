@@ -164,14 +164,13 @@ def trace_graph(model: nn.Module, masks: Mapping[str, LayerMask], example: torch
 
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
-    low = _Lowering(gm, masks, start, stop)
-    low.fuse_min_bytes, low.band_bytes = fuse_min_bytes, band_bytes
-    return low.run()
+    return _Lowering(gm, masks, start, stop, fuse_min_bytes, band_bytes).run()
 
 
 class _Lowering:
     def __init__(self, gm: fx.GraphModule, masks: Mapping[str, LayerMask], start: str | None,
-                 stop: str | None = None) -> None:
+                 stop: str | None = None, fuse_min_bytes: int | None = FUSE_MIN_BYTES,
+                 band_bytes: int = BAND_BYTES) -> None:
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.masks = masks
@@ -180,8 +179,8 @@ class _Lowering:
         self.stop = stop
         self.stop_node: fx.Node | None = None
         self.fixed: set[int] = set()
-        self.fuse_min_bytes: int | None = FUSE_MIN_BYTES
-        self.band_bytes = BAND_BYTES
+        self.fuse_min_bytes = fuse_min_bytes
+        self.band_bytes = band_bytes
         self.ops: list[_Op] = []
         self.sizes: dict[int, int] = {}
         self.value: dict[fx.Node, int] = {}  # node -> virtual buffer (INPUT for the input)
@@ -502,11 +501,7 @@ class _Lowering:
         if bnm is None:
             bias = None if m.bias is None else m.bias.detach().float().numpy()
             return w.reshape(w.shape[0], -1).float().numpy(), bias
-        wf, bias = fold_bn(w, bnm)
-        if m.bias is not None:
-            s = (bnm.weight / torch.sqrt(bnm.running_var + bnm.eps)).detach().double()
-            bias = (bias + (m.bias.detach().double() * s).float().numpy()).astype(np.float32)
-        return wf, bias
+        return fold_bn(w, bnm, m.bias)
 
     def depthwise(self, node: fx.Node, last: fx.Node, src: int, wf: np.ndarray, bias: np.ndarray | None, C: int,
                   H: int, W: int, stride: int) -> None:

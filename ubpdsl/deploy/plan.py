@@ -48,7 +48,7 @@ from ubpdsl.errors import UbpError
 from ubpdsl.masks import LayerMask
 
 __all__ = ["PlanBlob", "PlanError", "fold_bn", "folded_mask", "field_index", "empty_record", "encode_plan",
-           "head_bytes", "band_rows", "band_buffer_floats", "c_plan_header"]
+           "head_bytes", "header_words", "band_rows", "band_buffer_floats", "c_plan_header"]
 
 MAGIC = 0x4D504255
 VERSION = 2
@@ -81,9 +81,6 @@ BUF_INPUT, BUF_OUTPUT = -1, -2
 OP_PW, OP_DW, OP_POOL, OP_INPUT, OP_EXPAND_DW = (OP_KINDS[k] for k in ("PW", "DW", "POOL", "INPUT", "EXPAND_DW"))
 OP_CONV, OP_MAXPOOL, OP_AVGPOOL, OP_GAP, OP_FLATTEN, OP_ADD, OP_AFFINE, OP_OUTPUT = (
     OP_KINDS[k] for k in ("CONV", "MAXPOOL", "AVGPOOL", "GAP", "FLATTEN", "ADD", "AFFINE", "OUTPUT"))
-#: record field names as lists (OP_DW's ``nchw`` shares the clamp field: :func:`field_index`)
-FIELDS = list(OP_FIELDS)
-GENERAL_FIELDS = list(GRAPH_FIELDS)
 #: expands whose output (per image) is larger than this run fused with their depthwise in bands
 FUSE_MIN_BYTES = 1 << 20
 #: target size of one band's expanded buffer (stays in L2 between the kernel and the depthwise)
@@ -119,12 +116,16 @@ class PlanError(UbpError):
     """The model does not have the structure the planner supports."""
 
 
-def fold_bn(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
-    """``(W * s[:, None], beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``; W as [M, prod(rest)]."""
+def fold_bn(weight: torch.Tensor, bn: nn.BatchNorm2d,
+            bias: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(W * s[:, None], beta - mean * s [+ bias * s])`` with ``s = gamma / sqrt(var + eps)``; W as
+    [M, prod(rest)]; ``bias``: the convolution's own bias, if it has one."""
     s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
     w = weight.detach().double().reshape(weight.shape[0], -1) * s[:, None]
-    b = bn.bias.detach().double() - bn.running_mean.detach().double() * s
-    return w.float().numpy(), b.float().numpy()
+    b = (bn.bias.detach().double() - bn.running_mean.detach().double() * s).float().numpy()
+    if bias is not None:
+        b = (b + (bias.detach().double() * s).float().numpy()).astype(np.float32)
+    return w.float().numpy(), b
 
 
 def folded_mask(mask: LayerMask, w: np.ndarray) -> LayerMask:
@@ -170,15 +171,16 @@ def _aligned_bytes(size: int) -> np.ndarray:
 def field_index(kind: int, name: str) -> int:
     """Position of field ``name`` in a record of op ``kind`` (the one table of the record layout)."""
     if kind >= OP_CONV:
-        return GENERAL_FIELDS.index(name)
-    return FIELDS.index("clamp" if name == "nchw" else name)
+        return GRAPH_FIELDS.index(name)
+    return OP_FIELDS.index("clamp" if name == "nchw" else name)  # OP_DW's nchw flag shares the clamp field
 
 
 def empty_record() -> list[int]:
     """A record with every optional field unset: packed, bias, weights, pre-bias / im2col -1, no residual."""
     rec = [0] * REC
-    rec[6] = rec[7] = rec[8] = rec[13] = rec[14] = -1
-    rec[9] = NO_RES
+    for name in ("kernel", "packed", "bias", "weights", "pre_bias"):  # same positions in GRAPH_FIELDS
+        rec[OP_FIELDS.index(name)] = -1
+    rec[OP_FIELDS.index("res")] = NO_RES
     return rec
 
 
@@ -198,6 +200,14 @@ def encode_plan(records: list[list[int]], pay: _Payload, slots: list[str], batch
         head[REC:] = np.asarray(records, "<i8").ravel()
     blob[:] = np.frombuffer(head.tobytes() + b"".join(pay.parts), np.uint8)
     return PlanBlob(blob, slots, batch, (batch, C, H, W), (batch, out_features), workspace)
+
+
+def header_words(blob: np.ndarray) -> dict[str, int] | None:
+    """The header of a plan blob by :data:`HEADER_FIELDS` name, or None if the blob is shorter than one."""
+    if len(blob) < 8 * REC:
+        return None
+    words = np.asarray(blob[:8 * REC]).view("<i8")
+    return {name: int(words[i]) for i, name in enumerate(HEADER_FIELDS)}
 
 
 def head_bytes(n_ops: int) -> int:
