@@ -490,15 +490,14 @@ class _Lowering:
         res_i = memref.load(quads, [_i(offsets["residual"] // 8)])
         lo = memref.load(floats, [_i(offsets["lo"] // 4)])
         hi = memref.load(floats, [_i(offsets["hi"] // 4)])
-        c32 = lambda v: arith.constant(i32, v)  # noqa: E731
         zero64 = arith.constant(i64, 0)
-        ok = arith.andi(arith.cmpi(arith.CmpIPredicate.eq, version, c32(abi.EPILOGUE_VERSION)),
-                        arith.cmpi(arith.CmpIPredicate.eq, arith.andi(flags, c32(~abi.EP_KNOWN_FLAGS)), c32(0)))
-        clamp = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(flags, c32(abi.EP_CLAMP)), c32(0))
+        ok = arith.andi(_eq(version, _c32(abi.EPILOGUE_VERSION)),
+                        _eq(arith.andi(flags, _c32(~abi.EP_KNOWN_FLAGS)), _c32(0)))
+        clamp = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(flags, _c32(abi.EP_CLAMP)), _c32(0))
         # a NaN bound would be skipped by the clamp's compares (a silent wrong result): refused
         nan_bound = arith.ori(arith.cmpf(arith.CmpFPredicate.UNO, lo, lo), arith.cmpf(arith.CmpFPredicate.UNO, hi, hi))
         ok = arith.andi(ok, arith.xori(arith.andi(clamp, nan_bound), arith.constant(ir.IntegerType.get_signless(1), 1)))
-        code = arith.select(ok, c32(abi.OK), c32(abi.ERR_BAD_EPILOGUE))
+        code = arith.select(ok, _c32(abi.OK), _c32(abi.ERR_BAD_EPILOGUE))
         lo = arith.select(clamp, lo, arith.constant(f32, float("-inf")))
         hi = arith.select(clamp, hi, arith.constant(f32, float("inf")))
         has_bias = arith.cmpi(arith.CmpIPredicate.ne, bias_i, zero64)
